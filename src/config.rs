@@ -1,0 +1,573 @@
+//! The TOML configuration: schema, defaults and validation. Every error names the key.
+//!
+//! The file is read into `FileConfig` (serde, `deny_unknown_fields`, kebab-case), then checked
+//! and completed into `Config`, the only form the rest of the program sees.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::nix::narinfo::TrustedKeys;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:37515";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<Vec<String>>,
+    allow_remote: Option<bool>,
+    allowed_uids: Option<Vec<u32>>,
+    cache_dir: Option<PathBuf>,
+    max_cache_size: Option<String>,
+    min_free_space: Option<String>,
+    narinfo_ttl: Option<String>,
+    negative_ttl: Option<String>,
+    priority: Option<u32>,
+    trusted_public_keys: Option<Vec<String>>,
+    require_signatures: Option<bool>,
+    #[serde(default)]
+    upstream: Vec<FileUpstream>,
+    #[serde(default)]
+    identity: BTreeMap<String, FileIdentity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileUpstream {
+    name: Option<String>,
+    url: String,
+    identity: Option<String>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileIdentity {
+    provider: String,
+    audience: Option<String>,
+    variable: Option<String>,
+    path: Option<PathBuf>,
+    refresh_interval: Option<String>,
+    exchange: Option<FileExchange>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileExchange {
+    url: String,
+    audience: Option<String>,
+    scope: Option<String>,
+}
+
+/// The validated, complete configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub allow_remote: bool,
+    pub allowed_uids: Vec<u32>,
+    pub cache_dir: PathBuf,
+    pub max_cache_size: u64,
+    pub min_free_space: u64,
+    pub narinfo_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub priority: u32,
+    pub trusted_public_keys: Vec<String>,
+    pub require_signatures: bool,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub identities: BTreeMap<String, IdentityConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: Url,
+    pub identity: Option<String>,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub name: String,
+    pub provider: Provider,
+    pub audience: Option<String>,
+    pub exchange: Option<ExchangeConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExchangeConfig {
+    pub url: Url,
+    pub audience: Option<String>,
+    pub scope: Option<String>,
+}
+
+/// Where an identity's token comes from, with the keys each source needs.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// The token is the value of an environment variable (tests, or a secret manager's env).
+    Static { variable: String },
+    /// A JWT file re-read on a schedule (also `kubernetes`, with its default path).
+    File { path: PathBuf, refresh: Duration },
+}
+
+pub const KUBERNETES_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+const PROVIDERS: &[&str] = &[
+    "static",
+    "file",
+    "github-actions",
+    "gitlab",
+    "kubernetes",
+    "gcp",
+    "aws",
+    "azure",
+    "exec",
+];
+
+/// Command-line values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Vec<String>,
+    pub upstreams: Vec<String>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `path` (if any), applies the overrides and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Config::from_file(file, overrides)
+    }
+
+    pub fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("config"),
+            message: e.to_string(),
+        })?;
+        Config::from_file(file, &Overrides::default())
+    }
+
+    fn from_file(mut file: FileConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
+        if !overrides.listen.is_empty() {
+            file.listen = Some(overrides.listen.clone());
+        }
+        if overrides.cache_dir.is_some() {
+            file.cache_dir = overrides.cache_dir.clone();
+        }
+        for (i, url) in overrides.upstreams.iter().enumerate() {
+            file.upstream.push(FileUpstream {
+                name: Some(format!("cli-{}", i + 1)),
+                url: url.clone(),
+                identity: None,
+                ca_file: None,
+            });
+        }
+
+        let allow_remote = file.allow_remote.unwrap_or(false);
+        let listen = file
+            .listen
+            .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let key = format!("listen[{i}]");
+                let addr: SocketAddr = text
+                    .parse()
+                    .map_err(|_| invalid(&key, format!("`{text}` is not an address:port")))?;
+                if !addr.ip().is_loopback() && !allow_remote {
+                    return Err(invalid(
+                        key,
+                        format!("{addr} is not a loopback address; set allow-remote = true to listen on it"),
+                    ));
+                }
+                Ok(addr)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if listen.is_empty() {
+            return Err(invalid("listen", "needs at least one address"));
+        }
+
+        let trusted_public_keys = file.trusted_public_keys.unwrap_or_default();
+        TrustedKeys::parse(&trusted_public_keys)
+            .map_err(|e| invalid("trusted-public-keys", e.to_string()))?;
+
+        let mut identities = BTreeMap::new();
+        for (name, id) in file.identity {
+            let checked = check_identity(&name, id)?;
+            identities.insert(name, checked);
+        }
+
+        let mut upstreams: Vec<UpstreamConfig> = Vec::new();
+        for (i, up) in file.upstream.into_iter().enumerate() {
+            let key = |field: &str| format!("upstream[{i}].{field}");
+            let url = Url::parse(&up.url)
+                .map_err(|e| invalid(key("url"), format!("`{}` is not a URL: {e}", up.url)))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(invalid(key("url"), "must be an http:// or https:// URL with a host"));
+            }
+            if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+                return Err(invalid(
+                    key("url"),
+                    "must not carry a query, fragment or credentials (identities supply the token)",
+                ));
+            }
+            let name = up.name.unwrap_or_else(|| format!("upstream-{}", i + 1));
+            if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)) {
+                return Err(invalid(key("name"), "use letters, digits, '-', '_' and '.'"));
+            }
+            if upstreams.iter().any(|u| u.name == name) {
+                return Err(invalid(key("name"), format!("`{name}` names two upstreams")));
+            }
+            if let Some(id) = &up.identity {
+                if !identities.contains_key(id) {
+                    return Err(invalid(key("identity"), format!("no [identity.{id}] table")));
+                }
+            }
+            if let Some(ca) = &up.ca_file {
+                if !ca.is_file() {
+                    return Err(invalid(key("ca-file"), format!("{} is not a readable file", ca.display())));
+                }
+            }
+            upstreams.push(UpstreamConfig {
+                name,
+                url,
+                identity: up.identity,
+                ca_file: up.ca_file,
+            });
+        }
+
+        let size = |key: &str, value: Option<String>, default: u64| match value {
+            Some(text) => parse_size(&text).ok_or_else(|| {
+                invalid(key, format!("`{text}` is not a size such as \"20GiB\" or \"500MB\""))
+            }),
+            None => Ok(default),
+        };
+        let duration = |key: &str, value: Option<String>, default: Duration| match value {
+            Some(text) => parse_duration(&text).ok_or_else(|| {
+                invalid(key, format!("`{text}` is not a duration such as \"1h\" or \"30s\""))
+            }),
+            None => Ok(default),
+        };
+
+        Ok(Config {
+            listen,
+            allow_remote,
+            allowed_uids: file.allowed_uids.unwrap_or_default(),
+            cache_dir: file.cache_dir.unwrap_or_else(default_cache_dir),
+            max_cache_size: size("max-cache-size", file.max_cache_size, 20 << 30)?,
+            min_free_space: size("min-free-space", file.min_free_space, 2 << 30)?,
+            narinfo_ttl: duration("narinfo-ttl", file.narinfo_ttl, Duration::from_secs(3600))?,
+            negative_ttl: duration("negative-ttl", file.negative_ttl, Duration::from_secs(30))?,
+            priority: file.priority.unwrap_or(30),
+            require_signatures: file.require_signatures.unwrap_or(!trusted_public_keys.is_empty()),
+            trusted_public_keys,
+            upstreams,
+            identities,
+        })
+    }
+
+    /// The effective configuration as TOML. It holds no secret: tokens only ever come from
+    /// the environment, files or endpoints, and those are shown by name, never by value.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let list = |items: Vec<String>| {
+            let quoted: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
+            format!("[{}]", quoted.join(", "))
+        };
+        let _ = writeln!(out, "listen = {}", list(self.listen.iter().map(|a| a.to_string()).collect()));
+        let _ = writeln!(out, "allow-remote = {}", self.allow_remote);
+        let _ = writeln!(out, "allowed-uids = {:?}", self.allowed_uids);
+        let _ = writeln!(out, "cache-dir = {}", toml_str(&self.cache_dir.display().to_string()));
+        let _ = writeln!(out, "max-cache-size = \"{}\"", format_size(self.max_cache_size));
+        let _ = writeln!(out, "min-free-space = \"{}\"", format_size(self.min_free_space));
+        let _ = writeln!(out, "narinfo-ttl = \"{}\"", humantime::format_duration(self.narinfo_ttl));
+        let _ = writeln!(out, "negative-ttl = \"{}\"", humantime::format_duration(self.negative_ttl));
+        let _ = writeln!(out, "priority = {}", self.priority);
+        let _ = writeln!(out, "trusted-public-keys = {}", list(self.trusted_public_keys.clone()));
+        let _ = writeln!(out, "require-signatures = {}", self.require_signatures);
+        for up in &self.upstreams {
+            let _ = writeln!(out, "\n[[upstream]]\nname = {}\nurl = {}", toml_str(&up.name), toml_str(up.url.as_str()));
+            if let Some(id) = &up.identity {
+                let _ = writeln!(out, "identity = {}", toml_str(id));
+            }
+            if let Some(ca) = &up.ca_file {
+                let _ = writeln!(out, "ca-file = {}", toml_str(&ca.display().to_string()));
+            }
+        }
+        for (name, id) in &self.identities {
+            let _ = writeln!(out, "\n[identity.{name}]");
+            match &id.provider {
+                Provider::Static { variable } => {
+                    let _ = writeln!(out, "provider = \"static\"\nvariable = {}  # value not shown", toml_str(variable));
+                }
+                Provider::File { path, refresh } => {
+                    let _ = writeln!(
+                        out,
+                        "provider = \"file\"\npath = {}\nrefresh-interval = \"{}\"",
+                        toml_str(&path.display().to_string()),
+                        humantime::format_duration(*refresh)
+                    );
+                }
+            }
+            if let Some(aud) = &id.audience {
+                let _ = writeln!(out, "audience = {}", toml_str(aud));
+            }
+            if let Some(ex) = &id.exchange {
+                let _ = writeln!(out, "\n[identity.{name}.exchange]\nurl = {}", toml_str(ex.url.as_str()));
+                if let Some(aud) = &ex.audience {
+                    let _ = writeln!(out, "audience = {}", toml_str(aud));
+                }
+                if let Some(scope) = &ex.scope {
+                    let _ = writeln!(out, "scope = {}", toml_str(scope));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, ConfigError> {
+    let key = |field: &str| format!("identity.{name}.{field}");
+    if !PROVIDERS.contains(&id.provider.as_str()) {
+        return Err(invalid(
+            key("provider"),
+            format!("`{}` is not one of {}", id.provider, PROVIDERS.join(", ")),
+        ));
+    }
+    let unused = |field: &str, set: bool| {
+        if set {
+            Err(invalid(key(field), format!("is not used by provider `{}`", id.provider)))
+        } else {
+            Ok(())
+        }
+    };
+    let refresh = match &id.refresh_interval {
+        Some(text) => parse_duration(text)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| invalid(key("refresh-interval"), format!("`{text}` is not a duration such as \"1m\"")))?,
+        None => Duration::from_secs(60),
+    };
+    let provider = match id.provider.as_str() {
+        "static" => {
+            unused("path", id.path.is_some())?;
+            unused("refresh-interval", id.refresh_interval.is_some())?;
+            let variable = id
+                .variable
+                .clone()
+                .ok_or_else(|| invalid(key("variable"), "provider `static` needs the name of an environment variable"))?;
+            Provider::Static { variable }
+        }
+        "file" | "kubernetes" => {
+            unused("variable", id.variable.is_some())?;
+            let path = match (&id.path, id.provider.as_str()) {
+                (Some(path), _) => path.clone(),
+                (None, "kubernetes") => PathBuf::from(KUBERNETES_TOKEN_PATH),
+                (None, _) => return Err(invalid(key("path"), "provider `file` needs the path of a token file")),
+            };
+            Provider::File { path, refresh }
+        }
+        other => {
+            return Err(invalid(
+                key("provider"),
+                format!("provider `{other}` is not available in this build yet"),
+            ))
+        }
+    };
+    let exchange = match id.exchange {
+        Some(ex) => {
+            let url = Url::parse(&ex.url)
+                .map_err(|e| invalid(key("exchange.url"), format!("`{}` is not a URL: {e}", ex.url)))?;
+            Some(ExchangeConfig {
+                url,
+                audience: ex.audience,
+                scope: ex.scope,
+            })
+        }
+        None => None,
+    };
+    Ok(IdentityConfig {
+        name: name.to_string(),
+        provider,
+        audience: id.audience,
+        exchange,
+    })
+}
+
+fn default_cache_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/nix-sidecar");
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("nix-sidecar")
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// "20GiB", "500 MB", "1024" (bytes).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    let bytes = number * factor as f64;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+pub fn format_size(bytes: u64) -> String {
+    for (unit, factor) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= factor && bytes % factor == 0 {
+            return format!("{}{unit}", bytes / factor);
+        }
+    }
+    format!("{bytes}B")
+}
+
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    humantime::parse_duration(text.trim()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_those_of_the_spec() {
+        let c = Config::parse_str("").unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:37515".parse().unwrap()]);
+        assert_eq!(c.max_cache_size, 20 << 30);
+        assert_eq!(c.min_free_space, 2 << 30);
+        assert_eq!(c.narinfo_ttl, Duration::from_secs(3600));
+        assert_eq!(c.negative_ttl, Duration::from_secs(30));
+        assert_eq!(c.priority, 30);
+        assert!(!c.require_signatures);
+        assert!(c.upstreams.is_empty());
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse_str(
+            r#"
+listen = ["127.0.0.1:4000", "[::1]:4000"]
+max-cache-size = "1GiB"
+narinfo-ttl = "10m"
+trusted-public-keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+
+[[upstream]]
+name = "org"
+url = "https://cache.example.org/org-view"
+identity = "ci"
+
+[[upstream]]
+url = "https://cache.nixos.org"
+
+[identity.ci]
+provider = "kubernetes"
+audience = "https://cache.example.org"
+[identity.ci.exchange]
+url = "https://cache.example.org/token"
+scope = "cache:read"
+"#,
+        )
+        .unwrap();
+        assert!(c.require_signatures, "keys set: signatures required by default");
+        assert_eq!(c.upstreams[1].name, "upstream-2");
+        assert!(matches!(&c.identities["ci"].provider, Provider::File { path, .. } if path == Path::new(KUBERNETES_TOKEN_PATH)));
+        let rendered = c.render();
+        assert!(rendered.contains("max-cache-size = \"1GiB\""), "{rendered}");
+        Config::parse_str(&rendered).expect("rendered config parses again");
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        assert!(err("bogus = 1").contains("bogus"));
+        assert!(err("listen = [\"0.0.0.0:1\"]").contains("listen[0]"));
+        assert!(err("max-cache-size = \"lots\"").contains("max-cache-size"));
+        assert!(err("narinfo-ttl = \"soon\"").contains("narinfo-ttl"));
+        assert!(err("trusted-public-keys = [\"x\"]").contains("trusted-public-keys"));
+        assert!(err("[[upstream]]\nurl = \"ftp://x\"").contains("upstream[0].url"));
+        assert!(err("[[upstream]]\nurl = \"https://x\"\nidentity = \"nope\"").contains("upstream[0].identity"));
+        assert!(err("[[upstream]]\nurl = \"https://x\"\nfoo = 1").contains("foo"));
+        assert!(err("[identity.a]\nprovider = \"magic\"").contains("identity.a.provider"));
+        assert!(err("[identity.a]\nprovider = \"static\"").contains("identity.a.variable"));
+        assert!(err("[identity.a]\nprovider = \"file\"\npath = \"/x\"\nvariable = \"V\"").contains("identity.a.variable"));
+        assert!(err("[identity.a]\nprovider = \"file\"\npath = \"/x\"\nfoo = 1").contains("foo"));
+    }
+
+    #[test]
+    fn allow_remote_unlocks_other_addresses() {
+        let c = Config::parse_str("listen = [\"0.0.0.0:1\"]\nallow-remote = true").unwrap();
+        assert!(!c.listen[0].ip().is_loopback());
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("20GiB"), Some(20 << 30));
+        assert_eq!(parse_size("2 GB"), Some(2_000_000_000));
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("1.5KiB"), Some(1536));
+        assert_eq!(parse_size("-1"), None);
+        assert_eq!(parse_size("5 parsecs"), None);
+        assert_eq!(format_size(20 << 30), "20GiB");
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("nope"), None);
+    }
+}

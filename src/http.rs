@@ -1,0 +1,88 @@
+//! The outgoing HTTP client shared by upstreams and identity providers: hyper + rustls with
+//! the ring provider, the system's roots plus an optional extra CA file, HTTP/1.1 and HTTP/2.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub type Body = Full<Bytes>;
+pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds a client trusting the system roots and, if given, the certificates in `extra_ca`.
+pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A broken system certificate should not stop the daemon; it just is not trusted.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = extra_ca {
+        let pem = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut found = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(format!("{} holds no PEM certificate", path.display()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https),
+    )
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes or taking longer than `timeout`.
+pub async fn read_limited<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, String>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) => Err(if e.is::<http_body_util::LengthLimitError>() {
+            format!("answer is larger than {limit} bytes")
+        } else {
+            format!("reading the answer failed: {e}")
+        }),
+        Err(_) => Err(format!("no complete answer within {}s", timeout.as_secs())),
+    }
+}
+
+/// Printable, bounded text from a body that came from elsewhere, for error messages.
+pub fn snippet(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]);
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string()
+}

@@ -1,0 +1,340 @@
+//! Workload identities and the token cache in front of them.
+//!
+//! An [`Identity`] hands out the token to send upstream. It refreshes ahead of expiry (at 80 %
+//! of the lifetime, at least 60 s early, with jitter), lets one refresh run at a time while
+//! everyone else keeps using the still-valid token or waits for the new one, keeps the last
+//! good token while the provider fails, and backs off. Lifetimes are measured from local
+//! receipt time so a skewed clock cannot make a token look fresh for longer than it lives.
+//! This module knows nothing about caches or Nix.
+
+pub mod exchange;
+pub mod jwt;
+pub mod sources;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::IdentityConfig;
+use crate::http::Client;
+use crate::secret::Secret;
+use exchange::Exchange;
+use sources::Source;
+
+/// What a source (or the exchange) produced, before the cache dates it.
+pub struct RawToken {
+    pub secret: Secret,
+    /// From an exchange answer's `expires_in`; otherwise the JWT's claims decide.
+    pub expires_in: Option<Duration>,
+    /// Ask the source again after this long even if the token lives longer (token files).
+    pub reread_after: Option<Duration>,
+}
+
+impl RawToken {
+    pub fn new(secret: Secret) -> RawToken {
+        RawToken {
+            secret,
+            expires_in: None,
+            reread_after: None,
+        }
+    }
+}
+
+/// A token as handed to the upstream client.
+#[derive(Clone, Debug)]
+pub struct Token {
+    pub secret: Secret,
+    /// Increases with every token this identity obtains; a 401 invalidates only its own.
+    pub generation: u64,
+    pub claims: jwt::Claims,
+    expires_at: Option<Instant>,
+    refresh_at: Option<Instant>,
+}
+
+impl Token {
+    pub fn seconds_left(&self) -> Option<u64> {
+        self.expires_at
+            .map(|at| at.saturating_duration_since(Instant::now()).as_secs())
+    }
+
+    fn is_valid(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|at| now < at)
+    }
+
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.refresh_at.is_none_or(|at| now < at)
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("identity `{identity}` could not provide a token: {reason}")]
+pub struct IdentityError {
+    pub identity: String,
+    pub reason: String,
+}
+
+/// One line of `/_sidecar/health`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdentityHealth {
+    pub healthy: bool,
+    pub token_seconds_left: Option<u64>,
+    pub last_success: Option<u64>,
+    pub last_failure: Option<u64>,
+    pub last_error: Option<String>,
+    pub refreshes: u64,
+    pub failures: u64,
+}
+
+#[derive(Default)]
+struct State {
+    current: Option<Token>,
+    consecutive_failures: u32,
+    retry_at: Option<Instant>,
+    last_success: Option<SystemTime>,
+    last_failure: Option<(SystemTime, String)>,
+}
+
+pub struct Identity {
+    name: String,
+    source: Source,
+    exchange: Option<Exchange>,
+    state: Mutex<State>,
+    refreshing: tokio::sync::Mutex<()>,
+    generation: AtomicU64,
+    refreshes: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// With no valid token left, ask the provider at most this often (a miss answers 503 meanwhile).
+const RETRY_WITHOUT_TOKEN: Duration = Duration::from_secs(1);
+/// With a valid token in hand, failed refreshes back off from this ...
+const RETRY_WITH_TOKEN: Duration = Duration::from_secs(5);
+/// ... up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const PROVIDER_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Identity {
+    pub fn new(config: &IdentityConfig, client: Client) -> Identity {
+        Identity {
+            name: config.name.clone(),
+            source: Source::new(&config.provider),
+            exchange: config
+                .exchange
+                .clone()
+                .map(|ex| Exchange::new(ex, client)),
+            state: Mutex::new(State::default()),
+            refreshing: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            refreshes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The token to send now. Calls the provider only when the cached token is due for
+    /// refresh, and then only once however many callers arrive together.
+    pub async fn token(&self) -> Result<Token, IdentityError> {
+        if let Some(token) = self.usable_without_refresh(Instant::now(), true) {
+            return Ok(token);
+        }
+        let _one_at_a_time = self.refreshing.lock().await;
+        let now = Instant::now();
+        if let Some(token) = self.usable_without_refresh(now, false) {
+            return Ok(token);
+        }
+        let backing_off = {
+            let state = self.state.lock().unwrap();
+            state.retry_at.is_some_and(|at| now < at)
+        };
+        if backing_off {
+            return self.last_good_or_error(now, None);
+        }
+        let fetched = match tokio::time::timeout(PROVIDER_TIMEOUT, self.fetch()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {}s", PROVIDER_TIMEOUT.as_secs())),
+        };
+        match fetched {
+            Ok(raw) => Ok(self.accept(raw, now)),
+            Err(reason) => {
+                self.record_failure(now, &reason);
+                self.last_good_or_error(now, Some(reason))
+            }
+        }
+    }
+
+    /// Forgets the token of `generation` after the upstream rejected it, unless a newer one
+    /// has already replaced it.
+    pub fn invalidate(&self, generation: u64) {
+        let mut state = self.state.lock().unwrap();
+        if state.current.as_ref().is_some_and(|t| t.generation == generation) {
+            tracing::info!(identity = %self.name, "upstream rejected the token; fetching a new one");
+            state.current = None;
+            state.retry_at = None;
+        }
+    }
+
+    pub fn health(&self) -> IdentityHealth {
+        let state = self.state.lock().unwrap();
+        let now = Instant::now();
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).ok();
+        let valid = state.current.as_ref().is_some_and(|t| t.is_valid(now));
+        IdentityHealth {
+            healthy: valid || state.last_failure.is_none(),
+            token_seconds_left: state.current.as_ref().and_then(Token::seconds_left),
+            last_success: state.last_success.and_then(unix),
+            last_failure: state.last_failure.as_ref().and_then(|(t, _)| unix(*t)),
+            last_error: state.last_failure.as_ref().map(|(_, e)| e.clone()),
+            refreshes: self.refreshes.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A cached token that can be used without calling the provider: fresh, or still valid
+    /// while another caller refreshes it (`others_may_refresh`) or the provider backs off.
+    fn usable_without_refresh(&self, now: Instant, others_may_refresh: bool) -> Option<Token> {
+        let state = self.state.lock().unwrap();
+        let token = state.current.as_ref()?;
+        if token.is_fresh(now) {
+            return Some(token.clone());
+        }
+        let refresh_running = others_may_refresh && self.refreshing.try_lock().is_err();
+        let backing_off = state.retry_at.is_some_and(|at| now < at);
+        (token.is_valid(now) && (refresh_running || backing_off)).then(|| token.clone())
+    }
+
+    async fn fetch(&self) -> Result<RawToken, String> {
+        let raw = self.source.fetch().await?;
+        match &self.exchange {
+            Some(exchange) => {
+                let mut exchanged = exchange.exchange(&raw.secret, exchange::JWT_TOKEN_TYPE).await?;
+                exchanged.reread_after = raw.reread_after;
+                Ok(exchanged)
+            }
+            None => Ok(raw),
+        }
+    }
+
+    fn accept(&self, raw: RawToken, received: Instant) -> Token {
+        let claims = jwt::claims(raw.secret.expose()).unwrap_or_default();
+        let lifetime = raw.expires_in.or_else(|| jwt_lifetime(&claims, unix_now()));
+        let refresh_after = lifetime.map(refresh_delay);
+        let refresh_after = match (refresh_after, raw.reread_after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let token = Token {
+            secret: raw.secret,
+            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            expires_at: lifetime.map(|l| received + l),
+            refresh_at: refresh_after.map(|d| received + d),
+            claims,
+        };
+        tracing::debug!(
+            identity = %self.name,
+            iss = token.claims.iss.as_deref().unwrap_or("-"),
+            sub = token.claims.sub.as_deref().unwrap_or("-"),
+            aud = ?token.claims.aud,
+            exp = token.claims.exp,
+            token = %token.secret.fingerprint(),
+            "obtained a token"
+        );
+        self.refreshes.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock().unwrap();
+        state.current = Some(token.clone());
+        state.consecutive_failures = 0;
+        state.retry_at = None;
+        state.last_success = Some(SystemTime::now());
+        token
+    }
+
+    fn record_failure(&self, now: Instant, reason: &str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock().unwrap();
+        state.consecutive_failures += 1;
+        let has_valid = state.current.as_ref().is_some_and(|t| t.is_valid(now));
+        let delay = if has_valid {
+            let exp = state.consecutive_failures.saturating_sub(1).min(6);
+            (RETRY_WITH_TOKEN * 2u32.pow(exp)).min(MAX_BACKOFF)
+        } else {
+            RETRY_WITHOUT_TOKEN
+        };
+        state.retry_at = Some(now + delay);
+        state.last_failure = Some((SystemTime::now(), reason.to_string()));
+        tracing::warn!(identity = %self.name, reason, retry_in = ?delay, "token refresh failed");
+    }
+
+    fn last_good_or_error(&self, now: Instant, reason: Option<String>) -> Result<Token, IdentityError> {
+        let state = self.state.lock().unwrap();
+        if let Some(token) = state.current.as_ref().filter(|t| t.is_valid(now)) {
+            return Ok(token.clone());
+        }
+        let reason = reason
+            .or_else(|| state.last_failure.as_ref().map(|(_, e)| e.clone()))
+            .unwrap_or_else(|| "no token yet".into());
+        Err(IdentityError {
+            identity: self.name.clone(),
+            reason,
+        })
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// How long a JWT has left: `exp - iat` (immune to our clock's skew), but no longer than
+/// `exp - now` says, for a token that was issued a while before we read it.
+fn jwt_lifetime(claims: &jwt::Claims, now: i64) -> Option<Duration> {
+    let exp = claims.exp?;
+    let by_clock = exp - now;
+    let lifetime = match claims.iat {
+        Some(iat) if exp > iat => (exp - iat).min(by_clock),
+        _ => by_clock,
+    };
+    Some(Duration::from_secs(lifetime.max(0) as u64))
+}
+
+/// When to refresh a token that lives `lifetime`: at 80 %, at least 60 s before the end, never
+/// later than half-way for very short tokens, less a little jitter so a fleet spreads out.
+fn refresh_delay(lifetime: Duration) -> Duration {
+    let ahead = (lifetime / 5).max(Duration::from_secs(60)).min(lifetime / 2);
+    let delay = lifetime - ahead;
+    let jitter = delay.mul_f64(fastrand::f64() * 0.05);
+    delay - jitter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_happens_at_80_percent_or_a_minute_early() {
+        let d = refresh_delay(Duration::from_secs(3600));
+        assert!(d <= Duration::from_secs(2880) && d >= Duration::from_secs(2736), "{d:?}");
+        let d = refresh_delay(Duration::from_secs(300));
+        assert!(d <= Duration::from_secs(240), "{d:?}");
+        let d = refresh_delay(Duration::from_secs(100));
+        assert!(d <= Duration::from_secs(50), "{d:?}");
+    }
+
+    #[test]
+    fn lifetime_is_exp_minus_iat_capped_by_the_clock() {
+        let c = |exp, iat| jwt::Claims {
+            exp: Some(exp),
+            iat,
+            ..Default::default()
+        };
+        // Our clock runs 1000 s behind the issuer: exp - iat still says 300 s.
+        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 9_000), Some(Duration::from_secs(300)));
+        // Read 200 s after issue: 100 s are left.
+        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 10_200), Some(Duration::from_secs(100)));
+        assert_eq!(jwt_lifetime(&c(10_300, None), 10_000), Some(Duration::from_secs(300)));
+        assert_eq!(jwt_lifetime(&jwt::Claims::default(), 0), None);
+    }
+}

@@ -1,0 +1,16 @@
+//! nix-sidecar: a loopback Nix binary cache in front of access-controlled upstream caches,
+//! authenticating with this machine's workload identity.
+//!
+//! Data flows one way: `server` (HTTP to Nix) -> `proxy` (what to answer) -> `store` (the local
+//! cache) and `upstream` (HTTP to caches) -> `identity` (tokens). `nix` holds the pure formats.
+
+pub mod config;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod nix;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,262 @@
+//! The `nix-sidecar` command line: parse, load the configuration, dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use nix_sidecar::config::{self, Config, Overrides};
+use nix_sidecar::identity::Identity;
+use nix_sidecar::proxy::Proxy;
+use nix_sidecar::store::{Limits, Store};
+
+#[derive(Parser)]
+#[command(name = "nix-sidecar", version, about = "A loopback Nix binary cache that pulls from access-controlled upstreams with this machine's workload identity")]
+struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        #[arg(long, env = "NIX_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to listen on (repeatable); default 127.0.0.1:37515.
+        #[arg(long)]
+        listen: Vec<String>,
+        /// An anonymous upstream cache URL (repeatable), after those of the config file.
+        #[arg(long)]
+        upstream: Vec<String>,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Validate and print the effective configuration (secrets are never shown).
+    CheckConfig {
+        #[arg(long, env = "NIX_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Obtain the token that would be sent upstream and print its non-secret claims.
+    Token {
+        #[arg(long, env = "NIX_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+        /// The upstream whose identity to use; default: the first with an identity.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Also print the token itself.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Inspect or maintain the local cache (stop the daemon first: the index is exclusive).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        #[arg(long, global = true, env = "NIX_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, global = true)]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Size and entry counts.
+    Stats,
+    /// Evict least recently used files down to a size (default: max-cache-size).
+    Gc {
+        #[arg(long)]
+        max_size: Option<String>,
+    },
+    /// Re-hash every stored file and drop the corrupt ones; exit 1 if any was found.
+    Verify,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("nix-sidecar: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIX_SIDECAR_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Serve {
+            config,
+            listen,
+            upstream,
+            cache_dir,
+        } => {
+            let overrides = Overrides {
+                listen,
+                upstreams: upstream,
+                cache_dir,
+            };
+            let config = Config::load(config.as_deref(), &overrides).map_err(|e| e.to_string())?;
+            serve(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(config.as_deref(), &Overrides::default()).map_err(|e| e.to_string())?;
+            print!("{}", config.render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            config,
+            upstream,
+            raw,
+        } => token(config, upstream, raw).await,
+        Command::Cache {
+            action,
+            config,
+            cache_dir,
+        } => {
+            let overrides = Overrides {
+                cache_dir,
+                ..Default::default()
+            };
+            let config = Config::load(config.as_deref(), &overrides).map_err(|e| e.to_string())?;
+            cache(config, action)
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    if config.upstreams.is_empty() {
+        tracing::warn!("no upstream configured: every narinfo is a miss (use --upstream URL or a config file)");
+    }
+    let listeners = nix_sidecar::server::bind(&config.listen).await?;
+    let proxy = Arc::new(Proxy::new(&config)?);
+    for listener in &listeners {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, cache_dir = %config.cache_dir.display(), upstreams = config.upstreams.len(), "listening");
+        }
+    }
+    nix_sidecar::server::serve(listeners, proxy, shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn token(config: Option<PathBuf>, upstream: Option<String>, raw: bool) -> Result<ExitCode, String> {
+    let config = Config::load(config.as_deref(), &Overrides::default()).map_err(|e| e.to_string())?;
+    let up = match &upstream {
+        Some(name) => config
+            .upstreams
+            .iter()
+            .find(|u| &u.name == name)
+            .ok_or_else(|| format!("no upstream named `{name}`"))?,
+        None => config
+            .upstreams
+            .iter()
+            .find(|u| u.identity.is_some())
+            .ok_or("no upstream has an identity: nothing would be sent")?,
+    };
+    let Some(id_name) = &up.identity else {
+        println!("upstream `{}` is anonymous: no token is sent", up.name);
+        return Ok(ExitCode::SUCCESS);
+    };
+    let identity = Identity::new(&config.identities[id_name], nix_sidecar::http::client(None)?);
+    let token = identity.token().await.map_err(|e| e.to_string())?;
+    let c = &token.claims;
+    println!("upstream: {}", up.name);
+    println!("identity: {id_name}");
+    println!("iss: {}", c.iss.as_deref().unwrap_or("-"));
+    println!("sub: {}", c.sub.as_deref().unwrap_or("-"));
+    println!("aud: {}", if c.aud.is_empty() { "-".into() } else { c.aud.join(", ") });
+    println!("exp: {}", c.exp.map_or("-".into(), |e| e.to_string()));
+    println!(
+        "seconds left: {}",
+        token.seconds_left().map_or("no expiry".into(), |s| s.to_string())
+    );
+    println!("fingerprint: {}", token.secret.fingerprint());
+    if raw {
+        println!("token: {}", token.secret.expose());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cache(config: Config, action: CacheAction) -> Result<ExitCode, String> {
+    let limits = Limits {
+        max_size: config.max_cache_size,
+        min_free: config.min_free_space,
+    };
+    let store = Store::open(&config.cache_dir, limits)?;
+    match action {
+        CacheAction::Stats => {
+            let s = store.stats();
+            println!("cache dir: {}", config.cache_dir.display());
+            println!("narinfos: {}", s.narinfos);
+            println!("nar entries: {}", s.nars);
+            println!("stored files: {}", s.stored_files);
+            println!("stored bytes: {} ({})", s.stored_bytes, config::format_size(s.stored_bytes));
+            println!("max size: {}", config::format_size(s.max_size));
+            println!("free space: {}", config::format_size(s.free_space));
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheAction::Gc { max_size } => {
+            let max_size = match max_size {
+                Some(text) => config::parse_size(&text).ok_or_else(|| format!("--max-size: `{text}` is not a size"))?,
+                None => config.max_cache_size,
+            };
+            drop(store);
+            let store = Store::open(&config.cache_dir, Limits { max_size, ..limits })?;
+            let before = store.size();
+            store.enforce_limits(0);
+            println!("evicted {} bytes; {} bytes stored", before - store.size(), store.size());
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheAction::Verify => {
+            let report = store.verify()?;
+            println!(
+                "checked: {}\ncorrupt: {}\nmissing: {}\nleftovers removed: {}",
+                report.checked, report.corrupt, report.missing, report.leftovers
+            );
+            Ok(if report.corrupt + report.missing == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! What to answer Nix: the local cache first, then the upstreams in order, with the status
+//! mapping of the contract (a miss only when every upstream said so; 503 with a reason
+//! otherwise; stale cache over an error).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::nix::narinfo::{self, NarInfo, TrustedKeys, MAX_NARINFO_BYTES};
+use crate::nix::request::{self, CachePath};
+use crate::store::check::Expected;
+use crate::store::fill::{ByteStream, ChunkSink, FillState, PassThrough, BODY_IDLE_TIMEOUT};
+use crate::store::{Limits, NarSource, Slot, Store};
+use crate::upstream::{display_url, Answer, Upstream, UpstreamError};
+
+pub enum NarInfoAnswer {
+    Found(String),
+    Missing,
+    Unavailable(String),
+}
+
+pub enum Content {
+    /// A stored file, served from disk.
+    File(std::fs::File, u64),
+    /// A stream; its length when known.
+    Stream(Option<u64>, ByteStream),
+    /// Headers only (HEAD): the length when known.
+    Head(Option<u64>),
+}
+
+pub enum NarAnswer {
+    Found(Content),
+    Missing,
+    Unavailable(String),
+}
+
+type NarInfoResult = Result<Option<String>, UpstreamError>;
+
+pub struct Proxy {
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub identities: Vec<Arc<Identity>>,
+    /// Index partition of each upstream: answers for one identity never serve another.
+    partitions: Vec<String>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub priority: u32,
+    keys: TrustedKeys,
+    require_signatures: bool,
+    narinfo_ttl: Duration,
+    negative_ttl: Duration,
+    misses: Mutex<HashMap<(usize, String), Instant>>,
+    flights: Mutex<HashMap<(usize, String), Arc<OnceCell<NarInfoResult>>>>,
+}
+
+impl Proxy {
+    pub fn new(config: &Config) -> Result<Proxy, String> {
+        let metrics = Arc::new(Metrics::default());
+        let default_client = crate::http::client(None)?;
+        let identities: Vec<Arc<Identity>> = config
+            .identities
+            .values()
+            .map(|c| Arc::new(Identity::new(c, default_client.clone())))
+            .collect();
+        let mut upstreams = Vec::new();
+        let mut partitions = Vec::new();
+        for up in &config.upstreams {
+            let client = match &up.ca_file {
+                Some(ca) => crate::http::client(Some(ca)).map_err(|e| format!("upstream `{}`: {e}", up.name))?,
+                None => default_client.clone(),
+            };
+            let identity = up
+                .identity
+                .as_ref()
+                .and_then(|name| identities.iter().find(|i| i.name() == name).cloned());
+            partitions.push(format!(
+                "{}|{}|{}",
+                up.name,
+                up.url,
+                up.identity.as_deref().unwrap_or("-")
+            ));
+            upstreams.push(Arc::new(Upstream::new(&up.name, &up.url, identity, client, metrics.clone())));
+        }
+        let store = Store::open(
+            &config.cache_dir,
+            Limits {
+                max_size: config.max_cache_size,
+                min_free: config.min_free_space,
+            },
+        )?;
+        Ok(Proxy {
+            upstreams,
+            identities,
+            partitions,
+            store,
+            metrics,
+            priority: config.priority,
+            keys: TrustedKeys::parse(&config.trusted_public_keys).map_err(|e| e.to_string())?,
+            require_signatures: config.require_signatures,
+            narinfo_ttl: config.narinfo_ttl,
+            negative_ttl: config.negative_ttl,
+            misses: Mutex::default(),
+            flights: Mutex::default(),
+        })
+    }
+
+    pub fn cache_info(&self) -> String {
+        format!(
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {}\n",
+            self.priority
+        )
+    }
+
+    /// The narinfo for `hash`: the first upstream (in order) that has it wins.
+    pub async fn narinfo(&self, hash: &str) -> NarInfoAnswer {
+        let mut failures = Vec::new();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let cached = self.store.narinfo(&self.partitions[i], hash);
+            if let Some(c) = cached.as_ref().filter(|c| c.age < self.narinfo_ttl) {
+                self.metrics.inc("cache_hits_total", &[("kind", "narinfo")], 1);
+                return NarInfoAnswer::Found(c.text.clone());
+            }
+            if self.recent_miss(i, hash) {
+                continue;
+            }
+            self.metrics.inc("cache_misses_total", &[("kind", "narinfo")], 1);
+            match self.fetch_narinfo_once(i, hash).await {
+                Ok(Some(text)) => return NarInfoAnswer::Found(text),
+                Ok(None) => {
+                    self.misses
+                        .lock()
+                        .unwrap()
+                        .insert((i, hash.to_string()), Instant::now());
+                }
+                Err(e) => {
+                    if let Some(stale) = cached {
+                        tracing::info!(upstream = %up.name, error = %e, "serving a stale narinfo");
+                        return NarInfoAnswer::Found(stale.text);
+                    }
+                    tracing::warn!(upstream = %up.name, error = %e, "narinfo lookup failed");
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        if failures.is_empty() {
+            NarInfoAnswer::Missing
+        } else {
+            NarInfoAnswer::Unavailable(failures.join("\n"))
+        }
+    }
+
+    fn recent_miss(&self, i: usize, hash: &str) -> bool {
+        let mut misses = self.misses.lock().unwrap();
+        let key = (i, hash.to_string());
+        match misses.get(&key) {
+            Some(at) if at.elapsed() < self.negative_ttl => true,
+            Some(_) => {
+                misses.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// One upstream lookup per (upstream, hash) however many clients ask at once.
+    async fn fetch_narinfo_once(&self, i: usize, hash: &str) -> NarInfoResult {
+        let key = (i, hash.to_string());
+        let cell = self.flights.lock().unwrap().entry(key.clone()).or_default().clone();
+        let result = cell.get_or_init(|| self.fetch_narinfo(i, hash)).await.clone();
+        let mut flights = self.flights.lock().unwrap();
+        if flights.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            flights.remove(&key);
+        }
+        result
+    }
+
+    async fn fetch_narinfo(&self, i: usize, hash: &str) -> NarInfoResult {
+        let up = &self.upstreams[i];
+        let bad = |detail: String| UpstreamError::Unavailable {
+            upstream: up.name.clone(),
+            detail,
+        };
+        let url = up
+            .resolve(&format!("{hash}.narinfo"))
+            .ok_or_else(|| bad("cannot form the narinfo URL".into()))?;
+        let response = match up.fetch(&url, Method::GET).await? {
+            Answer::Found(response) => response,
+            Answer::Missing => return Ok(None),
+        };
+        let body = crate::http::read_limited(response.into_body(), MAX_NARINFO_BYTES, Duration::from_secs(30))
+            .await
+            .map_err(|e| bad(format!("narinfo {hash}: {e}")))?;
+        let info = NarInfo::parse(&body).map_err(|e| bad(format!("narinfo {hash} is malformed: {e}")))?;
+        if info.hash_part() != hash {
+            return Err(bad(format!("asked for narinfo {hash}, got one for {}", info.store_path)));
+        }
+        if self.require_signatures && !self.keys.verify(&info) {
+            tracing::warn!(
+                upstream = %up.name,
+                store_path = %info.store_path,
+                "narinfo has no valid signature by a trusted key; treating it as a miss"
+            );
+            self.metrics.inc("signature_failures_total", &[("upstream", &up.name)], 1);
+            return Ok(None);
+        }
+        let text = String::from_utf8(body.to_vec()).map_err(|_| bad("narinfo is not UTF-8".into()))?;
+        let (nar_key, source) = self
+            .nar_location(up, &info.url)
+            .ok_or_else(|| bad(format!("narinfo {hash} has an unusable URL")))?;
+        let text = if nar_key == info.url {
+            text
+        } else {
+            narinfo::replace_url(&text, &nar_key)
+        };
+        let store = self.store.clone();
+        let (partition, hash_owned, text_owned) = (self.partitions[i].clone(), hash.to_string(), text.clone());
+        let nar = NarSource {
+            upstream: up.name.clone(),
+            source: source.to_string(),
+            expected: Expected::from_narinfo(&info),
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            store.put_narinfo(&partition, &hash_owned, &text_owned, &nar_key, nar)
+        })
+        .await;
+        Ok(Some(text))
+    }
+
+    /// The local NAR key for a narinfo `URL:` and the absolute upstream URL behind it. A plain
+    /// `nar/<file>` keeps its name; anything else (absolute, other directories) gets a local
+    /// name derived from the absolute URL.
+    fn nar_location(&self, up: &Upstream, url: &str) -> Option<(String, url::Url)> {
+        let absolute = up.resolve(url)?;
+        let (path, query) = match url.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (url, None),
+        };
+        if !url.contains("://") {
+            if let Some(CachePath::Nar(key)) = request::parse(&format!("/{path}"), query) {
+                return Some((key, absolute));
+            }
+        }
+        let digest = Sha256::digest(absolute.as_str().as_bytes());
+        let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let last = absolute.path_segments()?.next_back().unwrap_or("");
+        let ext = last.find(".nar").map(|i| &last[i..]).filter(|e| request::is_file_name(e));
+        Some((format!("nar/{name}{}", ext.unwrap_or(".nar")), absolute))
+    }
+
+    /// A NAR by its local key: from disk, from a fill in progress, or fetched now.
+    pub async fn nar(&self, key: &str, method: &Method) -> NarAnswer {
+        let head = method == Method::HEAD;
+        let row = self.store.nar(key);
+        let upstream = row
+            .as_ref()
+            .and_then(|r| self.upstreams.iter().find(|u| u.name == r.upstream));
+        let (Some(row), Some(up)) = (row.as_ref(), upstream) else {
+            return self.nar_unknown(key, method).await;
+        };
+        if let Some((file, size)) = self.store.open_stored(key, row) {
+            self.metrics.inc("cache_hits_total", &[("kind", "nar")], 1);
+            return NarAnswer::Found(if head { Content::Head(Some(size)) } else { Content::File(file, size) });
+        }
+        self.metrics.inc("cache_misses_total", &[("kind", "nar")], 1);
+        let Ok(source) = url::Url::parse(&row.source) else {
+            return NarAnswer::Unavailable(format!("index holds a bad URL for {key}"));
+        };
+        if head {
+            return match up.fetch(&source, Method::HEAD).await {
+                Ok(Answer::Found(r)) => NarAnswer::Found(Content::Head(content_length(&r).or(row.expected.file_len()))),
+                Ok(Answer::Missing) => NarAnswer::Missing,
+                Err(e) => NarAnswer::Unavailable(e.to_string()),
+            };
+        }
+        let mut reader = match self.store.fill(key, &row.expected) {
+            Slot::Join(reader) => reader,
+            Slot::Lead(mut writer, reader) => {
+                let metrics = self.metrics.clone();
+                let fetch = fetch_for_fill(up.clone(), source);
+                // The fill runs on its own: clients that go away do not stop it.
+                let fut = async move {
+                    match fetch.await {
+                        Ok(Some(response)) => {
+                            writer.start(content_length(&response));
+                            match copy_body(response.into_body(), &mut writer).await {
+                                Ok(n) => {
+                                    metrics.inc("bytes_fetched_total", &[], n);
+                                    writer.finish().await
+                                }
+                                Err(reason) => {
+                                    metrics.inc("verification_failures_total", &[], 1);
+                                    writer.fail(&reason)
+                                }
+                            }
+                        }
+                        Ok(None) => writer.missing(),
+                        Err(reason) => writer.fail(&reason),
+                    }
+                };
+                tokio::spawn(fut);
+                reader
+            }
+            Slot::Bypass(reason) => {
+                tracing::debug!(nar = %key, reason, "passing through without caching");
+                return self.pass_through(up, &source, Some(&row.expected)).await;
+            }
+        };
+        let progress = reader.started().await;
+        match progress.state {
+            FillState::Missing => NarAnswer::Missing,
+            FillState::Failed(reason) if progress.written == 0 => NarAnswer::Unavailable(reason.to_string()),
+            _ => NarAnswer::Found(Content::Stream(
+                row.expected.file_len().or(progress.length),
+                reader.stream(),
+            )),
+        }
+    }
+
+    /// A NAR no narinfo of ours pointed to (say, after the cache was wiped while Nix still
+    /// remembered the narinfo): passed through from the first upstream that has it, unverified
+    /// (Nix checks NarHash itself) and not stored.
+    async fn nar_unknown(&self, key: &str, method: &Method) -> NarAnswer {
+        let mut failures = Vec::new();
+        for up in &self.upstreams {
+            let Some(url) = up.resolve(key) else { continue };
+            if method == Method::HEAD {
+                match up.fetch(&url, Method::HEAD).await {
+                    Ok(Answer::Found(r)) => return NarAnswer::Found(Content::Head(content_length(&r))),
+                    Ok(Answer::Missing) => continue,
+                    Err(e) => failures.push(e.to_string()),
+                }
+                continue;
+            }
+            match self.pass_through(up, &url, None).await {
+                NarAnswer::Missing => continue,
+                NarAnswer::Unavailable(e) => failures.push(e),
+                found => return found,
+            }
+        }
+        if failures.is_empty() {
+            NarAnswer::Missing
+        } else {
+            NarAnswer::Unavailable(failures.join("\n"))
+        }
+    }
+
+    async fn pass_through(&self, up: &Upstream, url: &url::Url, expected: Option<&Expected>) -> NarAnswer {
+        let response = match up.fetch(url, Method::GET).await {
+            Ok(Answer::Found(response)) => response,
+            Ok(Answer::Missing) => return NarAnswer::Missing,
+            Err(e) => return NarAnswer::Unavailable(e.to_string()),
+        };
+        let length = expected.and_then(Expected::file_len).or(content_length(&response));
+        let (mut sink, stream) = PassThrough::new(expected);
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let outcome = copy_body(response.into_body(), &mut sink).await;
+            if let Ok(n) = outcome {
+                metrics.inc("bytes_fetched_total", &[], n);
+            }
+            sink.finish(outcome.map(|_| ())).await
+        });
+        NarAnswer::Found(Content::Stream(length, stream))
+    }
+
+    /// `log/`, `realisations/`, `build-trace-v2/`: forwarded, not cached.
+    pub async fn forward(&self, rel: &str) -> NarAnswer {
+        let mut failures = Vec::new();
+        for up in &self.upstreams {
+            let Some(url) = up.resolve(rel) else { continue };
+            match self.pass_through(up, &url, None).await {
+                NarAnswer::Missing => continue,
+                NarAnswer::Unavailable(e) => {
+                    tracing::warn!(upstream = %up.name, url = %display_url(&url), "forward failed");
+                    failures.push(e)
+                }
+                found => return found,
+            }
+        }
+        if failures.is_empty() {
+            NarAnswer::Missing
+        } else {
+            NarAnswer::Unavailable(failures.join("\n"))
+        }
+    }
+
+}
+
+/// The upstream request of a fill, on its own so it can outlive the request that started it.
+async fn fetch_for_fill(up: Arc<Upstream>, source: url::Url) -> Result<Option<http::Response<Incoming>>, String> {
+    match up.fetch(&source, Method::GET).await {
+        Ok(Answer::Found(response)) => Ok(Some(response)),
+        Ok(Answer::Missing) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn content_length<B>(response: &http::Response<B>) -> Option<u64> {
+    response
+        .headers()
+        .get("content-length")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Copies an upstream body into a sink, giving up when it stalls. Returns the bytes copied.
+async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, String> {
+    let mut copied = 0u64;
+    loop {
+        match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+            Err(_) => return Err(format!("upstream stalled for {}s", BODY_IDLE_TIMEOUT.as_secs())),
+            Ok(None) => return Ok(copied),
+            Ok(Some(Err(e))) => return Err(format!("upstream body failed: {e}")),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    copied += data.len() as u64;
+                    if !data.is_empty() {
+                        sink.write(data).await?;
+                    }
+                }
+            }
+        }
+    }
+}

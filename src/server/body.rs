@@ -1,0 +1,54 @@
+//! Response bodies: whole buffers, and streams fed through a bounded channel (so a slow
+//! client slows its producer instead of growing memory). An error in a stream aborts the
+//! response, so a client never sees a short NAR as complete.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Frame;
+
+use crate::metrics::Metrics;
+use crate::store::fill::ByteStream;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn stream(rx: ByteStream, metrics: Arc<Metrics>) -> Body {
+    ChannelBody { rx, metrics }.boxed()
+}
+
+struct ChannelBody {
+    rx: ByteStream,
+    metrics: Arc<Metrics>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                self.metrics.inc("bytes_served_total", &[], bytes.len() as u64);
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The loopback listener: HTTP/1.1 and HTTP/2 (cleartext), header-read timeouts, graceful
+//! shutdown. The only place that speaks HTTP to Nix; `routes` decides the answers.
+
+pub mod body;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::proxy::Proxy;
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long in-flight responses may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests
+/// finish for up to [`SHUTDOWN_GRACE`].
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    proxy: Arc<Proxy>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    let mut accept_loops = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let (proxy, builder, graceful) = (proxy.clone(), builder.clone(), graceful.clone());
+        accept_loops.spawn(async move {
+            loop {
+                let (stream, _peer) = match listener.accept().await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let proxy = proxy.clone();
+                let service = service_fn(move |request| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(routes::handle(&proxy, request).await) }
+                });
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        });
+    }
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; finishing responses in flight");
+    accept_loops.abort_all();
+    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops are gone"));
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("responses still in flight after {}s; closing them", SHUTDOWN_GRACE.as_secs());
+    }
+    proxy.store.flush_access_times();
+}

@@ -1,0 +1,317 @@
+//! Checking NAR bytes against what their narinfo promises, while they stream.
+//!
+//! With a `FileHash` the compressed bytes are hashed as they come. Without one (Attic), the
+//! stream is decompressed on the fly and `NarHash`/`NarSize` are checked instead; the
+//! decompressed size is capped at `NarSize`, so a decompression bomb stops early.
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256 as Hasher};
+
+use crate::nix::hash::Sha256;
+use crate::nix::narinfo::NarInfo;
+
+/// What the narinfo promised about a NAR file, as stored in the index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expected {
+    pub file_hash: Option<String>,
+    pub file_size: Option<u64>,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub compression: String,
+}
+
+impl Expected {
+    pub fn from_narinfo(info: &NarInfo) -> Expected {
+        Expected {
+            file_hash: info.file_hash.map(|h| h.to_hex()),
+            file_size: info.file_size,
+            nar_hash: info.nar_hash.to_hex(),
+            nar_size: info.nar_size,
+            compression: info.compression.clone(),
+        }
+    }
+
+    /// The size of the file as served, when the narinfo says it (or it is uncompressed).
+    pub fn file_len(&self) -> Option<u64> {
+        self.file_size
+            .or((self.compression == "none").then_some(self.nar_size))
+    }
+}
+
+pub struct ContentCheck {
+    file_hash: Option<[u8; 32]>,
+    file_size: Option<u64>,
+    raw: Hasher,
+    raw_len: u64,
+    nar: Option<Box<dyn Write + Send>>,
+    nar_state: std::sync::Arc<std::sync::Mutex<NarState>>,
+    nar_hash: [u8; 32],
+    nar_size: u64,
+}
+
+#[derive(Default)]
+struct NarState {
+    hasher: Hasher,
+    len: u64,
+}
+
+/// Counts and hashes the decompressed NAR, refusing to grow past `limit`.
+struct NarSink {
+    state: std::sync::Arc<std::sync::Mutex<NarState>>,
+    limit: u64,
+}
+
+impl Write for NarSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut state = self.state.lock().unwrap();
+        state.len += buf.len() as u64;
+        if state.len > self.limit {
+            return Err(std::io::Error::other("decompressed NAR is larger than NarSize"));
+        }
+        state.hasher.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ContentCheck {
+    pub fn new(expected: &Expected) -> Result<ContentCheck, String> {
+        let parse = |hex: &str| {
+            Sha256::parse(&format!("sha256:{hex}"))
+                .map(|h| h.0)
+                .ok_or_else(|| "index holds a malformed hash".to_string())
+        };
+        let file_hash = expected.file_hash.as_deref().map(parse).transpose()?;
+        let nar_state = std::sync::Arc::new(std::sync::Mutex::new(NarState::default()));
+        let nar = if file_hash.is_some() {
+            None
+        } else {
+            let sink = NarSink {
+                state: nar_state.clone(),
+                limit: expected.nar_size,
+            };
+            Some(decoder(&expected.compression, sink)?)
+        };
+        Ok(ContentCheck {
+            file_hash,
+            file_size: expected.file_size,
+            raw: Hasher::new(),
+            raw_len: 0,
+            nar,
+            nar_state,
+            nar_hash: parse(&expected.nar_hash)?,
+            nar_size: expected.nar_size,
+        })
+    }
+
+    pub fn update(&mut self, chunk: &[u8]) -> Result<(), String> {
+        self.raw_len += chunk.len() as u64;
+        if let Some(size) = self.file_size {
+            if self.raw_len > size {
+                return Err(format!("upstream sent more than FileSize ({size} bytes)"));
+            }
+        }
+        self.raw.update(chunk);
+        if let Some(nar) = &mut self.nar {
+            nar.write_all(chunk)
+                .map_err(|e| format!("NAR does not decompress as promised: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks the end of the stream; returns the SHA-256 of the bytes as stored (hex).
+    pub fn finish(mut self) -> Result<String, String> {
+        if let Some(size) = self.file_size {
+            if self.raw_len != size {
+                return Err(format!("upstream sent {} bytes, FileSize says {size}", self.raw_len));
+            }
+        }
+        let raw: [u8; 32] = self.raw.finalize().into();
+        if let Some(expected) = self.file_hash {
+            if raw != expected {
+                return Err("NAR file does not match FileHash".into());
+            }
+        }
+        if let Some(mut nar) = self.nar.take() {
+            nar.flush()
+                .map_err(|e| format!("NAR does not decompress as promised: {e}"))?;
+            drop(nar); // finishes the decoder, writing its last bytes
+            let state = std::mem::take(&mut *self.nar_state.lock().unwrap());
+            if state.len != self.nar_size {
+                return Err(format!("NAR is {} bytes, NarSize says {}", state.len, self.nar_size));
+            }
+            let hash: [u8; 32] = state.hasher.finalize().into();
+            if hash != self.nar_hash {
+                return Err("NAR does not match NarHash".into());
+            }
+        }
+        Ok(Sha256(raw).to_hex())
+    }
+}
+
+fn decoder(compression: &str, sink: NarSink) -> Result<Box<dyn Write + Send>, String> {
+    Ok(match compression {
+        "none" | "" => Box::new(sink),
+        "xz" => Box::new(FinishOnDrop(Some(xz2::write::XzDecoder::new(sink)))),
+        "bzip2" => Box::new(BzipWriter {
+            state: bzip2::Decompress::new(false),
+            out: vec![0; 64 * 1024],
+            sink,
+            ended: false,
+        }),
+        "zstd" => Box::new(
+            zstd::stream::write::Decoder::new(sink)
+                .map_err(|e| format!("zstd decoder: {e}"))?,
+        ),
+        other => {
+            return Err(format!(
+                "cannot verify a `{other}` NAR without FileHash (supported: none, xz, bzip2, zstd)"
+            ))
+        }
+    })
+}
+
+/// The xz write-decoder flushes its tail on `finish`; dropping calls it.
+struct FinishOnDrop<W: Finish>(Option<W>);
+
+trait Finish: Write {
+    fn finish_stream(self) -> std::io::Result<()>;
+}
+
+impl<W: Write> Finish for xz2::write::XzDecoder<W> {
+    fn finish_stream(mut self) -> std::io::Result<()> {
+        self.finish().map(drop)
+    }
+}
+
+/// bzip2 through its low-level API: `bzip2::write::BzDecoder` spins forever when dropped
+/// after a truncated stream, and truncated streams are exactly what lying upstreams send.
+struct BzipWriter {
+    state: bzip2::Decompress,
+    out: Vec<u8>,
+    sink: NarSink,
+    ended: bool,
+}
+
+impl Write for BzipWriter {
+    fn write(&mut self, mut buf: &[u8]) -> std::io::Result<usize> {
+        let total = buf.len();
+        loop {
+            let (in_before, out_before) = (self.state.total_in(), self.state.total_out());
+            let status = self
+                .state
+                .decompress(buf, &mut self.out)
+                .map_err(std::io::Error::other)?;
+            let consumed = (self.state.total_in() - in_before) as usize;
+            let produced = (self.state.total_out() - out_before) as usize;
+            self.sink.write_all(&self.out[..produced])?;
+            buf = &buf[consumed..];
+            self.ended |= status == bzip2::Status::StreamEnd;
+            if self.ended && !buf.is_empty() {
+                return Err(std::io::Error::other("bytes after the end of the bzip2 stream"));
+            }
+            if (buf.is_empty() && produced < self.out.len()) || (consumed == 0 && produced == 0) {
+                return Ok(total);
+            }
+        }
+    }
+    /// Called once at the end: the stream must have reached its end marker.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.ended {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("bzip2 stream is truncated"))
+        }
+    }
+}
+
+impl<W: Finish> Write for FinishOnDrop<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.as_mut().expect("not finished").write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.0.take() {
+            Some(inner) => inner.finish_stream(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<W: Finish> Drop for FinishOnDrop<W> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take() {
+            let _ = inner.finish_stream();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expected_for(nar: &[u8], file: &[u8], compression: &str, with_file_hash: bool) -> Expected {
+        let hex = |b: &[u8]| Sha256(Hasher::digest(b).into()).to_hex();
+        Expected {
+            file_hash: with_file_hash.then(|| hex(file)),
+            file_size: with_file_hash.then_some(file.len() as u64),
+            nar_hash: hex(nar),
+            nar_size: nar.len() as u64,
+            compression: compression.into(),
+        }
+    }
+
+    fn run(expected: &Expected, file: &[u8]) -> Result<String, String> {
+        let mut check = ContentCheck::new(expected)?;
+        for chunk in file.chunks(7) {
+            check.update(chunk)?;
+        }
+        check.finish()
+    }
+
+    #[test]
+    fn accepts_matching_bytes_in_every_compression() {
+        let nar: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let xz = {
+            let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+            e.write_all(&nar).unwrap();
+            e.finish().unwrap()
+        };
+        let bz = {
+            let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            e.write_all(&nar).unwrap();
+            e.finish().unwrap()
+        };
+        let zst = zstd::encode_all(&nar[..], 1).unwrap();
+        for (name, file) in [("none", &nar), ("xz", &xz), ("bzip2", &bz), ("zstd", &zst)] {
+            for with_file_hash in [true, false] {
+                let e = expected_for(&nar, file, name, with_file_hash);
+                assert!(run(&e, file).is_ok(), "{name} {with_file_hash}");
+                let mut wrong = file.clone();
+                let last = wrong.len() - 1;
+                wrong[last / 2] ^= 1;
+                assert!(run(&e, &wrong).is_err(), "{name} {with_file_hash} flipped byte");
+                assert!(run(&e, &file[..last]).is_err(), "{name} {with_file_hash} truncated");
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_bytes_fail_before_the_end() {
+        let e = expected_for(b"abc", b"abc", "none", true);
+        let mut check = ContentCheck::new(&e).unwrap();
+        assert!(check.update(b"abcd").is_err());
+        let e = expected_for(b"abc", b"abc", "none", false);
+        let mut check = ContentCheck::new(&e).unwrap();
+        assert!(check.update(b"abcd").is_err(), "NarSize caps the stream");
+    }
+
+    #[test]
+    fn unverifiable_compression_is_refused() {
+        let e = expected_for(b"abc", b"abc", "br", false);
+        assert!(ContentCheck::new(&e).is_err());
+    }
+}

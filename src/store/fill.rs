@@ -1,0 +1,292 @@
+//! Filling the cache with one upstream download however many clients ask.
+//!
+//! The first request for a NAR becomes the leader: it gets a [`FillWriter`] that the caller
+//! feeds with the upstream body. Every request, the leader's included, reads through a
+//! [`FillReader`] that follows the growing temporary file, so late arrivals start streaming at
+//! once and memory does not grow with the NAR or the number of clients. The writer verifies
+//! as it goes; only verified, fsynced, renamed bytes reach the index.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, watch};
+
+use super::check::{ContentCheck, Expected};
+use super::index::Blob;
+use super::Store;
+
+pub const CHUNK: usize = 256 * 1024;
+
+/// What readers receive: chunks, or an error that must abort the client's response.
+pub type ByteStream = mpsc::Receiver<std::io::Result<Bytes>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FillState {
+    /// The leader is still waiting for the upstream's answer.
+    Waiting,
+    Streaming,
+    Complete,
+    /// The upstream does not have it (404/403/410).
+    Missing,
+    Failed(Arc<str>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub state: FillState,
+    pub written: u64,
+    /// The file's length if known in advance (FileSize, or the upstream's Content-Length).
+    pub length: Option<u64>,
+}
+
+pub struct Fill {
+    file: File,
+    progress: watch::Sender<Progress>,
+}
+
+impl Fill {
+    pub fn new(file: File) -> Arc<Fill> {
+        let (progress, _) = watch::channel(Progress {
+            state: FillState::Waiting,
+            written: 0,
+            length: None,
+        });
+        Arc::new(Fill { file, progress })
+    }
+
+    pub fn reader(self: &Arc<Fill>) -> FillReader {
+        FillReader {
+            fill: self.clone(),
+            progress: self.progress.subscribe(),
+        }
+    }
+}
+
+/// Takes chunks from an upstream body. Implemented by the fill writer and by the
+/// pass-through used when caching is off.
+pub trait ChunkSink {
+    fn write(&mut self, chunk: Bytes) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+pub struct FillWriter {
+    pub(super) store: Store,
+    pub(super) key: String,
+    pub(super) fill: Arc<Fill>,
+    pub(super) tmp: PathBuf,
+    pub(super) check: Option<ContentCheck>,
+    pub(super) finished: bool,
+}
+
+impl FillWriter {
+    /// The upstream answered 200; readers may start.
+    pub fn start(&self, length: Option<u64>) {
+        self.fill.progress.send_modify(|p| {
+            p.state = FillState::Streaming;
+            p.length = length;
+        });
+    }
+
+    pub fn missing(mut self) {
+        self.end(FillState::Missing);
+    }
+
+    pub fn fail(mut self, reason: &str) {
+        tracing::warn!(nar = %self.key, reason, "NAR download failed; nothing stored");
+        self.store.count_failure(reason);
+        self.end(FillState::Failed(Arc::from(reason)));
+    }
+
+    /// Verifies, fsyncs, renames into place and records the file in the index, in that order.
+    pub async fn finish(mut self) {
+        let check = self.check.take().expect("finish once");
+        let sha256 = match check.finish() {
+            Ok(sha) => sha,
+            Err(reason) => return self.fail(&reason),
+        };
+        let size = self.fill.progress.borrow().written;
+        let store = self.store.clone();
+        let (key, tmp) = (self.key.clone(), self.tmp.clone());
+        let file = match self.fill.file.try_clone() {
+            Ok(f) => f,
+            Err(e) => return self.fail(&format!("cache file: {e}")),
+        };
+        let blob = Blob { size, sha256 };
+        let stored = tokio::task::spawn_blocking(move || store.commit_blob(&key, &tmp, file, blob))
+            .await
+            .unwrap_or_else(|e| Err(format!("commit task: {e}")));
+        match stored {
+            Ok(()) => {
+                self.finished = true; // the temporary file is now the blob
+                self.end(FillState::Complete);
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.enforce_limits(0));
+            }
+            Err(reason) => {
+                // The bytes were right; only storing them failed. Readers still get them.
+                tracing::warn!(nar = %self.key, reason, "could not store a verified NAR");
+                self.end(FillState::Complete);
+            }
+        }
+    }
+
+    fn end(&mut self, state: FillState) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+            self.finished = true;
+        }
+        self.store.forget_fill(&self.key, &self.fill);
+        self.fill.progress.send_modify(|p| p.state = state);
+    }
+}
+
+impl ChunkSink for FillWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
+        let check = self.check.as_mut().expect("write before finish");
+        check.update(&chunk)?;
+        let offset = self.fill.progress.borrow().written;
+        self.fill
+            .file
+            .write_all_at(&chunk, offset)
+            .map_err(|e| format!("writing the cache file: {e}"))?;
+        self.fill
+            .progress
+            .send_modify(|p| p.written += chunk.len() as u64);
+        Ok(())
+    }
+}
+
+impl Drop for FillWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end(FillState::Failed(Arc::from("download abandoned")));
+        }
+    }
+}
+
+pub struct FillReader {
+    fill: Arc<Fill>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl FillReader {
+    /// Waits until the leader knows the upstream's answer.
+    pub async fn started(&mut self) -> Progress {
+        let progress = self
+            .progress
+            .wait_for(|p| p.state != FillState::Waiting)
+            .await
+            .map(|p| p.clone());
+        progress.unwrap_or(Progress {
+            state: FillState::Failed(Arc::from("download abandoned")),
+            written: 0,
+            length: None,
+        })
+    }
+
+    /// Streams the file from the start as it grows; ends with an error if the fill fails.
+    pub fn stream(mut self) -> ByteStream {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut pos = 0u64;
+            loop {
+                let progress = self.progress.borrow_and_update().clone();
+                if pos < progress.written {
+                    let len = (progress.written - pos).min(CHUNK as u64) as usize;
+                    let mut buf = BytesMut::zeroed(len);
+                    let chunk = match self.fill.file.read_exact_at(&mut buf, pos) {
+                        Ok(()) => Ok(buf.freeze()),
+                        Err(e) => Err(e),
+                    };
+                    let failed = chunk.is_err();
+                    pos += len as u64;
+                    if tx.send(chunk).await.is_err() || failed {
+                        return; // the client went away, or the file cannot be read
+                    }
+                    continue;
+                }
+                match progress.state {
+                    FillState::Complete => return,
+                    FillState::Failed(reason) => {
+                        let _ = tx.send(Err(std::io::Error::other(reason.to_string()))).await;
+                        return;
+                    }
+                    FillState::Missing => {
+                        let _ = tx.send(Err(std::io::Error::other("upstream lost the file"))).await;
+                        return;
+                    }
+                    FillState::Waiting | FillState::Streaming => {
+                        if self.progress.changed().await.is_err() {
+                            let _ = tx.send(Err(std::io::Error::other("download abandoned"))).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Streams a stored file (or a byte range of it) from disk on a blocking thread.
+pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let mut pos = start;
+        while pos < end {
+            let len = (end - pos).min(CHUNK as u64) as usize;
+            let mut buf = BytesMut::zeroed(len);
+            let chunk = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
+            let failed = chunk.is_err();
+            if tx.blocking_send(chunk).is_err() || failed {
+                return;
+            }
+            pos += len as u64;
+        }
+    });
+    rx
+}
+
+/// Pass-through for when the cache cannot take the file (disk full, no narinfo known):
+/// verifies what it can and aborts the client's stream on a mismatch.
+pub struct PassThrough {
+    check: Option<ContentCheck>,
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+}
+
+impl PassThrough {
+    pub fn new(expected: Option<&Expected>) -> (PassThrough, ByteStream) {
+        let (tx, rx) = mpsc::channel(4);
+        let check = expected.and_then(|e| ContentCheck::new(e).ok());
+        (PassThrough { check, tx }, rx)
+    }
+
+    pub async fn finish(mut self, outcome: Result<(), String>) {
+        let outcome = outcome.and_then(|()| match self.check.take() {
+            Some(check) => check.finish().map(|_| ()),
+            None => Ok(()),
+        });
+        if let Err(reason) = outcome {
+            tracing::warn!(reason, "pass-through NAR failed");
+            let _ = self.tx.send(Err(std::io::Error::other(reason))).await;
+        }
+    }
+}
+
+impl ChunkSink for PassThrough {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
+        if let Some(check) = &mut self.check {
+            check.update(&chunk)?;
+        }
+        self.tx
+            .send(Ok(chunk))
+            .await
+            .map_err(|_| "client went away".to_string())
+    }
+}
+
+/// How long an upstream body may stall before the download is given up.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

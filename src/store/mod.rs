@@ -1,0 +1,471 @@
+//! The local cache: NAR files on disk, a redb index, single-flight fills and eviction.
+//!
+//! Layout under the cache directory: `index.redb`, `nars/<sha256 of the NAR key>` (one file
+//! per NAR, stored exactly as served), `tmp/` (fills in progress; emptied at start-up).
+//! The store never calls an upstream: a fill takes the bytes it is given.
+
+pub mod check;
+pub mod fill;
+pub mod index;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use check::{ContentCheck, Expected};
+use fill::{Fill, FillReader, FillWriter};
+use index::{Blob, Index, NarInfoRow, NarRow};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_size: u64,
+    pub min_free: u64,
+}
+
+#[derive(Clone)]
+pub struct Store(Arc<Inner>);
+
+struct Inner {
+    dir: PathBuf,
+    index: Index,
+    limits: Limits,
+    fills: Mutex<HashMap<String, Arc<Fill>>>,
+    /// Access times not yet written to the index (LRU order; flushed in batches).
+    touched: Mutex<HashMap<String, u64>>,
+    total: AtomicU64,
+    evictions: AtomicU64,
+    verify_failures: AtomicU64,
+    last_space_warning: Mutex<Option<Instant>>,
+}
+
+/// A cached narinfo and how old it is.
+pub struct CachedNarInfo {
+    pub text: String,
+    pub age: Duration,
+}
+
+/// What a fill request gets.
+pub enum Slot {
+    /// Nobody is fetching this NAR: fetch it and feed the writer.
+    Lead(FillWriter, FillReader),
+    /// Somebody is: read along.
+    Join(FillReader),
+    /// The cache cannot take it now (disk full, ...): pass it through uncached.
+    Bypass(String),
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub narinfos: u64,
+    pub nars: u64,
+    pub stored_files: u64,
+    pub stored_bytes: u64,
+    pub max_size: u64,
+    pub free_space: u64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    pub checked: u64,
+    pub corrupt: u64,
+    pub missing: u64,
+    pub leftovers: u64,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) the cache and repairs what a crash may have left: temporary
+    /// files, files the index does not know, rows whose file is missing or of the wrong size.
+    pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
+        for sub in ["nars", "tmp"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(|e| format!("cannot create {}: {e}", dir.join(sub).display()))?;
+        }
+        let index = Index::open(&dir.join("index.redb")).map_err(|e| {
+            if e.contains("already open") || e.contains("lock") {
+                format!("{e} (is another nix-sidecar using {}?)", dir.display())
+            } else {
+                e
+            }
+        })?;
+        let store = Store(Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            index,
+            limits,
+            fills: Mutex::default(),
+            touched: Mutex::default(),
+            total: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            verify_failures: AtomicU64::new(0),
+            last_space_warning: Mutex::new(None),
+        }));
+        let report = store.recover()?;
+        if report.leftovers + report.missing > 0 {
+            tracing::info!(
+                leftovers = report.leftovers,
+                dropped_rows = report.missing,
+                "cache recovered from an unclean stop"
+            );
+        }
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    fn blob_path(&self, nar_key: &str) -> PathBuf {
+        let name: String = Sha256::digest(nar_key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.0.dir.join("nars").join(name)
+    }
+
+    fn recover(&self) -> Result<VerifyReport, String> {
+        let mut report = VerifyReport::default();
+        for entry in read_dir(&self.0.dir.join("tmp")) {
+            let _ = std::fs::remove_file(entry);
+            report.leftovers += 1;
+        }
+        let rows = self.0.index.stored_nars()?;
+        let mut bad = Vec::new();
+        let mut known = std::collections::HashSet::new();
+        let mut total = 0;
+        for (key, row) in rows {
+            let path = self.blob_path(&key);
+            let size = std::fs::metadata(&path).map(|m| m.len()).ok();
+            match (size, &row.blob) {
+                (Some(size), Some(blob)) if size == blob.size => {
+                    total += size;
+                    known.insert(path);
+                }
+                _ => bad.push(key),
+            }
+        }
+        report.missing = bad.len() as u64;
+        self.0.index.clear_blobs(&bad)?;
+        for path in read_dir(&self.0.dir.join("nars")) {
+            if !known.contains(&path) {
+                let _ = std::fs::remove_file(&path);
+                report.leftovers += 1;
+            }
+        }
+        self.0.total.store(total, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    pub fn narinfo(&self, partition: &str, hash: &str) -> Option<CachedNarInfo> {
+        let row = self
+            .0
+            .index
+            .narinfo(&index::narinfo_key(partition, hash))
+            .inspect_err(|e| tracing::warn!(error = %e, "cache index read failed"))
+            .ok()??;
+        Some(CachedNarInfo {
+            text: row.text,
+            age: Duration::from_secs(unix_now().saturating_sub(row.fetched)),
+        })
+    }
+
+    /// Records a verified narinfo and where its NAR comes from (blocking: one durable commit).
+    pub fn put_narinfo(&self, partition: &str, hash: &str, text: &str, nar_key: &str, nar: NarSource) {
+        let row = NarInfoRow {
+            text: text.to_string(),
+            fetched: unix_now(),
+        };
+        let nar = NarRow {
+            upstream: nar.upstream,
+            source: nar.source,
+            expected: nar.expected,
+            blob: None,
+            last_access: unix_now(),
+        };
+        if let Err(e) = self
+            .0
+            .index
+            .put_narinfo(&index::narinfo_key(partition, hash), &row, nar_key, nar)
+        {
+            tracing::warn!(error = %e, "could not record a narinfo in the cache index");
+        }
+    }
+
+    pub fn nar(&self, key: &str) -> Option<NarRow> {
+        self.0
+            .index
+            .nar(key)
+            .inspect_err(|e| tracing::warn!(error = %e, "cache index read failed"))
+            .ok()?
+    }
+
+    /// Opens the stored file of a NAR row, if it is there and whole.
+    pub fn open_stored(&self, key: &str, row: &NarRow) -> Option<(File, u64)> {
+        let blob = row.blob.as_ref()?;
+        let file = File::open(self.blob_path(key)).ok()?;
+        let len = file.metadata().ok()?.len();
+        if len != blob.size {
+            return None;
+        }
+        self.0
+            .touched
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), unix_now());
+        Some((file, len))
+    }
+
+    /// Joins the fill in progress for `key` or starts one.
+    pub fn fill(&self, key: &str, expected: &Expected) -> Slot {
+        if let Some(fill) = self.0.fills.lock().unwrap().get(key) {
+            return Slot::Join(fill.reader());
+        }
+        let check = match ContentCheck::new(expected) {
+            Ok(check) => check,
+            Err(reason) => return Slot::Bypass(reason),
+        };
+        let needed = expected.file_len().unwrap_or(0);
+        if let Err(reason) = self.make_room(needed) {
+            return Slot::Bypass(reason);
+        }
+        let tmp = self
+            .0
+            .dir
+            .join("tmp")
+            .join(format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) => return Slot::Bypass(format!("cannot create a cache file: {e}")),
+        };
+        let mut fills = self.0.fills.lock().unwrap();
+        if let Some(fill) = fills.get(key) {
+            // Someone else started while we prepared.
+            let _ = std::fs::remove_file(&tmp);
+            return Slot::Join(fill.reader());
+        }
+        let fill = Fill::new(file);
+        fills.insert(key.to_string(), fill.clone());
+        let reader = fill.reader();
+        Slot::Lead(
+            FillWriter {
+                store: self.clone(),
+                key: key.to_string(),
+                fill,
+                tmp,
+                check: Some(check),
+                finished: false,
+            },
+            reader,
+        )
+    }
+
+    fn forget_fill(&self, key: &str, fill: &Arc<Fill>) {
+        let mut fills = self.0.fills.lock().unwrap();
+        if fills.get(key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            fills.remove(key);
+        }
+    }
+
+    fn count_failure(&self, _reason: &str) {
+        self.0.verify_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// fsync the file, rename it into place, fsync the directory, then record it.
+    fn commit_blob(&self, key: &str, tmp: &Path, file: File, blob: Blob) -> Result<(), String> {
+        file.sync_all().map_err(|e| format!("fsync: {e}"))?;
+        let dest = self.blob_path(key);
+        std::fs::rename(tmp, &dest).map_err(|e| format!("rename: {e}"))?;
+        if let Ok(dir) = File::open(self.0.dir.join("nars")) {
+            let _ = dir.sync_all();
+        }
+        let size = blob.size;
+        if let Err(e) = self.0.index.set_blob(key, Some(blob), unix_now()) {
+            let _ = std::fs::remove_file(&dest);
+            return Err(e);
+        }
+        self.0.total.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Evicts until a file of `incoming` bytes fits; an error means caching must be skipped.
+    fn make_room(&self, incoming: u64) -> Result<(), String> {
+        let limits = self.0.limits;
+        let fits = |store: &Store| {
+            let free = free_space(&store.0.dir);
+            store.0.total.load(Ordering::Relaxed) + incoming <= limits.max_size
+                && free.is_none_or(|f| f >= limits.min_free + incoming)
+        };
+        if fits(self) {
+            return Ok(());
+        }
+        self.enforce_limits(incoming);
+        if fits(self) {
+            return Ok(());
+        }
+        let mut last = self.0.last_space_warning.lock().unwrap();
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            tracing::warn!(
+                dir = %self.0.dir.display(),
+                free = ?free_space(&self.0.dir),
+                min_free = limits.min_free,
+                "not enough disk space: serving without caching until space is free"
+            );
+            *last = Some(Instant::now());
+        }
+        Err("not enough disk space for the cache".into())
+    }
+
+    /// Evicts least-recently-used files until the cache (plus `incoming` bytes) is under
+    /// max-cache-size and the disk has min-free-space. A file that is being read stays
+    /// readable: its reader holds it open, and unlinking does not take the bytes away.
+    pub fn enforce_limits(&self, incoming: u64) {
+        let limits = self.0.limits;
+        let over = |store: &Store| {
+            store.0.total.load(Ordering::Relaxed) + incoming > limits.max_size
+                || free_space(&store.0.dir).is_some_and(|f| f < limits.min_free + incoming)
+        };
+        if !over(self) {
+            return;
+        }
+        self.flush_access_times();
+        let mut rows = match self.0.index.stored_nars() {
+            Ok(rows) => rows,
+            Err(e) => return tracing::warn!(error = %e, "eviction could not read the index"),
+        };
+        rows.sort_by_key(|(_, row)| row.last_access);
+        let mut evicted = Vec::new();
+        for (key, row) in rows {
+            if !over(self) {
+                break;
+            }
+            if let Err(e) = self.0.index.clear_blobs(std::slice::from_ref(&key)) {
+                return tracing::warn!(error = %e, "eviction could not update the index");
+            }
+            let _ = std::fs::remove_file(self.blob_path(&key));
+            let size = row.blob.map_or(0, |b| b.size);
+            self.0.total.fetch_sub(size, Ordering::Relaxed);
+            self.0.evictions.fetch_add(1, Ordering::Relaxed);
+            evicted.push(key);
+        }
+        if !evicted.is_empty() {
+            tracing::info!(files = evicted.len(), "evicted least recently used NARs");
+        }
+    }
+
+    pub fn flush_access_times(&self) {
+        let touched: Vec<(String, u64)> = self.0.touched.lock().unwrap().drain().collect();
+        if let Err(e) = self.0.index.touch(&touched) {
+            tracing::debug!(error = %e, "could not record access times");
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let (narinfos, nars) = self.0.index.counts().unwrap_or_default();
+        let stored = self.0.index.stored_nars().unwrap_or_default();
+        Stats {
+            narinfos,
+            nars,
+            stored_files: stored.len() as u64,
+            stored_bytes: self.0.total.load(Ordering::Relaxed),
+            max_size: self.0.limits.max_size,
+            free_space: free_space(&self.0.dir).unwrap_or(0),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.0.total.load(Ordering::Relaxed)
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.0.evictions.load(Ordering::Relaxed)
+    }
+
+    pub fn verification_failures(&self) -> u64 {
+        self.0.verify_failures.load(Ordering::Relaxed)
+    }
+
+    /// Re-hashes every stored file and drops those that do not match the index.
+    pub fn verify(&self) -> Result<VerifyReport, String> {
+        let mut report = VerifyReport::default();
+        let mut bad = Vec::new();
+        for (key, row) in self.0.index.stored_nars()? {
+            report.checked += 1;
+            let blob = row.blob.as_ref().expect("stored rows have a blob");
+            let path = self.blob_path(&key);
+            match hash_file(&path) {
+                Ok((size, sha)) if size == blob.size && sha == blob.sha256 => {}
+                Ok(_) => {
+                    tracing::warn!(nar = %key, "stored file is corrupt; dropped");
+                    report.corrupt += 1;
+                    bad.push(key);
+                }
+                Err(_) => {
+                    report.missing += 1;
+                    bad.push(key);
+                }
+            }
+        }
+        self.0.index.clear_blobs(&bad)?;
+        for key in &bad {
+            let _ = std::fs::remove_file(self.blob_path(key));
+        }
+        let recovered = self.recover()?;
+        report.leftovers = recovered.leftovers;
+        Ok(report)
+    }
+}
+
+/// Where a narinfo's NAR comes from and what it must be.
+pub struct NarSource {
+    pub upstream: String,
+    pub source: String,
+    pub expected: Expected,
+}
+
+fn read_dir(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((size, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+}
+
+/// Free bytes for unprivileged users on the file system holding `dir`.
+pub fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `stat` a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+}

@@ -1,0 +1,350 @@
+//! One upstream cache as an HTTP client sees it: the token in the `Authorization` header,
+//! bounded retries with backoff (honouring `Retry-After` on 429), redirects followed without
+//! the token to any other host, one fresh token and one retry on 401, and the answers reduced
+//! to what the proxy needs: found, missing, or unavailable with a reason.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use url::Url;
+
+use crate::http::{read_limited, snippet, Client};
+use crate::identity::{Identity, IdentityError, Token};
+use crate::metrics::Metrics;
+
+/// Attempts for one request on 5xx, 429, timeouts and connection errors.
+const ATTEMPTS: u32 = 3;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// The most a request waits in total between attempts (Retry-After beyond it is not honoured).
+const RETRY_BUDGET: Duration = Duration::from_secs(10);
+/// Time until the upstream's response headers arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_REDIRECTS: usize = 5;
+
+pub enum Answer {
+    Found(Response<Incoming>),
+    /// 404, 410, or 403 (outside this identity's view).
+    Missing,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream `{upstream}` rejected this machine's identity `{identity}` (HTTP 401 after a fresh token){detail}")]
+    Rejected {
+        upstream: String,
+        identity: String,
+        detail: String,
+    },
+    #[error("upstream `{upstream}` answered 401 and no identity is configured for it")]
+    NeedsIdentity { upstream: String },
+    #[error("upstream `{upstream}`: {source}")]
+    Identity {
+        upstream: String,
+        source: IdentityError,
+    },
+    #[error("upstream `{upstream}` is unavailable: {detail}")]
+    Unavailable { upstream: String, detail: String },
+}
+
+#[derive(Default, Clone, serde::Serialize)]
+pub struct UpstreamHealth {
+    pub healthy: bool,
+    pub last_success: Option<u64>,
+    pub last_failure: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+pub struct Upstream {
+    pub name: String,
+    /// The cache URL, always ending in `/` so relative paths join below it.
+    base: Url,
+    identity: Option<Arc<Identity>>,
+    client: Client,
+    metrics: Arc<Metrics>,
+    health: Mutex<UpstreamHealth>,
+}
+
+impl Upstream {
+    pub fn new(
+        name: &str,
+        url: &Url,
+        identity: Option<Arc<Identity>>,
+        client: Client,
+        metrics: Arc<Metrics>,
+    ) -> Upstream {
+        let mut base = url.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        Upstream {
+            name: name.to_string(),
+            base,
+            identity,
+            client,
+            metrics,
+            health: Mutex::new(UpstreamHealth {
+                healthy: true,
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn identity_name(&self) -> Option<&str> {
+        self.identity.as_ref().map(|i| i.name())
+    }
+
+    /// `rel` (a cache path such as `nar/x.nar.xz` or an absolute URL) resolved against the cache URL.
+    pub fn resolve(&self, rel: &str) -> Option<Url> {
+        self.base.join(rel).ok()
+    }
+
+    pub fn health(&self) -> UpstreamHealth {
+        self.health.lock().unwrap().clone()
+    }
+
+    /// GET (or HEAD) `url`, with every rule of the module doc applied.
+    pub async fn fetch(&self, url: &Url, method: Method) -> Result<Answer, UpstreamError> {
+        let result = self.fetch_inner(url, method).await;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .ok();
+        let mut health = self.health.lock().unwrap();
+        match &result {
+            Ok(_) => {
+                health.healthy = true;
+                health.last_success = now;
+            }
+            Err(e) => {
+                health.healthy = false;
+                health.last_failure = now;
+                health.last_error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    async fn fetch_inner(&self, url: &Url, method: Method) -> Result<Answer, UpstreamError> {
+        let mut retried_auth = false;
+        let mut attempt = 0;
+        let mut waited = Duration::ZERO;
+        loop {
+            let token = match &self.identity {
+                Some(identity) => Some(identity.token().await.map_err(|source| {
+                    UpstreamError::Identity {
+                        upstream: self.name.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+            let started = Instant::now();
+            let result = self.send(url, &method, token.as_ref()).await;
+            self.metrics.observe_upstream(
+                &self.name,
+                result.as_ref().map(|r| r.status().as_u16()).unwrap_or(0),
+                started.elapsed(),
+            );
+            let retry_after = match result {
+                Ok(response) => match response.status() {
+                    s if s.is_success() => return Ok(Answer::Found(response)),
+                    StatusCode::NOT_FOUND | StatusCode::GONE | StatusCode::FORBIDDEN => {
+                        return Ok(Answer::Missing)
+                    }
+                    StatusCode::UNAUTHORIZED => {
+                        match (&self.identity, &token) {
+                            (Some(identity), Some(token)) if !retried_auth => {
+                                identity.invalidate(token.generation);
+                                retried_auth = true;
+                                continue;
+                            }
+                            (Some(identity), Some(token)) => {
+                                let body = read_limited(response.into_body(), 4096, Duration::from_secs(5))
+                                    .await
+                                    .map(|b| snippet(&b))
+                                    .unwrap_or_default();
+                                let body = token.secret.scrub(&body);
+                                return Err(UpstreamError::Rejected {
+                                    upstream: self.name.clone(),
+                                    identity: identity.name().to_string(),
+                                    detail: if body.is_empty() {
+                                        String::new()
+                                    } else {
+                                        format!(": {body}")
+                                    },
+                                });
+                            }
+                            _ => {
+                                return Err(UpstreamError::NeedsIdentity {
+                                    upstream: self.name.clone(),
+                                })
+                            }
+                        }
+                    }
+                    s if s == StatusCode::TOO_MANY_REQUESTS
+                        || s == StatusCode::REQUEST_TIMEOUT
+                        || s.is_server_error() =>
+                    {
+                        let detail = format!("HTTP {}", s.as_u16());
+                        (parse_retry_after(&response), detail)
+                    }
+                    s => {
+                        return Err(self.unavailable(format!("unexpected HTTP {}", s.as_u16())));
+                    }
+                },
+                Err(detail) => (None, detail),
+            };
+            let (retry_after, detail) = retry_after;
+            attempt += 1;
+            if attempt >= ATTEMPTS {
+                return Err(self.unavailable(format!("{detail} after {attempt} attempts")));
+            }
+            let backoff = FIRST_BACKOFF * 2u32.pow(attempt - 1);
+            let jitter = backoff.mul_f64(fastrand::f64() * 0.2);
+            let wait = retry_after.unwrap_or(backoff + jitter);
+            if waited + wait > RETRY_BUDGET {
+                return Err(self.unavailable(format!(
+                    "{detail}; asked to wait {}s, more than the retry budget",
+                    wait.as_secs()
+                )));
+            }
+            tracing::debug!(upstream = %self.name, %detail, ?wait, "retrying");
+            tokio::time::sleep(wait).await;
+            waited += wait;
+        }
+    }
+
+    fn unavailable(&self, detail: String) -> UpstreamError {
+        UpstreamError::Unavailable {
+            upstream: self.name.clone(),
+            detail,
+        }
+    }
+
+    /// One request, following redirects. The token goes only to the upstream's own origin.
+    async fn send(
+        &self,
+        url: &Url,
+        method: &Method,
+        token: Option<&Token>,
+    ) -> Result<Response<Incoming>, String> {
+        let mut url = url.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let same_origin = url.origin() == self.base.origin();
+            let mut request = Request::builder()
+                .method(method.clone())
+                .uri(url.as_str())
+                .header("user-agent", concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")));
+            if let (true, Some(token)) = (same_origin, token) {
+                request = request.header(
+                    "authorization",
+                    format!("Bearer {}", token.secret.expose()),
+                );
+            }
+            let request = request
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| format!("cannot build request: {e}"))?;
+            let response = match tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request)).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => return Err(format!("request to {} failed: {}", display_url(&url), error_chain(&e))),
+                Err(_) => {
+                    return Err(format!(
+                        "no answer from {} within {}s",
+                        display_url(&url),
+                        HEADER_TIMEOUT.as_secs()
+                    ))
+                }
+            };
+            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED {
+                return Ok(response);
+            }
+            let location = response
+                .headers()
+                .get("location")
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+                .ok_or_else(|| format!("redirect from {} without a usable Location", display_url(&url)))?;
+            if !matches!(location.scheme(), "http" | "https") {
+                return Err("redirect to a non-HTTP URL".into());
+            }
+            tracing::debug!(from = %display_url(&url), to = %display_url(&location), "following redirect");
+            url = location;
+        }
+        Err(format!("more than {MAX_REDIRECTS} redirects"))
+    }
+}
+
+/// A URL fit for logs and errors: no query (presigned URLs carry signatures there), no userinfo.
+pub fn display_url(url: &Url) -> String {
+    format!(
+        "{}://{}{}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        url.port().map(|p| format!(":{p}")).unwrap_or_default()
+    ) + url.path()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after<B>(response: &Response<B>) -> Option<Duration> {
+    let value = response.headers().get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate(value)?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+fn httpdate(value: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(value).ok().or_else(|| {
+        // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT"
+        let parts: Vec<&str> = value.split_whitespace().collect();
+        if parts.len() != 6 || parts[5] != "GMT" {
+            return None;
+        }
+        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+        let month = months.iter().position(|m| *m == parts[2])? + 1;
+        let text = format!("{}-{:02}-{:0>2}T{}Z", parts[3], month, parts[1], parts[4]);
+        humantime::parse_rfc3339(&text).ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_retry_after(v: &str) -> Response<()> {
+        Response::builder().header("retry-after", v).body(()).unwrap()
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(parse_retry_after(&with_retry_after("3")), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after(&with_retry_after("Sun, 06 Nov 1994 08:49:37 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after(&with_retry_after("soon")), None);
+        assert_eq!(parse_retry_after(&Response::new(())), None);
+    }
+
+    #[test]
+    fn display_url_drops_query_and_credentials() {
+        let url = Url::parse("https://user:pw@s3.example.com:8443/b/k?X-Amz-Signature=abc").unwrap();
+        assert_eq!(display_url(&url), "https://s3.example.com:8443/b/k");
+    }
+}
