@@ -1,0 +1,126 @@
+//! Real Nix (Debian's nix-bin, 2.8) as a fixture maker and as the client under test.
+//!
+//! `fixture()` builds a small closure with real references (`c` -> `b` -> `a`, and `c` -> `a`)
+//! plus an unrelated path, and writes a signed binary cache of them with `nix copy`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub struct Fixture {
+    /// The binary cache directory (`nix-cache-info`, `*.narinfo`, `nar/`).
+    pub cache: PathBuf,
+    pub public_key: String,
+    /// Full store paths of the closure of `top`, `top` included.
+    pub closure: Vec<String>,
+    pub top: String,
+    /// A path in the cache that the test views leave out.
+    pub outside: String,
+    _dir: tempfile::TempDir,
+}
+
+const NIX_CONFIG: &str = "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters =\n";
+
+pub fn nix(args: &[&str], home: &Path) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", home.join("xdg-cache"))
+        .env("HOME", home)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} (is nix-bin installed? .ci/run installs it): {e}", args[0]))
+}
+
+fn ok(output: Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The shared fixture (built once per test binary), with xz NARs.
+pub fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| build("xz", 20_000))
+}
+
+pub fn build(compression: &str, lines: u32) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let expr = format!(
+        r#"
+let
+  mk = name: deps: builtins.derivation {{
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "/usr/bin/seq 1 {lines} > $out; echo ${{name}} >> $out; ${{builtins.concatStringsSep "; " (map (d: "echo ${{d}} >> $out") deps)}}" ];
+  }};
+  a = mk "sidecar-test-a" [];
+  b = mk "sidecar-test-b" [ a ];
+  c = mk "sidecar-test-c" [ b a ];
+  outside = mk "sidecar-test-outside" [];
+in [ c outside ]
+"#
+    );
+    let expr_file = home.join("fixture.nix");
+    std::fs::write(&expr_file, expr).unwrap();
+    let built = ok(
+        nix(&["nix-build", "--no-out-link", expr_file.to_str().unwrap()], home),
+        "nix-build",
+    );
+    let mut outs = built.lines().map(str::to_string);
+    let (top, outside) = (outs.next().unwrap(), outs.next().unwrap());
+    let closure: Vec<String> = ok(nix(&["nix-store", "-qR", &top], home), "nix-store -qR")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(closure.len(), 3, "a, b and c");
+    let (sk, pk) = (home.join("sk"), home.join("pk"));
+    ok(
+        nix(
+            &["nix-store", "--generate-binary-cache-key", "sidecar-test-1", sk.to_str().unwrap(), pk.to_str().unwrap()],
+            home,
+        ),
+        "generate key",
+    );
+    let cache = home.join("cache");
+    let to = format!("file://{}?secret-key={}&compression={compression}", cache.display(), sk.display());
+    ok(nix(&["nix", "copy", "--to", &to, &top, &outside], home), "nix copy --to");
+    Fixture {
+        cache,
+        public_key: std::fs::read_to_string(pk).unwrap().trim().to_string(),
+        closure,
+        top,
+        outside,
+        _dir: dir,
+    }
+}
+
+/// `nix copy --from <cache_url>` of `paths` into a fresh store under `dir`.
+pub fn substitute(cache_url: &str, public_key: &str, paths: &[&str], dir: &Path) -> Output {
+    let store = dir.join("dst-store");
+    let mut args = vec![
+        "nix",
+        "copy",
+        "--store",
+        store.to_str().unwrap(),
+        "--from",
+        cache_url,
+        "--option",
+        "trusted-public-keys",
+        public_key,
+        "--option",
+        "connect-timeout",
+        "5",
+    ];
+    args.extend_from_slice(paths);
+    nix(&args, dir)
+}
+
+/// Whether `path` is now in the fresh store under `dir`.
+pub fn in_store(dir: &Path, path: &str) -> bool {
+    dir.join("dst-store").join(path.trim_start_matches('/')).exists()
+}

@@ -1,0 +1,121 @@
+//! Runs the real `nix-sidecar` binary on an ephemeral loopback port, logs captured to a file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Sidecar {
+    child: Option<Child>,
+    pub url: String,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+    config: String,
+    env: Vec<(String, String)>,
+}
+
+impl Sidecar {
+    /// Starts with `config` (TOML, without `listen` and `cache-dir`, which are added) in `dir`.
+    pub fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Sidecar {
+        let mut sidecar = Sidecar {
+            child: None,
+            url: String::new(),
+            log: dir.join("sidecar.log"),
+            dir: dir.to_path_buf(),
+            config: config.to_string(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        sidecar.spawn();
+        sidecar
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.join("cache")
+    }
+
+    fn spawn(&mut self) {
+        let config_path = self.dir.join("sidecar.toml");
+        let full = format!(
+            "listen = [\"127.0.0.1:0\"]\ncache-dir = \"{}\"\n{}",
+            self.cache_dir().display(),
+            self.config
+        );
+        std::fs::write(&config_path, full).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let start_len = log.metadata().unwrap().len();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nix-sidecar"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("NIX_SIDECAR_LOG", std::env::var("TEST_SIDECAR_LOG").unwrap_or("debug".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start nix-sidecar"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut text = String::new();
+            std::fs::File::open(&self.log).unwrap().read_to_string(&mut text).unwrap();
+            let fresh = &text[start_len as usize..];
+            if let Some(line) = fresh.lines().find(|l| l.contains("listening")) {
+                let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+                self.url = format!("http://{addr}");
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nix-sidecar exited ({status}) before listening:\n{fresh}");
+            }
+            assert!(Instant::now() < deadline, "nix-sidecar did not start:\n{fresh}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns how long the exit took.
+    pub fn stop(&mut self) -> Duration {
+        let started = Instant::now();
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        started.elapsed()
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs `nix-sidecar cache <action>` on this sidecar's cache (stop it first).
+    pub fn cache_command(&self, action: &str) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(["cache", action, "--cache-dir"])
+            .arg(self.cache_dir())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
