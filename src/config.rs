@@ -238,7 +238,10 @@ impl Config {
             let url = Url::parse(&up.url)
                 .map_err(|e| invalid(key("url"), format!("`{}` is not a URL: {e}", up.url)))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(invalid(key("url"), "must be an http:// or https:// URL with a host"));
+                return Err(invalid(
+                    key("url"),
+                    "must be an http:// or https:// URL with a host",
+                ));
             }
             if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
                 return Err(invalid(
@@ -247,20 +250,36 @@ impl Config {
                 ));
             }
             let name = up.name.unwrap_or_else(|| format!("upstream-{}", i + 1));
-            if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)) {
-                return Err(invalid(key("name"), "use letters, digits, '-', '_' and '.'"));
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+            {
+                return Err(invalid(
+                    key("name"),
+                    "use letters, digits, '-', '_' and '.'",
+                ));
             }
             if upstreams.iter().any(|u| u.name == name) {
-                return Err(invalid(key("name"), format!("`{name}` names two upstreams")));
+                return Err(invalid(
+                    key("name"),
+                    format!("`{name}` names two upstreams"),
+                ));
             }
             if let Some(id) = &up.identity {
                 if !identities.contains_key(id) {
-                    return Err(invalid(key("identity"), format!("no [identity.{id}] table")));
+                    return Err(invalid(
+                        key("identity"),
+                        format!("no [identity.{id}] table"),
+                    ));
                 }
             }
             if let Some(ca) = &up.ca_file {
                 if !ca.is_file() {
-                    return Err(invalid(key("ca-file"), format!("{} is not a readable file", ca.display())));
+                    return Err(invalid(
+                        key("ca-file"),
+                        format!("{} is not a readable file", ca.display()),
+                    ));
                 }
             }
             upstreams.push(UpstreamConfig {
@@ -273,13 +292,19 @@ impl Config {
 
         let size = |key: &str, value: Option<String>, default: u64| match value {
             Some(text) => parse_size(&text).ok_or_else(|| {
-                invalid(key, format!("`{text}` is not a size such as \"20GiB\" or \"500MB\""))
+                invalid(
+                    key,
+                    format!("`{text}` is not a size such as \"20GiB\" or \"500MB\""),
+                )
             }),
             None => Ok(default),
         };
         let duration = |key: &str, value: Option<String>, default: Duration| match value {
             Some(text) => parse_duration(&text).ok_or_else(|| {
-                invalid(key, format!("`{text}` is not a duration such as \"1h\" or \"30s\""))
+                invalid(
+                    key,
+                    format!("`{text}` is not a duration such as \"1h\" or \"30s\""),
+                )
             }),
             None => Ok(default),
         };
@@ -294,7 +319,9 @@ impl Config {
             narinfo_ttl: duration("narinfo-ttl", file.narinfo_ttl, Duration::from_secs(3600))?,
             negative_ttl: duration("negative-ttl", file.negative_ttl, Duration::from_secs(30))?,
             priority: file.priority.unwrap_or(30),
-            require_signatures: file.require_signatures.unwrap_or(!trusted_public_keys.is_empty()),
+            require_signatures: file
+                .require_signatures
+                .unwrap_or(!trusted_public_keys.is_empty()),
             trusted_public_keys,
             upstreams,
             identities,
@@ -309,19 +336,52 @@ impl Config {
             let quoted: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
             format!("[{}]", quoted.join(", "))
         };
-        let _ = writeln!(out, "listen = {}", list(self.listen.iter().map(|a| a.to_string()).collect()));
+        let _ = writeln!(
+            out,
+            "listen = {}",
+            list(self.listen.iter().map(|a| a.to_string()).collect())
+        );
         let _ = writeln!(out, "allow-remote = {}", self.allow_remote);
         let _ = writeln!(out, "allowed-uids = {:?}", self.allowed_uids);
-        let _ = writeln!(out, "cache-dir = {}", toml_str(&self.cache_dir.display().to_string()));
-        let _ = writeln!(out, "max-cache-size = \"{}\"", format_size(self.max_cache_size));
-        let _ = writeln!(out, "min-free-space = \"{}\"", format_size(self.min_free_space));
-        let _ = writeln!(out, "narinfo-ttl = \"{}\"", humantime::format_duration(self.narinfo_ttl));
-        let _ = writeln!(out, "negative-ttl = \"{}\"", humantime::format_duration(self.negative_ttl));
+        let _ = writeln!(
+            out,
+            "cache-dir = {}",
+            toml_str(&self.cache_dir.display().to_string())
+        );
+        let _ = writeln!(
+            out,
+            "max-cache-size = \"{}\"",
+            format_size(self.max_cache_size)
+        );
+        let _ = writeln!(
+            out,
+            "min-free-space = \"{}\"",
+            format_size(self.min_free_space)
+        );
+        let _ = writeln!(
+            out,
+            "narinfo-ttl = \"{}\"",
+            humantime::format_duration(self.narinfo_ttl)
+        );
+        let _ = writeln!(
+            out,
+            "negative-ttl = \"{}\"",
+            humantime::format_duration(self.negative_ttl)
+        );
         let _ = writeln!(out, "priority = {}", self.priority);
-        let _ = writeln!(out, "trusted-public-keys = {}", list(self.trusted_public_keys.clone()));
+        let _ = writeln!(
+            out,
+            "trusted-public-keys = {}",
+            list(self.trusted_public_keys.clone())
+        );
         let _ = writeln!(out, "require-signatures = {}", self.require_signatures);
         for up in &self.upstreams {
-            let _ = writeln!(out, "\n[[upstream]]\nname = {}\nurl = {}", toml_str(&up.name), toml_str(up.url.as_str()));
+            let _ = writeln!(
+                out,
+                "\n[[upstream]]\nname = {}\nurl = {}",
+                toml_str(&up.name),
+                toml_str(up.url.as_str())
+            );
             if let Some(id) = &up.identity {
                 let _ = writeln!(out, "identity = {}", toml_str(id));
             }
@@ -333,7 +393,11 @@ impl Config {
             let _ = writeln!(out, "\n[identity.{name}]");
             match &id.provider {
                 Provider::Static { variable } => {
-                    let _ = writeln!(out, "provider = \"static\"\nvariable = {}  # value not shown", toml_str(variable));
+                    let _ = writeln!(
+                        out,
+                        "provider = \"static\"\nvariable = {}  # value not shown",
+                        toml_str(variable)
+                    );
                 }
                 Provider::File { path, refresh } => {
                     let _ = writeln!(
@@ -348,7 +412,11 @@ impl Config {
                 let _ = writeln!(out, "audience = {}", toml_str(aud));
             }
             if let Some(ex) = &id.exchange {
-                let _ = writeln!(out, "\n[identity.{name}.exchange]\nurl = {}", toml_str(ex.url.as_str()));
+                let _ = writeln!(
+                    out,
+                    "\n[identity.{name}.exchange]\nurl = {}",
+                    toml_str(ex.url.as_str())
+                );
                 if let Some(aud) = &ex.audience {
                     let _ = writeln!(out, "audience = {}", toml_str(aud));
                 }
@@ -371,7 +439,10 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
     }
     let unused = |field: &str, set: bool| {
         if set {
-            Err(invalid(key(field), format!("is not used by provider `{}`", id.provider)))
+            Err(invalid(
+                key(field),
+                format!("is not used by provider `{}`", id.provider),
+            ))
         } else {
             Ok(())
         }
@@ -379,17 +450,24 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
     let refresh = match &id.refresh_interval {
         Some(text) => parse_duration(text)
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| invalid(key("refresh-interval"), format!("`{text}` is not a duration such as \"1m\"")))?,
+            .ok_or_else(|| {
+                invalid(
+                    key("refresh-interval"),
+                    format!("`{text}` is not a duration such as \"1m\""),
+                )
+            })?,
         None => Duration::from_secs(60),
     };
     let provider = match id.provider.as_str() {
         "static" => {
             unused("path", id.path.is_some())?;
             unused("refresh-interval", id.refresh_interval.is_some())?;
-            let variable = id
-                .variable
-                .clone()
-                .ok_or_else(|| invalid(key("variable"), "provider `static` needs the name of an environment variable"))?;
+            let variable = id.variable.clone().ok_or_else(|| {
+                invalid(
+                    key("variable"),
+                    "provider `static` needs the name of an environment variable",
+                )
+            })?;
             Provider::Static { variable }
         }
         "file" | "kubernetes" => {
@@ -397,7 +475,12 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
             let path = match (&id.path, id.provider.as_str()) {
                 (Some(path), _) => path.clone(),
                 (None, "kubernetes") => PathBuf::from(KUBERNETES_TOKEN_PATH),
-                (None, _) => return Err(invalid(key("path"), "provider `file` needs the path of a token file")),
+                (None, _) => {
+                    return Err(invalid(
+                        key("path"),
+                        "provider `file` needs the path of a token file",
+                    ))
+                }
             };
             Provider::File { path, refresh }
         }
@@ -410,8 +493,12 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
     };
     let exchange = match id.exchange {
         Some(ex) => {
-            let url = Url::parse(&ex.url)
-                .map_err(|e| invalid(key("exchange.url"), format!("`{}` is not a URL: {e}", ex.url)))?;
+            let url = Url::parse(&ex.url).map_err(|e| {
+                invalid(
+                    key("exchange.url"),
+                    format!("`{}` is not a URL: {e}", ex.url),
+                )
+            })?;
             Some(ExchangeConfig {
                 url,
                 audience: ex.audience,
@@ -469,7 +556,12 @@ pub fn parse_size(text: &str) -> Option<u64> {
 }
 
 pub fn format_size(bytes: u64) -> String {
-    for (unit, factor) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+    for (unit, factor) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
         if bytes >= factor && bytes % factor == 0 {
             return format!("{}{unit}", bytes / factor);
         }
@@ -528,9 +620,14 @@ scope = "cache:read"
 "#,
         )
         .unwrap();
-        assert!(c.require_signatures, "keys set: signatures required by default");
+        assert!(
+            c.require_signatures,
+            "keys set: signatures required by default"
+        );
         assert_eq!(c.upstreams[1].name, "upstream-2");
-        assert!(matches!(&c.identities["ci"].provider, Provider::File { path, .. } if path == Path::new(KUBERNETES_TOKEN_PATH)));
+        assert!(
+            matches!(&c.identities["ci"].provider, Provider::File { path, .. } if path == Path::new(KUBERNETES_TOKEN_PATH))
+        );
         let rendered = c.render();
         assert!(rendered.contains("max-cache-size = \"1GiB\""), "{rendered}");
         Config::parse_str(&rendered).expect("rendered config parses again");
@@ -544,11 +641,17 @@ scope = "cache:read"
         assert!(err("narinfo-ttl = \"soon\"").contains("narinfo-ttl"));
         assert!(err("trusted-public-keys = [\"x\"]").contains("trusted-public-keys"));
         assert!(err("[[upstream]]\nurl = \"ftp://x\"").contains("upstream[0].url"));
-        assert!(err("[[upstream]]\nurl = \"https://x\"\nidentity = \"nope\"").contains("upstream[0].identity"));
+        assert!(
+            err("[[upstream]]\nurl = \"https://x\"\nidentity = \"nope\"")
+                .contains("upstream[0].identity")
+        );
         assert!(err("[[upstream]]\nurl = \"https://x\"\nfoo = 1").contains("foo"));
         assert!(err("[identity.a]\nprovider = \"magic\"").contains("identity.a.provider"));
         assert!(err("[identity.a]\nprovider = \"static\"").contains("identity.a.variable"));
-        assert!(err("[identity.a]\nprovider = \"file\"\npath = \"/x\"\nvariable = \"V\"").contains("identity.a.variable"));
+        assert!(
+            err("[identity.a]\nprovider = \"file\"\npath = \"/x\"\nvariable = \"V\"")
+                .contains("identity.a.variable")
+        );
         assert!(err("[identity.a]\nprovider = \"file\"\npath = \"/x\"\nfoo = 1").contains("foo"));
     }
 

@@ -12,7 +12,11 @@ use nix_sidecar::proxy::Proxy;
 use nix_sidecar::store::{Limits, Store};
 
 #[derive(Parser)]
-#[command(name = "nix-sidecar", version, about = "A loopback Nix binary cache that pulls from access-controlled upstreams with this machine's workload identity")]
+#[command(
+    name = "nix-sidecar",
+    version,
+    about = "A loopback Nix binary cache that pulls from access-controlled upstreams with this machine's workload identity"
+)]
 struct Cli {
     /// Log format: human-readable text, or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -130,7 +134,8 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
-            let config = Config::load(config.as_deref(), &Overrides::default()).map_err(|e| e.to_string())?;
+            let config = Config::load(config.as_deref(), &Overrides::default())
+                .map_err(|e| e.to_string())?;
             print!("{}", config.render());
             Ok(ExitCode::SUCCESS)
         }
@@ -156,7 +161,9 @@ async fn run(command: Command) -> Result<ExitCode, String> {
 
 async fn serve(config: Config) -> Result<(), String> {
     if config.upstreams.is_empty() {
-        tracing::warn!("no upstream configured: every narinfo is a miss (use --upstream URL or a config file)");
+        tracing::warn!(
+            "no upstream configured: every narinfo is a miss (use --upstream URL or a config file)"
+        );
     }
     let listeners = nix_sidecar::server::bind(&config.listen).await?;
     let proxy = Arc::new(Proxy::new(&config)?);
@@ -179,8 +186,13 @@ async fn shutdown_signal() {
     }
 }
 
-async fn token(config: Option<PathBuf>, upstream: Option<String>, raw: bool) -> Result<ExitCode, String> {
-    let config = Config::load(config.as_deref(), &Overrides::default()).map_err(|e| e.to_string())?;
+async fn token(
+    config: Option<PathBuf>,
+    upstream: Option<String>,
+    raw: bool,
+) -> Result<ExitCode, String> {
+    let config =
+        Config::load(config.as_deref(), &Overrides::default()).map_err(|e| e.to_string())?;
     let up = match &upstream {
         Some(name) => config
             .upstreams
@@ -197,18 +209,30 @@ async fn token(config: Option<PathBuf>, upstream: Option<String>, raw: bool) -> 
         println!("upstream `{}` is anonymous: no token is sent", up.name);
         return Ok(ExitCode::SUCCESS);
     };
-    let identity = Identity::new(&config.identities[id_name], nix_sidecar::http::client(None)?);
+    let identity = Identity::new(
+        &config.identities[id_name],
+        nix_sidecar::http::client(None)?,
+    );
     let token = identity.token().await.map_err(|e| e.to_string())?;
     let c = &token.claims;
     println!("upstream: {}", up.name);
     println!("identity: {id_name}");
     println!("iss: {}", c.iss.as_deref().unwrap_or("-"));
     println!("sub: {}", c.sub.as_deref().unwrap_or("-"));
-    println!("aud: {}", if c.aud.is_empty() { "-".into() } else { c.aud.join(", ") });
+    println!(
+        "aud: {}",
+        if c.aud.is_empty() {
+            "-".into()
+        } else {
+            c.aud.join(", ")
+        }
+    );
     println!("exp: {}", c.exp.map_or("-".into(), |e| e.to_string()));
     println!(
         "seconds left: {}",
-        token.seconds_left().map_or("no expiry".into(), |s| s.to_string())
+        token
+            .seconds_left()
+            .map_or("no expiry".into(), |s| s.to_string())
     );
     println!("fingerprint: {}", token.secret.fingerprint());
     if raw {
@@ -230,21 +254,30 @@ fn cache(config: Config, action: CacheAction) -> Result<ExitCode, String> {
             println!("narinfos: {}", s.narinfos);
             println!("nar entries: {}", s.nars);
             println!("stored files: {}", s.stored_files);
-            println!("stored bytes: {} ({})", s.stored_bytes, config::format_size(s.stored_bytes));
+            println!(
+                "stored bytes: {} ({})",
+                s.stored_bytes,
+                config::format_size(s.stored_bytes)
+            );
             println!("max size: {}", config::format_size(s.max_size));
             println!("free space: {}", config::format_size(s.free_space));
             Ok(ExitCode::SUCCESS)
         }
         CacheAction::Gc { max_size } => {
             let max_size = match max_size {
-                Some(text) => config::parse_size(&text).ok_or_else(|| format!("--max-size: `{text}` is not a size"))?,
+                Some(text) => config::parse_size(&text)
+                    .ok_or_else(|| format!("--max-size: `{text}` is not a size"))?,
                 None => config.max_cache_size,
             };
             drop(store);
             let store = Store::open(&config.cache_dir, Limits { max_size, ..limits })?;
             let before = store.size();
             store.enforce_limits(0);
-            println!("evicted {} bytes; {} bytes stored", before - store.size(), store.size());
+            println!(
+                "evicted {} bytes; {} bytes stored",
+                before - store.size(),
+                store.size()
+            );
             Ok(ExitCode::SUCCESS)
         }
         CacheAction::Verify => {

@@ -7,7 +7,9 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -26,7 +28,10 @@ fn labels(pairs: &[(&str, &str)]) -> String {
     let inner: Vec<String> = pairs
         .iter()
         .map(|(k, v)| {
-            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
             format!("{k}=\"{v}\"")
         })
         .collect();
@@ -57,9 +62,21 @@ impl Metrics {
     }
 
     pub fn observe_upstream(&self, upstream: &str, status: u16, elapsed: Duration) {
-        let status = if status == 0 { "error".to_string() } else { status.to_string() };
-        self.inc("upstream_requests_total", &[("upstream", upstream), ("status", &status)], 1);
-        self.observe("upstream_request_seconds", &[("upstream", upstream)], elapsed);
+        let status = if status == 0 {
+            "error".to_string()
+        } else {
+            status.to_string()
+        };
+        self.inc(
+            "upstream_requests_total",
+            &[("upstream", upstream), ("status", &status)],
+            1,
+        );
+        self.observe(
+            "upstream_request_seconds",
+            &[("upstream", upstream)],
+            elapsed,
+        );
     }
 
     /// The exposition text; `gauges` are current values computed by the caller.
@@ -77,14 +94,25 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE nix_sidecar_{name} histogram");
             let sep = if labels.is_empty() { "" } else { "," };
             for (i, bound) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "nix_sidecar_{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}", h.buckets[i]);
+                let _ = writeln!(
+                    out,
+                    "nix_sidecar_{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                    h.buckets[i]
+                );
             }
-            let _ = writeln!(out, "nix_sidecar_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "nix_sidecar_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+                h.count
+            );
             let _ = writeln!(out, "nix_sidecar_{name}_sum{{{labels}}} {}", h.sum);
             let _ = writeln!(out, "nix_sidecar_{name}_count{{{labels}}} {}", h.count);
         }
         for (name, labels, value) in gauges {
-            let _ = writeln!(out, "# TYPE nix_sidecar_{name} gauge\nnix_sidecar_{name}{{{labels}}} {value}");
+            let _ = writeln!(
+                out,
+                "# TYPE nix_sidecar_{name} gauge\nnix_sidecar_{name}{{{labels}}} {value}"
+            );
         }
         out
     }
@@ -97,11 +125,17 @@ mod tests {
     #[test]
     fn renders_counters_histograms_and_gauges() {
         let m = Metrics::default();
-        m.inc("requests_total", &[("route", "narinfo"), ("status", "200")], 2);
+        m.inc(
+            "requests_total",
+            &[("route", "narinfo"), ("status", "200")],
+            2,
+        );
         m.observe_upstream("org", 200, Duration::from_millis(20));
         let text = m.render(&[("cache_size_bytes", "", 42.0)]);
         assert!(text.contains("nix_sidecar_requests_total{route=\"narinfo\",status=\"200\"} 2"));
-        assert!(text.contains("nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\",le=\"0.025\"} 1"));
+        assert!(text.contains(
+            "nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\",le=\"0.025\"} 1"
+        ));
         assert!(text.contains("nix_sidecar_upstream_request_seconds_count{upstream=\"org\"} 1"));
         assert!(text.contains("nix_sidecar_cache_size_bytes{} 42"));
     }

@@ -44,6 +44,8 @@ pub enum NarAnswer {
 }
 
 type NarInfoResult = Result<Option<String>, UpstreamError>;
+/// Narinfo lookups in flight, by (upstream index, hash): latecomers share the first one's result.
+type Flights = Mutex<HashMap<(usize, String), Arc<OnceCell<NarInfoResult>>>>;
 
 pub struct Proxy {
     pub upstreams: Vec<Arc<Upstream>>,
@@ -58,7 +60,7 @@ pub struct Proxy {
     narinfo_ttl: Duration,
     negative_ttl: Duration,
     misses: Mutex<HashMap<(usize, String), Instant>>,
-    flights: Mutex<HashMap<(usize, String), Arc<OnceCell<NarInfoResult>>>>,
+    flights: Flights,
 }
 
 impl Proxy {
@@ -74,7 +76,8 @@ impl Proxy {
         let mut partitions = Vec::new();
         for up in &config.upstreams {
             let client = match &up.ca_file {
-                Some(ca) => crate::http::client(Some(ca)).map_err(|e| format!("upstream `{}`: {e}", up.name))?,
+                Some(ca) => crate::http::client(Some(ca))
+                    .map_err(|e| format!("upstream `{}`: {e}", up.name))?,
                 None => default_client.clone(),
             };
             let identity = up
@@ -87,7 +90,13 @@ impl Proxy {
                 up.url,
                 up.identity.as_deref().unwrap_or("-")
             ));
-            upstreams.push(Arc::new(Upstream::new(&up.name, &up.url, identity, client, metrics.clone())));
+            upstreams.push(Arc::new(Upstream::new(
+                &up.name,
+                &up.url,
+                identity,
+                client,
+                metrics.clone(),
+            )));
         }
         let store = Store::open(
             &config.cache_dir,
@@ -125,13 +134,15 @@ impl Proxy {
         for (i, up) in self.upstreams.iter().enumerate() {
             let cached = self.store.narinfo(&self.partitions[i], hash);
             if let Some(c) = cached.as_ref().filter(|c| c.age < self.narinfo_ttl) {
-                self.metrics.inc("cache_hits_total", &[("kind", "narinfo")], 1);
+                self.metrics
+                    .inc("cache_hits_total", &[("kind", "narinfo")], 1);
                 return NarInfoAnswer::Found(c.text.clone());
             }
             if self.recent_miss(i, hash) {
                 continue;
             }
-            self.metrics.inc("cache_misses_total", &[("kind", "narinfo")], 1);
+            self.metrics
+                .inc("cache_misses_total", &[("kind", "narinfo")], 1);
             match self.fetch_narinfo_once(i, hash).await {
                 Ok(Some(text)) => return NarInfoAnswer::Found(text),
                 Ok(None) => {
@@ -173,8 +184,17 @@ impl Proxy {
     /// One upstream lookup per (upstream, hash) however many clients ask at once.
     async fn fetch_narinfo_once(&self, i: usize, hash: &str) -> NarInfoResult {
         let key = (i, hash.to_string());
-        let cell = self.flights.lock().unwrap().entry(key.clone()).or_default().clone();
-        let result = cell.get_or_init(|| self.fetch_narinfo(i, hash)).await.clone();
+        let cell = self
+            .flights
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let result = cell
+            .get_or_init(|| self.fetch_narinfo(i, hash))
+            .await
+            .clone();
         let mut flights = self.flights.lock().unwrap();
         if flights.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             flights.remove(&key);
@@ -195,12 +215,20 @@ impl Proxy {
             Answer::Found(response) => response,
             Answer::Missing => return Ok(None),
         };
-        let body = crate::http::read_limited(response.into_body(), MAX_NARINFO_BYTES, Duration::from_secs(30))
-            .await
-            .map_err(|e| bad(format!("narinfo {hash}: {e}")))?;
-        let info = NarInfo::parse(&body).map_err(|e| bad(format!("narinfo {hash} is malformed: {e}")))?;
+        let body = crate::http::read_limited(
+            response.into_body(),
+            MAX_NARINFO_BYTES,
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|e| bad(format!("narinfo {hash}: {e}")))?;
+        let info =
+            NarInfo::parse(&body).map_err(|e| bad(format!("narinfo {hash} is malformed: {e}")))?;
         if info.hash_part() != hash {
-            return Err(bad(format!("asked for narinfo {hash}, got one for {}", info.store_path)));
+            return Err(bad(format!(
+                "asked for narinfo {hash}, got one for {}",
+                info.store_path
+            )));
         }
         if self.require_signatures && !self.keys.verify(&info) {
             tracing::warn!(
@@ -208,10 +236,12 @@ impl Proxy {
                 store_path = %info.store_path,
                 "narinfo has no valid signature by a trusted key; treating it as a miss"
             );
-            self.metrics.inc("signature_failures_total", &[("upstream", &up.name)], 1);
+            self.metrics
+                .inc("signature_failures_total", &[("upstream", &up.name)], 1);
             return Ok(None);
         }
-        let text = String::from_utf8(body.to_vec()).map_err(|_| bad("narinfo is not UTF-8".into()))?;
+        let text =
+            String::from_utf8(body.to_vec()).map_err(|_| bad("narinfo is not UTF-8".into()))?;
         let (nar_key, source) = self
             .nar_location(up, &info.url)
             .ok_or_else(|| bad(format!("narinfo {hash} has an unusable URL")))?;
@@ -221,7 +251,8 @@ impl Proxy {
             narinfo::replace_url(&text, &nar_key)
         };
         let store = self.store.clone();
-        let (partition, hash_owned, text_owned) = (self.partitions[i].clone(), hash.to_string(), text.clone());
+        let (partition, hash_owned, text_owned) =
+            (self.partitions[i].clone(), hash.to_string(), text.clone());
         let nar = NarSource {
             upstream: up.name.clone(),
             source: source.to_string(),
@@ -251,7 +282,10 @@ impl Proxy {
         let digest = Sha256::digest(absolute.as_str().as_bytes());
         let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         let last = absolute.path_segments()?.next_back().unwrap_or("");
-        let ext = last.find(".nar").map(|i| &last[i..]).filter(|e| request::is_file_name(e));
+        let ext = last
+            .find(".nar")
+            .map(|i| &last[i..])
+            .filter(|e| request::is_file_name(e));
         Some((format!("nar/{name}{}", ext.unwrap_or(".nar")), absolute))
     }
 
@@ -267,15 +301,22 @@ impl Proxy {
         };
         if let Some((file, size)) = self.store.open_stored(key, row) {
             self.metrics.inc("cache_hits_total", &[("kind", "nar")], 1);
-            return NarAnswer::Found(if head { Content::Head(Some(size)) } else { Content::File(file, size) });
+            return NarAnswer::Found(if head {
+                Content::Head(Some(size))
+            } else {
+                Content::File(file, size)
+            });
         }
-        self.metrics.inc("cache_misses_total", &[("kind", "nar")], 1);
+        self.metrics
+            .inc("cache_misses_total", &[("kind", "nar")], 1);
         let Ok(source) = url::Url::parse(&row.source) else {
             return NarAnswer::Unavailable(format!("index holds a bad URL for {key}"));
         };
         if head {
             return match up.fetch(&source, Method::HEAD).await {
-                Ok(Answer::Found(r)) => NarAnswer::Found(Content::Head(content_length(&r).or(row.expected.file_len()))),
+                Ok(Answer::Found(r)) => NarAnswer::Found(Content::Head(
+                    content_length(&r).or(row.expected.file_len()),
+                )),
                 Ok(Answer::Missing) => NarAnswer::Missing,
                 Err(e) => NarAnswer::Unavailable(e.to_string()),
             };
@@ -290,7 +331,7 @@ impl Proxy {
                     match fetch.await {
                         Ok(Some(response)) => {
                             writer.start(content_length(&response));
-                            match copy_body(response.into_body(), &mut writer).await {
+                            match copy_body(response.into_body(), &mut *writer).await {
                                 Ok(n) => {
                                     metrics.inc("bytes_fetched_total", &[], n);
                                     writer.finish().await
@@ -316,7 +357,9 @@ impl Proxy {
         let progress = reader.started().await;
         match progress.state {
             FillState::Missing => NarAnswer::Missing,
-            FillState::Failed(reason) if progress.written == 0 => NarAnswer::Unavailable(reason.to_string()),
+            FillState::Failed(reason) if progress.written == 0 => {
+                NarAnswer::Unavailable(reason.to_string())
+            }
             _ => NarAnswer::Found(Content::Stream(
                 row.expected.file_len().or(progress.length),
                 reader.stream(),
@@ -333,7 +376,9 @@ impl Proxy {
             let Some(url) = up.resolve(key) else { continue };
             if method == Method::HEAD {
                 match up.fetch(&url, Method::HEAD).await {
-                    Ok(Answer::Found(r)) => return NarAnswer::Found(Content::Head(content_length(&r))),
+                    Ok(Answer::Found(r)) => {
+                        return NarAnswer::Found(Content::Head(content_length(&r)))
+                    }
                     Ok(Answer::Missing) => continue,
                     Err(e) => failures.push(e.to_string()),
                 }
@@ -352,13 +397,20 @@ impl Proxy {
         }
     }
 
-    async fn pass_through(&self, up: &Upstream, url: &url::Url, expected: Option<&Expected>) -> NarAnswer {
+    async fn pass_through(
+        &self,
+        up: &Upstream,
+        url: &url::Url,
+        expected: Option<&Expected>,
+    ) -> NarAnswer {
         let response = match up.fetch(url, Method::GET).await {
             Ok(Answer::Found(response)) => response,
             Ok(Answer::Missing) => return NarAnswer::Missing,
             Err(e) => return NarAnswer::Unavailable(e.to_string()),
         };
-        let length = expected.and_then(Expected::file_len).or(content_length(&response));
+        let length = expected
+            .and_then(Expected::file_len)
+            .or(content_length(&response));
         let (mut sink, stream) = PassThrough::new(expected);
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
@@ -391,11 +443,13 @@ impl Proxy {
             NarAnswer::Unavailable(failures.join("\n"))
         }
     }
-
 }
 
 /// The upstream request of a fill, on its own so it can outlive the request that started it.
-async fn fetch_for_fill(up: Arc<Upstream>, source: url::Url) -> Result<Option<http::Response<Incoming>>, String> {
+async fn fetch_for_fill(
+    up: Arc<Upstream>,
+    source: url::Url,
+) -> Result<Option<http::Response<Incoming>>, String> {
     match up.fetch(&source, Method::GET).await {
         Ok(Answer::Found(response)) => Ok(Some(response)),
         Ok(Answer::Missing) => Ok(None),
@@ -418,7 +472,12 @@ async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64,
     let mut copied = 0u64;
     loop {
         match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
-            Err(_) => return Err(format!("upstream stalled for {}s", BODY_IDLE_TIMEOUT.as_secs())),
+            Err(_) => {
+                return Err(format!(
+                    "upstream stalled for {}s",
+                    BODY_IDLE_TIMEOUT.as_secs()
+                ))
+            }
             Ok(None) => return Ok(copied),
             Ok(Some(Err(e))) => return Err(format!("upstream body failed: {e}")),
             Ok(Some(Ok(frame))) => {

@@ -134,12 +134,17 @@ impl Upstream {
         let mut waited = Duration::ZERO;
         loop {
             let token = match &self.identity {
-                Some(identity) => Some(identity.token().await.map_err(|source| {
-                    UpstreamError::Identity {
-                        upstream: self.name.clone(),
-                        source,
-                    }
-                })?),
+                Some(identity) => {
+                    Some(
+                        identity
+                            .token()
+                            .await
+                            .map_err(|source| UpstreamError::Identity {
+                                upstream: self.name.clone(),
+                                source,
+                            })?,
+                    )
+                }
                 None => None,
             };
             let started = Instant::now();
@@ -155,36 +160,35 @@ impl Upstream {
                     StatusCode::NOT_FOUND | StatusCode::GONE | StatusCode::FORBIDDEN => {
                         return Ok(Answer::Missing)
                     }
-                    StatusCode::UNAUTHORIZED => {
-                        match (&self.identity, &token) {
-                            (Some(identity), Some(token)) if !retried_auth => {
-                                identity.invalidate(token.generation);
-                                retried_auth = true;
-                                continue;
-                            }
-                            (Some(identity), Some(token)) => {
-                                let body = read_limited(response.into_body(), 4096, Duration::from_secs(5))
+                    StatusCode::UNAUTHORIZED => match (&self.identity, &token) {
+                        (Some(identity), Some(token)) if !retried_auth => {
+                            identity.invalidate(token.generation);
+                            retried_auth = true;
+                            continue;
+                        }
+                        (Some(identity), Some(token)) => {
+                            let body =
+                                read_limited(response.into_body(), 4096, Duration::from_secs(5))
                                     .await
                                     .map(|b| snippet(&b))
                                     .unwrap_or_default();
-                                let body = token.secret.scrub(&body);
-                                return Err(UpstreamError::Rejected {
-                                    upstream: self.name.clone(),
-                                    identity: identity.name().to_string(),
-                                    detail: if body.is_empty() {
-                                        String::new()
-                                    } else {
-                                        format!(": {body}")
-                                    },
-                                });
-                            }
-                            _ => {
-                                return Err(UpstreamError::NeedsIdentity {
-                                    upstream: self.name.clone(),
-                                })
-                            }
+                            let body = token.secret.scrub(&body);
+                            return Err(UpstreamError::Rejected {
+                                upstream: self.name.clone(),
+                                identity: identity.name().to_string(),
+                                detail: if body.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {body}")
+                                },
+                            });
                         }
-                    }
+                        _ => {
+                            return Err(UpstreamError::NeedsIdentity {
+                                upstream: self.name.clone(),
+                            })
+                        }
+                    },
                     s if s == StatusCode::TOO_MANY_REQUESTS
                         || s == StatusCode::REQUEST_TIMEOUT
                         || s.is_server_error() =>
@@ -238,28 +242,37 @@ impl Upstream {
             let mut request = Request::builder()
                 .method(method.clone())
                 .uri(url.as_str())
-                .header("user-agent", concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")));
-            if let (true, Some(token)) = (same_origin, token) {
-                request = request.header(
-                    "authorization",
-                    format!("Bearer {}", token.secret.expose()),
+                .header(
+                    "user-agent",
+                    concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
                 );
+            if let (true, Some(token)) = (same_origin, token) {
+                request =
+                    request.header("authorization", format!("Bearer {}", token.secret.expose()));
             }
             let request = request
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| format!("cannot build request: {e}"))?;
-            let response = match tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => return Err(format!("request to {} failed: {}", display_url(&url), error_chain(&e))),
-                Err(_) => {
-                    return Err(format!(
-                        "no answer from {} within {}s",
-                        display_url(&url),
-                        HEADER_TIMEOUT.as_secs()
-                    ))
-                }
-            };
-            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED {
+            let response =
+                match tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request)).await {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(e)) => {
+                        return Err(format!(
+                            "request to {} failed: {}",
+                            display_url(&url),
+                            error_chain(&e)
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(format!(
+                            "no answer from {} within {}s",
+                            display_url(&url),
+                            HEADER_TIMEOUT.as_secs()
+                        ))
+                    }
+                };
+            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
+            {
                 return Ok(response);
             }
             let location = response
@@ -267,7 +280,12 @@ impl Upstream {
                 .get("location")
                 .and_then(|l| l.to_str().ok())
                 .and_then(|l| url.join(l).ok())
-                .ok_or_else(|| format!("redirect from {} without a usable Location", display_url(&url)))?;
+                .ok_or_else(|| {
+                    format!(
+                        "redirect from {} without a usable Location",
+                        display_url(&url)
+                    )
+                })?;
             if !matches!(location.scheme(), "http" | "https") {
                 return Err("redirect to a non-HTTP URL".into());
             }
@@ -306,7 +324,10 @@ pub fn parse_retry_after<B>(response: &Response<B>) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate(value)?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 fn httpdate(value: &str) -> Option<SystemTime> {
@@ -316,7 +337,9 @@ fn httpdate(value: &str) -> Option<SystemTime> {
         if parts.len() != 6 || parts[5] != "GMT" {
             return None;
         }
-        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
         let month = months.iter().position(|m| *m == parts[2])? + 1;
         let text = format!("{}-{:02}-{:0>2}T{}Z", parts[3], month, parts[1], parts[4]);
         humantime::parse_rfc3339(&text).ok()
@@ -328,12 +351,18 @@ mod tests {
     use super::*;
 
     fn with_retry_after(v: &str) -> Response<()> {
-        Response::builder().header("retry-after", v).body(()).unwrap()
+        Response::builder()
+            .header("retry-after", v)
+            .body(())
+            .unwrap()
     }
 
     #[test]
     fn retry_after_seconds_and_dates() {
-        assert_eq!(parse_retry_after(&with_retry_after("3")), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after(&with_retry_after("3")),
+            Some(Duration::from_secs(3))
+        );
         assert_eq!(
             parse_retry_after(&with_retry_after("Sun, 06 Nov 1994 08:49:37 GMT")),
             Some(Duration::ZERO)
@@ -344,7 +373,8 @@ mod tests {
 
     #[test]
     fn display_url_drops_query_and_credentials() {
-        let url = Url::parse("https://user:pw@s3.example.com:8443/b/k?X-Amz-Signature=abc").unwrap();
+        let url =
+            Url::parse("https://user:pw@s3.example.com:8443/b/k?X-Amz-Signature=abc").unwrap();
         assert_eq!(display_url(&url), "https://s3.example.com:8443/b/k");
     }
 }

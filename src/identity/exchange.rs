@@ -39,7 +39,10 @@ impl Exchange {
     pub async fn exchange(&self, subject: &Secret, subject_type: &str) -> Result<RawToken, String> {
         let body = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
-            form.append_pair("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange")
+            form.append_pair(
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            )
             .append_pair("subject_token", subject.expose())
             .append_pair("subject_token_type", subject_type);
             if let Some(aud) = &self.config.audience {
@@ -58,7 +61,12 @@ impl Exchange {
         let url = self.config.url.as_str();
         let response = tokio::time::timeout(TIMEOUT, self.client.request(request))
             .await
-            .map_err(|_| format!("token exchange at {url} did not answer within {}s", TIMEOUT.as_secs()))?
+            .map_err(|_| {
+                format!(
+                    "token exchange at {url} did not answer within {}s",
+                    TIMEOUT.as_secs()
+                )
+            })?
             .map_err(|e| format!("token exchange at {url} failed: {e}"))?;
         let status = response.status();
         let body = read_limited(response.into_body(), 256 * 1024, TIMEOUT)
@@ -69,12 +77,16 @@ impl Exchange {
                 Ok(e) => format!("{}: {}", e.error, e.error_description.unwrap_or_default()),
                 Err(_) => snippet(&body),
             };
-            return Err(subject.scrub(&format!("token exchange at {url} refused ({status}): {detail}")));
+            return Err(subject.scrub(&format!(
+                "token exchange at {url} refused ({status}): {detail}"
+            )));
         }
         let answer: Answer = serde_json::from_slice(&body)
             .map_err(|_| format!("token exchange at {url} answered without an access_token"))?;
         if answer.access_token.is_empty() {
-            return Err(format!("token exchange at {url} answered an empty access_token"));
+            return Err(format!(
+                "token exchange at {url} answered an empty access_token"
+            ));
         }
         Ok(RawToken {
             expires_in: answer.expires_in.map(Duration::from_secs),

@@ -37,7 +37,8 @@ pub fn claims(token: &str) -> Result<Claims, String> {
         .filter(|v| v.is_object())
         .ok_or("not a JWT (header is not a JSON object)")?;
     let payload = decode(parts[1], "payload")?;
-    serde_json::from_slice(&payload).map_err(|_| "not a JWT (payload is not a JSON claims object)".into())
+    serde_json::from_slice(&payload)
+        .map_err(|_| "not a JWT (payload is not a JSON claims object)".into())
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -60,12 +61,19 @@ mod tests {
 
     fn jwt(payload: &str) -> String {
         let e = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        format!("{}.{}.c2ln", e.encode(r#"{"alg":"RS256"}"#), e.encode(payload))
+        format!(
+            "{}.{}.c2ln",
+            e.encode(r#"{"alg":"RS256"}"#),
+            e.encode(payload)
+        )
     }
 
     #[test]
     fn reads_claims_with_string_or_array_audience() {
-        let c = claims(&jwt(r#"{"iss":"i","sub":"s","aud":"a","exp":10,"iat":5,"x":1}"#)).unwrap();
+        let c = claims(&jwt(
+            r#"{"iss":"i","sub":"s","aud":"a","exp":10,"iat":5,"x":1}"#,
+        ))
+        .unwrap();
         assert_eq!(c.aud, vec!["a"]);
         assert_eq!((c.exp, c.iat), (Some(10), Some(5)));
         let c = claims(&jwt(r#"{"aud":["a","b"]}"#)).unwrap();
@@ -74,7 +82,15 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_jwt() {
-        for bad in ["", "abc", "a.b", "a.b.c.d", "!!.!!.x", &jwt("[1]"), &jwt("not json")] {
+        for bad in [
+            "",
+            "abc",
+            "a.b",
+            "a.b.c.d",
+            "!!.!!.x",
+            &jwt("[1]"),
+            &jwt("not json"),
+        ] {
             assert!(claims(bad).is_err(), "{bad}");
         }
     }

@@ -118,10 +118,7 @@ impl Identity {
         Identity {
             name: config.name.clone(),
             source: Source::new(&config.provider),
-            exchange: config
-                .exchange
-                .clone()
-                .map(|ex| Exchange::new(ex, client)),
+            exchange: config.exchange.clone().map(|ex| Exchange::new(ex, client)),
             state: Mutex::new(State::default()),
             refreshing: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
@@ -169,7 +166,11 @@ impl Identity {
     /// has already replaced it.
     pub fn invalidate(&self, generation: u64) {
         let mut state = self.state.lock().unwrap();
-        if state.current.as_ref().is_some_and(|t| t.generation == generation) {
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|t| t.generation == generation)
+        {
             tracing::info!(identity = %self.name, "upstream rejected the token; fetching a new one");
             state.current = None;
             state.retry_at = None;
@@ -209,7 +210,9 @@ impl Identity {
         let raw = self.source.fetch().await?;
         match &self.exchange {
             Some(exchange) => {
-                let mut exchanged = exchange.exchange(&raw.secret, exchange::JWT_TOKEN_TYPE).await?;
+                let mut exchanged = exchange
+                    .exchange(&raw.secret, exchange::JWT_TOKEN_TYPE)
+                    .await?;
                 exchanged.reread_after = raw.reread_after;
                 Ok(exchanged)
             }
@@ -266,7 +269,11 @@ impl Identity {
         tracing::warn!(identity = %self.name, reason, retry_in = ?delay, "token refresh failed");
     }
 
-    fn last_good_or_error(&self, now: Instant, reason: Option<String>) -> Result<Token, IdentityError> {
+    fn last_good_or_error(
+        &self,
+        now: Instant,
+        reason: Option<String>,
+    ) -> Result<Token, IdentityError> {
         let state = self.state.lock().unwrap();
         if let Some(token) = state.current.as_ref().filter(|t| t.is_valid(now)) {
             return Ok(token.clone());
@@ -303,7 +310,9 @@ fn jwt_lifetime(claims: &jwt::Claims, now: i64) -> Option<Duration> {
 /// When to refresh a token that lives `lifetime`: at 80 %, at least 60 s before the end, never
 /// later than half-way for very short tokens, less a little jitter so a fleet spreads out.
 fn refresh_delay(lifetime: Duration) -> Duration {
-    let ahead = (lifetime / 5).max(Duration::from_secs(60)).min(lifetime / 2);
+    let ahead = (lifetime / 5)
+        .max(Duration::from_secs(60))
+        .min(lifetime / 2);
     let delay = lifetime - ahead;
     let jitter = delay.mul_f64(fastrand::f64() * 0.05);
     delay - jitter
@@ -316,7 +325,10 @@ mod tests {
     #[test]
     fn refresh_happens_at_80_percent_or_a_minute_early() {
         let d = refresh_delay(Duration::from_secs(3600));
-        assert!(d <= Duration::from_secs(2880) && d >= Duration::from_secs(2736), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(2880) && d >= Duration::from_secs(2736),
+            "{d:?}"
+        );
         let d = refresh_delay(Duration::from_secs(300));
         assert!(d <= Duration::from_secs(240), "{d:?}");
         let d = refresh_delay(Duration::from_secs(100));
@@ -331,10 +343,19 @@ mod tests {
             ..Default::default()
         };
         // Our clock runs 1000 s behind the issuer: exp - iat still says 300 s.
-        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 9_000), Some(Duration::from_secs(300)));
+        assert_eq!(
+            jwt_lifetime(&c(10_300, Some(10_000)), 9_000),
+            Some(Duration::from_secs(300))
+        );
         // Read 200 s after issue: 100 s are left.
-        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 10_200), Some(Duration::from_secs(100)));
-        assert_eq!(jwt_lifetime(&c(10_300, None), 10_000), Some(Duration::from_secs(300)));
+        assert_eq!(
+            jwt_lifetime(&c(10_300, Some(10_000)), 10_200),
+            Some(Duration::from_secs(100))
+        );
+        assert_eq!(
+            jwt_lifetime(&c(10_300, None), 10_000),
+            Some(Duration::from_secs(300))
+        );
         assert_eq!(jwt_lifetime(&jwt::Claims::default(), 0), None);
     }
 }

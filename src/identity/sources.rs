@@ -65,7 +65,9 @@ async fn read_token_file(path: &Path) -> Result<Secret, String> {
         .await
         .map_err(|e| format!("cannot read token file {shown}: {e}"))?;
     if text.len() as u64 > MAX_TOKEN_FILE {
-        return Err(format!("token file {shown} is larger than {MAX_TOKEN_FILE} bytes"));
+        return Err(format!(
+            "token file {shown} is larger than {MAX_TOKEN_FILE} bytes"
+        ));
     }
     let token = text.trim();
     if token.is_empty() {
@@ -74,7 +76,9 @@ async fn read_token_file(path: &Path) -> Result<Secret, String> {
     let claims = jwt::claims(token).map_err(|e| format!("token file {shown}: {e}"))?;
     if let Some(exp) = claims.exp {
         if exp <= super::unix_now() {
-            return Err(format!("token file {shown} holds a token that expired at {exp} (unix time)"));
+            return Err(format!(
+                "token file {shown} holds a token that expired at {exp} (unix time)"
+            ));
         }
     }
     Ok(Secret::new(token))

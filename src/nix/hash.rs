@@ -59,7 +59,8 @@ mod tests {
 
     #[test]
     fn three_spellings_parse_to_the_same_hash() {
-        let nix = Sha256::parse("sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73").unwrap();
+        let nix =
+            Sha256::parse("sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73").unwrap();
         let hex = Sha256::parse(&format!("sha256:{HEX}")).unwrap();
         let sri = Sha256::parse("sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=").unwrap();
         assert_eq!(nix, hex);
@@ -73,7 +74,14 @@ mod tests {
 
     #[test]
     fn rejects_other_algorithms_and_lengths() {
-        for bad in ["md5:abc", "sha256:", "sha256:zz", "sha256-AAAA", "sha512:00", HEX] {
+        for bad in [
+            "md5:abc",
+            "sha256:",
+            "sha256:zz",
+            "sha256-AAAA",
+            "sha512:00",
+            HEX,
+        ] {
             assert!(Sha256::parse(bad).is_none(), "{bad}");
         }
     }

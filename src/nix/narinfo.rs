@@ -63,8 +63,10 @@ impl NarInfo {
         }
         let get = |key: &'static str| fields.get(key).copied();
         let need = |key: &'static str| get(key).ok_or(NarInfoError::Missing(key));
-        let size = |key: &'static str, v: &str| v.parse::<u64>().map_err(|_| NarInfoError::Malformed(key));
-        let hash = |key: &'static str, v: &str| Sha256::parse(v).ok_or(NarInfoError::Malformed(key));
+        let size =
+            |key: &'static str, v: &str| v.parse::<u64>().map_err(|_| NarInfoError::Malformed(key));
+        let hash =
+            |key: &'static str, v: &str| Sha256::parse(v).ok_or(NarInfoError::Malformed(key));
 
         let store_path = need("StorePath")?;
         if !is_store_path(store_path) {
@@ -222,7 +224,8 @@ impl TrustedKeys {
             let Ok(signature) = Signature::from_slice(&bytes) else {
                 return false;
             };
-            key.verify_strict(fingerprint.as_bytes(), &signature).is_ok()
+            key.verify_strict(fingerprint.as_bytes(), &signature)
+                .is_ok()
         })
     }
 }
@@ -300,7 +303,8 @@ NarHash: sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
     #[test]
     fn signatures_verify_only_with_a_trusted_key_over_the_exact_fingerprint() {
         let signing = SigningKey::from_bytes(&[7u8; 32]);
-        let public = base64::engine::general_purpose::STANDARD.encode(signing.verifying_key().as_bytes());
+        let public =
+            base64::engine::general_purpose::STANDARD.encode(signing.verifying_key().as_bytes());
         let info = NarInfo::parse(SAMPLE.as_bytes()).unwrap();
         let sig = base64::engine::general_purpose::STANDARD
             .encode(signing.sign(info.fingerprint().as_bytes()).to_bytes());
@@ -323,7 +327,12 @@ NarHash: sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
         let out = replace_url(SAMPLE, "nar/local.nar.xz");
         assert!(out.contains("\nURL: nar/local.nar.xz\n"));
         assert_eq!(out.lines().count(), SAMPLE.lines().count());
-        assert_eq!(out.replace("URL: nar/local.nar.xz", ""), SAMPLE.replace(
-            "URL: nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz", ""));
+        assert_eq!(
+            out.replace("URL: nar/local.nar.xz", ""),
+            SAMPLE.replace(
+                "URL: nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz",
+                ""
+            )
+        );
     }
 }

@@ -56,7 +56,9 @@ pub fn parse(path: &str, query: Option<&str>) -> Option<CachePath> {
     }
     if let Some(rest) = rel.strip_prefix("build-trace-v2/") {
         let ok = !rest.is_empty()
-            && rest.split('/').all(|seg| is_realisation_id(seg) && is_file_name(seg));
+            && rest
+                .split('/')
+                .all(|seg| is_realisation_id(seg) && is_file_name(seg));
         return (ok && query.is_none()).then(|| CachePath::Forwarded(rel.to_string()));
     }
     None

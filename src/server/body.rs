@@ -17,7 +17,9 @@ use crate::store::fill::ByteStream;
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn empty() -> Body {
@@ -43,7 +45,8 @@ impl hyper::body::Body for ChannelBody {
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(bytes))) => {
-                self.metrics.inc("bytes_served_total", &[], bytes.len() as u64);
+                self.metrics
+                    .inc("bytes_served_total", &[], bytes.len() as u64);
                 Poll::Ready(Some(Ok(Frame::data(bytes))))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),

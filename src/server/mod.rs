@@ -84,9 +84,16 @@ pub async fn serve(
     shutdown.await;
     tracing::info!("shutting down: no new connections; finishing responses in flight");
     accept_loops.abort_all();
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops are gone"));
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
-        tracing::warn!("responses still in flight after {}s; closing them", SHUTDOWN_GRACE.as_secs());
+    let graceful =
+        Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops are gone"));
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "responses still in flight after {}s; closing them",
+            SHUTDOWN_GRACE.as_secs()
+        );
     }
     proxy.store.flush_access_times();
 }

@@ -25,12 +25,18 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
     };
     let response = match route {
         _ if method != Method::GET && method != Method::HEAD => {
-            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "nix-sidecar is a read-only binary cache\n");
-            r.headers_mut().insert(header::ALLOW, "GET, HEAD".parse().unwrap());
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "nix-sidecar is a read-only binary cache\n",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, "GET, HEAD".parse().unwrap());
             r
         }
         None => text(StatusCode::NOT_FOUND, "not a binary cache path\n"),
-        Some(CachePath::CacheInfo) => typed(StatusCode::OK, "text/x-nix-cache-info", proxy.cache_info()),
+        Some(CachePath::CacheInfo) => {
+            typed(StatusCode::OK, "text/x-nix-cache-info", proxy.cache_info())
+        }
         Some(CachePath::Health) => health(proxy),
         Some(CachePath::Metrics) => metrics(proxy),
         Some(CachePath::NarInfo(hash)) => match proxy.narinfo(&hash).await {
@@ -39,10 +45,15 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
             NarInfoAnswer::Unavailable(reason) => unavailable(uri.path(), &reason),
         },
         Some(CachePath::Nar(key)) => {
-            let range = request.headers().get(header::RANGE).and_then(|v| v.to_str().ok());
+            let range = request
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok());
             nar_response(proxy, proxy.nar(&key, &method).await, range, uri.path())
         }
-        Some(CachePath::Forwarded(rel)) => nar_response(proxy, proxy.forward(&rel).await, None, uri.path()),
+        Some(CachePath::Forwarded(rel)) => {
+            nar_response(proxy, proxy.forward(&rel).await, None, uri.path())
+        }
     };
     let response = if method == Method::HEAD {
         let (parts, _) = response.into_parts();
@@ -52,7 +63,10 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
     };
     proxy.metrics.inc(
         "requests_total",
-        &[("route", route_name), ("status", response.status().as_str())],
+        &[
+            ("route", route_name),
+            ("status", response.status().as_str()),
+        ],
         1,
     );
     tracing::debug!(%method, path = uri.path(), status = response.status().as_u16(), "request");
@@ -79,7 +93,12 @@ fn unavailable(path: &str, reason: &str) -> Response<Body> {
     )
 }
 
-fn nar_response(proxy: &Arc<Proxy>, answer: NarAnswer, range: Option<&str>, path: &str) -> Response<Body> {
+fn nar_response(
+    proxy: &Arc<Proxy>,
+    answer: NarAnswer,
+    range: Option<&str>,
+    path: &str,
+) -> Response<Body> {
     let content = match answer {
         NarAnswer::Found(content) => content,
         NarAnswer::Missing => return text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
@@ -102,20 +121,31 @@ fn nar_response(proxy: &Arc<Proxy>, answer: NarAnswer, range: Option<&str>, path
                 Some(len) => builder.header(header::CONTENT_LENGTH, len),
                 None => builder,
             };
-            builder.body(body::stream(rx, proxy.metrics.clone())).unwrap()
+            builder
+                .body(body::stream(rx, proxy.metrics.clone()))
+                .unwrap()
         }
         Content::File(file, size) => match parse_range(range, size) {
             Ok(None) => builder
                 .header(header::CONTENT_LENGTH, size)
-                .body(body::stream(stream_file(file, 0, size), proxy.metrics.clone()))
+                .body(body::stream(
+                    stream_file(file, 0, size),
+                    proxy.metrics.clone(),
+                ))
                 .unwrap(),
             Ok(Some((start, end))) => builder
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_LENGTH, end - start)
-                .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{size}", end - 1))
-                .body(body::stream(stream_file(file, start, end), proxy.metrics.clone()))
+                .header(
+                    header::CONTENT_RANGE,
+                    format!("bytes {start}-{}/{size}", end - 1),
+                )
+                .body(body::stream(
+                    stream_file(file, start, end),
+                    proxy.metrics.clone(),
+                ))
                 .unwrap(),
-            Err(()) => Response::builder()
+            Err(Unsatisfiable) => Response::builder()
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .header(header::CONTENT_RANGE, format!("bytes */{size}"))
                 .body(body::empty())
@@ -124,34 +154,40 @@ fn nar_response(proxy: &Arc<Proxy>, answer: NarAnswer, range: Option<&str>, path
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// One `bytes=` range as `[start, end)`. `Ok(None)`: no or an ignorable header (multiple
 /// ranges are answered with the whole file, which RFC 9110 allows).
-pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return Ok(None);
     };
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
-        let suffix: u64 = b.parse().map_err(|_| ())?;
+        let suffix: u64 = b.parse().map_err(|_| Unsatisfiable)?;
         if suffix == 0 {
-            return Err(());
+            return Err(Unsatisfiable);
         }
         (size.saturating_sub(suffix), size)
     } else {
-        let start: u64 = a.parse().map_err(|_| ())?;
+        let start: u64 = a.parse().map_err(|_| Unsatisfiable)?;
         let end = if b.is_empty() {
             size
         } else {
-            b.parse::<u64>().map_err(|_| ())?.saturating_add(1).min(size)
+            b.parse::<u64>()
+                .map_err(|_| Unsatisfiable)?
+                .saturating_add(1)
+                .min(size)
         };
         (start, end)
     };
     if range.0 >= range.1 {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some(range))
 }
@@ -162,7 +198,11 @@ fn health(proxy: &Arc<Proxy>) -> Response<Body> {
         .iter()
         .map(|u| (u.name.clone(), serde_json::to_value(u.health()).unwrap()))
         .collect();
-    let identities: Vec<_> = proxy.identities.iter().map(|i| (i.name().to_string(), i.health())).collect();
+    let identities: Vec<_> = proxy
+        .identities
+        .iter()
+        .map(|i| (i.name().to_string(), i.health()))
+        .collect();
     let healthy = identities.iter().all(|(_, h)| h.healthy)
         && proxy.upstreams.iter().all(|u| u.health().healthy);
     let identities: serde_json::Map<String, serde_json::Value> = identities
@@ -175,24 +215,43 @@ fn health(proxy: &Arc<Proxy>) -> Response<Body> {
         "identities": identities,
         "cache": { "stored_bytes": proxy.store.size() },
     });
-    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     typed(status, "application/json", format!("{stats:#}\n"))
 }
 
 fn metrics(proxy: &Arc<Proxy>) -> Response<Body> {
     let mut gauges = vec![
         ("cache_size_bytes", String::new(), proxy.store.size() as f64),
-        ("cache_evictions", String::new(), proxy.store.evictions() as f64),
-        ("cache_fill_failures", String::new(), proxy.store.verification_failures() as f64),
+        (
+            "cache_evictions",
+            String::new(),
+            proxy.store.evictions() as f64,
+        ),
+        (
+            "cache_fill_failures",
+            String::new(),
+            proxy.store.verification_failures() as f64,
+        ),
     ];
     for identity in &proxy.identities {
         let h = identity.health();
         let label = format!("identity=\"{}\"", identity.name());
-        gauges.push(("token_seconds_left", label.clone(), h.token_seconds_left.unwrap_or(0) as f64));
+        gauges.push((
+            "token_seconds_left",
+            label.clone(),
+            h.token_seconds_left.unwrap_or(0) as f64,
+        ));
         gauges.push(("token_refreshes", label.clone(), h.refreshes as f64));
         gauges.push(("token_failures", label, h.failures as f64));
     }
-    let gauges: Vec<(&str, &str, f64)> = gauges.iter().map(|(n, l, v)| (*n, l.as_str(), *v)).collect();
+    let gauges: Vec<(&str, &str, f64)> = gauges
+        .iter()
+        .map(|(n, l, v)| (*n, l.as_str(), *v))
+        .collect();
     typed(
         StatusCode::OK,
         "text/plain; version=0.0.4",
@@ -202,7 +261,7 @@ fn metrics(proxy: &Arc<Proxy>) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, Unsatisfiable};
 
     #[test]
     fn ranges() {
@@ -211,8 +270,8 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=5-"), 10), Ok(Some((5, 10))));
         assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 10))));
         assert_eq!(parse_range(Some("bytes=8-100"), 10), Ok(Some((8, 10))));
-        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(()));
-        assert_eq!(parse_range(Some("bytes=x-1"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=x-1"), 10), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), Ok(None));
         assert_eq!(parse_range(Some("items=0-1"), 10), Ok(None));
     }

@@ -68,7 +68,9 @@ impl Write for NarSink {
         let mut state = self.state.lock().unwrap();
         state.len += buf.len() as u64;
         if state.len > self.limit {
-            return Err(std::io::Error::other("decompressed NAR is larger than NarSize"));
+            return Err(std::io::Error::other(
+                "decompressed NAR is larger than NarSize",
+            ));
         }
         state.hasher.update(buf);
         Ok(buf.len())
@@ -127,7 +129,10 @@ impl ContentCheck {
     pub fn finish(mut self) -> Result<String, String> {
         if let Some(size) = self.file_size {
             if self.raw_len != size {
-                return Err(format!("upstream sent {} bytes, FileSize says {size}", self.raw_len));
+                return Err(format!(
+                    "upstream sent {} bytes, FileSize says {size}",
+                    self.raw_len
+                ));
             }
         }
         let raw: [u8; 32] = self.raw.finalize().into();
@@ -142,7 +147,10 @@ impl ContentCheck {
             drop(nar); // finishes the decoder, writing its last bytes
             let state = std::mem::take(&mut *self.nar_state.lock().unwrap());
             if state.len != self.nar_size {
-                return Err(format!("NAR is {} bytes, NarSize says {}", state.len, self.nar_size));
+                return Err(format!(
+                    "NAR is {} bytes, NarSize says {}",
+                    state.len, self.nar_size
+                ));
             }
             let hash: [u8; 32] = state.hasher.finalize().into();
             if hash != self.nar_hash {
@@ -164,8 +172,7 @@ fn decoder(compression: &str, sink: NarSink) -> Result<Box<dyn Write + Send>, St
             ended: false,
         }),
         "zstd" => Box::new(
-            zstd::stream::write::Decoder::new(sink)
-                .map_err(|e| format!("zstd decoder: {e}"))?,
+            zstd::stream::write::Decoder::new(sink).map_err(|e| format!("zstd decoder: {e}"))?,
         ),
         other => {
             return Err(format!(
@@ -212,7 +219,9 @@ impl Write for BzipWriter {
             buf = &buf[consumed..];
             self.ended |= status == bzip2::Status::StreamEnd;
             if self.ended && !buf.is_empty() {
-                return Err(std::io::Error::other("bytes after the end of the bzip2 stream"));
+                return Err(std::io::Error::other(
+                    "bytes after the end of the bzip2 stream",
+                ));
             }
             if (buf.is_empty() && produced < self.out.len()) || (consumed == 0 && produced == 0) {
                 return Ok(total);
@@ -274,7 +283,9 @@ mod tests {
 
     #[test]
     fn accepts_matching_bytes_in_every_compression() {
-        let nar: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let nar: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let xz = {
             let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
             e.write_all(&nar).unwrap();
@@ -293,8 +304,14 @@ mod tests {
                 let mut wrong = file.clone();
                 let last = wrong.len() - 1;
                 wrong[last / 2] ^= 1;
-                assert!(run(&e, &wrong).is_err(), "{name} {with_file_hash} flipped byte");
-                assert!(run(&e, &file[..last]).is_err(), "{name} {with_file_hash} truncated");
+                assert!(
+                    run(&e, &wrong).is_err(),
+                    "{name} {with_file_hash} flipped byte"
+                );
+                assert!(
+                    run(&e, &file[..last]).is_err(),
+                    "{name} {with_file_hash} truncated"
+                );
             }
         }
     }

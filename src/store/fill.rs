@@ -69,7 +69,10 @@ impl Fill {
 /// Takes chunks from an upstream body. Implemented by the fill writer and by the
 /// pass-through used when caching is off.
 pub trait ChunkSink {
-    fn write(&mut self, chunk: Bytes) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    fn write(
+        &mut self,
+        chunk: Bytes,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 pub struct FillWriter {
@@ -211,16 +214,22 @@ impl FillReader {
                 match progress.state {
                     FillState::Complete => return,
                     FillState::Failed(reason) => {
-                        let _ = tx.send(Err(std::io::Error::other(reason.to_string()))).await;
+                        let _ = tx
+                            .send(Err(std::io::Error::other(reason.to_string())))
+                            .await;
                         return;
                     }
                     FillState::Missing => {
-                        let _ = tx.send(Err(std::io::Error::other("upstream lost the file"))).await;
+                        let _ = tx
+                            .send(Err(std::io::Error::other("upstream lost the file")))
+                            .await;
                         return;
                     }
                     FillState::Waiting | FillState::Streaming => {
                         if self.progress.changed().await.is_err() {
-                            let _ = tx.send(Err(std::io::Error::other("download abandoned"))).await;
+                            let _ = tx
+                                .send(Err(std::io::Error::other("download abandoned")))
+                                .await;
                             return;
                         }
                     }

@@ -52,7 +52,7 @@ pub struct CachedNarInfo {
 /// What a fill request gets.
 pub enum Slot {
     /// Nobody is fetching this NAR: fetch it and feed the writer.
-    Lead(FillWriter, FillReader),
+    Lead(Box<FillWriter>, FillReader),
     /// Somebody is: read along.
     Join(FillReader),
     /// The cache cannot take it now (disk full, ...): pass it through uncached.
@@ -180,7 +180,14 @@ impl Store {
     }
 
     /// Records a verified narinfo and where its NAR comes from (blocking: one durable commit).
-    pub fn put_narinfo(&self, partition: &str, hash: &str, text: &str, nar_key: &str, nar: NarSource) {
+    pub fn put_narinfo(
+        &self,
+        partition: &str,
+        hash: &str,
+        text: &str,
+        nar_key: &str,
+        nar: NarSource,
+    ) {
         let row = NarInfoRow {
             text: text.to_string(),
             fetched: unix_now(),
@@ -192,10 +199,10 @@ impl Store {
             blob: None,
             last_access: unix_now(),
         };
-        if let Err(e) = self
-            .0
-            .index
-            .put_narinfo(&index::narinfo_key(partition, hash), &row, nar_key, nar)
+        if let Err(e) =
+            self.0
+                .index
+                .put_narinfo(&index::narinfo_key(partition, hash), &row, nar_key, nar)
         {
             tracing::warn!(error = %e, "could not record a narinfo in the cache index");
         }
@@ -238,11 +245,11 @@ impl Store {
         if let Err(reason) = self.make_room(needed) {
             return Slot::Bypass(reason);
         }
-        let tmp = self
-            .0
-            .dir
-            .join("tmp")
-            .join(format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
+        let tmp = self.0.dir.join("tmp").join(format!(
+            "{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        ));
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -262,14 +269,14 @@ impl Store {
         fills.insert(key.to_string(), fill.clone());
         let reader = fill.reader();
         Slot::Lead(
-            FillWriter {
+            Box::new(FillWriter {
                 store: self.clone(),
                 key: key.to_string(),
                 fill,
                 tmp,
                 check: Some(check),
                 finished: false,
-            },
+            }),
             reader,
         )
     }
@@ -457,7 +464,14 @@ fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    Ok((size, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+    Ok((
+        size,
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    ))
 }
 
 /// Free bytes for unprivileged users on the file system holding `dir`.

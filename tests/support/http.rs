@@ -31,7 +31,9 @@ where
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
@@ -68,16 +70,24 @@ pub async fn get(url: &str, method: &str, headers: &[(&str, &str)]) -> Got {
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
-    let response = tokio::time::timeout(Duration::from_secs(60), client.request(request.body(Empty::new()).unwrap()))
-        .await
-        .expect("answer within 60 s")
-        .expect("request");
+    let response = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.request(request.body(Empty::new()).unwrap()),
+    )
+    .await
+    .expect("answer within 60 s")
+    .expect("request");
     let status = response.status();
     let headers = response.headers().clone();
-    let body = match tokio::time::timeout(Duration::from_secs(60), response.into_body().collect()).await {
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timeout".into()),
-    };
-    Got { status, headers, body }
+    let body =
+        match tokio::time::timeout(Duration::from_secs(60), response.into_body().collect()).await {
+            Ok(Ok(c)) => Ok(c.to_bytes()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timeout".into()),
+        };
+    Got {
+        status,
+        headers,
+        body,
+    }
 }

@@ -17,7 +17,10 @@ pub struct Issuer {
 }
 
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 impl Issuer {
@@ -50,9 +53,17 @@ impl Issuer {
 
     pub fn mint_claims(&self, claims: serde_json::Value, es256: bool) -> String {
         let (alg, kid, key) = if es256 {
-            (Algorithm::ES256, "test-ec", EncodingKey::from_ec_pem(include_bytes!("keys/ec.pem")).unwrap())
+            (
+                Algorithm::ES256,
+                "test-ec",
+                EncodingKey::from_ec_pem(include_bytes!("keys/ec.pem")).unwrap(),
+            )
         } else {
-            (Algorithm::RS256, "test-rsa", EncodingKey::from_rsa_pem(include_bytes!("keys/rsa.pem")).unwrap())
+            (
+                Algorithm::RS256,
+                "test-rsa",
+                EncodingKey::from_rsa_pem(include_bytes!("keys/rsa.pem")).unwrap(),
+            )
         };
         let mut header = Header::new(alg);
         header.kid = Some(kid.into());
@@ -64,7 +75,8 @@ impl Issuer {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some("test-rsa".into());
         let key = EncodingKey::from_rsa_pem(include_bytes!("keys/untrusted-rsa.pem")).unwrap();
-        let claims = json!({"iss": self.url, "sub": sub, "aud": aud, "iat": now(), "exp": now() + 300});
+        let claims =
+            json!({"iss": self.url, "sub": sub, "aud": aud, "iat": now(), "exp": now() + 300});
         jsonwebtoken::encode(&header, &claims, &key).unwrap()
     }
 }

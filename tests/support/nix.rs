@@ -19,7 +19,8 @@ pub struct Fixture {
     _dir: tempfile::TempDir,
 }
 
-const NIX_CONFIG: &str = "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters =\n";
+const NIX_CONFIG: &str =
+    "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters =\n";
 
 pub fn nix(args: &[&str], home: &Path) -> Output {
     Command::new(args[0])
@@ -28,7 +29,12 @@ pub fn nix(args: &[&str], home: &Path) -> Output {
         .env("XDG_CACHE_HOME", home.join("xdg-cache"))
         .env("HOME", home)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {} (is nix-bin installed? .ci/run installs it): {e}", args[0]))
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} (is nix-bin installed? .ci/run installs it): {e}",
+                args[0]
+            )
+        })
 }
 
 fn ok(output: Output, what: &str) -> String {
@@ -68,7 +74,10 @@ in [ c outside ]
     let expr_file = home.join("fixture.nix");
     std::fs::write(&expr_file, expr).unwrap();
     let built = ok(
-        nix(&["nix-build", "--no-out-link", expr_file.to_str().unwrap()], home),
+        nix(
+            &["nix-build", "--no-out-link", expr_file.to_str().unwrap()],
+            home,
+        ),
         "nix-build",
     );
     let mut outs = built.lines().map(str::to_string);
@@ -81,14 +90,27 @@ in [ c outside ]
     let (sk, pk) = (home.join("sk"), home.join("pk"));
     ok(
         nix(
-            &["nix-store", "--generate-binary-cache-key", "sidecar-test-1", sk.to_str().unwrap(), pk.to_str().unwrap()],
+            &[
+                "nix-store",
+                "--generate-binary-cache-key",
+                "sidecar-test-1",
+                sk.to_str().unwrap(),
+                pk.to_str().unwrap(),
+            ],
             home,
         ),
         "generate key",
     );
     let cache = home.join("cache");
-    let to = format!("file://{}?secret-key={}&compression={compression}", cache.display(), sk.display());
-    ok(nix(&["nix", "copy", "--to", &to, &top, &outside], home), "nix copy --to");
+    let to = format!(
+        "file://{}?secret-key={}&compression={compression}",
+        cache.display(),
+        sk.display()
+    );
+    ok(
+        nix(&["nix", "copy", "--to", &to, &top, &outside], home),
+        "nix copy --to",
+    );
     Fixture {
         cache,
         public_key: std::fs::read_to_string(pk).unwrap().trim().to_string(),
@@ -122,5 +144,7 @@ pub fn substitute(cache_url: &str, public_key: &str, paths: &[&str], dir: &Path)
 
 /// Whether `path` is now in the fresh store under `dir`.
 pub fn in_store(dir: &Path, path: &str) -> bool {
-    dir.join("dst-store").join(path.trim_start_matches('/')).exists()
+    dir.join("dst-store")
+        .join(path.trim_start_matches('/'))
+        .exists()
 }

@@ -23,7 +23,10 @@ impl Sidecar {
             log: dir.join("sidecar.log"),
             dir: dir.to_path_buf(),
             config: config.to_string(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         sidecar.spawn();
         sidecar
@@ -41,13 +44,20 @@ impl Sidecar {
             self.config
         );
         std::fs::write(&config_path, full).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let start_len = log.metadata().unwrap().len();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nix-sidecar"));
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
-            .env("NIX_SIDECAR_LOG", std::env::var("TEST_SIDECAR_LOG").unwrap_or("debug".into()))
+            .env(
+                "NIX_SIDECAR_LOG",
+                std::env::var("TEST_SIDECAR_LOG").unwrap_or("debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -58,17 +68,29 @@ impl Sidecar {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut text = String::new();
-            std::fs::File::open(&self.log).unwrap().read_to_string(&mut text).unwrap();
+            std::fs::File::open(&self.log)
+                .unwrap()
+                .read_to_string(&mut text)
+                .unwrap();
             let fresh = &text[start_len as usize..];
             if let Some(line) = fresh.lines().find(|l| l.contains("listening")) {
-                let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+                let addr = line
+                    .split("addr=")
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .unwrap();
                 self.url = format!("http://{addr}");
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("nix-sidecar exited ({status}) before listening:\n{fresh}");
             }
-            assert!(Instant::now() < deadline, "nix-sidecar did not start:\n{fresh}");
+            assert!(
+                Instant::now() < deadline,
+                "nix-sidecar did not start:\n{fresh}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

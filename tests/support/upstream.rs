@@ -79,7 +79,11 @@ impl UpstreamDouble {
         Self::start_with(dir, auth, |_| {}).await
     }
 
-    pub async fn start_with(dir: PathBuf, auth: Option<(&str, &str)>, tweak: impl FnOnce(&mut State)) -> UpstreamDouble {
+    pub async fn start_with(
+        dir: PathBuf,
+        auth: Option<(&str, &str)>,
+        tweak: impl FnOnce(&mut State),
+    ) -> UpstreamDouble {
         let mut state = State {
             dir,
             auth: auth.map(|(issuer, audience)| Auth {
@@ -108,12 +112,22 @@ impl UpstreamDouble {
     /// Lets `sub` see these store paths (full paths or hash parts).
     pub fn grant(&self, sub: &str, paths: &[String]) {
         let hashes = paths.iter().map(|p| hash_part(p).to_string());
-        self.state.views.lock().unwrap().entry(sub.into()).or_default().extend(hashes);
+        self.state
+            .views
+            .lock()
+            .unwrap()
+            .entry(sub.into())
+            .or_default()
+            .extend(hashes);
     }
 
     /// Applies `fault` to the next `times` matching requests (None: to all of them).
     pub fn fault(&self, target: Target, fault: Fault, times: Option<usize>) {
-        self.state.faults.lock().unwrap().push((target, fault, times));
+        self.state
+            .faults
+            .lock()
+            .unwrap()
+            .push((target, fault, times));
     }
 
     pub fn clear_faults(&self) {
@@ -125,7 +139,10 @@ impl UpstreamDouble {
     }
 
     pub fn count(&self, path_contains: &str) -> usize {
-        self.requests().iter().filter(|r| r.path.contains(path_contains)).count()
+        self.requests()
+            .iter()
+            .filter(|r| r.path.contains(path_contains))
+            .count()
     }
 }
 
@@ -143,7 +160,9 @@ fn take_fault(state: &State, path: &str) -> Option<Fault> {
     } else {
         Target::Any
     };
-    let i = faults.iter().position(|(t, _, n)| (*t == Target::Any || *t == kind) && n != &Some(0))?;
+    let i = faults
+        .iter()
+        .position(|(t, _, n)| (*t == Target::Any || *t == kind) && n != &Some(0))?;
     let (_, fault, times) = &mut faults[i];
     if let Some(n) = times {
         *n -= 1;
@@ -154,12 +173,21 @@ fn take_fault(state: &State, path: &str) -> Option<Fault> {
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
-    let authorization = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     state.requests.lock().unwrap().push(Recorded {
         path: path.clone(),
         authorization: authorization.clone(),
     });
-    if state.object_store && authorization.is_some() && query.as_deref().is_some_and(|q| q.contains("X-Amz-Signature")) {
+    if state.object_store
+        && authorization.is_some()
+        && query
+            .as_deref()
+            .is_some_and(|q| q.contains("X-Amz-Signature"))
+    {
         return respond(400, "InvalidArgument: Only one auth mechanism allowed");
     }
     let fault = take_fault(&state, &path);
@@ -176,14 +204,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         Some(Fault::RedirectTo(base)) => {
             return Response::builder()
                 .status(307)
-                .header("location", format!("{base}{path}?X-Amz-Signature=deadbeef&X-Amz-Expires=600"))
+                .header(
+                    "location",
+                    format!("{base}{path}?X-Amz-Signature=deadbeef&X-Amz-Expires=600"),
+                )
                 .body(full(""))
                 .unwrap()
         }
         _ => {}
     }
     if path == "/nix-cache-info" {
-        return respond(200, "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n");
+        return respond(
+            200,
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
+        );
     }
     let sub = match &state.auth {
         None => None,
@@ -298,7 +332,12 @@ async fn verify(auth: &Auth, header: Option<&str>) -> Result<String, String> {
     let jwks = auth
         .jwks
         .get_or_init(|| async {
-            let config = get(&format!("{}/.well-known/openid-configuration", auth.issuer), "GET", &[]).await;
+            let config = get(
+                &format!("{}/.well-known/openid-configuration", auth.issuer),
+                "GET",
+                &[],
+            )
+            .await;
             let config: serde_json::Value = serde_json::from_str(&config.text()).unwrap();
             let jwks = get(config["jwks_uri"].as_str().unwrap(), "GET", &[]).await;
             serde_json::from_str(&jwks.text()).unwrap()
@@ -312,6 +351,10 @@ async fn verify(auth: &Auth, header: Option<&str>) -> Result<String, String> {
     validation.set_audience(&[&auth.audience]);
     validation.set_issuer(&[&auth.issuer]);
     validation.leeway = 0;
-    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| format!("{e}"))?;
-    data.claims["sub"].as_str().map(str::to_string).ok_or_else(|| "no sub".into())
+    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+        .map_err(|e| format!("{e}"))?;
+    data.claims["sub"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| "no sub".into())
 }
