@@ -197,8 +197,15 @@ impl FillReader {
             let mut pos = 0u64;
             loop {
                 let progress = self.progress.borrow_and_update().clone();
-                if pos < progress.written {
-                    let len = (progress.written - pos).min(CHUNK as u64) as usize;
+                // The last byte waits for verification: a client must not hold a complete
+                // response for a NAR that turns out to be wrong.
+                let readable = if progress.state == FillState::Complete {
+                    progress.written
+                } else {
+                    progress.written.saturating_sub(1)
+                };
+                if pos < readable {
+                    let len = (readable - pos).min(CHUNK as u64) as usize;
                     let mut buf = BytesMut::zeroed(len);
                     let chunk = match self.fill.file.read_exact_at(&mut buf, pos) {
                         Ok(()) => Ok(buf.freeze()),
@@ -264,13 +271,23 @@ pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
 pub struct PassThrough {
     check: Option<ContentCheck>,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
+    /// The latest chunk, held back until the next one arrives or the check passes, so a
+    /// wrong NAR never reaches the client whole.
+    held: Option<Bytes>,
 }
 
 impl PassThrough {
     pub fn new(expected: Option<&Expected>) -> (PassThrough, ByteStream) {
         let (tx, rx) = mpsc::channel(4);
         let check = expected.and_then(|e| ContentCheck::new(e).ok());
-        (PassThrough { check, tx }, rx)
+        (
+            PassThrough {
+                check,
+                tx,
+                held: None,
+            },
+            rx,
+        )
     }
 
     pub async fn finish(mut self, outcome: Result<(), String>) {
@@ -278,10 +295,17 @@ impl PassThrough {
             Some(check) => check.finish().map(|_| ()),
             None => Ok(()),
         });
-        if let Err(reason) = outcome {
-            tracing::warn!(reason, "pass-through NAR failed");
-            let _ = self.tx.send(Err(std::io::Error::other(reason))).await;
-        }
+        let last = match outcome {
+            Ok(()) => match self.held.take() {
+                Some(chunk) => Ok(chunk),
+                None => return,
+            },
+            Err(reason) => {
+                tracing::warn!(reason, "pass-through NAR failed");
+                Err(std::io::Error::other(reason))
+            }
+        };
+        let _ = self.tx.send(last).await;
     }
 }
 
@@ -290,10 +314,14 @@ impl ChunkSink for PassThrough {
         if let Some(check) = &mut self.check {
             check.update(&chunk)?;
         }
-        self.tx
-            .send(Ok(chunk))
-            .await
-            .map_err(|_| "client went away".to_string())
+        match self.held.replace(chunk) {
+            Some(previous) => self
+                .tx
+                .send(Ok(previous))
+                .await
+                .map_err(|_| "client went away".to_string()),
+            None => Ok(()),
+        }
     }
 }
 

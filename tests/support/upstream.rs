@@ -33,6 +33,8 @@ pub enum Fault {
     Delay(Duration),
     /// 307 to this base URL + the path, with a presigned-looking query.
     RedirectTo(String),
+    /// Sends the body in 16 KiB pieces with this pause between them.
+    Slow(Duration),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,6 +269,27 @@ fn body_with_fault(mut bytes: Vec<u8>, fault: Option<Fault>) -> Response<Body> {
         }
         Some(Fault::Truncate) => {
             bytes.truncate(bytes.len() * 2 / 3);
+        }
+        Some(Fault::Slow(pause)) => {
+            let len = bytes.len();
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+            tokio::spawn(async move {
+                for piece in bytes.chunks(16 * 1024) {
+                    if tx
+                        .send(Ok(Frame::data(Bytes::copy_from_slice(piece))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            });
+            return Response::builder()
+                .status(200)
+                .header("content-length", len)
+                .body(ChannelBody(rx).boxed())
+                .unwrap();
         }
         Some(Fault::ResetMidBody) => {
             let len = bytes.len();
