@@ -79,8 +79,9 @@ impl Metrics {
         );
     }
 
-    /// The exposition text; `gauges` are current values computed by the caller.
-    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+    /// The exposition text; `extra` are `(name, type, labels, value)` series whose current
+    /// values live elsewhere (the store, identities).
+    pub fn render(&self, extra: &[(&str, &str, &str, f64)]) -> String {
         let mut out = String::new();
         let mut last = "";
         for ((name, labels), value) in self.counters.lock().unwrap().iter() {
@@ -108,11 +109,13 @@ impl Metrics {
             let _ = writeln!(out, "nix_sidecar_{name}_sum{{{labels}}} {}", h.sum);
             let _ = writeln!(out, "nix_sidecar_{name}_count{{{labels}}} {}", h.count);
         }
-        for (name, labels, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# TYPE nix_sidecar_{name} gauge\nnix_sidecar_{name}{{{labels}}} {value}"
-            );
+        let mut last = "";
+        for (name, kind, labels, value) in extra {
+            if *name != last {
+                let _ = writeln!(out, "# TYPE nix_sidecar_{name} {kind}");
+                last = name;
+            }
+            let _ = writeln!(out, "nix_sidecar_{name}{{{labels}}} {value}");
         }
         out
     }
@@ -131,7 +134,7 @@ mod tests {
             2,
         );
         m.observe_upstream("org", 200, Duration::from_millis(20));
-        let text = m.render(&[("cache_size_bytes", "", 42.0)]);
+        let text = m.render(&[("cache_size_bytes", "gauge", "", 42.0)]);
         assert!(text.contains("nix_sidecar_requests_total{route=\"narinfo\",status=\"200\"} 2"));
         assert!(text.contains(
             "nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\",le=\"0.025\"} 1"

@@ -337,7 +337,7 @@ impl Proxy {
                                     writer.finish().await
                                 }
                                 Err(reason) => {
-                                    metrics.inc("verification_failures_total", &[], 1);
+                                    metrics.inc("upstream_body_failures_total", &[], 1);
                                     writer.fail(&reason)
                                 }
                             }
@@ -411,7 +411,7 @@ impl Proxy {
         let length = expected
             .and_then(Expected::file_len)
             .or(content_length(&response));
-        let (mut sink, stream) = PassThrough::new(expected);
+        let (mut sink, stream) = PassThrough::new(&self.store, expected);
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let outcome = copy_body(response.into_body(), &mut sink).await;

@@ -224,38 +224,63 @@ fn health(proxy: &Arc<Proxy>) -> Response<Body> {
 }
 
 fn metrics(proxy: &Arc<Proxy>) -> Response<Body> {
-    let mut gauges = vec![
-        ("cache_size_bytes", String::new(), proxy.store.size() as f64),
+    let mut extra = vec![
         (
-            "cache_evictions",
+            "cache_size_bytes",
+            "gauge",
+            String::new(),
+            proxy.store.size() as f64,
+        ),
+        (
+            "cache_evictions_total",
+            "counter",
             String::new(),
             proxy.store.evictions() as f64,
         ),
         (
-            "cache_fill_failures",
+            "verification_failures_total",
+            "counter",
             String::new(),
             proxy.store.verification_failures() as f64,
         ),
     ];
-    for identity in &proxy.identities {
-        let h = identity.health();
-        let label = format!("identity=\"{}\"", identity.name());
-        gauges.push((
+    let identities: Vec<_> = proxy
+        .identities
+        .iter()
+        .map(|i| (format!("identity=\"{}\"", i.name()), i.health()))
+        .collect();
+    for (label, h) in &identities {
+        extra.push((
             "token_seconds_left",
+            "gauge",
             label.clone(),
             h.token_seconds_left.unwrap_or(0) as f64,
         ));
-        gauges.push(("token_refreshes", label.clone(), h.refreshes as f64));
-        gauges.push(("token_failures", label, h.failures as f64));
     }
-    let gauges: Vec<(&str, &str, f64)> = gauges
+    for (label, h) in &identities {
+        extra.push((
+            "token_refreshes_total",
+            "counter",
+            label.clone(),
+            h.refreshes as f64,
+        ));
+    }
+    for (label, h) in &identities {
+        extra.push((
+            "token_failures_total",
+            "counter",
+            label.clone(),
+            h.failures as f64,
+        ));
+    }
+    let extra: Vec<(&str, &str, &str, f64)> = extra
         .iter()
-        .map(|(n, l, v)| (*n, l.as_str(), *v))
+        .map(|(n, k, l, v)| (*n, *k, l.as_str(), *v))
         .collect();
     typed(
         StatusCode::OK,
         "text/plain; version=0.0.4",
-        proxy.metrics.render(&gauges),
+        proxy.metrics.render(&extra),
     )
 }
 

@@ -99,7 +99,6 @@ impl FillWriter {
 
     pub fn fail(mut self, reason: &str) {
         tracing::warn!(nar = %self.key, reason, "NAR download failed; nothing stored");
-        self.store.count_failure(reason);
         self.end(FillState::Failed(Arc::from(reason)));
     }
 
@@ -108,7 +107,10 @@ impl FillWriter {
         let check = self.check.take().expect("finish once");
         let sha256 = match check.finish() {
             Ok(sha) => sha,
-            Err(reason) => return self.fail(&reason),
+            Err(reason) => {
+                self.store.count_verification_failure();
+                return self.fail(&reason);
+            }
         };
         let size = self.fill.progress.borrow().written;
         let store = self.store.clone();
@@ -149,7 +151,10 @@ impl FillWriter {
 impl ChunkSink for FillWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
         let check = self.check.as_mut().expect("write before finish");
-        check.update(&chunk)?;
+        if let Err(reason) = check.update(&chunk) {
+            self.store.count_verification_failure();
+            return Err(reason);
+        }
         let offset = self.fill.progress.borrow().written;
         self.fill
             .file
@@ -269,6 +274,7 @@ pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
 /// Pass-through for when the cache cannot take the file (disk full, no narinfo known):
 /// verifies what it can and aborts the client's stream on a mismatch.
 pub struct PassThrough {
+    store: Store,
     check: Option<ContentCheck>,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
     /// The latest chunk, held back until the next one arrives or the check passes, so a
@@ -277,11 +283,12 @@ pub struct PassThrough {
 }
 
 impl PassThrough {
-    pub fn new(expected: Option<&Expected>) -> (PassThrough, ByteStream) {
+    pub fn new(store: &Store, expected: Option<&Expected>) -> (PassThrough, ByteStream) {
         let (tx, rx) = mpsc::channel(4);
         let check = expected.and_then(|e| ContentCheck::new(e).ok());
         (
             PassThrough {
+                store: store.clone(),
                 check,
                 tx,
                 held: None,
@@ -292,7 +299,9 @@ impl PassThrough {
 
     pub async fn finish(mut self, outcome: Result<(), String>) {
         let outcome = outcome.and_then(|()| match self.check.take() {
-            Some(check) => check.finish().map(|_| ()),
+            Some(check) => check.finish().map(|_| ()).inspect_err(|_| {
+                self.store.count_verification_failure();
+            }),
             None => Ok(()),
         });
         let last = match outcome {
@@ -312,7 +321,9 @@ impl PassThrough {
 impl ChunkSink for PassThrough {
     async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
         if let Some(check) = &mut self.check {
-            check.update(&chunk)?;
+            check
+                .update(&chunk)
+                .inspect_err(|_| self.store.count_verification_failure())?;
         }
         match self.held.replace(chunk) {
             Some(previous) => self

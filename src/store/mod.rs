@@ -288,7 +288,8 @@ impl Store {
         }
     }
 
-    fn count_failure(&self, _reason: &str) {
+    /// Bytes from an upstream did not match their narinfo.
+    pub fn count_verification_failure(&self) {
         self.0.verify_failures.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -148,3 +148,61 @@ pub fn in_store(dir: &Path, path: &str) -> bool {
         .join(path.trim_start_matches('/'))
         .exists()
 }
+
+/// `count` independent paths of about `lines` * 6 bytes each, in a binary cache with `compression`.
+pub fn build_many(count: usize, lines: u32, compression: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let expr = format!(
+        r#"
+builtins.genList (i: builtins.derivation {{
+  name = "sidecar-many-${{toString i}}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "/usr/bin/seq ${{toString i}} {lines} > $out" ];
+}}) {count}
+"#
+    );
+    let expr_file = home.join("many.nix");
+    std::fs::write(&expr_file, expr).unwrap();
+    let built = ok(
+        nix(
+            &["nix-build", "--no-out-link", expr_file.to_str().unwrap()],
+            home,
+        ),
+        "nix-build",
+    );
+    let paths: Vec<String> = built.lines().map(str::to_string).collect();
+    assert_eq!(paths.len(), count);
+    let (sk, pk) = (home.join("sk"), home.join("pk"));
+    ok(
+        nix(
+            &[
+                "nix-store",
+                "--generate-binary-cache-key",
+                "sidecar-many-1",
+                sk.to_str().unwrap(),
+                pk.to_str().unwrap(),
+            ],
+            home,
+        ),
+        "generate key",
+    );
+    let cache = home.join("cache");
+    let to = format!(
+        "file://{}?secret-key={}&compression={compression}",
+        cache.display(),
+        sk.display()
+    );
+    let mut args = vec!["nix", "copy", "--to", to.as_str()];
+    args.extend(paths.iter().map(String::as_str));
+    ok(nix(&args, home), "nix copy --to");
+    Fixture {
+        cache,
+        public_key: std::fs::read_to_string(pk).unwrap().trim().to_string(),
+        top: paths[0].clone(),
+        outside: paths[count - 1].clone(),
+        closure: paths,
+        _dir: dir,
+    }
+}

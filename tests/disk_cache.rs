@@ -1,0 +1,336 @@
+//! The local NAR cache: one fetch per file, verified, crash-safe, bounded, and serving while
+//! upstreams and identity providers are down.
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use support::http::get;
+use support::issuer::Issuer;
+use support::nix::{build_many, fixture, in_store, substitute, Fixture};
+use support::sidecar::Sidecar;
+use support::upstream::{hash_part, Fault, Target, UpstreamDouble};
+
+/// 50 independent, uncompressed NARs of about 600 KB.
+fn many() -> &'static Fixture {
+    static MANY: OnceLock<Fixture> = OnceLock::new();
+    MANY.get_or_init(|| build_many(50, 100_000, "none"))
+}
+
+fn anonymous(url: &str) -> String {
+    format!("[[upstream]]\nname = \"up\"\nurl = \"{url}\"\n")
+}
+
+async fn nar_url(sidecar: &str, store_path: &str) -> String {
+    let info = get(
+        &format!("{sidecar}/{}.narinfo", hash_part(store_path)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(info.status, 200);
+    let url = info
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    url
+}
+
+fn cache_output(sidecar: &Sidecar, action: &str) -> (bool, String) {
+    let out = sidecar.cache_command(action);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+async fn metric(sidecar: &str, name: &str) -> f64 {
+    let text = get(&format!("{sidecar}/_sidecar/metrics"), "GET", &[])
+        .await
+        .text();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hundred_concurrent_requests_for_one_uncached_nar_cause_one_download() {
+    let fx = many();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(dir.path(), &anonymous(&upstream.url), &[]);
+    let url = nar_url(&sidecar.url, &fx.top).await;
+    upstream.fault(Target::Nar, Fault::Slow(Duration::from_millis(10)), None);
+    let expected = std::fs::read(fx.cache.join(&url)).unwrap();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let target = format!("{}/{url}", sidecar.url);
+        clients.spawn(async move { get(&target, "GET", &[]).await });
+    }
+    let mut complete = 0;
+    while let Some(got) = clients.join_next().await {
+        let got = got.unwrap();
+        assert_eq!(got.status, 200);
+        assert!(got.body.unwrap() == expected, "identical, complete bytes");
+        complete += 1;
+    }
+    assert_eq!(complete, 100);
+    assert_eq!(upstream.count(&url), 1, "exactly one upstream request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_upstream_leaves_nothing_cached_and_real_nix_fails_the_download() {
+    let fx = fixture();
+    for fault in [Fault::WrongBytes, Fault::Truncate, Fault::ResetMidBody] {
+        let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+        upstream.fault(Target::Nar, fault.clone(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start(dir.path(), &anonymous(&upstream.url), &[]);
+        let (url, pk, top, client) = (
+            sidecar.url.clone(),
+            fx.public_key.clone(),
+            fx.top.clone(),
+            dir.path().join("client"),
+        );
+        let c = client.clone();
+        let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &c))
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{fault:?}: nix must not accept it");
+        assert!(!in_store(&client, &fx.top));
+        let metric_name = match fault {
+            Fault::ResetMidBody => "nix_sidecar_upstream_body_failures_total",
+            _ => "nix_sidecar_verification_failures_total",
+        };
+        let failures = metric(&sidecar.url, metric_name).await;
+        assert!(failures >= 1.0, "{fault:?}: counted in a metric");
+        sidecar.stop();
+        let (_, stats) = cache_output(&sidecar, "stats");
+        assert!(
+            stats.contains("stored files: 0"),
+            "{fault:?}: nothing stored:\n{stats}"
+        );
+        let (clean, report) = cache_output(&sidecar, "verify");
+        assert!(clean && report.contains("corrupt: 0"), "{report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_fifty_concurrent_fills_leaves_a_consistent_cache() {
+    let fx = many();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    upstream.fault(Target::Nar, Fault::Slow(Duration::from_millis(3)), None);
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::start(dir.path(), &anonymous(&upstream.url), &[]);
+    let mut urls = Vec::new();
+    for path in &fx.closure {
+        urls.push(nar_url(&sidecar.url, path).await);
+    }
+    for round in 0..4u64 {
+        let mut clients = tokio::task::JoinSet::new();
+        for url in &urls {
+            let target = format!("{}/{url}", sidecar.url);
+            clients.spawn(async move { get(&target, "GET", &[]).await });
+        }
+        // Somewhere between the first bytes and the last commits.
+        tokio::time::sleep(Duration::from_millis(150 + 200 * round + fastrand_ms())).await;
+        sidecar.kill();
+        while clients.join_next().await.is_some() {}
+        let (_, report) = cache_output(&sidecar, "verify");
+        assert!(
+            report.contains("corrupt: 0") && report.contains("missing: 0"),
+            "round {round}: {report}"
+        );
+        sidecar.restart();
+    }
+    upstream.clear_faults();
+    for (url, path) in urls.iter().zip(&fx.closure) {
+        let got = get(&format!("{}/{url}", sidecar.url), "GET", &[]).await;
+        assert_eq!(
+            got.body.unwrap(),
+            std::fs::read(fx.cache.join(url)).unwrap(),
+            "{path}"
+        );
+    }
+    sidecar.stop();
+    let (clean, report) = cache_output(&sidecar, "verify");
+    assert!(clean, "{report}");
+    assert!(report.contains("checked: 50"), "{report}");
+    assert!(
+        report.contains("corrupt: 0") && report.contains("leftovers removed: 0"),
+        "{report}"
+    );
+}
+
+fn fastrand_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        % 100
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_content_is_substituted_while_upstream_and_identity_provider_are_down() {
+    let fx = fixture();
+    let aud = "https://cache.test";
+    let issuer = Issuer::start().await;
+    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, aud))).await;
+    upstream.grant("machine-1", &fx.closure);
+    upstream.grant("machine-1", std::slice::from_ref(&fx.outside));
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, issuer.mint("machine-1", aud, 6, false)).unwrap();
+    let config = format!(
+        "narinfo-ttl = \"1s\"\ntrusted-public-keys = [\"{}\"]\n{}identity = \"ci\"\n[identity.ci]\nprovider = \"file\"\npath = \"{}\"\nrefresh-interval = \"1s\"\n",
+        fx.public_key,
+        anonymous(&upstream.url),
+        token_file.display()
+    );
+    let sidecar = Sidecar::start(dir.path(), &config, &[]);
+    let run = |client: &str| {
+        let (url, pk, top, c) = (
+            sidecar.url.clone(),
+            fx.public_key.clone(),
+            fx.top.clone(),
+            dir.path().join(client),
+        );
+        tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &c))
+    };
+    let out = run("first").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Everything goes down: the token expires and cannot be renewed, the upstream fails.
+    std::fs::remove_file(&token_file).unwrap();
+    upstream.fault(Target::Any, Fault::Status(503), None);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let out = run("second").await.unwrap();
+    assert!(
+        out.status.success(),
+        "cached content still substitutes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for path in &fx.closure {
+        assert!(in_store(&dir.path().join("second"), path));
+    }
+    let miss = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(miss.status, 503);
+    assert!(
+        miss.text().contains("identity `ci`") && miss.text().contains("token"),
+        "{}",
+        miss.text()
+    );
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+    assert_eq!(health.status, 503, "degraded");
+
+    // The provider comes back: the next request succeeds without a restart.
+    std::fs::write(&token_file, issuer.mint("machine-1", aud, 300, false)).unwrap();
+    upstream.clear_faults();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let back = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(back.status, 200, "{:?}", back.body);
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+    assert_eq!(health.status, 200, "{}", health.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_stays_under_max_cache_size() {
+    let fx = many();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let max = 3 * 1024 * 1024;
+    let mut sidecar = Sidecar::start(
+        dir.path(),
+        &format!("max-cache-size = \"3MiB\"\n{}", anonymous(&upstream.url)),
+        &[],
+    );
+    let mut total = 0;
+    for path in &fx.closure {
+        let url = nar_url(&sidecar.url, path).await;
+        let got = get(&format!("{}/{url}", sidecar.url), "GET", &[]).await;
+        total += got.body.unwrap().len();
+        let size = metric(&sidecar.url, "nix_sidecar_cache_size_bytes").await;
+        assert!(
+            size <= max as f64,
+            "cache holds {size} bytes, more than {max}"
+        );
+    }
+    assert!(
+        total > 3 * max,
+        "the workload ({total} bytes) is larger than the cache"
+    );
+    assert!(metric(&sidecar.url, "nix_sidecar_cache_evictions_total").await > 0.0);
+    sidecar.stop();
+    let (clean, report) = cache_output(&sidecar, "verify");
+    assert!(clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_turns_caching_off_while_requests_still_pass_through() {
+    let fx = many();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    std::fs::create_dir_all(&cache_dir).unwrap();
+    // A small tmpfs nearly filled by something else; without the right to mount, ask for more
+    // free space than any disk has, which is the same situation to nix-sidecar.
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&cache_dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    let min_free = if mounted {
+        std::fs::write(cache_dir.join("ballast"), vec![0u8; 3 * 1024 * 1024]).unwrap();
+        "1MiB"
+    } else {
+        eprintln!("cannot mount a tmpfs here; simulating a full disk with min-free-space");
+        "1000TiB"
+    };
+    let mut sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "min-free-space = \"{min_free}\"\n{}",
+            anonymous(&upstream.url)
+        ),
+        &[],
+    );
+    for path in fx.closure.iter().take(5) {
+        let url = nar_url(&sidecar.url, path).await;
+        let got = get(&format!("{}/{url}", sidecar.url), "GET", &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(
+            got.body.unwrap(),
+            std::fs::read(fx.cache.join(&url)).unwrap()
+        );
+    }
+    assert!(
+        sidecar.logs().contains("not enough disk space"),
+        "a warning says caching is off"
+    );
+    sidecar.stop();
+    let (_, stats) = cache_output(&sidecar, "stats");
+    assert!(stats.contains("stored files: 0"), "{stats}");
+    if mounted {
+        let _ = std::process::Command::new("umount")
+            .arg(&cache_dir)
+            .status();
+    }
+}
