@@ -334,3 +334,175 @@ async fn a_full_disk_turns_caching_off_while_requests_still_pass_through() {
             .status();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_narinfo_misses_cause_one_upstream_lookup() {
+    let fx = many();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    upstream.fault(
+        Target::NarInfo,
+        Fault::Delay(Duration::from_millis(300)),
+        Some(1),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(dir.path(), &anonymous(&upstream.url), &[]);
+    let path = format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let path = path.clone();
+        clients.spawn(async move { get(&path, "GET", &[]).await.status });
+    }
+    while let Some(status) = clients.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(upstream.count(".narinfo"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_drops_rows_whose_file_is_damaged_and_verify_finds_flipped_bytes() {
+    let fx = many();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::start(dir.path(), &anonymous(&upstream.url), &[]);
+    let mut urls = Vec::new();
+    for path in fx.closure.iter().take(3) {
+        let url = nar_url(&sidecar.url, path).await;
+        assert_eq!(
+            get(&format!("{}/{url}", sidecar.url), "GET", &[])
+                .await
+                .status,
+            200
+        );
+        urls.push(url);
+    }
+    sidecar.stop();
+    let mut files: Vec<_> = std::fs::read_dir(sidecar.cache_dir().join("nars"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3);
+    // One file flipped in place (same size), one truncated.
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&files[0], bytes).unwrap();
+    let len = std::fs::metadata(&files[1]).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[1])
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    std::fs::write(sidecar.cache_dir().join("tmp").join("leftover"), b"partial").unwrap();
+
+    let (clean, report) = cache_output(&sidecar, "verify");
+    assert!(!clean, "verify exits 1 when it finds damage");
+    assert!(
+        report.contains("corrupt: 1") && report.contains("missing: 1"),
+        "{report}"
+    );
+    assert!(report.contains("leftovers removed: 1"), "{report}");
+    let (clean, report) = cache_output(&sidecar, "verify");
+    assert!(clean && report.contains("checked: 1"), "{report}");
+
+    sidecar.restart();
+    for url in &urls {
+        let got = get(&format!("{}/{url}", sidecar.url), "GET", &[]).await;
+        assert_eq!(
+            got.body.unwrap(),
+            std::fs::read(fx.cache.join(url)).unwrap(),
+            "refetched whole"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_requests_on_a_cached_nar_and_gc_down_to_a_size() {
+    let fx = many();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::start(dir.path(), &anonymous(&upstream.url), &[]);
+    let url = nar_url(&sidecar.url, &fx.top).await;
+    let whole = std::fs::read(fx.cache.join(&url)).unwrap();
+    assert_eq!(
+        get(&format!("{}/{url}", sidecar.url), "GET", &[])
+            .await
+            .status,
+        200
+    );
+    let part = get(
+        &format!("{}/{url}", sidecar.url),
+        "GET",
+        &[("range", "bytes=100-199")],
+    )
+    .await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body.unwrap(), whole[100..200]);
+    let tail = get(
+        &format!("{}/{url}", sidecar.url),
+        "GET",
+        &[("range", "bytes=-10")],
+    )
+    .await;
+    assert_eq!(tail.body.unwrap(), whole[whole.len() - 10..]);
+    let bad = get(
+        &format!("{}/{url}", sidecar.url),
+        "GET",
+        &[("range", &format!("bytes={}-", whole.len()))],
+    )
+    .await;
+    assert_eq!(bad.status, 416);
+    let head = get(&format!("{}/{url}", sidecar.url), "HEAD", &[]).await;
+    assert_eq!(
+        head.headers["content-length"],
+        whole.len().to_string().as_str()
+    );
+    sidecar.stop();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["cache", "gc", "--max-size", "0", "--cache-dir"])
+        .arg(sidecar.cache_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (_, stats) = cache_output(&sidecar, "stats");
+    assert!(stats.contains("stored files: 0"), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_identity_never_sees_another_identitys_cached_answers() {
+    let fx = fixture();
+    let aud = "https://cache.test";
+    let issuer = Issuer::start().await;
+    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, aud))).await;
+    upstream.grant("wide", &fx.closure);
+    let dir = tempfile::tempdir().unwrap();
+    let config = |id: &str| {
+        format!(
+            "{}identity = \"{id}\"\n[identity.{id}]\nprovider = \"static\"\nvariable = \"TOKEN_{id}\"\n",
+            anonymous(&upstream.url)
+        )
+    };
+    let wide = issuer.mint("wide", aud, 300, false);
+    let narrow = issuer.mint("narrow", aud, 300, false);
+    let env = [
+        ("TOKEN_wide", wide.as_str()),
+        ("TOKEN_narrow", narrow.as_str()),
+    ];
+    let mut sidecar = Sidecar::start(dir.path(), &config("wide"), &env);
+    let path = format!("/{}.narinfo", hash_part(&fx.top));
+    assert_eq!(
+        get(&format!("{}{path}", sidecar.url), "GET", &[])
+            .await
+            .status,
+        200
+    );
+    sidecar.kill();
+    // Same cache directory, another identity: the cached answer is not reused.
+    let sidecar = Sidecar::start(dir.path(), &config("narrow"), &env);
+    assert_eq!(
+        get(&format!("{}{path}", sidecar.url), "GET", &[])
+            .await
+            .status,
+        404
+    );
+}

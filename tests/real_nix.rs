@@ -140,3 +140,81 @@ async fn a_token_for_the_wrong_audience_gets_a_503_that_says_why() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("503"), "nix reports the 503: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nix_substitutes_zstd_nars_verified_by_narhash_when_the_narinfo_has_no_filehash() {
+    let fx = support::nix::build("zstd", 5_000);
+    let upstream =
+        UpstreamDouble::start_with(fx.cache.clone(), None, |s| s.strip_file_hash = true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "trusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"attic-like\"\nurl = \"{}\"\n",
+        fx.public_key, upstream.url
+    );
+    let sidecar = Sidecar::start(dir.path(), &config, &[]);
+    let (url, pk, top, cd) = (
+        sidecar.url.clone(),
+        fx.public_key.clone(),
+        fx.top.clone(),
+        dir.path().join("c1"),
+    );
+    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &cd))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
+        "GET",
+        &[],
+    )
+    .await
+    .text();
+    assert!(!info.contains("FileHash"));
+
+    // Wrong bytes behind a narinfo without FileHash are caught by NarHash.
+    let other = support::nix::build("zstd", 5_001);
+    let upstream =
+        UpstreamDouble::start_with(other.cache.clone(), None, |s| s.strip_file_hash = true).await;
+    upstream.fault(
+        support::upstream::Target::Nar,
+        support::upstream::Fault::WrongBytes,
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "trusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"attic-like\"\nurl = \"{}\"\n",
+        other.public_key, upstream.url
+    );
+    let sidecar = Sidecar::start(dir.path(), &config, &[]);
+    let (url, pk, top, cd) = (
+        sidecar.url.clone(),
+        other.public_key.clone(),
+        other.top.clone(),
+        dir.path().join("c2"),
+    );
+    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &cd))
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn the_listener_speaks_http2_cleartext() {
+    use http_body_util::{BodyExt, Empty};
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(dir.path(), "", &[]);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    let response = client
+        .get(format!("{}/nix-cache-info", sidecar.url).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"StoreDir: /nix/store\n"));
+}

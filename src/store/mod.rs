@@ -41,6 +41,8 @@ struct Inner {
     evictions: AtomicU64,
     verify_failures: AtomicU64,
     last_space_warning: Mutex<Option<Instant>>,
+    /// What start-up repaired, reported by the next `verify`.
+    repaired_at_open: Mutex<VerifyReport>,
 }
 
 /// A cached narinfo and how old it is.
@@ -109,6 +111,7 @@ impl Store {
             evictions: AtomicU64::new(0),
             verify_failures: AtomicU64::new(0),
             last_space_warning: Mutex::new(None),
+            repaired_at_open: Mutex::default(),
         }));
         let report = store.recover()?;
         if report.leftovers + report.missing > 0 {
@@ -118,6 +121,7 @@ impl Store {
                 "cache recovered from an unclean stop"
             );
         }
+        *store.0.repaired_at_open.lock().unwrap() = report;
         Ok(store)
     }
 
@@ -151,7 +155,10 @@ impl Store {
                     total += size;
                     known.insert(path);
                 }
-                _ => bad.push(key),
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                    bad.push(key)
+                }
             }
         }
         report.missing = bad.len() as u64;
@@ -433,7 +440,9 @@ impl Store {
             let _ = std::fs::remove_file(self.blob_path(key));
         }
         let recovered = self.recover()?;
-        report.leftovers = recovered.leftovers;
+        let at_open = std::mem::take(&mut *self.0.repaired_at_open.lock().unwrap());
+        report.leftovers = recovered.leftovers + at_open.leftovers;
+        report.missing += recovered.missing + at_open.missing;
         Ok(report)
     }
 }
