@@ -73,6 +73,9 @@ struct FileIdentity {
     variable: Option<String>,
     path: Option<PathBuf>,
     refresh_interval: Option<String>,
+    command: Option<Vec<String>>,
+    region: Option<String>,
+    client_id: Option<String>,
     exchange: Option<FileExchange>,
 }
 
@@ -129,9 +132,45 @@ pub struct ExchangeConfig {
 #[derive(Debug, Clone)]
 pub enum Provider {
     /// The token is the value of an environment variable (tests, or a secret manager's env).
-    Static { variable: String },
+    Static {
+        variable: String,
+    },
     /// A JWT file re-read on a schedule (also `kubernetes`, with its default path).
-    File { path: PathBuf, refresh: Duration },
+    File {
+        path: PathBuf,
+        refresh: Duration,
+    },
+    GithubActions,
+    /// A GitLab `id_tokens` JWT in this environment variable.
+    Gitlab {
+        variable: String,
+    },
+    Gcp,
+    Azure {
+        client_id: Option<String>,
+    },
+    Aws {
+        region: String,
+    },
+    /// A command that prints a token (or JSON with one).
+    Exec {
+        command: Vec<String>,
+    },
+}
+
+impl Provider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Static { .. } => "static",
+            Provider::File { .. } => "file",
+            Provider::GithubActions => "github-actions",
+            Provider::Gitlab { .. } => "gitlab",
+            Provider::Gcp => "gcp",
+            Provider::Azure { .. } => "azure",
+            Provider::Aws { .. } => "aws",
+            Provider::Exec { .. } => "exec",
+        }
+    }
 }
 
 pub const KUBERNETES_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
@@ -391,22 +430,31 @@ impl Config {
         }
         for (name, id) in &self.identities {
             let _ = writeln!(out, "\n[identity.{name}]");
+            let _ = writeln!(out, "provider = \"{}\"", id.provider.name());
             match &id.provider {
-                Provider::Static { variable } => {
-                    let _ = writeln!(
-                        out,
-                        "provider = \"static\"\nvariable = {}  # value not shown",
-                        toml_str(variable)
-                    );
+                Provider::Static { variable } | Provider::Gitlab { variable } => {
+                    let _ = writeln!(out, "variable = {}  # value not shown", toml_str(variable));
                 }
                 Provider::File { path, refresh } => {
                     let _ = writeln!(
                         out,
-                        "provider = \"file\"\npath = {}\nrefresh-interval = \"{}\"",
+                        "path = {}\nrefresh-interval = \"{}\"",
                         toml_str(&path.display().to_string()),
                         humantime::format_duration(*refresh)
                     );
                 }
+                Provider::Azure {
+                    client_id: Some(id),
+                } => {
+                    let _ = writeln!(out, "client-id = {}", toml_str(id));
+                }
+                Provider::Aws { region } => {
+                    let _ = writeln!(out, "region = {}", toml_str(region));
+                }
+                Provider::Exec { command } => {
+                    let _ = writeln!(out, "command = {}", list(command.clone()));
+                }
+                Provider::GithubActions | Provider::Gcp | Provider::Azure { client_id: None } => {}
             }
             if let Some(aud) = &id.audience {
                 let _ = writeln!(out, "audience = {}", toml_str(aud));
@@ -458,20 +506,48 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
             })?,
         None => Duration::from_secs(60),
     };
+    let needs_audience = || {
+        id.audience.clone().ok_or_else(|| {
+            invalid(
+                key("audience"),
+                format!("provider `{}` needs an audience", id.provider),
+            )
+        })
+    };
+    let only = |allowed: &[&str]| {
+        let set = [
+            ("variable", id.variable.is_some()),
+            ("path", id.path.is_some()),
+            ("refresh-interval", id.refresh_interval.is_some()),
+            ("command", id.command.is_some()),
+            ("region", id.region.is_some()),
+            ("client-id", id.client_id.is_some()),
+        ];
+        for (field, present) in set {
+            unused(field, present && !allowed.contains(&field))?;
+        }
+        Ok::<(), ConfigError>(())
+    };
     let provider = match id.provider.as_str() {
-        "static" => {
-            unused("path", id.path.is_some())?;
-            unused("refresh-interval", id.refresh_interval.is_some())?;
+        "static" | "gitlab" => {
+            only(&["variable"])?;
             let variable = id.variable.clone().ok_or_else(|| {
                 invalid(
                     key("variable"),
-                    "provider `static` needs the name of an environment variable",
+                    format!(
+                        "provider `{}` needs the name of an environment variable",
+                        id.provider
+                    ),
                 )
             })?;
-            Provider::Static { variable }
+            if id.provider == "static" {
+                Provider::Static { variable }
+            } else {
+                Provider::Gitlab { variable }
+            }
         }
         "file" | "kubernetes" => {
-            unused("variable", id.variable.is_some())?;
+            only(&["path", "refresh-interval"])?;
             let path = match (&id.path, id.provider.as_str()) {
                 (Some(path), _) => path.clone(),
                 (None, "kubernetes") => PathBuf::from(KUBERNETES_TOKEN_PATH),
@@ -484,12 +560,37 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
             };
             Provider::File { path, refresh }
         }
-        other => {
-            return Err(invalid(
-                key("provider"),
-                format!("provider `{other}` is not available in this build yet"),
-            ))
+        "github-actions" => {
+            only(&[])?;
+            Provider::GithubActions
         }
+        "gcp" => {
+            only(&[])?;
+            needs_audience()?;
+            Provider::Gcp
+        }
+        "azure" => {
+            only(&["client-id"])?;
+            needs_audience()?;
+            Provider::Azure {
+                client_id: id.client_id.clone(),
+            }
+        }
+        "aws" => {
+            only(&["region"])?;
+            needs_audience()?;
+            Provider::Aws {
+                region: id.region.clone().unwrap_or_else(|| "us-east-1".into()),
+            }
+        }
+        "exec" => {
+            only(&["command"])?;
+            let command = id.command.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
+                invalid(key("command"), "provider `exec` needs a command, e.g. [\"/usr/bin/get-token\", \"--json\"]")
+            })?;
+            Provider::Exec { command }
+        }
+        _ => unreachable!("checked above"),
     };
     let exchange = match id.exchange {
         Some(ex) => {
@@ -653,6 +754,12 @@ scope = "cache:read"
                 .contains("identity.a.variable")
         );
         assert!(err("[identity.a]\nprovider = \"file\"\npath = \"/x\"\nfoo = 1").contains("foo"));
+        assert!(err("[identity.a]\nprovider = \"gcp\"").contains("identity.a.audience"));
+        assert!(err("[identity.a]\nprovider = \"exec\"").contains("identity.a.command"));
+        assert!(
+            err("[identity.a]\nprovider = \"aws\"\naudience = \"x\"\npath = \"/p\"")
+                .contains("identity.a.path")
+        );
     }
 
     #[test]

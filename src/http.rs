@@ -86,3 +86,31 @@ pub fn snippet(bytes: &[u8]) -> String {
         .trim()
         .to_string()
 }
+
+/// One GET (or other bodiless request) whose answer is small: status and body.
+/// Errors name the URL without its query and never a header value.
+pub async fn fetch_small(
+    client: &Client,
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), String> {
+    let shown = url.split('?').next().unwrap_or(url);
+    let mut request = hyper::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| format!("bad request for {shown}: {e}"))?;
+    let response = tokio::time::timeout(timeout, client.request(request))
+        .await
+        .map_err(|_| format!("{shown} did not answer within {}s", timeout.as_secs()))?
+        .map_err(|e| format!("{shown} unreachable: {e}"))?;
+    let status = response.status();
+    let body = read_limited(response.into_body(), 256 * 1024, timeout)
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?;
+    Ok((status, body))
+}

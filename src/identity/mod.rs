@@ -7,7 +7,13 @@
 //! receipt time so a skewed clock cannot make a token look fresh for longer than it lives.
 //! This module knows nothing about caches or Nix.
 
+pub mod aws;
+pub mod azure;
 pub mod exchange;
+pub mod exec;
+pub mod gcp;
+pub mod github;
+pub mod gitlab;
 pub mod jwt;
 pub mod sources;
 
@@ -117,7 +123,7 @@ impl Identity {
     pub fn new(config: &IdentityConfig, client: Client) -> Identity {
         Identity {
             name: config.name.clone(),
-            source: Source::new(&config.provider),
+            source: Source::new(config, client.clone()),
             exchange: config.exchange.clone().map(|ex| Exchange::new(ex, client)),
             state: Mutex::new(State::default()),
             refreshing: tokio::sync::Mutex::new(()),

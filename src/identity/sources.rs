@@ -1,36 +1,54 @@
 //! Where tokens come from. Each source returns a fresh token or a reason it could not; the
 //! cache in `mod.rs` decides when to ask. Sources never see a request path or a cache.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use super::{jwt, RawToken};
-use crate::config::Provider;
+use super::aws::{self, Aws};
+use super::{azure, exec, gcp, github, gitlab, jwt, RawToken};
+use crate::config::{IdentityConfig, Provider};
+use crate::http::Client;
 use crate::secret::Secret;
 
 const MAX_TOKEN_FILE: u64 = 64 * 1024;
 
-pub enum Source {
-    Static { variable: String },
-    File { path: PathBuf, refresh: Duration },
+pub struct Source {
+    identity: String,
+    provider: Provider,
+    audience: Option<String>,
+    client: Client,
+    aws: Option<Aws>,
 }
 
 impl Source {
-    pub fn new(provider: &Provider) -> Source {
-        match provider {
-            Provider::Static { variable } => Source::Static {
-                variable: variable.clone(),
-            },
-            Provider::File { path, refresh } => Source::File {
-                path: path.clone(),
-                refresh: *refresh,
-            },
+    pub fn new(config: &IdentityConfig, client: Client) -> Source {
+        let aws = match &config.provider {
+            Provider::Aws { region } => Some(Aws::new(
+                region,
+                config.audience.as_deref().unwrap_or_default(),
+            )),
+            _ => None,
+        };
+        Source {
+            identity: config.name.clone(),
+            provider: config.provider.clone(),
+            audience: config.audience.clone(),
+            client,
+            aws,
+        }
+    }
+
+    /// What an RFC 8693 exchange should call this source's tokens.
+    pub fn subject_token_type(&self) -> &'static str {
+        match self.provider {
+            Provider::Aws { .. } => aws::SUBJECT_TOKEN_TYPE,
+            _ => super::exchange::JWT_TOKEN_TYPE,
         }
     }
 
     pub async fn fetch(&self) -> Result<RawToken, String> {
-        match self {
-            Source::Static { variable } => {
+        let audience = self.audience.as_deref();
+        match &self.provider {
+            Provider::Static { variable } => {
                 let value = std::env::var(variable)
                     .map_err(|_| format!("environment variable {variable} is not set"))?;
                 let value = value.trim();
@@ -39,13 +57,32 @@ impl Source {
                 }
                 Ok(RawToken::new(Secret::new(value)))
             }
-            Source::File { path, refresh } => {
+            Provider::File { path, refresh } => {
                 let token = read_token_file(path).await?;
                 Ok(RawToken {
                     reread_after: Some(*refresh),
                     ..RawToken::new(token)
                 })
             }
+            Provider::GithubActions => github::fetch(&self.client, audience).await,
+            Provider::Gitlab { variable } => gitlab::fetch(&self.identity, variable),
+            Provider::Gcp => gcp::fetch(&self.client, audience.unwrap_or_default()).await,
+            Provider::Azure { client_id } => {
+                azure::fetch(
+                    &self.client,
+                    audience.unwrap_or_default(),
+                    client_id.as_deref(),
+                )
+                .await
+            }
+            Provider::Aws { .. } => {
+                self.aws
+                    .as_ref()
+                    .expect("made in new")
+                    .fetch(&self.client)
+                    .await
+            }
+            Provider::Exec { command } => exec::fetch(&self.identity, command).await,
         }
     }
 }

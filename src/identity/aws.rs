@@ -1,0 +1,320 @@
+//! AWS: a SigV4-presigned `sts:GetCallerIdentity` instead of a JWT.
+//!
+//! The token is `nix-sidecar-aws-v1.` + base64url (no padding) of a presigned
+//! `https://sts.<region>.amazonaws.com/?Action=GetCallerIdentity&Version=2011-06-15&X-Amz-...`
+//! whose `X-Amz-SignedHeaders` are `host;x-nix-sidecar-audience`: the audience header is signed
+//! but not sent, so a verifier replaying the URL to STS with its own audience proves the token
+//! was made for it. STS honours it for 15 minutes; it is re-signed after 9.
+//!
+//! Credentials, in the SDKs' order: environment; the ECS/EKS container endpoint; IMDSv2.
+//! Temporary credentials are renewed 5 minutes before their `Expiration`.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{
+    sign, SignableBody, SignableRequest, SignatureLocation, SigningSettings,
+};
+use aws_sigv4::sign::v4;
+use base64::Engine;
+use http::Method;
+use serde::Deserialize;
+
+use super::RawToken;
+use crate::http::{fetch_small, snippet, Client};
+use crate::secret::Secret;
+
+pub const TOKEN_PREFIX: &str = "nix-sidecar-aws-v1.";
+pub const SUBJECT_TOKEN_TYPE: &str = "urn:nix-sidecar:token-type:aws-sts-presigned-url";
+pub const AUDIENCE_HEADER: &str = "x-nix-sidecar-audience";
+const VALIDITY: Duration = Duration::from_secs(15 * 60);
+const RESIGN_AFTER: Duration = Duration::from_secs(9 * 60);
+const TIMEOUT: Duration = Duration::from_secs(5);
+const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Clone)]
+pub struct AwsCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    pub session_token: Option<Secret>,
+    pub expiration: Option<SystemTime>,
+}
+
+pub struct Aws {
+    pub region: String,
+    pub audience: String,
+    cached: Mutex<Option<AwsCredentials>>,
+}
+
+impl Aws {
+    pub fn new(region: &str, audience: &str) -> Aws {
+        Aws {
+            region: region.to_string(),
+            audience: audience.to_string(),
+            cached: Mutex::new(None),
+        }
+    }
+
+    pub async fn fetch(&self, client: &Client) -> Result<RawToken, String> {
+        let credentials = self.credentials(client).await?;
+        let url = presign(
+            &credentials,
+            &self.region,
+            &self.audience,
+            SystemTime::now(),
+        )?;
+        let token = format!(
+            "{TOKEN_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(url.expose())
+        );
+        Ok(RawToken {
+            expires_in: Some(VALIDITY),
+            reread_after: Some(RESIGN_AFTER),
+            ..RawToken::new(Secret::new(token))
+        })
+    }
+
+    async fn credentials(&self, client: &Client) -> Result<AwsCredentials, String> {
+        let fresh = |c: &AwsCredentials| {
+            c.expiration
+                .is_none_or(|at| at > SystemTime::now() + RENEW_BEFORE)
+        };
+        if let Some(c) = self.cached.lock().unwrap().as_ref().filter(|c| fresh(c)) {
+            return Ok(c.clone());
+        }
+        let credentials = if let Some(c) = from_env() {
+            c
+        } else if let Some(c) = from_container(client).await? {
+            c
+        } else {
+            from_imds(client).await?
+        };
+        *self.cached.lock().unwrap() = Some(credentials.clone());
+        Ok(credentials)
+    }
+}
+
+/// The presigned GetCallerIdentity URL (a secret: it is a bearer credential for 15 minutes).
+pub fn presign(
+    credentials: &AwsCredentials,
+    region: &str,
+    audience: &str,
+    time: SystemTime,
+) -> Result<Secret, String> {
+    let identity = Credentials::new(
+        &credentials.access_key_id,
+        credentials.secret_access_key.expose(),
+        credentials
+            .session_token
+            .as_ref()
+            .map(|t| t.expose().to_string()),
+        credentials.expiration,
+        "nix-sidecar",
+    )
+    .into();
+    let mut settings = SigningSettings::default();
+    settings.signature_location = SignatureLocation::QueryParams;
+    settings.expires_in = Some(VALIDITY);
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("sts")
+        .time(time)
+        .settings(settings)
+        .build()
+        .map_err(|e| format!("SigV4 parameters: {e}"))?
+        .into();
+    let host = format!("sts.{region}.amazonaws.com");
+    let base = format!("https://{host}/?Action=GetCallerIdentity&Version=2011-06-15");
+    let headers = [("host", host.as_str()), (AUDIENCE_HEADER, audience)];
+    let request = SignableRequest::new("GET", &base, headers.into_iter(), SignableBody::Bytes(&[]))
+        .map_err(|e| format!("SigV4 request: {e}"))?;
+    let (instructions, _) = sign(request, &params)
+        .map_err(|e| format!("SigV4 signing failed: {e}"))?
+        .into_parts();
+    let mut url = url::Url::parse(&base).map_err(|e| e.to_string())?;
+    for (name, value) in instructions.params() {
+        url.query_pairs_mut().append_pair(name, value);
+    }
+    Ok(Secret::new(url.to_string()))
+}
+
+fn from_env() -> Option<AwsCredentials> {
+    let id = std::env::var("AWS_ACCESS_KEY_ID")
+        .ok()
+        .filter(|v| !v.is_empty())?;
+    let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
+        .ok()
+        .filter(|v| !v.is_empty())?;
+    Some(AwsCredentials {
+        access_key_id: id,
+        secret_access_key: Secret::new(secret),
+        session_token: std::env::var("AWS_SESSION_TOKEN")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret::new),
+        expiration: None,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct JsonCredentials {
+    code: Option<String>,
+    access_key_id: String,
+    secret_access_key: String,
+    token: Option<String>,
+    expiration: Option<String>,
+}
+
+impl JsonCredentials {
+    fn parse(body: &[u8], source: &str) -> Result<AwsCredentials, String> {
+        let c: JsonCredentials = serde_json::from_slice(body)
+            .map_err(|_| format!("{source} answered without AWS credentials"))?;
+        if let Some(code) = c.code.as_deref().filter(|c| *c != "Success") {
+            return Err(format!("{source} answered Code={code}"));
+        }
+        Ok(AwsCredentials {
+            access_key_id: c.access_key_id,
+            secret_access_key: Secret::new(c.secret_access_key),
+            session_token: c.token.map(Secret::new),
+            expiration: c
+                .expiration
+                .and_then(|e| humantime::parse_rfc3339_weak(&e).ok()),
+        })
+    }
+}
+
+/// ECS task roles and EKS Pod Identity.
+async fn from_container(client: &Client) -> Result<Option<AwsCredentials>, String> {
+    let url = match (
+        std::env::var("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+        std::env::var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+    ) {
+        (Ok(full), _) => full,
+        (_, Ok(relative)) => format!("http://169.254.170.2{relative}"),
+        _ => return Ok(None),
+    };
+    let token = match std::env::var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE") {
+        Ok(path) => Some(Secret::new(
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE {path}: {e}"))?
+                .trim(),
+        )),
+        Err(_) => std::env::var("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+            .ok()
+            .map(Secret::new),
+    };
+    let authorization = token.as_ref().map(|t| t.expose().to_string());
+    let mut headers = vec![("accept", "application/json")];
+    if let Some(a) = &authorization {
+        headers.push(("authorization", a));
+    }
+    let (status, body) = fetch_small(client, Method::GET, &url, &headers, TIMEOUT).await?;
+    if !status.is_success() {
+        return Err(format!(
+            "AWS container credentials endpoint answered {status}"
+        ));
+    }
+    JsonCredentials::parse(&body, "the AWS container credentials endpoint").map(Some)
+}
+
+/// EC2 instance metadata, version 2 (a session token first).
+async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
+    let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+        .unwrap_or_else(|_| "http://169.254.169.254".into());
+    let endpoint = endpoint.trim_end_matches('/');
+    let (status, session) = fetch_small(
+        client,
+        Method::PUT,
+        &format!("{endpoint}/latest/api/token"),
+        &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+        TIMEOUT,
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "no AWS credentials in the environment, no container endpoint, and IMDS failed: {e}"
+        )
+    })?;
+    if !status.is_success() {
+        return Err(format!("IMDSv2 session token request answered {status}"));
+    }
+    let session = Secret::new(String::from_utf8_lossy(&session).trim());
+    let header = [("x-aws-ec2-metadata-token", session.expose())];
+    let roles_url = format!("{endpoint}/latest/meta-data/iam/security-credentials/");
+    let (status, roles) = fetch_small(client, Method::GET, &roles_url, &header, TIMEOUT).await?;
+    if !status.is_success() {
+        return Err(format!(
+            "IMDS answered {status} for the instance role (is an instance profile attached?)"
+        ));
+    }
+    let roles = String::from_utf8_lossy(&roles);
+    let role = roles
+        .lines()
+        .next()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or("IMDS lists no instance role")?;
+    let (status, body) = fetch_small(
+        client,
+        Method::GET,
+        &format!("{roles_url}{role}"),
+        &header,
+        TIMEOUT,
+    )
+    .await?;
+    if !status.is_success() {
+        return Err(format!(
+            "IMDS answered {status} for role {role}: {}",
+            snippet(&body)
+        ));
+    }
+    JsonCredentials::parse(&body, "IMDS")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presigned_url_is_deterministic_and_binds_the_audience() {
+        let creds = AwsCredentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: Secret::new("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
+            session_token: None,
+            expiration: None,
+        };
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let a = presign(&creds, "eu-west-1", "https://cache.test", time).unwrap();
+        let b = presign(&creds, "eu-west-1", "https://cache.test", time).unwrap();
+        let other = presign(&creds, "eu-west-1", "https://evil.test", time).unwrap();
+        assert_eq!(a, b);
+        let url = url::Url::parse(a.expose()).unwrap();
+        assert_eq!(url.host_str(), Some("sts.eu-west-1.amazonaws.com"));
+        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+        assert_eq!(q["Action"], "GetCallerIdentity");
+        assert_eq!(q["X-Amz-SignedHeaders"], "host;x-nix-sidecar-audience");
+        assert_eq!(q["X-Amz-Expires"], "900");
+        assert_eq!(q["X-Amz-Date"], "20231114T221320Z");
+        assert!(
+            q["X-Amz-Credential"].starts_with("AKIDEXAMPLE/20231114/eu-west-1/sts/aws4_request")
+        );
+        let sig = |s: &Secret| {
+            url::Url::parse(s.expose())
+                .unwrap()
+                .query_pairs()
+                .find(|(k, _)| k == "X-Amz-Signature")
+                .unwrap()
+                .1
+                .into_owned()
+        };
+        assert_ne!(
+            sig(&a),
+            sig(&other),
+            "the audience is part of the signature"
+        );
+        assert_eq!(format!("{a:?}"), "[redacted]");
+    }
+}

@@ -1,0 +1,76 @@
+//! `exec`: runs a command that prints a token, or JSON `{"token"|"access_token"|"id_token",
+//! "expires_in"}`. Its stderr goes to the log line by line; its stdout (the secret) never does.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+use super::RawToken;
+use crate::secret::Secret;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_OUTPUT: u64 = 64 * 1024;
+
+#[derive(Deserialize)]
+struct JsonToken {
+    #[serde(alias = "access_token", alias = "id_token")]
+    token: String,
+    expires_in: Option<u64>,
+}
+
+pub async fn fetch(identity: &str, command: &[String]) -> Result<RawToken, String> {
+    let shown = command.first().cloned().unwrap_or_default();
+    let mut child = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+    let stderr = child.stderr.take().expect("piped");
+    let identity_name = identity.to_string();
+    let log_stderr = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(identity = %identity_name, "exec stderr: {line}");
+        }
+    });
+    let mut stdout = child.stdout.take().expect("piped");
+    let run = async {
+        let mut out = Vec::new();
+        (&mut stdout)
+            .take(MAX_OUTPUT + 1)
+            .read_to_end(&mut out)
+            .await
+            .map_err(|e| format!("reading the output of `{shown}`: {e}"))?;
+        let status = child.wait().await.map_err(|e| format!("`{shown}`: {e}"))?;
+        Ok::<_, String>((status, out))
+    };
+    let (status, out) = tokio::time::timeout(TIMEOUT, run)
+        .await
+        .map_err(|_| format!("`{shown}` did not finish within {}s", TIMEOUT.as_secs()))??;
+    let _ = log_stderr.await;
+    if !status.success() {
+        return Err(format!("`{shown}` failed ({status})"));
+    }
+    if out.len() as u64 > MAX_OUTPUT {
+        return Err(format!("`{shown}` printed more than {MAX_OUTPUT} bytes"));
+    }
+    let text = String::from_utf8(out).map_err(|_| format!("`{shown}` printed non-UTF-8 output"))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(format!("`{shown}` printed nothing"));
+    }
+    if text.starts_with('{') {
+        let json: JsonToken = serde_json::from_str(text)
+            .map_err(|_| format!("`{shown}` printed JSON without a token field"))?;
+        return Ok(RawToken {
+            expires_in: json.expires_in.map(Duration::from_secs),
+            ..RawToken::new(Secret::new(json.token))
+        });
+    }
+    Ok(RawToken::new(Secret::new(text)))
+}
