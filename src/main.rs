@@ -106,6 +106,14 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NIX_SIDECAR_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Libraries that print secrets at their most verbose levels stay quiet whatever the
+    // user asks for: aws-sigv4 traces the canonical request (with the session token), and
+    // h2 traces header blocks.
+    let filter = ["aws_sigv4=off", "aws_smithy_runtime_api=off", "h2=info"]
+        .into_iter()
+        .fold(filter, |f, d| {
+            f.add_directive(d.parse().expect("static directive"))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -217,7 +217,7 @@ impl Identity {
         match &self.exchange {
             Some(exchange) => {
                 let mut exchanged = exchange
-                    .exchange(&raw.secret, exchange::JWT_TOKEN_TYPE)
+                    .exchange(&raw.secret, self.source.subject_token_type())
                     .await?;
                 exchanged.reread_after = raw.reread_after;
                 Ok(exchanged)

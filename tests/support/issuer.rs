@@ -11,6 +11,7 @@ use super::http::{respond, serve};
 
 pub const JWKS: &str = include_str!("keys/jwks.json");
 
+#[derive(Clone)]
 pub struct Issuer {
     pub addr: SocketAddr,
     pub url: String,

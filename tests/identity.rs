@@ -1,0 +1,417 @@
+//! Every identity source against its double, the token cache's refresh rules, and secrets.
+
+mod support;
+
+use std::time::Duration;
+
+use support::cloud::{Cloud, AWS_SESSION, GITHUB_REQUEST_TOKEN, IMDS_SESSION_TOKEN};
+use support::http::get;
+use support::issuer::Issuer;
+use support::nix::{fixture, in_store, substitute};
+use support::sidecar::Sidecar;
+use support::upstream::{hash_part, UpstreamDouble};
+
+const AUD: &str = "https://cache.test";
+
+struct World {
+    issuer: Issuer,
+    cloud: Cloud,
+    upstream: UpstreamDouble,
+    dir: tempfile::TempDir,
+}
+
+/// An upstream whose view for `sub` is the fixture's closure (not `outside`), and the cloud
+/// doubles minting tokens for `sub`.
+async fn world(sub: &str) -> World {
+    let fx = fixture();
+    let issuer = Issuer::start().await;
+    let cloud = Cloud::start(&issuer, sub, AUD).await;
+    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
+    upstream.grant(sub, &fx.closure);
+    World {
+        issuer,
+        cloud,
+        upstream,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl World {
+    fn sidecar(&self, identity_table: &str, extra_env: &[(&str, &str)]) -> Sidecar {
+        self.sidecar_with("", identity_table, extra_env)
+    }
+
+    fn sidecar_with(
+        &self,
+        top_level: &str,
+        identity_table: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Sidecar {
+        let config = format!(
+            "{top_level}\ntrusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\nidentity = \"id\"\n\n[identity.id]\n{identity_table}",
+            fixture().public_key,
+            self.upstream.url
+        );
+        let mut env = self.cloud.env();
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Sidecar::start(self.dir.path(), &config, &env)
+    }
+}
+
+/// Real Nix substitutes the closure; the outside path is a miss.
+async fn nix_pulls_the_view(sidecar: &Sidecar, client: &str) {
+    let fx = fixture();
+    let (url, pk, top, dir) = (
+        sidecar.url.clone(),
+        fx.public_key.clone(),
+        fx.top.clone(),
+        sidecar.dir.join(client),
+    );
+    let d = dir.clone();
+    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &d))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sidecar.logs()
+    );
+    assert!(fx.closure.iter().all(|p| in_store(&dir, p)));
+    let outside = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(outside.status, 404, "outside the view");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_actions_oidc() {
+    let w = world("repo:org/app:ref:refs/heads/main").await;
+    let sidecar = w.sidecar(
+        &format!("provider = \"github-actions\"\naudience = \"{AUD}\"\n"),
+        &[],
+    );
+    nix_pulls_the_view(&sidecar, "gh").await;
+    assert_eq!(
+        w.cloud.calls("github"),
+        1,
+        "one token serves the whole pull"
+    );
+    assert!(!sidecar.logs().contains(GITHUB_REQUEST_TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcp_metadata_identity_token_with_format_full_fallback() {
+    let w = world("107318236417519048").await;
+    w.cloud.gcp_rejects_format_full();
+    let sidecar = w.sidecar(&format!("provider = \"gcp\"\naudience = \"{AUD}\"\n"), &[]);
+    nix_pulls_the_view(&sidecar, "gcp").await;
+    assert_eq!(
+        w.cloud.calls("gcp"),
+        2,
+        "format=full answered 400, retried without it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_managed_identity_with_string_expiry() {
+    let w = world("azure-vm-object-id").await;
+    let sidecar = w.sidecar(
+        &format!("provider = \"azure\"\naudience = \"{AUD}\"\n"),
+        &[],
+    );
+    nix_pulls_the_view(&sidecar, "azure").await;
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[])
+        .await
+        .text();
+    let left: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let secs = left["identities"]["id"]["token_seconds_left"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        secs > 250 && secs <= 300,
+        "expires_in \"300\" was read: {secs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_imdsv2_credentials_presigned_sts_token_through_an_exchange() {
+    let w = world(support::cloud::AWS_ARN).await;
+    let table = format!(
+        "provider = \"aws\"\naudience = \"{AUD}\"\nregion = \"eu-west-1\"\n\n[identity.id.exchange]\nurl = \"{}/exchange\"\naudience = \"{AUD}\"\n",
+        w.cloud.url
+    );
+    std::env::remove_var("AWS_ACCESS_KEY_ID");
+    let sidecar = w.sidecar(&table, &[("NIX_SIDECAR_LOG", "trace")]);
+    nix_pulls_the_view(&sidecar, "aws").await;
+    assert_eq!(
+        w.cloud.calls("sts"),
+        1,
+        "the exchange verified the token with STS"
+    );
+    assert_eq!(w.cloud.calls("imds-session"), 1);
+    let logs = sidecar.logs();
+    for secret in [
+        IMDS_SESSION_TOKEN,
+        AWS_SESSION,
+        support::cloud::AWS_SECRET,
+        "X-Amz-Signature",
+        "nix-sidecar-aws-v1.",
+    ] {
+        if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
+            panic!(
+                "{secret} leaked into the trace log: {}",
+                &line[..line.len().min(300)]
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_token_rotated_by_symlink_swap_is_picked_up() {
+    let w = world("system:serviceaccount:ci:builder").await;
+    let other_sub = "system:serviceaccount:ci:other";
+    let dir = w.dir.path();
+    let rotate = |name: &str, token: &str| {
+        let target = dir.join(name);
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(target.join("token"), token).unwrap();
+        let tmp = dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(name, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    };
+    rotate(
+        "..2026_11_26_a",
+        &w.issuer
+            .mint("system:serviceaccount:ci:builder", AUD, 3600, false),
+    );
+    std::os::unix::fs::symlink("..data/token", dir.join("token")).unwrap();
+    w.upstream
+        .grant(other_sub, std::slice::from_ref(&fixture().outside));
+    let sidecar = w.sidecar_with(
+        "negative-ttl = \"0s\"",
+        &format!(
+            "provider = \"kubernetes\"\npath = \"{}\"\nrefresh-interval = \"1s\"\n",
+            dir.join("token").display()
+        ),
+        &[],
+    );
+    nix_pulls_the_view(&sidecar, "k8s").await;
+    // The kubelet swaps in a token for another service account, whose view is empty.
+    rotate(
+        "..2026_11_26_b",
+        &w.issuer.mint(other_sub, AUD, 3600, false),
+    );
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let fx = fixture();
+    let answer = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "the new token (another view) is in use");
+    let subs: Vec<_> = w
+        .upstream
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.authorization)
+        .collect();
+    assert!(subs.len() >= 2 && subs.first() != subs.last());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_misses_while_the_token_expires_cause_one_provider_call() {
+    let fx = fixture();
+    let w = world("repo:org/app:ref:refs/heads/main").await;
+    w.cloud.set_lifetime(3);
+    let sidecar = w.sidecar(
+        &format!("provider = \"github-actions\"\naudience = \"{AUD}\"\n"),
+        &[],
+    );
+    assert_eq!(
+        get(
+            &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
+            "GET",
+            &[]
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(w.cloud.calls("github"), 1);
+    w.cloud.set_lifetime(300);
+    tokio::time::sleep(Duration::from_millis(3200)).await; // the token has expired
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        // Distinct misses: 50 hashes nobody has.
+        let url = format!("{}/{:0>32}.narinfo", sidecar.url, format!("{i}"));
+        clients.spawn(async move { get(&url, "GET", &[]).await.status });
+    }
+    while let Some(status) = clients.join_next().await {
+        assert_eq!(status.unwrap(), 404);
+    }
+    assert_eq!(w.cloud.calls("github"), 2, "one refresh for all 50");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_outage_gives_503_naming_the_identity_and_recovery_needs_no_restart() {
+    let fx = fixture();
+    let w = world("repo:org/app:ref:refs/heads/main").await;
+    w.cloud.set_down(true);
+    let sidecar = w.sidecar(
+        &format!("provider = \"github-actions\"\naudience = \"{AUD}\"\n"),
+        &[],
+    );
+    let url = format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top));
+    let answer = get(&url, "GET", &[]).await;
+    assert_eq!(answer.status, 503);
+    assert!(
+        answer.text().contains("identity `id`") && answer.text().contains("503"),
+        "{}",
+        answer.text()
+    );
+    w.cloud.set_down(false);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        get(&url, "GET", &[]).await.status,
+        200,
+        "the provider is back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gitlab_token_near_expiry_is_warned_about() {
+    let fx = fixture();
+    let w = world("project_path:group/app:ref_type:branch:ref:main").await;
+    let token = w.issuer.mint(
+        "project_path:group/app:ref_type:branch:ref:main",
+        AUD,
+        120,
+        false,
+    );
+    let sidecar = w.sidecar(
+        "provider = \"gitlab\"\nvariable = \"CI_JOB_ID_TOKEN\"\n",
+        &[("CI_JOB_ID_TOKEN", &token)],
+    );
+    let answer = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let logs = sidecar.logs();
+    assert!(
+        logs.contains("expires soon and cannot be refreshed"),
+        "{logs}"
+    );
+    assert!(!logs.contains(&token));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_or_empty_token_file_keeps_the_previous_token() {
+    let fx = fixture();
+    let w = world("machine-1").await;
+    let token_file = w.dir.path().join("token");
+    std::fs::write(&token_file, w.issuer.mint("machine-1", AUD, 3600, false)).unwrap();
+    let sidecar = w.sidecar(
+        &format!(
+            "provider = \"file\"\npath = \"{}\"\nrefresh-interval = \"1s\"\n",
+            token_file.display()
+        ),
+        &[],
+    );
+    w.upstream
+        .grant("machine-1", std::slice::from_ref(&fx.outside));
+    let paths = [&fx.closure[0], &fx.closure[1], &fx.closure[2], &fx.outside];
+    let get_path = |i: usize| format!("{}/{}.narinfo", sidecar.url, hash_part(paths[i]));
+    assert_eq!(get(&get_path(0), "GET", &[]).await.status, 200);
+    for (i, garbage) in ["eyJhbGciOiJSUzI1NiJ9.eyJzdWIi", "", "not a jwt at all"]
+        .into_iter()
+        .enumerate()
+    {
+        std::fs::write(&token_file, garbage).unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Each lookup is a new path, so it really goes upstream with the kept token.
+        assert_eq!(
+            get(&get_path(1 + i), "GET", &[]).await.status,
+            200,
+            "previous token kept after {garbage:?}"
+        );
+    }
+    assert!(sidecar.logs().contains("token refresh failed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_provider_reads_json_from_stdout_and_logs_only_stderr() {
+    let fx = fixture();
+    let w = world("machine-exec").await;
+    let token = w.issuer.mint("machine-exec", AUD, 600, false);
+    let script = w.dir.path().join("get-token.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho 'fetching a token' >&2\nprintf '{{\"token\": \"%s\", \"expires_in\": 600}}' '{token}'\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sidecar = w.sidecar(
+        &format!(
+            "provider = \"exec\"\ncommand = [\"{}\"]\n",
+            script.display()
+        ),
+        &[],
+    );
+    let answer = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let logs = sidecar.logs();
+    assert!(logs.contains("fetching a token"), "stderr is logged");
+    assert!(!logs.contains(&token), "stdout is not");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_prints_claims_but_the_token_only_with_raw() {
+    let w = world("machine-1").await;
+    let token = w.issuer.mint("machine-1", AUD, 300, true);
+    let dir = w.dir.path();
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[[upstream]]\nname = \"org\"\nurl = \"{}\"\nidentity = \"id\"\n[identity.id]\nprovider = \"static\"\nvariable = \"T\"\n", w.upstream.url),
+    )
+    .unwrap();
+    let run = |raw: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"));
+        cmd.args(["token", "--config"])
+            .arg(&config)
+            .env("T", &token);
+        if raw {
+            cmd.arg("--raw");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = run(false);
+    assert!(
+        plain.contains("sub: machine-1") && plain.contains(&format!("aud: {AUD}")),
+        "{plain}"
+    );
+    assert!(plain.contains("seconds left: "));
+    assert!(!plain.contains(&token));
+    assert!(run(true).contains(&token));
+}

@@ -1,0 +1,416 @@
+//! Identity provider doubles on one loopback server, each following its wire contract:
+//! GitHub Actions OIDC, the GCP metadata server, Azure IMDS, AWS IMDSv2 and STS, and an
+//! RFC 8693 token exchange that verifies JWTs against the issuer's JWKS and AWS tokens by
+//! replaying them to the STS double (which re-signs with the same keys and compares).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use nix_sidecar::identity::aws::{presign, AwsCredentials, TOKEN_PREFIX};
+use nix_sidecar::secret::Secret;
+use serde_json::json;
+
+use super::http::{get, respond, serve, Body};
+use super::issuer::Issuer;
+
+pub const GITHUB_REQUEST_TOKEN: &str = "ghs_request-token-SECRET-1234";
+pub const IMDS_SESSION_TOKEN: &str = "imds-session-SECRET-5678";
+pub const AWS_KEY_ID: &str = "AKIDNIXSIDECARTEST";
+pub const AWS_SECRET: &str = "nix-sidecar/test+secret/KEY";
+pub const AWS_SESSION: &str = "aws-session-token-SECRET-9999";
+pub const AWS_ARN: &str = "arn:aws:sts::123456789012:assumed-role/builder/i-0abc";
+
+pub struct Cloud {
+    pub addr: SocketAddr,
+    pub url: String,
+    state: Arc<State>,
+}
+
+struct State {
+    issuer: Issuer,
+    /// The `sub` of tokens minted for each source.
+    sub: String,
+    audience_for_exchange: String,
+    lifetime: AtomicI64,
+    down: AtomicBool,
+    gcp_rejects_format_full: AtomicBool,
+    calls: Mutex<HashMap<&'static str, usize>>,
+    port: std::sync::OnceLock<u16>,
+}
+
+impl Cloud {
+    pub async fn start(issuer: &Issuer, sub: &str, exchange_audience: &str) -> Cloud {
+        let state = Arc::new(State {
+            issuer: issuer.clone(),
+            sub: sub.into(),
+            audience_for_exchange: exchange_audience.into(),
+            lifetime: AtomicI64::new(300),
+            down: AtomicBool::new(false),
+            gcp_rejects_format_full: AtomicBool::new(false),
+            calls: Mutex::default(),
+            port: std::sync::OnceLock::new(),
+        });
+        let s = state.clone();
+        let addr = serve(move |req| handle(s.clone(), req)).await;
+        state.port.set(addr.port()).unwrap();
+        Cloud {
+            addr,
+            url: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    pub fn set_lifetime(&self, secs: i64) {
+        self.state.lifetime.store(secs, Ordering::SeqCst);
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    pub fn gcp_rejects_format_full(&self) {
+        self.state
+            .gcp_rejects_format_full
+            .store(true, Ordering::SeqCst);
+    }
+
+    pub fn calls(&self, route: &str) -> usize {
+        *self.state.calls.lock().unwrap().get(route).unwrap_or(&0)
+    }
+
+    /// The environment the real SDKs read, pointed at this double.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let a = self.addr;
+        vec![
+            (
+                "ACTIONS_ID_TOKEN_REQUEST_URL".into(),
+                format!("http://{a}/_github/token?api-version=2.0"),
+            ),
+            (
+                "ACTIONS_ID_TOKEN_REQUEST_TOKEN".into(),
+                GITHUB_REQUEST_TOKEN.into(),
+            ),
+            ("GCE_METADATA_HOST".into(), a.to_string()),
+            (
+                "AZURE_POD_IDENTITY_AUTHORITY_HOST".into(),
+                format!("http://{a}"),
+            ),
+            (
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+                format!("http://{a}"),
+            ),
+        ]
+    }
+}
+
+fn count(state: &State, route: &'static str) {
+    *state.calls.lock().unwrap().entry(route).or_default() += 1;
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if state.down.load(Ordering::SeqCst) && !path.starts_with("/sts") {
+        return respond(503, "provider is down");
+    }
+    let q = query(&req);
+    let lifetime = state.lifetime.load(Ordering::SeqCst);
+    match path.as_str() {
+        "/_github/token" => {
+            count(&state, "github");
+            if header(&req, "authorization") != Some(&format!("Bearer {GITHUB_REQUEST_TOKEN}")) {
+                return respond(401, "bad request token");
+            }
+            if q.get("api-version").map(String::as_str) != Some("2.0") {
+                return respond(400, "api-version lost");
+            }
+            let aud = q
+                .get("audience")
+                .cloned()
+                .unwrap_or_else(|| "https://github.com/org".into());
+            let jwt = state.issuer.mint(&state.sub, &aud, lifetime, false);
+            respond(200, json!({"value": jwt, "count": 1}).to_string())
+        }
+        "/computeMetadata/v1/instance/service-accounts/default/identity" => {
+            count(&state, "gcp");
+            if header(&req, "metadata-flavor") != Some("Google") {
+                return respond(403, "Missing Metadata-Flavor:Google header");
+            }
+            if q.contains_key("format") && state.gcp_rejects_format_full.load(Ordering::SeqCst) {
+                return respond(400, "non-empty format is not supported");
+            }
+            let Some(aud) = q.get("audience") else {
+                return respond(400, "audience required");
+            };
+            respond(
+                200,
+                state.issuer.mint(&state.sub, aud, lifetime.min(3600), true),
+            )
+        }
+        "/metadata/identity/oauth2/token" => {
+            count(&state, "azure");
+            if header(&req, "metadata") != Some("true") {
+                return respond(400, json!({"error": "invalid_request", "error_description": "Required metadata header not specified"}).to_string());
+            }
+            if q.get("api-version").map(String::as_str) != Some("2018-02-01") {
+                return respond(400, "bad api-version");
+            }
+            let Some(resource) = q.get("resource") else {
+                return respond(400, "resource required");
+            };
+            let jwt = state.issuer.mint(&state.sub, resource, lifetime, false);
+            let now = super::issuer::now();
+            respond(
+                200,
+                json!({"access_token": jwt, "expires_in": lifetime.to_string(), "expires_on": (now + lifetime).to_string(),
+                       "resource": resource, "token_type": "Bearer"})
+                .to_string(),
+            )
+        }
+        "/latest/api/token" => {
+            count(&state, "imds-session");
+            if req.method() != http::Method::PUT {
+                return respond(405, "");
+            }
+            let Some(ttl) =
+                header(&req, "x-aws-ec2-metadata-token-ttl-seconds").map(str::to_string)
+            else {
+                return respond(400, "ttl header required");
+            };
+            Response::builder()
+                .status(200)
+                .header("x-aws-ec2-metadata-token-ttl-seconds", ttl)
+                .body(super::http::full(IMDS_SESSION_TOKEN))
+                .unwrap()
+        }
+        p if p.starts_with("/latest/meta-data/iam/security-credentials/") => {
+            count(&state, "imds-credentials");
+            if header(&req, "x-aws-ec2-metadata-token") != Some(IMDS_SESSION_TOKEN) {
+                return respond(401, "");
+            }
+            let role = p.trim_start_matches("/latest/meta-data/iam/security-credentials/");
+            if role.is_empty() {
+                return respond(200, "builder\n");
+            }
+            let expiration =
+                humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600))
+                    .to_string();
+            respond(
+                200,
+                json!({"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": AWS_KEY_ID, "SecretAccessKey": AWS_SECRET,
+                       "Token": AWS_SESSION, "Expiration": expiration})
+                .to_string(),
+            )
+        }
+        "/sts/" => {
+            count(&state, "sts");
+            sts(&req, &q)
+        }
+        "/exchange" => {
+            count(&state, "exchange");
+            exchange(&state, req).await
+        }
+        _ => respond(404, ""),
+    }
+}
+
+/// STS GetCallerIdentity for presigned requests: re-sign with the known keys and compare.
+fn sts(req: &Request<Incoming>, q: &HashMap<String, String>) -> Response<Body> {
+    let deny = |why: &str| {
+        respond(
+            403,
+            json!({"Error": {"Code": "SignatureDoesNotMatch", "Message": why}}).to_string(),
+        )
+    };
+    let Some(audience) = header(req, "x-nix-sidecar-audience") else {
+        return deny("audience header missing");
+    };
+    let credential = q.get("X-Amz-Credential").cloned().unwrap_or_default();
+    let scope: Vec<&str> = credential.split('/').collect();
+    if scope.len() != 5 || scope[0] != AWS_KEY_ID || scope[3] != "sts" {
+        return deny("unknown access key");
+    }
+    if q.get("X-Amz-Security-Token").map(String::as_str) != Some(AWS_SESSION) {
+        return deny("bad session token");
+    }
+    let Some(date) = q.get("X-Amz-Date") else {
+        return deny("no date");
+    };
+    let Ok(time) = humantime::parse_rfc3339(&format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &date[0..4],
+        &date[4..6],
+        &date[6..8],
+        &date[9..11],
+        &date[11..13],
+        &date[13..15]
+    )) else {
+        return deny("bad date");
+    };
+    if SystemTime::now().duration_since(time).unwrap_or_default() > Duration::from_secs(900) {
+        return deny("expired");
+    }
+    let creds = AwsCredentials {
+        access_key_id: AWS_KEY_ID.into(),
+        secret_access_key: Secret::new(AWS_SECRET),
+        session_token: Some(Secret::new(AWS_SESSION)),
+        expiration: None,
+    };
+    let expected = presign(&creds, scope[2], audience, time).unwrap();
+    let expected_sig = url::Url::parse(expected.expose())
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "X-Amz-Signature")
+        .map(|(_, v)| v.into_owned());
+    if q.get("X-Amz-Signature") != expected_sig.as_ref() {
+        return deny("signature does not match");
+    }
+    respond(
+        200,
+        json!({"GetCallerIdentityResponse": {"GetCallerIdentityResult": {"Account": "123456789012", "Arn": AWS_ARN, "UserId": "AROAEXAMPLE:i-0abc"}}})
+            .to_string(),
+    )
+}
+
+async fn exchange(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let error = |code: &str, why: &str| {
+        respond(
+            400,
+            json!({"error": code, "error_description": why}).to_string(),
+        )
+    };
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    if form.get("grant_type").map(String::as_str)
+        != Some("urn:ietf:params:oauth:grant-type:token-exchange")
+    {
+        return error("invalid_request", "grant_type");
+    }
+    let Some(subject) = form.get("subject_token") else {
+        return error("invalid_request", "no subject_token");
+    };
+    let sub = match form.get("subject_token_type").map(String::as_str) {
+        Some("urn:ietf:params:oauth:token-type:jwt") => match verify_jwt(state, subject).await {
+            Ok(sub) => sub,
+            Err(why) => return error("invalid_request", &why),
+        },
+        Some("urn:nix-sidecar:token-type:aws-sts-presigned-url") => {
+            match verify_aws(state, subject).await {
+                Ok(arn) => arn,
+                Err(why) => return error("invalid_request", &why),
+            }
+        }
+        _ => return error("invalid_request", "unsupported subject_token_type"),
+    };
+    let lifetime = state.lifetime.load(Ordering::SeqCst);
+    let token = state
+        .issuer
+        .mint(&sub, &state.audience_for_exchange, lifetime, false);
+    respond(
+        200,
+        json!({"access_token": token, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_type": "Bearer", "expires_in": lifetime})
+            .to_string(),
+    )
+}
+
+async fn verify_jwt(state: &State, token: &str) -> Result<String, String> {
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(super::issuer::JWKS).unwrap();
+    let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+    let jwk = jwks
+        .find(header.kid.as_deref().unwrap_or(""))
+        .ok_or("unknown kid")?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.validate_aud = false;
+    validation.set_issuer(&[&state.issuer.url]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+        .map_err(|e| e.to_string())?;
+    Ok(data.claims["sub"].as_str().unwrap_or_default().to_string())
+}
+
+/// The verifier side of the AWS token: strict checks, then a replay to (our) STS.
+async fn verify_aws(state: &State, token: &str) -> Result<String, String> {
+    if token.len() > 8192 {
+        return Err("token too long".into());
+    }
+    let encoded = token.strip_prefix(TOKEN_PREFIX).ok_or("wrong prefix")?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|_| "not base64url")?;
+    let url = url::Url::parse(std::str::from_utf8(&raw).map_err(|_| "not text")?)
+        .map_err(|_| "not a URL")?;
+    let host = url.host_str().unwrap_or("");
+    if url.scheme() != "https"
+        || !(host.starts_with("sts.") && host.ends_with(".amazonaws.com"))
+        || url.path() != "/"
+    {
+        return Err("not an STS URL".into());
+    }
+    let allowed = [
+        "Action",
+        "Version",
+        "X-Amz-Algorithm",
+        "X-Amz-Credential",
+        "X-Amz-Date",
+        "X-Amz-Expires",
+        "X-Amz-SignedHeaders",
+        "X-Amz-Security-Token",
+        "X-Amz-Signature",
+    ];
+    let mut seen = HashMap::new();
+    for (k, v) in url.query_pairs() {
+        if !allowed.contains(&k.as_ref()) || seen.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("unexpected or repeated query key {k}"));
+        }
+    }
+    if seen.get("Action").map(String::as_str) != Some("GetCallerIdentity") {
+        return Err("not GetCallerIdentity".into());
+    }
+    if !seen
+        .get("X-Amz-SignedHeaders")
+        .is_some_and(|h| h.split(';').any(|h| h == "x-nix-sidecar-audience"))
+    {
+        return Err("audience header not signed".into());
+    }
+    // The replay: the real verifier calls `url` itself; the double's STS stands in for AWS.
+    let replay = format!(
+        "http://127.0.0.1:{}/sts/?{}",
+        state.port.get().unwrap(),
+        url.query().unwrap_or("")
+    );
+    let answer = get(
+        &replay,
+        "GET",
+        &[
+            ("x-nix-sidecar-audience", &state.audience_for_exchange),
+            ("accept", "application/json"),
+        ],
+    )
+    .await;
+    if answer.status != 200 {
+        return Err(format!("STS rejected it: {}", answer.text()));
+    }
+    let v: serde_json::Value = serde_json::from_str(&answer.text()).map_err(|e| e.to_string())?;
+    Ok(
+        v["GetCallerIdentityResponse"]["GetCallerIdentityResult"]["Arn"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
