@@ -20,7 +20,7 @@ use crate::nix::request::{self, CachePath};
 use crate::store::check::Expected;
 use crate::store::fill::{ByteStream, ChunkSink, FillState, PassThrough, BODY_IDLE_TIMEOUT};
 use crate::store::{Limits, NarSource, Slot, Store};
-use crate::upstream::{display_url, Answer, Upstream, UpstreamError};
+use crate::upstream::{Answer, Upstream, UpstreamError};
 
 pub enum NarInfoAnswer {
     Found(String),
@@ -297,7 +297,7 @@ impl Proxy {
             .as_ref()
             .and_then(|r| self.upstreams.iter().find(|u| u.name == r.upstream));
         let (Some(row), Some(up)) = (row.as_ref(), upstream) else {
-            return self.nar_unknown(key, method).await;
+            return self.forward(key, method).await;
         };
         if let Some((file, size)) = self.store.open_stored(key, row) {
             self.metrics.inc("cache_hits_total", &[("kind", "nar")], 1);
@@ -367,10 +367,10 @@ impl Proxy {
         }
     }
 
-    /// A NAR no narinfo of ours pointed to (say, after the cache was wiped while Nix still
-    /// remembered the narinfo): passed through from the first upstream that has it, unverified
-    /// (Nix checks NarHash itself) and not stored.
-    async fn nar_unknown(&self, key: &str, method: &Method) -> NarAnswer {
+    /// Passed through from the first upstream that has it, unverified and not stored: `log/`,
+    /// `realisations/`, `build-trace-v2/`, and a NAR no narinfo of ours pointed to (say, the
+    /// cache was wiped while Nix still remembered the narinfo; Nix checks NarHash itself).
+    pub async fn forward(&self, key: &str, method: &Method) -> NarAnswer {
         let mut failures = Vec::new();
         for up in &self.upstreams {
             let Some(url) = up.resolve(key) else { continue };
@@ -421,27 +421,6 @@ impl Proxy {
             sink.finish(outcome.map(|_| ())).await
         });
         NarAnswer::Found(Content::Stream(length, stream))
-    }
-
-    /// `log/`, `realisations/`, `build-trace-v2/`: forwarded, not cached.
-    pub async fn forward(&self, rel: &str) -> NarAnswer {
-        let mut failures = Vec::new();
-        for up in &self.upstreams {
-            let Some(url) = up.resolve(rel) else { continue };
-            match self.pass_through(up, &url, None).await {
-                NarAnswer::Missing => continue,
-                NarAnswer::Unavailable(e) => {
-                    tracing::warn!(upstream = %up.name, url = %display_url(&url), "forward failed");
-                    failures.push(e)
-                }
-                found => return found,
-            }
-        }
-        if failures.is_empty() {
-            NarAnswer::Missing
-        } else {
-            NarAnswer::Unavailable(failures.join("\n"))
-        }
     }
 }
 

@@ -52,7 +52,7 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
             nar_response(proxy, proxy.nar(&key, &method).await, range, uri.path())
         }
         Some(CachePath::Forwarded(rel)) => {
-            nar_response(proxy, proxy.forward(&rel).await, None, uri.path())
+            nar_response(proxy, proxy.forward(&rel, &method).await, None, uri.path())
         }
     };
     let response = if method == Method::HEAD {

@@ -87,15 +87,29 @@ in [ c outside ]
         .map(str::to_string)
         .collect();
     assert_eq!(closure.len(), 3, "a, b and c");
+    let (cache, public_key) = signed_cache(home, &[top.as_str(), outside.as_str()], compression);
+    Fixture {
+        cache,
+        public_key,
+        closure,
+        top,
+        outside,
+        _dir: dir,
+    }
+}
+
+/// A fresh signing key and a binary cache of `paths` (with their closures) written by `nix copy`.
+fn signed_cache(home: &Path, paths: &[&str], compression: &str) -> (PathBuf, String) {
     let (sk, pk) = (home.join("sk"), home.join("pk"));
+    let (sk_arg, pk_arg) = (sk.to_str().unwrap(), pk.to_str().unwrap());
     ok(
         nix(
             &[
                 "nix-store",
                 "--generate-binary-cache-key",
                 "sidecar-test-1",
-                sk.to_str().unwrap(),
-                pk.to_str().unwrap(),
+                sk_arg,
+                pk_arg,
             ],
             home,
         ),
@@ -107,18 +121,13 @@ in [ c outside ]
         cache.display(),
         sk.display()
     );
-    ok(
-        nix(&["nix", "copy", "--to", &to, &top, &outside], home),
-        "nix copy --to",
-    );
-    Fixture {
+    let mut args = vec!["nix", "copy", "--to", to.as_str()];
+    args.extend_from_slice(paths);
+    ok(nix(&args, home), "nix copy --to");
+    (
         cache,
-        public_key: std::fs::read_to_string(pk).unwrap().trim().to_string(),
-        closure,
-        top,
-        outside,
-        _dir: dir,
-    }
+        std::fs::read_to_string(pk).unwrap().trim().to_string(),
+    )
 }
 
 /// `nix copy --from <cache_url>` of `paths` into a fresh store under `dir`.
@@ -174,32 +183,11 @@ builtins.genList (i: builtins.derivation {{
     );
     let paths: Vec<String> = built.lines().map(str::to_string).collect();
     assert_eq!(paths.len(), count);
-    let (sk, pk) = (home.join("sk"), home.join("pk"));
-    ok(
-        nix(
-            &[
-                "nix-store",
-                "--generate-binary-cache-key",
-                "sidecar-many-1",
-                sk.to_str().unwrap(),
-                pk.to_str().unwrap(),
-            ],
-            home,
-        ),
-        "generate key",
-    );
-    let cache = home.join("cache");
-    let to = format!(
-        "file://{}?secret-key={}&compression={compression}",
-        cache.display(),
-        sk.display()
-    );
-    let mut args = vec!["nix", "copy", "--to", to.as_str()];
-    args.extend(paths.iter().map(String::as_str));
-    ok(nix(&args, home), "nix copy --to");
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let (cache, public_key) = signed_cache(home, &refs, compression);
     Fixture {
         cache,
-        public_key: std::fs::read_to_string(pk).unwrap().trim().to_string(),
+        public_key,
         top: paths[0].clone(),
         outside: paths[count - 1].clone(),
         closure: paths,
