@@ -50,6 +50,7 @@ struct FileConfig {
     priority: Option<u32>,
     trusted_public_keys: Option<Vec<String>>,
     require_signatures: Option<bool>,
+    shutdown_grace: Option<String>,
     #[serde(default)]
     upstream: Vec<FileUpstream>,
     #[serde(default)]
@@ -101,6 +102,8 @@ pub struct Config {
     pub priority: u32,
     pub trusted_public_keys: Vec<String>,
     pub require_signatures: bool,
+    /// How long in-flight responses may finish after SIGTERM.
+    pub shutdown_grace: Duration,
     pub upstreams: Vec<UpstreamConfig>,
     pub identities: BTreeMap<String, IdentityConfig>,
 }
@@ -361,6 +364,11 @@ impl Config {
             require_signatures: file
                 .require_signatures
                 .unwrap_or(!trusted_public_keys.is_empty()),
+            shutdown_grace: duration(
+                "shutdown-grace",
+                file.shutdown_grace,
+                Duration::from_secs(10),
+            )?,
             trusted_public_keys,
             upstreams,
             identities,
@@ -414,6 +422,11 @@ impl Config {
             list(self.trusted_public_keys.clone())
         );
         let _ = writeln!(out, "require-signatures = {}", self.require_signatures);
+        let _ = writeln!(
+            out,
+            "shutdown-grace = \"{}\"",
+            humantime::format_duration(self.shutdown_grace)
+        );
         for up in &self.upstreams {
             let _ = writeln!(
                 out,

@@ -13,4 +13,5 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod upstream;

@@ -93,7 +93,11 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(run(cli.command));
+    // Downloads still running after the grace period are abandoned (their temporary files
+    // are removed as their tasks drop); do not wait for blocking readers either.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => code,
         Err(message) => {
             eprintln!("nix-sidecar: {message}");
@@ -180,7 +184,14 @@ async fn serve(config: Config) -> Result<(), String> {
             tracing::info!(%addr, cache_dir = %config.cache_dir.display(), upstreams = config.upstreams.len(), "listening");
         }
     }
-    nix_sidecar::server::serve(listeners, proxy, shutdown_signal()).await;
+    nix_sidecar::systemd::ready();
+    nix_sidecar::systemd::spawn_watchdog();
+    let grace = config.shutdown_grace;
+    nix_sidecar::server::serve(listeners, proxy, grace, async {
+        shutdown_signal().await;
+        nix_sidecar::systemd::stopping();
+    })
+    .await;
     Ok(())
 }
 

@@ -188,8 +188,12 @@ impl Identity {
         let now = Instant::now();
         let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).ok();
         let valid = state.current.as_ref().is_some_and(|t| t.is_valid(now));
+        // Degraded as soon as a refresh fails, even while the last token still works: that
+        // is when an operator can act before it expires.
+        let last_attempt_failed = state.consecutive_failures > 0;
         IdentityHealth {
-            healthy: valid || state.last_failure.is_none(),
+            healthy: (valid && !last_attempt_failed)
+                || (state.last_failure.is_none() && state.current.is_none()),
             token_seconds_left: state.current.as_ref().and_then(Token::seconds_left),
             last_success: state.last_success.and_then(unix),
             last_failure: state.last_failure.as_ref().and_then(|(t, _)| unix(*t)),

@@ -17,8 +17,6 @@ use tokio::net::TcpListener;
 use crate::proxy::Proxy;
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long in-flight responses may take to finish after a shutdown signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
     let mut listeners = Vec::new();
@@ -32,10 +30,11 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests
-/// finish for up to [`SHUTDOWN_GRACE`].
+/// finish for up to `grace`.
 pub async fn serve(
     listeners: Vec<TcpListener>,
     proxy: Arc<Proxy>,
+    grace: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
@@ -86,13 +85,13 @@ pub async fn serve(
     accept_loops.abort_all();
     let graceful =
         Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops are gone"));
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(
             "responses still in flight after {}s; closing them",
-            SHUTDOWN_GRACE.as_secs()
+            grace.as_secs()
         );
     }
     proxy.store.flush_access_times();

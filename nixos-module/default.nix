@@ -1,0 +1,107 @@
+# services.nix-sidecar: run nix-sidecar next to nix-daemon and point Nix at it.
+{ config, lib, pkgs, ... }:
+
+let
+  cfg = config.services.nix-sidecar;
+  settingsFormat = pkgs.formats.toml { };
+  listen = cfg.settings.listen or [ "127.0.0.1:37515" ];
+  port = lib.last (lib.splitString ":" (builtins.head listen));
+  configFile = settingsFormat.generate "nix-sidecar.toml" cfg.settings;
+in
+{
+  options.services.nix-sidecar = {
+    enable = lib.mkEnableOption "nix-sidecar, a loopback binary cache with workload-identity upstream access";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      description = "The nix-sidecar package.";
+    };
+
+    settings = lib.mkOption {
+      type = settingsFormat.type;
+      default = { };
+      example = lib.literalExpression ''
+        {
+          trusted-public-keys = [ "cache.example.org-1:BASE64=" ];
+          upstream = [
+            { name = "org"; url = "https://cache.example.org/org-view"; identity = "ci"; }
+            { name = "nixos"; url = "https://cache.nixos.org"; }
+          ];
+          identity.ci = { provider = "gcp"; audience = "https://cache.example.org"; };
+        }
+      '';
+      description = "nix-sidecar configuration (see SPEC.md); rendered to TOML. `cache-dir` is set by the unit.";
+    };
+
+    environmentFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      description = "An EnvironmentFile for the unit (e.g. the variable of a `static` identity).";
+    };
+
+    addSubstituter = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = "Add http://127.0.0.1:<port> to nix.settings.substituters and the configured keys to trusted-public-keys.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    nix.settings = lib.mkIf cfg.addSubstituter {
+      substituters = lib.mkBefore [ "http://127.0.0.1:${port}" ];
+      trusted-public-keys = cfg.settings.trusted-public-keys or [ ];
+    };
+
+    systemd.services.nix-sidecar = {
+      description = "nix-sidecar: loopback Nix binary cache with workload-identity upstream access";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      before = [ "nix-daemon.service" ];
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${lib.getExe cfg.package} serve --config ${configFile} --cache-dir \${CACHE_DIRECTORY}";
+        Restart = "on-failure";
+        RestartSec = "2s";
+        WatchdogSec = "30s";
+        TimeoutStopSec = "20s";
+        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
+
+        DynamicUser = true;
+        CacheDirectory = "nix-sidecar";
+        CacheDirectoryMode = "0700";
+        UMask = "0077";
+
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateUsers = true;
+        ProtectHostname = true;
+        ProtectClock = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
+        SystemCallErrorNumber = "EPERM";
+        DevicePolicy = "closed";
+        KeyringMode = "private";
+      };
+    };
+  };
+}

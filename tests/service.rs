@@ -1,0 +1,218 @@
+//! Running as a system service: the unit, the Nix files, readiness and watchdog over
+//! NOTIFY_SOCKET, metrics, health, and graceful shutdown.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use support::http::get;
+use support::issuer::Issuer;
+use support::nix::fixture;
+use support::sidecar::Sidecar;
+use support::upstream::{hash_part, Fault, Target, UpstreamDouble};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+#[test]
+fn the_unit_verifies_and_is_rated_at_most_2_0_by_systemd_analyze_security() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(format!("{ROOT}/systemd/nix-sidecar.service")).unwrap();
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let unit = unit.replace("/usr/bin/nix-sidecar", env!("CARGO_BIN_EXE_nix-sidecar"));
+    let path = dir.path().join("nix-sidecar.service");
+    std::fs::write(&path, unit).unwrap();
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let security = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&security.stdout);
+    let level: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for nix-sidecar.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(level <= 2.0, "exposure {level}");
+}
+
+#[test]
+fn every_nix_file_parses() {
+    for file in ["flake.nix", "nixos-module/default.nix"] {
+        let out = std::process::Command::new("nix-instantiate")
+            .args(["--parse", &format!("{ROOT}/{file}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_watchdog_metrics_and_health_as_a_service_manager_sees_them() {
+    let fx = fixture();
+    let aud = "https://cache.test";
+    let issuer = Issuer::start().await;
+    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, aud))).await;
+    upstream.grant("m", &fx.closure);
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, issuer.mint("m", aud, 3600, false)).unwrap();
+    let config = format!(
+        "[[upstream]]\nname = \"org\"\nurl = \"{}\"\nidentity = \"ci\"\n[identity.ci]\nprovider = \"file\"\npath = \"{}\"\nrefresh-interval = \"1s\"\n",
+        upstream.url,
+        token_file.display()
+    );
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).expect("a notification within 10 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        seen[0].contains("READY=1"),
+        "readiness comes first: {seen:?}"
+    );
+
+    let metrics = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let scrape = || async {
+        get(&format!("{}/_sidecar/metrics", sidecar.url), "GET", &[])
+            .await
+            .text()
+    };
+    let before = scrape().await;
+    let url = format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top));
+    assert_eq!(get(&url, "GET", &[]).await.status, 200);
+    assert_eq!(get(&url, "GET", &[]).await.status, 200);
+    let after = scrape().await;
+    let ok = "nix_sidecar_requests_total{route=\"narinfo\",status=\"200\"}";
+    assert_eq!(metrics(&after, ok) - metrics(&before, ok), 2.0, "{after}");
+    let hit = "nix_sidecar_cache_hits_total{kind=\"narinfo\"}";
+    assert_eq!(metrics(&after, hit) - metrics(&before, hit), 1.0);
+    assert!(after.contains("nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\""));
+    assert!(metrics(&after, "nix_sidecar_token_refreshes_total{identity=\"ci\"}") >= 1.0);
+
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    // The identity provider fails: garbage in the file and an expired token behind it.
+    std::fs::write(&token_file, "garbage").unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.closure[0])),
+        "GET",
+        &[],
+    )
+    .await;
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert!(health.text().contains("not a JWT"));
+    std::fs::write(&token_file, issuer.mint("m", aud, 3600, false)).unwrap();
+    tokio::time::sleep(Duration::from_millis(6000)).await; // past the refresh back-off
+    get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.closure[1])),
+        "GET",
+        &[],
+    )
+    .await;
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    let json: serde_json::Value = serde_json::from_str(&health.text()).unwrap();
+    assert!(
+        json["identities"]["ci"]["token_seconds_left"]
+            .as_u64()
+            .unwrap()
+            > 3000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_twenty_downloads_exits_within_the_grace_and_leaves_a_clean_cache() {
+    let fx = support::nix::build_many(20, 100_000, "none");
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "shutdown-grace = \"2s\"\n[[upstream]]\nname = \"up\"\nurl = \"{}\"\n",
+            upstream.url
+        ),
+        &[],
+    );
+    let mut urls = Vec::new();
+    for path in &fx.closure {
+        let info = get(
+            &format!("{}/{}.narinfo", sidecar.url, hash_part(path)),
+            "GET",
+            &[],
+        )
+        .await
+        .text();
+        urls.push(
+            info.lines()
+                .find_map(|l| l.strip_prefix("URL: "))
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // Slow enough that none can finish before the grace period ends.
+    upstream.fault(Target::Nar, Fault::Slow(Duration::from_millis(200)), None);
+    let mut clients = tokio::task::JoinSet::new();
+    for url in &urls {
+        let target = format!("{}/{url}", sidecar.url);
+        clients.spawn(async move { get(&target, "GET", &[]).await });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = sidecar.stop();
+    assert!(took < Duration::from_secs(5), "exited after {took:?}");
+    while let Some(got) = clients.join_next().await {
+        let got = got.unwrap();
+        assert!(
+            got.body.is_err(),
+            "an interrupted download must not look complete"
+        );
+    }
+    assert!(sidecar.logs().contains("shutting down"));
+    let out = sidecar.cache_command("verify");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains("corrupt: 0") && report.contains("leftovers removed: 0"),
+        "{report}"
+    );
+}
