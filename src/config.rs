@@ -61,9 +61,13 @@ struct FileConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileUpstream {
     name: Option<String>,
-    url: String,
+    url: Option<String>,
+    preset: Option<String>,
     identity: Option<String>,
     ca_file: Option<PathBuf>,
+    auth: Option<String>,
+    username: Option<String>,
+    trusted_public_keys: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +81,7 @@ struct FileIdentity {
     command: Option<Vec<String>>,
     region: Option<String>,
     client_id: Option<String>,
+    machine: Option<String>,
     exchange: Option<FileExchange>,
 }
 
@@ -114,6 +119,55 @@ pub struct UpstreamConfig {
     pub url: Url,
     pub identity: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub auth: Auth,
+    /// Keys this upstream's narinfos are signed with (a preset's, or its own list); they join
+    /// the global `trusted-public-keys`.
+    pub trusted_public_keys: Vec<String>,
+}
+
+/// How the token is presented to an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// `Authorization: Bearer <token>` (Attic, most caches).
+    Bearer,
+    /// `Authorization: Basic base64(<username>:<token>)` (FlakeHub: username `flakehub`).
+    Basic { username: String },
+}
+
+/// Known upstreams: URL, auth style and signing keys, each overridable.
+struct Preset {
+    url: &'static str,
+    auth: fn() -> Auth,
+    keys: &'static [&'static str],
+}
+
+const FLAKEHUB_KEYS: &[&str] = &[
+    "cache.flakehub.com-3:hJuILl5sVK4iKm86JzgdXW12Y2Hwd5G07qKtHTOcDCM=",
+    "cache.flakehub.com-4:Asi8qIv291s0aYLyH6IOnr5Kf6+OF14WVjkE6t3xMio=",
+    "cache.flakehub.com-5:zB96CRlL7tiPtzA9/WKyPkp3A2vqxqgdgyTVNGShPDU=",
+    "cache.flakehub.com-6:W4EGFwAGgBj3he7c5fNh9NkOXw0PUVaxygCVKeuvaqU=",
+    "cache.flakehub.com-7:mvxJ2DZVHn/kRxlIaxYNMuDG1OvMckZu32um1TadOR8=",
+    "cache.flakehub.com-8:moO+OVS0mnTjBTcOUh2kYLQEd59ExzyoW1QgQ8XAARQ=",
+    "cache.flakehub.com-9:wChaSeTI6TeCuV/Sg2513ZIM9i0qJaYsF+lZCXg0J6o=",
+    "cache.flakehub.com-10:2GqeNlIp6AKp4EF2MVbE1kBOp9iBSyo0UPR9KoR0o1Y=",
+];
+
+fn preset(name: &str) -> Option<Preset> {
+    match name {
+        "flakehub" => Some(Preset {
+            url: "https://cache.flakehub.com",
+            auth: || Auth::Basic {
+                username: "flakehub".into(),
+            },
+            keys: FLAKEHUB_KEYS,
+        }),
+        "nixos" => Some(Preset {
+            url: "https://cache.nixos.org",
+            auth: || Auth::Bearer,
+            keys: &["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="],
+        }),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +213,12 @@ pub enum Provider {
     Exec {
         command: Vec<String>,
     },
+    /// The password of a `machine` entry in a netrc file, re-read on a schedule.
+    Netrc {
+        path: PathBuf,
+        machine: String,
+        refresh: Duration,
+    },
 }
 
 impl Provider {
@@ -172,6 +232,7 @@ impl Provider {
             Provider::Azure { .. } => "azure",
             Provider::Aws { .. } => "aws",
             Provider::Exec { .. } => "exec",
+            Provider::Netrc { .. } => "netrc",
         }
     }
 }
@@ -187,6 +248,7 @@ const PROVIDERS: &[&str] = &[
     "aws",
     "azure",
     "exec",
+    "netrc",
 ];
 
 /// Command-line values that override the file.
@@ -234,9 +296,13 @@ impl Config {
         for (i, url) in overrides.upstreams.iter().enumerate() {
             file.upstream.push(FileUpstream {
                 name: Some(format!("cli-{}", i + 1)),
-                url: url.clone(),
+                url: Some(url.clone()),
+                preset: None,
                 identity: None,
                 ca_file: None,
+                auth: None,
+                username: None,
+                trusted_public_keys: None,
             });
         }
 
@@ -275,10 +341,67 @@ impl Config {
         }
 
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
+        let mut all_keys = trusted_public_keys.clone();
         for (i, up) in file.upstream.into_iter().enumerate() {
             let key = |field: &str| format!("upstream[{i}].{field}");
-            let url = Url::parse(&up.url)
-                .map_err(|e| invalid(key("url"), format!("`{}` is not a URL: {e}", up.url)))?;
+            let preset = match &up.preset {
+                Some(name) => Some(preset(name).ok_or_else(|| {
+                    invalid(
+                        key("preset"),
+                        format!("`{name}` is not one of flakehub, nixos"),
+                    )
+                })?),
+                None => None,
+            };
+            let url_text = match (&up.url, &preset) {
+                (Some(url), _) => url.clone(),
+                (None, Some(p)) => p.url.to_string(),
+                (None, None) => return Err(invalid(key("url"), "is required (or set a preset)")),
+            };
+            let url = Url::parse(&url_text)
+                .map_err(|e| invalid(key("url"), format!("`{url_text}` is not a URL: {e}")))?;
+            let auth = match (up.auth.as_deref(), &up.username, &preset) {
+                (Some("bearer"), None, _) => Auth::Bearer,
+                (Some("basic"), Some(user), _) => Auth::Basic {
+                    username: user.clone(),
+                },
+                (Some("basic"), None, Some(p)) => (p.auth)(),
+                (Some("basic"), None, None) => {
+                    return Err(invalid(
+                        key("username"),
+                        "auth = \"basic\" needs a username (FlakeHub: \"flakehub\")",
+                    ))
+                }
+                (Some("bearer"), Some(_), _) => {
+                    return Err(invalid(
+                        key("username"),
+                        "is only used with auth = \"basic\"",
+                    ))
+                }
+                (Some(other), _, _) => {
+                    return Err(invalid(
+                        key("auth"),
+                        format!("`{other}` is not one of bearer, basic"),
+                    ))
+                }
+                (None, Some(user), _) => Auth::Basic {
+                    username: user.clone(),
+                },
+                (None, None, Some(p)) => (p.auth)(),
+                (None, None, None) => Auth::Bearer,
+            };
+            let upstream_keys = match (&up.trusted_public_keys, &preset) {
+                (Some(keys), _) => keys.clone(),
+                (None, Some(p)) => p.keys.iter().map(|k| k.to_string()).collect(),
+                (None, None) => vec![],
+            };
+            TrustedKeys::parse(&upstream_keys)
+                .map_err(|e| invalid(key("trusted-public-keys"), e.to_string()))?;
+            for k in &upstream_keys {
+                if !all_keys.contains(k) {
+                    all_keys.push(k.clone());
+                }
+            }
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
                 return Err(invalid(
                     key("url"),
@@ -329,6 +452,8 @@ impl Config {
                 url,
                 identity: up.identity,
                 ca_file: up.ca_file,
+                auth,
+                trusted_public_keys: upstream_keys,
             });
         }
 
@@ -361,15 +486,13 @@ impl Config {
             narinfo_ttl: duration("narinfo-ttl", file.narinfo_ttl, Duration::from_secs(3600))?,
             negative_ttl: duration("negative-ttl", file.negative_ttl, Duration::from_secs(30))?,
             priority: file.priority.unwrap_or(30),
-            require_signatures: file
-                .require_signatures
-                .unwrap_or(!trusted_public_keys.is_empty()),
+            require_signatures: file.require_signatures.unwrap_or(!all_keys.is_empty()),
             shutdown_grace: duration(
                 "shutdown-grace",
                 file.shutdown_grace,
                 Duration::from_secs(10),
             )?,
-            trusted_public_keys,
+            trusted_public_keys: all_keys,
             upstreams,
             identities,
         })
@@ -437,6 +560,9 @@ impl Config {
             if let Some(id) = &up.identity {
                 let _ = writeln!(out, "identity = {}", toml_str(id));
             }
+            if let Auth::Basic { username } = &up.auth {
+                let _ = writeln!(out, "auth = \"basic\"\nusername = {}", toml_str(username));
+            }
             if let Some(ca) = &up.ca_file {
                 let _ = writeln!(out, "ca-file = {}", toml_str(&ca.display().to_string()));
             }
@@ -466,6 +592,19 @@ impl Config {
                 }
                 Provider::Exec { command } => {
                     let _ = writeln!(out, "command = {}", list(command.clone()));
+                }
+                Provider::Netrc {
+                    path,
+                    machine,
+                    refresh,
+                } => {
+                    let _ = writeln!(
+                        out,
+                        "path = {}\nmachine = {}\nrefresh-interval = \"{}\"",
+                        toml_str(&path.display().to_string()),
+                        toml_str(machine),
+                        humantime::format_duration(*refresh)
+                    );
                 }
                 Provider::GithubActions | Provider::Gcp | Provider::Azure { client_id: None } => {}
             }
@@ -535,6 +674,7 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
             ("command", id.command.is_some()),
             ("region", id.region.is_some()),
             ("client-id", id.client_id.is_some()),
+            ("machine", id.machine.is_some()),
         ];
         for (field, present) in set {
             unused(field, present && !allowed.contains(&field))?;
@@ -602,6 +742,26 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
                 invalid(key("command"), "provider `exec` needs a command, e.g. [\"/usr/bin/get-token\", \"--json\"]")
             })?;
             Provider::Exec { command }
+        }
+        "netrc" => {
+            only(&["path", "machine", "refresh-interval"])?;
+            let machine = id.machine.clone().ok_or_else(|| {
+                invalid(key("machine"), "provider `netrc` needs the machine whose password to use, e.g. \"cache.flakehub.com\"")
+            })?;
+            let path = id
+                .path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::identity::netrc::DEFAULT_PATH));
+            let refresh = if id.refresh_interval.is_some() {
+                refresh
+            } else {
+                Duration::from_secs(10)
+            };
+            Provider::Netrc {
+                path,
+                machine,
+                refresh,
+            }
         }
         _ => unreachable!("checked above"),
     };
@@ -773,6 +933,41 @@ scope = "cache:read"
             err("[identity.a]\nprovider = \"aws\"\naudience = \"x\"\npath = \"/p\"")
                 .contains("identity.a.path")
         );
+    }
+
+    #[test]
+    fn presets_fill_url_auth_and_keys_and_can_be_overridden() {
+        let c = Config::parse_str(
+            "[[upstream]]\npreset = \"flakehub\"\n[[upstream]]\npreset = \"nixos\"",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].url.as_str(), "https://cache.flakehub.com/");
+        assert_eq!(
+            c.upstreams[0].auth,
+            Auth::Basic {
+                username: "flakehub".into()
+            }
+        );
+        assert_eq!(c.upstreams[1].auth, Auth::Bearer);
+        assert_eq!(
+            c.trusted_public_keys.len(),
+            9,
+            "eight FlakeHub keys and cache.nixos.org's"
+        );
+        assert!(c.require_signatures);
+        let c = Config::parse_str(
+            "[[upstream]]\npreset = \"nixos\"\nurl = \"https://mirror.test\"\ntrusted-public-keys = []",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].url.as_str(), "https://mirror.test/");
+        assert!(c.trusted_public_keys.is_empty());
+        assert!(err("[[upstream]]\npreset = \"other\"").contains("upstream[0].preset"));
+        assert!(err("[[upstream]]\nurl = \"https://x\"\nauth = \"basic\"")
+            .contains("upstream[0].username"));
+        assert!(err("[[upstream]]\nurl = \"https://x\"\nauth = \"digest\"")
+            .contains("upstream[0].auth"));
+        assert!(err("[[upstream]]\nname = \"x\"").contains("upstream[0].url"));
+        assert!(err("[identity.a]\nprovider = \"netrc\"").contains("identity.a.machine"));
     }
 
     #[test]

@@ -94,6 +94,7 @@ impl Proxy {
                 &up.name,
                 &up.url,
                 identity,
+                up.auth.clone(),
                 client,
                 metrics.clone(),
             )));

@@ -12,6 +12,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use url::Url;
 
+use base64::Engine;
+
+use crate::config::Auth;
 use crate::http::{read_limited, snippet, Client};
 use crate::identity::{Identity, IdentityError, Token};
 use crate::metrics::Metrics;
@@ -63,6 +66,7 @@ pub struct Upstream {
     /// The cache URL, always ending in `/` so relative paths join below it.
     base: Url,
     identity: Option<Arc<Identity>>,
+    auth: Auth,
     client: Client,
     metrics: Arc<Metrics>,
     health: Mutex<UpstreamHealth>,
@@ -73,6 +77,7 @@ impl Upstream {
         name: &str,
         url: &Url,
         identity: Option<Arc<Identity>>,
+        auth: Auth,
         client: Client,
         metrics: Arc<Metrics>,
     ) -> Upstream {
@@ -84,6 +89,7 @@ impl Upstream {
             name: name.to_string(),
             base,
             identity,
+            auth,
             client,
             metrics,
             health: Mutex::new(UpstreamHealth {
@@ -247,8 +253,18 @@ impl Upstream {
                     concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
                 );
             if let (true, Some(token)) = (same_origin, token) {
-                request =
-                    request.header("authorization", format!("Bearer {}", token.secret.expose()));
+                let value = match &self.auth {
+                    Auth::Bearer => format!("Bearer {}", token.secret.expose()),
+                    Auth::Basic { username } => format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD
+                            .encode(format!("{username}:{}", token.secret.expose()))
+                    ),
+                };
+                let mut value = http::HeaderValue::from_str(&value)
+                    .map_err(|_| "the token is not a valid header value".to_string())?;
+                value.set_sensitive(true);
+                request = request.header("authorization", value);
             }
             let request = request
                 .body(Full::new(Bytes::new()))

@@ -15,6 +15,7 @@ pub mod gcp;
 pub mod github;
 pub mod gitlab;
 pub mod jwt;
+pub mod netrc;
 pub mod sources;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::aws::{self, Aws};
-use super::{azure, exec, gcp, github, gitlab, jwt, RawToken};
+use super::{azure, exec, gcp, github, gitlab, jwt, netrc, RawToken};
 use crate::config::{IdentityConfig, Provider};
 use crate::http::Client;
 use crate::secret::Secret;
@@ -83,6 +83,14 @@ impl Source {
                     .await
             }
             Provider::Exec { command } => exec::fetch(&self.identity, command).await,
+            Provider::Netrc {
+                path,
+                machine,
+                refresh,
+            } => Ok(RawToken {
+                reread_after: Some(*refresh),
+                ..netrc::fetch(path, machine).await?
+            }),
         }
     }
 }

@@ -102,12 +102,20 @@ in [ c outside ]
 fn signed_cache(home: &Path, paths: &[&str], compression: &str) -> (PathBuf, String) {
     let (sk, pk) = (home.join("sk"), home.join("pk"));
     let (sk_arg, pk_arg) = (sk.to_str().unwrap(), pk.to_str().unwrap());
+    // Keys are looked up by name (by Nix too), so every fixture's key has its own.
+    let name = format!(
+        "sidecar-{}-1",
+        home.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches('.')
+    );
     ok(
         nix(
             &[
                 "nix-store",
                 "--generate-binary-cache-key",
-                "sidecar-test-1",
+                &name,
                 sk_arg,
                 pk_arg,
             ],

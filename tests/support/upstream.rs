@@ -62,6 +62,13 @@ pub struct State {
     pub requests: Mutex<Vec<Recorded>>,
     /// Rejects requests that carry both a presigned query and an Authorization header (S3).
     pub object_store: bool,
+    /// Serve the cache under this path (Attic: `/<cache>`), e.g. "/main".
+    pub prefix: String,
+    /// Accept the JWT as the password of Basic auth for this user (FlakeHub: `flakehub`).
+    pub basic_user: Option<String>,
+    /// Attic's permission model: the claim `https://jwt.attic.rs/v1` grants pull (`r`) per
+    /// cache; no claim (or a bad token) is 401, a claim without pull is 403.
+    pub attic_cache: Option<String>,
 }
 
 pub struct Auth {
@@ -99,6 +106,9 @@ impl UpstreamDouble {
             faults: Mutex::default(),
             requests: Mutex::default(),
             object_store: false,
+            prefix: String::new(),
+            basic_user: None,
+            attic_cache: None,
         };
         tweak(&mut state);
         let state = Arc::new(state);
@@ -221,13 +231,29 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
         );
     }
-    let sub = match &state.auth {
-        None => None,
-        Some(auth) => match verify(auth, authorization.as_deref()).await {
-            Ok(sub) => Some(sub),
-            Err(why) => return respond(401, format!("invalid token: {why}")),
-        },
+    let Some(path) = path.strip_prefix(state.prefix.as_str()).map(str::to_string) else {
+        return respond(404, "no such cache");
     };
+    let claims = match &state.auth {
+        None => None,
+        Some(auth) => {
+            match verify(auth, authorization.as_deref(), state.basic_user.as_deref()).await {
+                Ok(claims) => Some(claims),
+                Err(why) => return respond(401, format!("invalid token: {why}")),
+            }
+        }
+    };
+    if let (Some(cache), Some(claims)) = (&state.attic_cache, &claims) {
+        let Some(perms) = claims.get("https://jwt.attic.rs/v1") else {
+            return respond(401, "Unauthorized");
+        };
+        if perms["caches"][cache.as_str()]["r"] != 1 {
+            return respond(403, "Forbidden");
+        }
+    }
+    let sub = claims
+        .filter(|_| state.attic_cache.is_none())
+        .map(|c| c["sub"].as_str().unwrap_or_default().to_string());
     let rel = path.trim_start_matches('/');
     if rel.contains("..") || rel.is_empty() {
         return respond(404, "");
@@ -348,10 +374,25 @@ fn nar_owner(state: &State, rel: &str) -> Option<String> {
     None
 }
 
-async fn verify(auth: &Auth, header: Option<&str>) -> Result<String, String> {
-    let token = header
+async fn verify(
+    auth: &Auth,
+    header: Option<&str>,
+    basic_user: Option<&str>,
+) -> Result<serde_json::Value, String> {
+    let basic = header.and_then(|h| h.strip_prefix("Basic ")).and_then(|b| {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (user, password) = text.split_once(':')?;
+        (Some(user) == basic_user).then(|| password.to_string())
+    });
+    let bearer = header
         .and_then(|h| h.strip_prefix("Bearer "))
-        .ok_or("no bearer token")?;
+        .map(str::to_string);
+    let token = basic
+        .or(bearer)
+        .ok_or("no bearer token or basic password")?;
+    let token = token.as_str();
     let jwks = auth
         .jwks
         .get_or_init(|| async {
@@ -376,8 +417,5 @@ async fn verify(auth: &Auth, header: Option<&str>) -> Result<String, String> {
     validation.leeway = 0;
     let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
         .map_err(|e| format!("{e}"))?;
-    data.claims["sub"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| "no sub".into())
+    Ok(data.claims)
 }
