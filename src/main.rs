@@ -171,7 +171,24 @@ async fn run(command: Command) -> Result<ExitCode, String> {
     }
 }
 
+/// Many clients means many sockets: use the hard limit on open files, not the soft default.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a properly initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 async fn serve(config: Config) -> Result<(), String> {
+    raise_fd_limit();
     if config.upstreams.is_empty() {
         tracing::warn!(
             "no upstream configured: every narinfo is a miss (use --upstream URL or a config file)"
@@ -187,10 +204,16 @@ async fn serve(config: Config) -> Result<(), String> {
     nix_sidecar::systemd::ready();
     nix_sidecar::systemd::spawn_watchdog();
     let grace = config.shutdown_grace;
-    nix_sidecar::server::serve(listeners, proxy, grace, async {
-        shutdown_signal().await;
-        nix_sidecar::systemd::stopping();
-    })
+    nix_sidecar::server::serve(
+        listeners,
+        proxy,
+        grace,
+        config.allowed_uids.clone(),
+        async {
+            shutdown_signal().await;
+            nix_sidecar::systemd::stopping();
+        },
+    )
     .await;
     Ok(())
 }

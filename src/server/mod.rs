@@ -2,6 +2,7 @@
 //! shutdown. The only place that speaks HTTP to Nix; `routes` decides the answers.
 
 pub mod body;
+mod peer;
 pub mod routes;
 
 use std::convert::Infallible;
@@ -35,8 +36,10 @@ pub async fn serve(
     listeners: Vec<TcpListener>,
     proxy: Arc<Proxy>,
     grace: Duration,
+    allowed_uids: Vec<u32>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let allowed_uids = Arc::new(allowed_uids);
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -51,9 +54,10 @@ pub async fn serve(
     let mut accept_loops = tokio::task::JoinSet::new();
     for listener in listeners {
         let (proxy, builder, graceful) = (proxy.clone(), builder.clone(), graceful.clone());
+        let allowed_uids = allowed_uids.clone();
         accept_loops.spawn(async move {
             loop {
-                let (stream, _peer) = match listener.accept().await {
+                let (stream, peer) = match listener.accept().await {
                     Ok(conn) => conn,
                     Err(e) => {
                         // Out of file descriptors and the like: pause instead of spinning.
@@ -62,6 +66,13 @@ pub async fn serve(
                         continue;
                     }
                 };
+                if !allowed_uids.is_empty() {
+                    let uid = stream.local_addr().ok().and_then(|us| peer::uid_of(peer, us));
+                    if !uid.is_some_and(|uid| allowed_uids.contains(&uid)) {
+                        tracing::warn!(%peer, ?uid, "connection refused: its owner is not in allowed-uids");
+                        continue;
+                    }
+                }
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
                 let service = service_fn(move |request| {

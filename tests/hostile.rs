@@ -1,0 +1,173 @@
+//! Hostile local clients: each case shows that the others are still served.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::http::get;
+use support::nix::{build_many, Fixture};
+use support::sidecar::Sidecar;
+use support::upstream::{hash_part, UpstreamDouble};
+
+fn big() -> &'static Fixture {
+    static FX: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
+    FX.get_or_init(|| build_many(1, 1_000_000, "none")) // one NAR of about 6.9 MB
+}
+
+async fn started(extra: &str) -> (UpstreamDouble, Sidecar, tempfile::TempDir) {
+    let upstream = UpstreamDouble::start(big().cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "{extra}\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
+            upstream.url
+        ),
+        &[],
+    );
+    (upstream, sidecar, dir)
+}
+
+fn addr(sidecar: &Sidecar) -> String {
+    sidecar.url.trim_start_matches("http://").to_string()
+}
+
+/// A well-behaved client gets a whole answer quickly.
+async fn still_served(sidecar: &Sidecar) {
+    let started = Instant::now();
+    let answer = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&big().top)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "served in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_do_not_starve_other_clients() {
+    let (_u, sidecar, _d) = started("").await;
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(addr(&sidecar)).unwrap();
+        s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
+        slow.push(s);
+    }
+    still_served(&sidecar).await;
+    drop(slow);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_headers_and_paths_are_refused_and_others_served() {
+    let (_u, sidecar, _d) = started("").await;
+    let mut s = TcpStream::connect(addr(&sidecar)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let huge = "a".repeat(200 * 1024);
+    let _ = s.write_all(
+        format!("GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n").as_bytes(),
+    );
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(100)]
+    );
+    let long_path = get(
+        &format!("{}/nar/{}", sidecar.url, "x".repeat(8000)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(long_path.status, 404);
+    still_served(&sidecar).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_idle_connections_do_not_block_others() {
+    let (_u, sidecar, _d) = started("").await;
+    let idle: Vec<TcpStream> = (0..500)
+        .map(|_| TcpStream::connect(addr(&sidecar)).unwrap())
+        .collect();
+    still_served(&sidecar).await;
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_garbage_gets_a_400_and_others_are_served() {
+    let (u, sidecar, _d) = started("").await;
+    let mut s = TcpStream::connect(addr(&sidecar)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01GARBAGE \xff\r\n\r\nMORE\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "the good request first: {text}"
+    );
+    assert!(
+        text.contains("HTTP/1.1 400"),
+        "then a 400 for the garbage: {text}"
+    );
+    still_served(&sidecar).await;
+    assert!(u.requests().iter().all(|r| !r.path.contains("GARBAGE")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_mid_nar_does_not_hold_up_others() {
+    let (_u, sidecar, _d) = started("").await;
+    let info = get(
+        &format!("{}/{}.narinfo", sidecar.url, hash_part(&big().top)),
+        "GET",
+        &[],
+    )
+    .await
+    .text();
+    let nar = info
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    let mut stalled = TcpStream::connect(addr(&sidecar)).unwrap();
+    stalled
+        .write_all(format!("GET /{nar} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut first = [0u8; 1024];
+    let _ = stalled.read(&mut first).unwrap(); // then never read again
+    let expected = std::fs::read(big().cache.join(&nar)).unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let got = get(&format!("{}/{nar}", sidecar.url), "GET", &[]).await;
+        assert_eq!(got.body.unwrap(), expected);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_uids_admit_only_the_listed_owners() {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let (_u, sidecar, _d) = started(&format!("allowed-uids = [{}]", me + 1)).await;
+    let mut s = TcpStream::connect(addr(&sidecar)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "refused without an answer");
+    assert!(sidecar.logs().contains("not in allowed-uids"));
+    let (_u, sidecar, _d) = started(&format!("allowed-uids = [{me}]")).await;
+    still_served(&sidecar).await;
+}
