@@ -97,7 +97,7 @@ async fn github_actions_oidc() {
     let w = world("repo:org/app:ref:refs/heads/main").await;
     let sidecar = w.sidecar(
         &format!("provider = \"github-actions\"\naudience = \"{AUD}\"\n"),
-        &[],
+        &[("NIX_SIDECAR_LOG", "trace")],
     );
     nix_pulls_the_view(&sidecar, "gh").await;
     assert_eq!(
@@ -105,7 +105,12 @@ async fn github_actions_oidc() {
         1,
         "one token serves the whole pull"
     );
-    assert!(!sidecar.logs().contains(GITHUB_REQUEST_TOKEN));
+    let logs = sidecar.logs();
+    assert!(logs.contains("TRACE"), "trace logging was on");
+    assert!(
+        !logs.contains(GITHUB_REQUEST_TOKEN),
+        "the request token never reaches the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
