@@ -93,7 +93,7 @@ pub async fn serve(
     }
     shutdown.await;
     tracing::info!("shutting down: no new connections; finishing responses in flight");
-    accept_loops.abort_all();
+    accept_loops.shutdown().await; // aborted and gone: no clone of `graceful` is left
     let graceful =
         Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops are gone"));
     if tokio::time::timeout(grace, graceful.shutdown())

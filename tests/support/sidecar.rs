@@ -116,7 +116,12 @@ impl Sidecar {
         let started = Instant::now();
         if let Some(mut child) = self.child.take() {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
+            let status = child.wait().unwrap();
+            assert!(
+                status.success(),
+                "nix-sidecar exited with {status} after SIGTERM:\n{}",
+                self.logs()
+            );
         }
         started.elapsed()
     }

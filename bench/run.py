@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""nix-sidecar benchmarks against nginx, on loopback, in one run.
+
+    python3 bench/run.py            # needs: nginx (nginx-light), wrk, curl, openssl; builds --release
+
+Sets up an HTTPS upstream (nginx, self-signed certificate, given to nix-sidecar as ca-file), an
+nginx serving the same binary cache statically (sendfile), an nginx proxy_cache in front of the
+upstream (the community recipe: cache lock on), and nix-sidecar in front of the upstream. Each
+scenario runs several rounds alternating the contestants and prints medians and ratios.
+Machines here are shared and noisy: read the ratios, not the absolute numbers.
+"""
+import hashlib, os, shutil, signal, statistics, subprocess, sys, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+BIG = int(os.environ.get("BENCH_BIG_MIB", "1024")) << 20
+SMALL_NARINFOS = 1000
+
+
+def nixbase32(data: bytes) -> str:
+    n = (len(data) * 8 + 4) // 5
+    out = []
+    for i in range(n - 1, -1, -1):
+        b = i * 5
+        j, k = b // 8, b % 8
+        c = data[j] >> k
+        if j + 1 < len(data):
+            c |= data[j + 1] << (8 - k)
+        out.append(ALPHABET[c & 0x1F])
+    return "".join(out)
+
+
+def store_hash(seed: str) -> str:
+    return nixbase32(hashlib.sha256(seed.encode()).digest()[:20])
+
+
+def write_nar(cache: str, name: str, size: int) -> str:
+    """A NAR file of `size` random bytes and its narinfo; returns the store path hash."""
+    os.makedirs(os.path.join(cache, "nar"), exist_ok=True)
+    h = hashlib.sha256()
+    tmp = os.path.join(cache, "nar", "tmp")
+    with open(tmp, "wb") as f, open("/dev/urandom", "rb") as rnd:
+        left = size
+        while left:
+            chunk = rnd.read(min(left, 8 << 20))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    digest = nixbase32(h.digest())
+    nar = f"nar/{digest}.nar"
+    os.rename(tmp, os.path.join(cache, nar))
+    sh = store_hash(name)
+    with open(os.path.join(cache, f"{sh}.narinfo"), "w") as f:
+        f.write(f"StorePath: /nix/store/{sh}-{name}\nURL: {nar}\nCompression: none\n"
+                f"FileHash: sha256:{digest}\nFileSize: {size}\nNarHash: sha256:{digest}\nNarSize: {size}\nReferences: \n")
+    return sh
+
+
+def free_port() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Bench:
+    def __init__(self, work: str):
+        self.work = work
+        self.cache = os.path.join(work, "cache")
+        self.procs = []
+        self.ports = {k: free_port() for k in ["upstream", "static", "proxy", "sidecar"]}
+
+    def url(self, who: str, path: str) -> str:
+        scheme = "https" if who == "upstream" else "http"
+        return f"{scheme}://127.0.0.1:{self.ports[who]}/{path}"
+
+    def setup(self):
+        print(f"# preparing {BIG >> 20} MiB and 64 MiB NARs and {SMALL_NARINFOS} small narinfos in {self.work}", flush=True)
+        self.big = write_nar(self.cache, "big", BIG)
+        self.mid = write_nar(self.cache, "mid", 64 << 20)
+        self.mid2 = write_nar(self.cache, "mid2", 64 << 20)
+        self.small = [write_nar(self.cache, f"s{i}", 4096) for i in range(SMALL_NARINFOS)]
+        with open(os.path.join(self.cache, "nix-cache-info"), "w") as f:
+            f.write("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n")
+        # A throw-away CA and a server certificate it signs (webpki refuses a CA as end entity).
+        w = lambda name: os.path.join(self.work, name)
+        run = lambda *cmd: subprocess.run(list(cmd), check=True, capture_output=True)
+        run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bench-ca",
+            "-keyout", w("ca.key"), "-out", w("ca.pem"))
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", w("key.pem"), "-out", w("req.pem"))
+        with open(w("ext.cnf"), "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        run("openssl", "x509", "-req", "-in", w("req.pem"), "-CA", w("ca.pem"), "-CAkey", w("ca.key"), "-CAcreateserial",
+            "-days", "2", "-extfile", w("ext.cnf"), "-out", w("cert.pem"))
+        cert, key = w("cert.pem"), w("key.pem")
+        self.cert = w("ca.pem")
+        p = self.ports
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = f"""
+{user}
+worker_processes 2;
+error_log {self.work}/nginx-error.log;
+pid {self.work}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on; tcp_nopush on; keepalive_requests 100000;
+  default_type application/octet-stream;
+  proxy_cache_path {self.work}/proxy-cache levels=1:2 keys_zone=nix:64m max_size=20g inactive=1d use_temp_path=off;
+  server {{ listen 127.0.0.1:{p['upstream']} ssl; ssl_certificate {cert}; ssl_certificate_key {key}; root {self.cache}; }}
+  server {{ listen 127.0.0.1:{p['static']}; root {self.cache}; }}
+  server {{
+    listen 127.0.0.1:{p['proxy']};
+    location / {{
+      proxy_pass https://127.0.0.1:{p['upstream']};
+      proxy_ssl_trusted_certificate {self.cert}; proxy_ssl_verify on; proxy_ssl_name 127.0.0.1;
+      proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_cache nix; proxy_cache_valid 200 1h; proxy_cache_valid 404 1m;
+      proxy_cache_lock on; proxy_cache_use_stale error timeout updating;
+    }}
+  }}
+}}
+"""
+        with open(os.path.join(self.work, "nginx.conf"), "w") as f:
+            f.write(conf)
+        subprocess.run(["nginx", "-c", os.path.join(self.work, "nginx.conf"), "-p", self.work], check=True)
+        time.sleep(0.5)
+
+    def start_sidecar(self, fresh=True):
+        self.stop_sidecar()
+        cache_dir = os.path.join(self.work, "sidecar-cache")
+        if fresh:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        config = os.path.join(self.work, "sidecar.toml")
+        with open(config, "w") as f:
+            f.write(f'listen = ["127.0.0.1:{self.ports["sidecar"]}"]\ncache-dir = "{cache_dir}"\n'
+                    f'min-free-space = "1GiB"\nmax-cache-size = "50GiB"\n'
+                    f'[[upstream]]\nname = "up"\nurl = "https://127.0.0.1:{self.ports["upstream"]}"\nca-file = "{self.cert}"\n')
+        log = open(os.path.join(self.work, "sidecar.log"), "a")
+        self.sidecar = subprocess.Popen([os.path.join(ROOT, "target/release/nix-sidecar"), "serve", "--config", config],
+                                        stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "NIX_SIDECAR_LOG": "warn"})
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(self.url("sidecar", "nix-cache-info"), timeout=1).read()
+                return
+            except Exception:
+                time.sleep(0.05)
+        raise SystemExit("nix-sidecar did not start")
+
+    def stop_sidecar(self):
+        if getattr(self, "sidecar", None):
+            self.sidecar.send_signal(signal.SIGTERM)
+            self.sidecar.wait()
+            self.sidecar = None
+
+    def peak_rss_mib(self) -> float:
+        with open(f"/proc/{self.sidecar.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def teardown(self):
+        self.stop_sidecar()
+        subprocess.run(["nginx", "-c", os.path.join(self.work, "nginx.conf"), "-p", self.work, "-s", "stop"], capture_output=True)
+
+
+def curl_seconds(url: str, cacert: str = None) -> float:
+    cmd = ["curl", "-sf", "-o", "/dev/null", "-w", "%{time_total}", url]
+    if cacert:
+        cmd[1:1] = ["--cacert", cacert]
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def narinfo_path(h: str) -> str:
+    return f"{h}.narinfo"
+
+
+def nar_url_of(b: Bench, who: str, h: str) -> str:
+    text = urllib.request.urlopen(b.url(who, narinfo_path(h))).read().decode()
+    return next(l[5:] for l in text.splitlines() if l.startswith("URL: "))
+
+
+def wrk_rps(url_base: str, paths_file: str) -> float:
+    script = os.path.join(os.path.dirname(paths_file), "paths.lua")
+    with open(script, "w") as f:
+        f.write(f"""
+local paths = {{}}
+for line in io.lines("{paths_file}") do paths[#paths + 1] = line end
+local i = 0
+request = function()
+  i = i % #paths + 1
+  return wrk.format("GET", paths[i])
+end
+""")
+    out = subprocess.run(["wrk", "-t2", "-c64", "-d5s", "-s", script, url_base], check=True, capture_output=True, text=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("Requests/sec:"))
+    return float(line.split()[1])
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def main():
+    for tool in ["nginx", "wrk", "curl", "openssl"]:
+        if not shutil.which(tool):
+            raise SystemExit(f"needs {tool}: apt-get install -y nginx-light wrk curl openssl")
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix="nix-sidecar-bench-")
+    b = Bench(work)
+    results = []
+    try:
+        b.setup()
+        b.start_sidecar()
+
+        # 1. warm NAR download
+        big_nar = nar_url_of(b, "sidecar", b.big)
+        curl_seconds(b.url("sidecar", big_nar))  # fill
+        side, stat = [], []
+        for _ in range(ROUNDS):
+            side.append(BIG / curl_seconds(b.url("sidecar", big_nar)) / 2**20)
+            stat.append(BIG / curl_seconds(b.url("static", big_nar)) / 2**20)
+        results.append(("1. warm NAR, MiB/s", median(side), "nginx static", median(stat), ">= 0.9"))
+
+        # 2. warm narinfo, 64 connections
+        paths_file = os.path.join(work, "paths.txt")
+        with open(paths_file, "w") as f:
+            f.write("\n".join("/" + narinfo_path(h) for h in b.small) + "\n")
+        for h in b.small:
+            urllib.request.urlopen(b.url("sidecar", narinfo_path(h))).read()
+            urllib.request.urlopen(b.url("proxy", narinfo_path(h))).read()
+        side, proxy, stat = [], [], []
+        for _ in range(max(3, ROUNDS // 2)):
+            side.append(wrk_rps(b.url("sidecar", ""), paths_file))
+            proxy.append(wrk_rps(b.url("proxy", ""), paths_file))
+            stat.append(wrk_rps(b.url("static", ""), paths_file))
+        results.append(("2. warm narinfo, req/s", median(side), "nginx proxy_cache", median(proxy), ">= 1.0"))
+        results.append(("2b. warm narinfo, req/s", median(side), "nginx static", median(stat), "(info)"))
+
+        # 3. cold NAR through nix-sidecar vs straight from the upstream
+        side, direct = [], []
+        for _ in range(max(3, ROUNDS // 2)):
+            b.start_sidecar(fresh=True)
+            url = nar_url_of(b, "sidecar", b.big)
+            side.append(BIG / curl_seconds(b.url("sidecar", url)) / 2**20)
+            direct.append(BIG / curl_seconds(b.url("upstream", url), b.cert) / 2**20)
+        results.append(("3. cold NAR, MiB/s", median(side), "direct upstream (TLS)", median(direct), ">= 0.8"))
+
+        # 4. 100 clients on one cold NAR vs one client alone (64 MiB)
+        many, one = [], []
+        for _ in range(max(3, ROUNDS // 2)):
+            b.start_sidecar(fresh=True)
+            url = b.url("sidecar", nar_url_of(b, "sidecar", b.mid))
+            one.append(curl_seconds(url))
+            b.start_sidecar(fresh=True)
+            url = b.url("sidecar", nar_url_of(b, "sidecar", b.mid))
+            started = time.monotonic()
+            procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(100)]
+            assert all(p.wait() == 0 for p in procs)
+            many.append(time.monotonic() - started)
+        results.append(("4. one cold 64 MiB NAR, s", median(many), "one client alone (100 clients here)", median(one), "<= 1.2 (time)"))
+
+        # 5. peak RSS with 8 clients streaming the big NAR, cold then warm
+        b.start_sidecar(fresh=True)
+        url = b.url("sidecar", nar_url_of(b, "sidecar", b.big))
+        procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(8)]
+        assert all(p.wait() == 0 for p in procs)
+        cold_rss = b.peak_rss_mib()
+        procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(8)]
+        assert all(p.wait() == 0 for p in procs)
+        warm_rss = b.peak_rss_mib()
+        results.append(("5. peak RSS, 8 x big NAR cold+warm, MiB", warm_rss, "limit", 100.0, "<= 100 MiB"))
+        print(f"# peak RSS after cold: {cold_rss:.1f} MiB, after cold+warm: {warm_rss:.1f} MiB")
+    finally:
+        b.teardown()
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"| scenario | nix-sidecar | peer | peer value | ratio | target |")
+    print(f"|---|---|---|---|---|---|")
+    for name, ours, peer, theirs, target in results:
+        print(f"| {name} | {ours:.1f} | {peer} | {theirs:.1f} | {ours / theirs:.2f} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
