@@ -356,6 +356,18 @@ impl Proxy {
             }
         };
         let progress = reader.started().await;
+        if progress.state == FillState::Complete {
+            // Joined a verified fill that is being stored: serve the stored file (Range and
+            // all) once it is there.
+            reader.ended().await;
+            if let Some((file, size)) = self
+                .store
+                .nar(key)
+                .and_then(|row| self.store.open_stored(key, &row))
+            {
+                return NarAnswer::Found(Content::File(file, size));
+            }
+        }
         match progress.state {
             FillState::Missing => NarAnswer::Missing,
             FillState::Failed(reason) if progress.written == 0 => {
@@ -448,23 +460,38 @@ fn content_length<B>(response: &http::Response<B>) -> Option<u64> {
 }
 
 /// Copies an upstream body into a sink, giving up when it stalls. Returns the bytes copied.
+/// TLS hands over ~16 KiB frames; whatever is already there is gathered into one chunk (up to
+/// 256 KiB) so the sink hashes, writes and wakes its readers once per chunk, not per frame.
 async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, String> {
     let mut copied = 0u64;
+    let mut pending = bytes::BytesMut::new();
     loop {
-        match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+        // Take a frame that is ready now; before waiting for one, pass on what was gathered.
+        let frame = match tokio::time::timeout(Duration::ZERO, body.frame()).await {
+            Ok(frame) => frame,
             Err(_) => {
-                return Err(format!(
-                    "upstream stalled for {}s",
-                    BODY_IDLE_TIMEOUT.as_secs()
-                ))
+                if !pending.is_empty() {
+                    sink.write(pending.split().freeze()).await?;
+                }
+                tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame())
+                    .await
+                    .map_err(|_| format!("upstream stalled for {}s", BODY_IDLE_TIMEOUT.as_secs()))?
             }
-            Ok(None) => return Ok(copied),
-            Ok(Some(Err(e))) => return Err(format!("upstream body failed: {e}")),
-            Ok(Some(Ok(frame))) => {
+        };
+        match frame {
+            None => {
+                if !pending.is_empty() {
+                    sink.write(pending.freeze()).await?;
+                }
+                return Ok(copied);
+            }
+            Some(Err(e)) => return Err(format!("upstream body failed: {e}")),
+            Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     copied += data.len() as u64;
-                    if !data.is_empty() {
-                        sink.write(data).await?;
+                    pending.extend_from_slice(&data);
+                    if pending.len() >= crate::store::fill::CHUNK {
+                        sink.write(pending.split().freeze()).await?;
                     }
                 }
             }

@@ -96,6 +96,7 @@ pub async fn serve(
     accept_loops.shutdown().await; // aborted and gone: no clone of `graceful` is left
     let graceful =
         Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops are gone"));
+    let deadline = std::time::Instant::now() + grace;
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -105,5 +106,7 @@ pub async fn serve(
             grace.as_secs()
         );
     }
+    // Downloads whose clients are gone may still be finishing into the cache.
+    proxy.store.settle(deadline).await;
     proxy.store.flush_access_times();
 }

@@ -41,6 +41,8 @@ pub struct Progress {
     pub written: u64,
     /// The file's length if known in advance (FileSize, or the upstream's Content-Length).
     pub length: Option<u64>,
+    /// The fill is over: stored in the index (or given up); the registry no longer has it.
+    pub ended: bool,
 }
 
 pub struct Fill {
@@ -54,6 +56,7 @@ impl Fill {
             state: FillState::Waiting,
             written: 0,
             length: None,
+            ended: false,
         });
         Arc::new(Fill { file, progress })
     }
@@ -82,6 +85,8 @@ pub struct FillWriter {
     pub(super) tmp: PathBuf,
     pub(super) check: Option<ContentCheck>,
     pub(super) finished: bool,
+    /// Bytes reserved in the store's limits for this fill until it ends.
+    pub(super) reserved: u64,
 }
 
 impl FillWriter {
@@ -120,6 +125,12 @@ impl FillWriter {
             Err(e) => return self.fail(&format!("cache file: {e}")),
         };
         let blob = Blob { size, sha256 };
+        // Verified: readers may take the last byte now; storing it durably (fsync of the
+        // whole file) must not hold clients up. The fill stays registered until the index
+        // has it, so nobody starts a second download meanwhile.
+        self.fill
+            .progress
+            .send_modify(|p| p.state = FillState::Complete);
         let stored = tokio::task::spawn_blocking(move || store.commit_blob(&key, &tmp, file, blob))
             .await
             .unwrap_or_else(|e| Err(format!("commit task: {e}")));
@@ -143,8 +154,12 @@ impl FillWriter {
             let _ = std::fs::remove_file(&self.tmp);
             self.finished = true;
         }
-        self.store.forget_fill(&self.key, &self.fill);
-        self.fill.progress.send_modify(|p| p.state = state);
+        self.store
+            .forget_fill(&self.key, &self.fill, std::mem::take(&mut self.reserved));
+        self.fill.progress.send_modify(|p| {
+            p.state = state;
+            p.ended = true;
+        });
     }
 }
 
@@ -192,7 +207,13 @@ impl FillReader {
             state: FillState::Failed(Arc::from("download abandoned")),
             written: 0,
             length: None,
+            ended: true,
         })
+    }
+
+    /// Waits until the fill is over (stored or given up).
+    pub async fn ended(&mut self) {
+        let _ = self.progress.wait_for(|p| p.ended).await;
     }
 
     /// Streams the file from the start as it grows; ends with an error if the fill fails.

@@ -15,10 +15,29 @@ use super::check::Expected;
 const NARINFOS: TableDefinition<&str, &[u8]> = TableDefinition::new("narinfos");
 const NARS: TableDefinition<&str, &[u8]> = TableDefinition::new("nars");
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct NarInfoRow {
     pub text: String,
     pub fetched: u64,
+}
+
+impl NarInfoRow {
+    /// 8 bytes of fetch time (little endian), then the text: read on every narinfo hit, so
+    /// no JSON.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.text.len());
+        out.extend_from_slice(&self.fetched.to_le_bytes());
+        out.extend_from_slice(self.text.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<NarInfoRow> {
+        let (time, text) = bytes.split_at_checked(8)?;
+        Some(NarInfoRow {
+            fetched: u64::from_le_bytes(time.try_into().ok()?),
+            text: std::str::from_utf8(text).ok()?.to_string(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +84,7 @@ impl Index {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(NARINFOS).map_err(err)?;
         let row = table.get(key).map_err(err)?;
-        Ok(row.and_then(|v| serde_json::from_slice(v.value()).ok()))
+        Ok(row.and_then(|v| NarInfoRow::decode(v.value())))
     }
 
     pub fn nar(&self, key: &str) -> Result<Option<NarRow>, IndexError> {
@@ -89,7 +108,7 @@ impl Index {
         {
             let mut infos = txn.open_table(NARINFOS).map_err(err)?;
             infos
-                .insert(narinfo_key, serde_json::to_vec(row).unwrap().as_slice())
+                .insert(narinfo_key, row.encode().as_slice())
                 .map_err(err)?;
             let mut nars = txn.open_table(NARS).map_err(err)?;
             let old: Option<NarRow> = nars

@@ -38,6 +38,9 @@ struct Inner {
     /// Access times not yet written to the index (LRU order; flushed in batches).
     touched: Mutex<HashMap<String, u64>>,
     total: AtomicU64,
+    /// Bytes promised to fills in progress (their FileSize), so concurrent fills cannot
+    /// together overshoot the limits.
+    reserved: AtomicU64,
     evictions: AtomicU64,
     verify_failures: AtomicU64,
     last_space_warning: Mutex<Option<Instant>>,
@@ -108,6 +111,7 @@ impl Store {
             fills: Mutex::default(),
             touched: Mutex::default(),
             total: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             verify_failures: AtomicU64::new(0),
             last_space_warning: Mutex::new(None),
@@ -274,6 +278,7 @@ impl Store {
         }
         let fill = Fill::new(file);
         fills.insert(key.to_string(), fill.clone());
+        self.0.reserved.fetch_add(needed, Ordering::Relaxed);
         let reader = fill.reader();
         Slot::Lead(
             Box::new(FillWriter {
@@ -283,12 +288,21 @@ impl Store {
                 tmp,
                 check: Some(check),
                 finished: false,
+                reserved: needed,
             }),
             reader,
         )
     }
 
-    fn forget_fill(&self, key: &str, fill: &Arc<Fill>) {
+    /// Waits (up to `deadline`) for fills in progress to be stored or given up.
+    pub async fn settle(&self, deadline: Instant) {
+        while !self.0.fills.lock().unwrap().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn forget_fill(&self, key: &str, fill: &Arc<Fill>, reserved: u64) {
+        self.0.reserved.fetch_sub(reserved, Ordering::Relaxed);
         let mut fills = self.0.fills.lock().unwrap();
         if fills.get(key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
             fills.remove(key);
@@ -322,7 +336,8 @@ impl Store {
         let limits = self.0.limits;
         let fits = |store: &Store| {
             let free = free_space(&store.0.dir);
-            store.0.total.load(Ordering::Relaxed) + incoming <= limits.max_size
+            let promised = store.0.reserved.load(Ordering::Relaxed);
+            store.0.total.load(Ordering::Relaxed) + promised + incoming <= limits.max_size
                 && free.is_none_or(|f| f >= limits.min_free + incoming)
         };
         if fits(self) {
@@ -351,7 +366,8 @@ impl Store {
     pub fn enforce_limits(&self, incoming: u64) {
         let limits = self.0.limits;
         let over = |store: &Store| {
-            store.0.total.load(Ordering::Relaxed) + incoming > limits.max_size
+            let promised = store.0.reserved.load(Ordering::Relaxed);
+            store.0.total.load(Ordering::Relaxed) + promised + incoming > limits.max_size
                 || free_space(&store.0.dir).is_some_and(|f| f < limits.min_free + incoming)
         };
         if !over(self) {
