@@ -273,13 +273,16 @@ impl FillReader {
     }
 }
 
+/// Chunk size for stored files: larger than a fill's, since the bytes are all there.
+const FILE_CHUNK: usize = 1024 * 1024;
+
 /// Streams a stored file (or a byte range of it) from disk on a blocking thread.
 pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         let mut pos = start;
         while pos < end {
-            let len = (end - pos).min(CHUNK as u64) as usize;
+            let len = (end - pos).min(FILE_CHUNK as u64) as usize;
             let mut buf = BytesMut::zeroed(len);
             let chunk = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
             let failed = chunk.is_err();
