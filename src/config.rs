@@ -51,6 +51,7 @@ struct FileConfig {
     trusted_public_keys: Option<Vec<String>>,
     require_signatures: Option<bool>,
     shutdown_grace: Option<String>,
+    max_connections: Option<usize>,
     #[serde(default)]
     upstream: Vec<FileUpstream>,
     #[serde(default)]
@@ -109,6 +110,8 @@ pub struct Config {
     pub require_signatures: bool,
     /// How long in-flight responses may finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
     pub upstreams: Vec<UpstreamConfig>,
     pub identities: BTreeMap<String, IdentityConfig>,
 }
@@ -487,6 +490,11 @@ impl Config {
             negative_ttl: duration("negative-ttl", file.negative_ttl, Duration::from_secs(30))?,
             priority: file.priority.unwrap_or(30),
             require_signatures: file.require_signatures.unwrap_or(!all_keys.is_empty()),
+            max_connections: match file.max_connections {
+                Some(0) => return Err(invalid("max-connections", "must be at least 1")),
+                Some(n) => n,
+                None => 4096,
+            },
             shutdown_grace: duration(
                 "shutdown-grace",
                 file.shutdown_grace,
@@ -545,6 +553,7 @@ impl Config {
             list(self.trusted_public_keys.clone())
         );
         let _ = writeln!(out, "require-signatures = {}", self.require_signatures);
+        let _ = writeln!(out, "max-connections = {}", self.max_connections);
         let _ = writeln!(
             out,
             "shutdown-grace = \"{}\"",

@@ -209,6 +209,7 @@ async fn serve(config: Config) -> Result<(), String> {
         proxy,
         grace,
         config.allowed_uids.clone(),
+        config.max_connections,
         async {
             shutdown_signal().await;
             nix_sidecar::systemd::stopping();

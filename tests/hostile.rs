@@ -171,3 +171,39 @@ async fn allowed_uids_admit_only_the_listed_owners() {
     let (_u, sidecar, _d) = started(&format!("allowed-uids = [{me}]")).await;
     still_served(&sidecar).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_new_clients_wait_instead_of_taking_resources() {
+    let (_u, sidecar, _d) = started("max-connections = 20").await;
+    let idle: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(addr(&sidecar)).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let url = format!("{}/{}.narinfo", sidecar.url, hash_part(&big().top));
+    let waiting = tokio::time::timeout(Duration::from_secs(1), get(&url, "GET", &[])).await;
+    assert!(
+        waiting.is_err(),
+        "the 21st connection waits while 20 are held"
+    );
+    drop(idle);
+    still_served(&sidecar).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
+    let (_u, sidecar, _d) = started("").await;
+    let mut idle = TcpStream::connect(addr(&sidecar)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::task::spawn_blocking(move || idle.read(&mut buf).unwrap_or(0))
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "closed without an answer");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(25) && waited < Duration::from_secs(39),
+        "closed after {waited:?}"
+    );
+}

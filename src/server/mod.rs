@@ -2,6 +2,7 @@
 //! shutdown. The only place that speaks HTTP to Nix; `routes` decides the answers.
 
 pub mod body;
+mod idle;
 mod peer;
 pub mod routes;
 
@@ -17,6 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::proxy::Proxy;
 
+/// For request headers, and for a connection on which nothing moves either way.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
@@ -37,9 +39,13 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     grace: Duration,
     allowed_uids: Vec<u32>,
+    max_connections: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let allowed_uids = Arc::new(allowed_uids);
+    // Shared by all listeners: past the cap, new connections wait in the accept queue instead
+    // of taking file descriptors and memory from the ones being served.
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -54,9 +60,10 @@ pub async fn serve(
     let mut accept_loops = tokio::task::JoinSet::new();
     for listener in listeners {
         let (proxy, builder, graceful) = (proxy.clone(), builder.clone(), graceful.clone());
-        let allowed_uids = allowed_uids.clone();
+        let (allowed_uids, slots) = (allowed_uids.clone(), slots.clone());
         accept_loops.spawn(async move {
             loop {
+                let slot = slots.clone().acquire_owned().await.expect("never closed");
                 let (stream, peer) = match listener.accept().await {
                     Ok(conn) => conn,
                     Err(e) => {
@@ -80,13 +87,14 @@ pub async fn serve(
                     async move { Ok::<_, Infallible>(routes::handle(&proxy, request).await) }
                 });
                 let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(TokioIo::new(idle::IdleTimeout::new(stream, HEADER_READ_TIMEOUT)), service)
                     .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
         });
