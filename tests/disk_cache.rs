@@ -221,12 +221,7 @@ async fn cached_content_is_substituted_while_upstream_and_identity_provider_are_
     for path in &fx.closure {
         assert!(in_store(&dir.path().join("second"), path));
     }
-    let miss = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
-        "GET",
-        &[],
-    )
-    .await;
+    let miss = sidecar.narinfo(&fx.outside).await;
     assert_eq!(miss.status, 503);
     assert!(
         miss.text().contains("identity `ci`") && miss.text().contains("token"),
@@ -240,12 +235,7 @@ async fn cached_content_is_substituted_while_upstream_and_identity_provider_are_
     std::fs::write(&token_file, issuer.mint("machine-1", aud, 300, false)).unwrap();
     upstream.clear_faults();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let back = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
-        "GET",
-        &[],
-    )
-    .await;
+    let back = sidecar.narinfo(&fx.outside).await;
     assert_eq!(back.status, 200, "{:?}", back.body);
     let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
     assert_eq!(health.status, 200, "{}", health.text());

@@ -37,12 +37,7 @@ fn addr(sidecar: &Sidecar) -> String {
 /// A well-behaved client gets a whole answer quickly.
 async fn still_served(sidecar: &Sidecar) {
     let started = Instant::now();
-    let answer = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&big().top)),
-        "GET",
-        &[],
-    )
-    .await;
+    let answer = sidecar.narinfo(&big().top).await;
     assert_eq!(answer.status, 200);
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -145,13 +140,7 @@ async fn pipelined_garbage_gets_a_400_and_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_mid_nar_does_not_hold_up_others() {
     let (_u, sidecar, _d) = started("").await;
-    let info = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&big().top)),
-        "GET",
-        &[],
-    )
-    .await
-    .text();
+    let info = sidecar.narinfo(&big().top).await.text();
     let nar = info
         .lines()
         .find_map(|l| l.strip_prefix("URL: "))

@@ -83,12 +83,7 @@ async fn nix_pulls_the_view(sidecar: &Sidecar, client: &str) {
         sidecar.logs()
     );
     assert!(fx.closure.iter().all(|p| in_store(&dir, p)));
-    let outside = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
-        "GET",
-        &[],
-    )
-    .await;
+    let outside = sidecar.narinfo(&fx.outside).await;
     assert_eq!(outside.status, 404, "outside the view");
 }
 
@@ -218,12 +213,7 @@ async fn kubernetes_token_rotated_by_symlink_swap_is_picked_up() {
     );
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let fx = fixture();
-    let answer = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
-        "GET",
-        &[],
-    )
-    .await;
+    let answer = sidecar.narinfo(&fx.outside).await;
     assert_eq!(answer.status, 200, "the new token (another view) is in use");
     let subs: Vec<_> = w
         .upstream
@@ -243,16 +233,7 @@ async fn fifty_concurrent_misses_while_the_token_expires_cause_one_provider_call
         &format!("provider = \"github-actions\"\naudience = \"{AUD}\"\n"),
         &[],
     );
-    assert_eq!(
-        get(
-            &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
-            "GET",
-            &[]
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(sidecar.narinfo(&fx.top).await.status, 200);
     assert_eq!(w.cloud.calls("github"), 1);
     w.cloud.set_lifetime(300);
     tokio::time::sleep(Duration::from_millis(3200)).await; // the token has expired
@@ -308,12 +289,7 @@ async fn a_gitlab_token_near_expiry_is_warned_about() {
         "provider = \"gitlab\"\nvariable = \"CI_JOB_ID_TOKEN\"\n",
         &[("CI_JOB_ID_TOKEN", &token)],
     );
-    let answer = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
-        "GET",
-        &[],
-    )
-    .await;
+    let answer = sidecar.narinfo(&fx.top).await;
     assert_eq!(answer.status, 200);
     let logs = sidecar.logs();
     assert!(
@@ -376,12 +352,7 @@ async fn exec_provider_reads_json_from_stdout_and_logs_only_stderr() {
         ),
         &[],
     );
-    let answer = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
-        "GET",
-        &[],
-    )
-    .await;
+    let answer = sidecar.narinfo(&fx.top).await;
     assert_eq!(answer.status, 200);
     let logs = sidecar.logs();
     assert!(logs.contains("fetching a token"), "stderr is logged");

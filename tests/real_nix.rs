@@ -2,11 +2,10 @@
 
 mod support;
 
-use support::http::get;
 use support::issuer::Issuer;
 use support::nix::{fixture, in_store, substitute};
 use support::sidecar::Sidecar;
-use support::upstream::{hash_part, UpstreamDouble};
+use support::upstream::UpstreamDouble;
 
 const AUD: &str = "https://cache.test";
 
@@ -75,12 +74,7 @@ async fn nix_substitutes_a_closure_inside_the_view_and_not_a_path_outside() {
         stderr.contains("no substituter that can build it") || stderr.contains("does not exist"),
         "nix says it cannot substitute it: {stderr}"
     );
-    let miss = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.outside)),
-        "GET",
-        &[],
-    )
-    .await;
+    let miss = sidecar.narinfo(&fx.outside).await;
     assert_eq!(miss.status, 404);
 
     let logs = sidecar.logs();
@@ -113,12 +107,7 @@ async fn a_token_for_the_wrong_audience_gets_a_503_that_says_why() {
         &[],
     );
 
-    let answer = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
-        "GET",
-        &[],
-    )
-    .await;
+    let answer = sidecar.narinfo(&fx.top).await;
     assert_eq!(answer.status, 503);
     let body = answer.text();
     assert!(
@@ -166,13 +155,7 @@ async fn nix_substitutes_zstd_nars_verified_by_narhash_when_the_narinfo_has_no_f
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let info = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
-        "GET",
-        &[],
-    )
-    .await
-    .text();
+    let info = sidecar.narinfo(&fx.top).await.text();
     assert!(!info.contains("FileHash"));
 
     // Wrong bytes behind a narinfo without FileHash are caught by NarHash.

@@ -112,12 +112,7 @@ async fn attic_like_upstream_with_bearer_and_basic_and_an_object_store_redirect(
             attic.url
         );
         let sidecar = Sidecar::start(dir.path(), &config, &[("T", &token)]);
-        let answer = get(
-            &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.top)),
-            "GET",
-            &[],
-        )
-        .await;
+        let answer = sidecar.narinfo(&fx.top).await;
         assert_eq!(answer.status, status);
     }
 }
@@ -192,12 +187,7 @@ async fn a_private_view_and_a_public_cache_in_one_ordered_list() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(wanted.iter().all(|p| in_store(&dir.path().join("c"), p)));
-    let neither = get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&private_fx.outside)),
-        "GET",
-        &[],
-    )
-    .await;
+    let neither = sidecar.narinfo(&private_fx.outside).await;
     assert_eq!(neither.status, 404);
     assert!(
         public.requests().iter().all(|r| r.authorization.is_none()),

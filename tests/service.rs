@@ -133,23 +133,13 @@ async fn readiness_watchdog_metrics_and_health_as_a_service_manager_sees_them() 
     // The identity provider fails: garbage in the file and an expired token behind it.
     std::fs::write(&token_file, "garbage").unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.closure[0])),
-        "GET",
-        &[],
-    )
-    .await;
+    sidecar.narinfo(&fx.closure[0]).await;
     let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
     assert_eq!(health.status, 503, "{}", health.text());
     assert!(health.text().contains("not a JWT"));
     std::fs::write(&token_file, issuer.mint("m", aud, 3600, false)).unwrap();
     tokio::time::sleep(Duration::from_millis(6000)).await; // past the refresh back-off
-    get(
-        &format!("{}/{}.narinfo", sidecar.url, hash_part(&fx.closure[1])),
-        "GET",
-        &[],
-    )
-    .await;
+    sidecar.narinfo(&fx.closure[1]).await;
     let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
     assert_eq!(health.status, 200, "{}", health.text());
     let json: serde_json::Value = serde_json::from_str(&health.text()).unwrap();
@@ -176,13 +166,7 @@ async fn sigterm_during_twenty_downloads_exits_within_the_grace_and_leaves_a_cle
     );
     let mut urls = Vec::new();
     for path in &fx.closure {
-        let info = get(
-            &format!("{}/{}.narinfo", sidecar.url, hash_part(path)),
-            "GET",
-            &[],
-        )
-        .await
-        .text();
+        let info = sidecar.narinfo(path).await.text();
         urls.push(
             info.lines()
                 .find_map(|l| l.strip_prefix("URL: "))

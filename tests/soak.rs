@@ -81,12 +81,7 @@ async fn soak_under_random_faults() {
 
     // Warm up, then take the baseline.
     for path in &fx.closure {
-        get(
-            &format!("{}/{}.narinfo", sidecar.url, hash_part(path)),
-            "GET",
-            &[],
-        )
-        .await;
+        sidecar.narinfo(path).await;
     }
     let (rss_start, fds_start) = (rss_kib(pid), fds(pid));
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -189,12 +184,7 @@ async fn soak_under_random_faults() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut final_errors = 0;
     for path in &fx.closure[..36] {
-        let info = get(
-            &format!("{}/{}.narinfo", sidecar.url, hash_part(path)),
-            "GET",
-            &[],
-        )
-        .await;
+        let info = sidecar.narinfo(path).await;
         let nar = info
             .text()
             .lines()

@@ -95,6 +95,12 @@ impl Sidecar {
         }
     }
 
+    /// GET `<hash>.narinfo` for a store path.
+    pub async fn narinfo(&self, store_path: &str) -> super::http::Got {
+        let hash = super::upstream::hash_part(store_path);
+        super::http::get(&format!("{}/{hash}.narinfo", self.url), "GET", &[]).await
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
