@@ -417,7 +417,10 @@ impl Config {
                     "must not carry a query, fragment or credentials (identities supply the token)",
                 ));
             }
-            let name = up.name.unwrap_or_else(|| format!("upstream-{}", i + 1));
+            let name = up
+                .name
+                .or(up.preset.clone())
+                .unwrap_or_else(|| format!("upstream-{}", i + 1));
             if name.is_empty()
                 || !name
                     .bytes()
@@ -958,6 +961,7 @@ scope = "cache:read"
             }
         );
         assert_eq!(c.upstreams[1].auth, Auth::Bearer);
+        assert_eq!(c.upstreams[1].name, "nixos", "a preset names its upstream");
         assert_eq!(
             c.trusted_public_keys.len(),
             9,
