@@ -96,16 +96,16 @@ impl Index {
 
     /// Stores a narinfo and the NAR it points to, in one durable transaction. A NAR row that
     /// already promises the same bytes keeps its stored file; one that promises other bytes
-    /// loses it (the file will be fetched again).
+    /// loses it (returned, for the caller to delete; the NAR will be fetched again).
     pub fn put_narinfo(
         &self,
         narinfo_key: &str,
         row: &NarInfoRow,
         nar_key: &str,
         nar: NarRow,
-    ) -> Result<(), IndexError> {
+    ) -> Result<Option<Blob>, IndexError> {
         let txn = self.db.begin_write().map_err(err)?;
-        {
+        let dropped = {
             let mut infos = txn.open_table(NARINFOS).map_err(err)?;
             infos
                 .insert(narinfo_key, row.encode().as_slice())
@@ -115,18 +115,24 @@ impl Index {
                 .get(nar_key)
                 .map_err(err)?
                 .and_then(|v| serde_json::from_slice(v.value()).ok());
-            let merged = match old {
-                Some(old) if old.expected == nar.expected => NarRow {
-                    blob: old.blob,
-                    last_access: old.last_access,
-                    ..nar
-                },
-                _ => nar,
+            let (merged, dropped) = match old {
+                Some(old) if old.expected == nar.expected => (
+                    NarRow {
+                        blob: old.blob,
+                        last_access: old.last_access,
+                        ..nar
+                    },
+                    None,
+                ),
+                Some(old) => (nar, old.blob),
+                None => (nar, None),
             };
             nars.insert(nar_key, serde_json::to_vec(&merged).unwrap().as_slice())
                 .map_err(err)?;
-        }
-        txn.commit().map_err(err)
+            dropped
+        };
+        txn.commit().map_err(err)?;
+        Ok(dropped)
     }
 
     /// Records that the NAR's bytes are now stored (called after fsync and rename).

@@ -210,12 +210,18 @@ impl Store {
             blob: None,
             last_access: unix_now(),
         };
-        if let Err(e) =
-            self.0
-                .index
-                .put_narinfo(&index::narinfo_key(partition, hash), &row, nar_key, nar)
+        match self
+            .0
+            .index
+            .put_narinfo(&index::narinfo_key(partition, hash), &row, nar_key, nar)
         {
-            tracing::warn!(error = %e, "could not record a narinfo in the cache index");
+            Ok(Some(stale)) => {
+                // The narinfo now promises other bytes under this NAR name: the old file goes.
+                let _ = std::fs::remove_file(self.blob_path(nar_key));
+                self.0.total.fetch_sub(stale.size, Ordering::Relaxed);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not record a narinfo in the cache index"),
         }
     }
 
@@ -508,4 +514,66 @@ pub fn free_space(dir: &Path) -> Option<u64> {
     // SAFETY: `path` is a valid C string and `stat` a properly sized out-parameter.
     let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
     (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::hash::Sha256 as NixSha256;
+    use bytes::Bytes;
+    use fill::ChunkSink;
+
+    fn expected_for(bytes: &[u8]) -> Expected {
+        let hex = NixSha256(Sha256::digest(bytes).into()).to_hex();
+        Expected {
+            file_hash: Some(hex.clone()),
+            file_size: Some(bytes.len() as u64),
+            nar_hash: hex,
+            nar_size: bytes.len() as u64,
+            compression: "none".into(),
+        }
+    }
+
+    fn source(expected: Expected) -> NarSource {
+        NarSource {
+            upstream: "up".into(),
+            source: "http://up/nar/x.nar".into(),
+            expected,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_narinfo_promising_other_bytes_drops_the_stored_file_and_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_size: 1 << 30,
+            min_free: 0,
+        };
+        let store = Store::open(dir.path(), limits).unwrap();
+        let old = expected_for(b"hello");
+        store.put_narinfo("p", "h", "text", "nar/x.nar", source(old.clone()));
+        let Slot::Lead(mut writer, _reader) = store.fill("nar/x.nar", &old) else {
+            panic!("first fill leads");
+        };
+        writer.start(Some(5));
+        writer.write(Bytes::from_static(b"hello")).await.unwrap();
+        writer.finish().await;
+        assert_eq!(store.size(), 5);
+        let row = store.nar("nar/x.nar").unwrap();
+        assert!(store.open_stored("nar/x.nar", &row).is_some());
+
+        store.put_narinfo(
+            "p",
+            "h",
+            "text",
+            "nar/x.nar",
+            source(expected_for(b"other")),
+        );
+        assert_eq!(store.size(), 0, "the old file no longer counts");
+        assert!(store.nar("nar/x.nar").unwrap().blob.is_none());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("nars")).unwrap().count(),
+            0
+        );
+    }
 }
