@@ -44,6 +44,7 @@ pub enum NarAnswer {
 }
 
 type NarInfoResult = Result<Option<String>, UpstreamError>;
+const MAX_REMEMBERED_MISSES: usize = 100_000;
 /// Narinfo lookups in flight, by (upstream index, hash): latecomers share the first one's result.
 type Flights = Mutex<HashMap<(usize, String), Arc<OnceCell<NarInfoResult>>>>;
 
@@ -146,12 +147,7 @@ impl Proxy {
                 .inc("cache_misses_total", &[("kind", "narinfo")], 1);
             match self.fetch_narinfo_once(i, hash).await {
                 Ok(Some(text)) => return NarInfoAnswer::Found(text),
-                Ok(None) => {
-                    self.misses
-                        .lock()
-                        .unwrap()
-                        .insert((i, hash.to_string()), Instant::now());
-                }
+                Ok(None) => self.remember_miss(i, hash),
                 Err(e) => {
                     if let Some(stale) = cached {
                         tracing::info!(upstream = %up.name, error = %e, "serving a stale narinfo");
@@ -167,6 +163,20 @@ impl Proxy {
         } else {
             NarInfoAnswer::Unavailable(failures.join("\n"))
         }
+    }
+
+    /// Remembers a miss for `negative-ttl`. A flood of distinct misses (Nix asks for whole
+    /// closures) must not grow the map for ever: expired entries go when it gets large.
+    fn remember_miss(&self, i: usize, hash: &str) {
+        let mut misses = self.misses.lock().unwrap();
+        if misses.len() >= MAX_REMEMBERED_MISSES {
+            let ttl = self.negative_ttl;
+            misses.retain(|_, at| at.elapsed() < ttl);
+            if misses.len() >= MAX_REMEMBERED_MISSES {
+                misses.clear();
+            }
+        }
+        misses.insert((i, hash.to_string()), Instant::now());
     }
 
     fn recent_miss(&self, i: usize, hash: &str) -> bool {
