@@ -31,9 +31,19 @@ impl<T> IdleTimeout<T> {
         self.deadline.as_mut().reset(next);
     }
 
-    /// Pending I/O: an error once the connection has been idle too long.
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.deadline.as_mut().poll(cx).is_ready()
+    /// Progress restarts the clock; pending I/O becomes an error once the connection has
+    /// been idle too long.
+    fn track<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match poll {
+            Poll::Ready(result) => {
+                self.touch();
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(idle_error()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -47,14 +57,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                self.touch();
-                Poll::Ready(result)
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.track(cx, poll)
     }
 }
 
@@ -64,14 +68,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(result) => {
-                self.touch();
-                Poll::Ready(result)
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.track(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -79,14 +77,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => {
-                self.touch();
-                Poll::Ready(result)
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
-            Poll::Pending => Poll::Pending,
-        }
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.track(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {

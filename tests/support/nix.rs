@@ -71,15 +71,7 @@ let
 in [ c outside ]
 "#
     );
-    let expr_file = home.join("fixture.nix");
-    std::fs::write(&expr_file, expr).unwrap();
-    let built = ok(
-        nix(
-            &["nix-build", "--no-out-link", expr_file.to_str().unwrap()],
-            home,
-        ),
-        "nix-build",
-    );
+    let built = build_expr(home, "fixture.nix", &expr);
     let mut outs = built.lines().map(str::to_string);
     let (top, outside) = (outs.next().unwrap(), outs.next().unwrap());
     let closure: Vec<String> = ok(nix(&["nix-store", "-qR", &top], home), "nix-store -qR")
@@ -96,6 +88,19 @@ in [ c outside ]
         outside,
         _dir: dir,
     }
+}
+
+/// Builds a Nix expression (written to `home/file`) and returns nix-build's output paths.
+fn build_expr(home: &Path, file: &str, expr: &str) -> String {
+    let expr_file = home.join(file);
+    std::fs::write(&expr_file, expr).unwrap();
+    ok(
+        nix(
+            &["nix-build", "--no-out-link", expr_file.to_str().unwrap()],
+            home,
+        ),
+        "nix-build",
+    )
 }
 
 /// A fresh signing key and a binary cache of `paths` (with their closures) written by `nix copy`.
@@ -180,15 +185,7 @@ builtins.genList (i: builtins.derivation {{
 }}) {count}
 "#
     );
-    let expr_file = home.join("many.nix");
-    std::fs::write(&expr_file, expr).unwrap();
-    let built = ok(
-        nix(
-            &["nix-build", "--no-out-link", expr_file.to_str().unwrap()],
-            home,
-        ),
-        "nix-build",
-    );
+    let built = build_expr(home, "many.nix", &expr);
     let paths: Vec<String> = built.lines().map(str::to_string).collect();
     assert_eq!(paths.len(), count);
     let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
