@@ -205,84 +205,111 @@ def median(xs):
     return statistics.median(xs)
 
 
+def warm_nar(b: Bench, results: list):
+    """1. The big NAR, already stored, vs nginx sending the same file."""
+    b.start_sidecar()
+    big_nar = nar_url_of(b, "sidecar", b.big)
+    curl_seconds(b.url("sidecar", big_nar))  # fill
+    side, stat = [], []
+    for _ in range(ROUNDS):
+        side.append(BIG / curl_seconds(b.url("sidecar", big_nar)) / 2**20)
+        stat.append(BIG / curl_seconds(b.url("static", big_nar)) / 2**20)
+    results.append(("1. warm NAR, MiB/s", median(side), "nginx static", median(stat), ">= 0.9"))
+
+
+def warm_narinfo(b: Bench, results: list):
+    """2. Small narinfos, all cached, 64 connections."""
+    b.start_sidecar()
+    paths_file = os.path.join(b.work, "paths.txt")
+    with open(paths_file, "w") as f:
+        f.write("\n".join("/" + narinfo_path(h) for h in b.small) + "\n")
+    for h in b.small:
+        urllib.request.urlopen(b.url("sidecar", narinfo_path(h))).read()
+        urllib.request.urlopen(b.url("proxy", narinfo_path(h))).read()
+    side, proxy, stat = [], [], []
+    for _ in range(max(3, ROUNDS // 2)):
+        side.append(wrk_rps(b.url("sidecar", ""), paths_file))
+        proxy.append(wrk_rps(b.url("proxy", ""), paths_file))
+        stat.append(wrk_rps(b.url("static", ""), paths_file))
+    results.append(("2. warm narinfo, req/s", median(side), "nginx proxy_cache", median(proxy), ">= 1.0"))
+    results.append(("2b. warm narinfo, req/s", median(side), "nginx static", median(stat), "(info)"))
+
+
+def hashed_download_seconds(url: str, cacert: str) -> float:
+    """Downloads and SHA-256s a file the way a client checking it would (curl | openssl)."""
+    started = time.monotonic()
+    subprocess.run(f"curl -sf --cacert {cacert} {url} | openssl dgst -sha256", shell=True, check=True, capture_output=True)
+    return time.monotonic() - started
+
+
+def cold_nar(b: Bench, results: list):
+    """3. The big NAR through an empty nix-sidecar (which checks its hash and stores it) vs
+    straight from the TLS upstream, with the hash checked as Nix would, and without."""
+    side, hashed, direct = [], [], []
+    for _ in range(max(3, ROUNDS // 2)):
+        b.start_sidecar(fresh=True)
+        url = nar_url_of(b, "sidecar", b.big)
+        side.append(BIG / curl_seconds(b.url("sidecar", url)) / 2**20)
+        hashed.append(BIG / hashed_download_seconds(b.url("upstream", url), b.cert) / 2**20)
+        direct.append(BIG / curl_seconds(b.url("upstream", url), b.cert) / 2**20)
+    results.append(("3. cold NAR, MiB/s", median(side), "direct upstream (TLS) + sha256", median(hashed), ">= 0.8"))
+    results.append(("3b. cold NAR, MiB/s", median(side), "direct upstream (TLS), no hash", median(direct), "(info)"))
+
+
+def herd(b: Bench, results: list):
+    """4. 100 clients on one cold NAR vs one client alone (64 MiB)."""
+    many, one = [], []
+    for _ in range(max(3, ROUNDS // 2)):
+        b.start_sidecar(fresh=True)
+        url = b.url("sidecar", nar_url_of(b, "sidecar", b.mid))
+        one.append(curl_seconds(url))
+        b.start_sidecar(fresh=True)
+        url = b.url("sidecar", nar_url_of(b, "sidecar", b.mid))
+        started = time.monotonic()
+        procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(100)]
+        assert all(p.wait() == 0 for p in procs)
+        many.append(time.monotonic() - started)
+    results.append(("4. one cold 64 MiB NAR, s", median(many), "one client alone (100 clients here)", median(one), "<= 1.2 (time)"))
+
+
+def peak_rss(b: Bench, results: list):
+    """5. Peak RSS while 8 clients stream the big NAR, cold then warm."""
+    b.start_sidecar(fresh=True)
+    url = b.url("sidecar", nar_url_of(b, "sidecar", b.big))
+    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(8)]
+    assert all(p.wait() == 0 for p in procs)
+    cold_rss = b.peak_rss_mib()
+    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(8)]
+    assert all(p.wait() == 0 for p in procs)
+    warm_rss = b.peak_rss_mib()
+    results.append(("5. peak RSS, 8 x big NAR cold+warm, MiB", warm_rss, "limit", 100.0, "<= 100 MiB"))
+    print(f"# peak RSS after cold: {cold_rss:.1f} MiB, after cold+warm: {warm_rss:.1f} MiB")
+
+
+SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss}
+
+
 def main():
     for tool in ["nginx", "wrk", "curl", "openssl"]:
         if not shutil.which(tool):
             raise SystemExit(f"needs {tool}: apt-get install -y nginx-light wrk curl openssl")
+    only = os.environ.get("BENCH_ONLY", ",".join(SCENARIOS)).split(",")
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="nix-sidecar-bench-")
     b = Bench(work)
     results = []
     try:
         b.setup()
-        b.start_sidecar()
-
-        # 1. warm NAR download
-        big_nar = nar_url_of(b, "sidecar", b.big)
-        curl_seconds(b.url("sidecar", big_nar))  # fill
-        side, stat = [], []
-        for _ in range(ROUNDS):
-            side.append(BIG / curl_seconds(b.url("sidecar", big_nar)) / 2**20)
-            stat.append(BIG / curl_seconds(b.url("static", big_nar)) / 2**20)
-        results.append(("1. warm NAR, MiB/s", median(side), "nginx static", median(stat), ">= 0.9"))
-
-        # 2. warm narinfo, 64 connections
-        paths_file = os.path.join(work, "paths.txt")
-        with open(paths_file, "w") as f:
-            f.write("\n".join("/" + narinfo_path(h) for h in b.small) + "\n")
-        for h in b.small:
-            urllib.request.urlopen(b.url("sidecar", narinfo_path(h))).read()
-            urllib.request.urlopen(b.url("proxy", narinfo_path(h))).read()
-        side, proxy, stat = [], [], []
-        for _ in range(max(3, ROUNDS // 2)):
-            side.append(wrk_rps(b.url("sidecar", ""), paths_file))
-            proxy.append(wrk_rps(b.url("proxy", ""), paths_file))
-            stat.append(wrk_rps(b.url("static", ""), paths_file))
-        results.append(("2. warm narinfo, req/s", median(side), "nginx proxy_cache", median(proxy), ">= 1.0"))
-        results.append(("2b. warm narinfo, req/s", median(side), "nginx static", median(stat), "(info)"))
-
-        # 3. cold NAR through nix-sidecar vs straight from the upstream
-        side, direct = [], []
-        for _ in range(max(3, ROUNDS // 2)):
-            b.start_sidecar(fresh=True)
-            url = nar_url_of(b, "sidecar", b.big)
-            side.append(BIG / curl_seconds(b.url("sidecar", url)) / 2**20)
-            direct.append(BIG / curl_seconds(b.url("upstream", url), b.cert) / 2**20)
-        results.append(("3. cold NAR, MiB/s", median(side), "direct upstream (TLS)", median(direct), ">= 0.8"))
-
-        # 4. 100 clients on one cold NAR vs one client alone (64 MiB)
-        many, one = [], []
-        for _ in range(max(3, ROUNDS // 2)):
-            b.start_sidecar(fresh=True)
-            url = b.url("sidecar", nar_url_of(b, "sidecar", b.mid))
-            one.append(curl_seconds(url))
-            b.start_sidecar(fresh=True)
-            url = b.url("sidecar", nar_url_of(b, "sidecar", b.mid))
-            started = time.monotonic()
-            procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(100)]
-            assert all(p.wait() == 0 for p in procs)
-            many.append(time.monotonic() - started)
-        results.append(("4. one cold 64 MiB NAR, s", median(many), "one client alone (100 clients here)", median(one), "<= 1.2 (time)"))
-
-        # 5. peak RSS with 8 clients streaming the big NAR, cold then warm
-        b.start_sidecar(fresh=True)
-        url = b.url("sidecar", nar_url_of(b, "sidecar", b.big))
-        procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(8)]
-        assert all(p.wait() == 0 for p in procs)
-        cold_rss = b.peak_rss_mib()
-        procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(8)]
-        assert all(p.wait() == 0 for p in procs)
-        warm_rss = b.peak_rss_mib()
-        results.append(("5. peak RSS, 8 x big NAR cold+warm, MiB", warm_rss, "limit", 100.0, "<= 100 MiB"))
-        print(f"# peak RSS after cold: {cold_rss:.1f} MiB, after cold+warm: {warm_rss:.1f} MiB")
+        for key in only:
+            SCENARIOS[key](b, results)
     finally:
         b.teardown()
         if not os.environ.get("BENCH_KEEP"):
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"| scenario | nix-sidecar | peer | peer value | ratio | target |")
-    print(f"|---|---|---|---|---|---|")
+    print("| scenario | nix-sidecar | peer | peer value | ratio | target |")
+    print("|---|---|---|---|---|---|")
     for name, ours, peer, theirs, target in results:
         print(f"| {name} | {ours:.1f} | {peer} | {theirs:.1f} | {ours / theirs:.2f} | {target} |")
 

@@ -6,8 +6,10 @@
 
 use std::io::Write;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256 as Hasher};
+use tokio::sync::mpsc;
 
 use crate::nix::hash::Sha256;
 use crate::nix::narinfo::NarInfo;
@@ -80,8 +82,64 @@ impl Write for NarSink {
     }
 }
 
+/// Checks a NAR on a blocking thread while it streams, so hashing (and decompressing)
+/// overlaps with receiving, writing and serving it: on a cold fill the hash is the single
+/// largest cost. Overlong streams are refused here, before their bytes go anywhere.
+pub struct Verifier {
+    chunks: Option<mpsc::Sender<Bytes>>,
+    outcome: tokio::task::JoinHandle<Result<String, String>>,
+    file_size: Option<u64>,
+    received: u64,
+}
+
+impl Verifier {
+    /// Must be called within the runtime.
+    pub fn start(expected: &Expected) -> Result<Verifier, String> {
+        let mut check = ContentCheck::new(expected)?;
+        let (chunks, mut incoming) = mpsc::channel::<Bytes>(8);
+        let outcome = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = incoming.blocking_recv() {
+                check.update(&chunk)?;
+            }
+            check.finish()
+        });
+        Ok(Verifier {
+            chunks: Some(chunks),
+            outcome,
+            file_size: expected.file_size,
+            received: 0,
+        })
+    }
+
+    pub async fn update(&mut self, chunk: Bytes) -> Result<(), String> {
+        self.received += chunk.len() as u64;
+        if let Some(size) = self.file_size.filter(|size| self.received > *size) {
+            return Err(format!("upstream sent more than FileSize ({size} bytes)"));
+        }
+        let chunks = self.chunks.as_ref().expect("update before finish");
+        if chunks.send(chunk).await.is_err() {
+            // The check stopped early: it has the reason.
+            self.chunks = None;
+            return Err(self.outcome().await.err().unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// Ends the stream; returns the SHA-256 of the bytes as stored (hex).
+    pub async fn finish(mut self) -> Result<String, String> {
+        self.chunks = None;
+        self.outcome().await
+    }
+
+    async fn outcome(&mut self) -> Result<String, String> {
+        (&mut self.outcome)
+            .await
+            .unwrap_or_else(|e| Err(format!("verification task: {e}")))
+    }
+}
+
 impl ContentCheck {
-    pub fn new(expected: &Expected) -> Result<ContentCheck, String> {
+    fn new(expected: &Expected) -> Result<ContentCheck, String> {
         let parse = |hex: &str| {
             Sha256::parse(&format!("sha256:{hex}"))
                 .map(|h| h.0)
@@ -110,13 +168,8 @@ impl ContentCheck {
         })
     }
 
-    pub fn update(&mut self, chunk: &[u8]) -> Result<(), String> {
+    fn update(&mut self, chunk: &[u8]) -> Result<(), String> {
         self.raw_len += chunk.len() as u64;
-        if let Some(size) = self.file_size {
-            if self.raw_len > size {
-                return Err(format!("upstream sent more than FileSize ({size} bytes)"));
-            }
-        }
         self.raw.update(chunk);
         if let Some(nar) = &mut self.nar {
             nar.write_all(chunk)
@@ -126,7 +179,7 @@ impl ContentCheck {
     }
 
     /// Checks the end of the stream; returns the SHA-256 of the bytes as stored (hex).
-    pub fn finish(mut self) -> Result<String, String> {
+    fn finish(mut self) -> Result<String, String> {
         if let Some(size) = self.file_size {
             if self.raw_len != size {
                 return Err(format!(
@@ -316,14 +369,42 @@ mod tests {
         }
     }
 
-    #[test]
-    fn too_many_bytes_fail_before_the_end() {
+    #[tokio::test]
+    async fn too_many_bytes_fail_before_the_end() {
         let e = expected_for(b"abc", b"abc", "none", true);
-        let mut check = ContentCheck::new(&e).unwrap();
-        assert!(check.update(b"abcd").is_err());
+        let mut check = Verifier::start(&e).unwrap();
+        let refused = check.update(Bytes::from_static(b"abcd")).await;
+        assert!(refused.unwrap_err().contains("FileSize"));
         let e = expected_for(b"abc", b"abc", "none", false);
         let mut check = ContentCheck::new(&e).unwrap();
         assert!(check.update(b"abcd").is_err(), "NarSize caps the stream");
+    }
+
+    #[tokio::test]
+    async fn the_background_check_reports_what_it_found() {
+        let e = expected_for(b"abc", b"abc", "none", true);
+        let mut check = Verifier::start(&e).unwrap();
+        check.update(Bytes::from_static(b"abd")).await.unwrap();
+        assert!(check.finish().await.unwrap_err().contains("FileHash"));
+        let mut check = Verifier::start(&e).unwrap();
+        check.update(Bytes::from_static(b"ab")).await.unwrap();
+        check.update(Bytes::from_static(b"c")).await.unwrap();
+        assert!(check.finish().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_check_that_fails_midway_stops_taking_bytes() {
+        let nar = vec![7u8; 1000];
+        let e = expected_for(&nar, b"not xz at all", "xz", false);
+        let mut check = Verifier::start(&e).unwrap();
+        let mut outcome = Ok(());
+        for _ in 0..100 {
+            outcome = check.update(Bytes::from_static(b"not xz at all")).await;
+            if outcome.is_err() {
+                break;
+            }
+        }
+        assert!(outcome.unwrap_err().contains("decompress"));
     }
 
     #[test]

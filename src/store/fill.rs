@@ -6,16 +6,18 @@
 //! once and memory does not grow with the NAR or the number of clients. The writer verifies
 //! as it goes; only verified, fsynced, renamed bytes reach the index.
 
+use std::collections::VecDeque;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 
-use super::check::{ContentCheck, Expected};
+use super::check::{Expected, Verifier};
 use super::index::Blob;
 use super::Store;
 
@@ -48,7 +50,13 @@ pub struct Progress {
 pub struct Fill {
     file: File,
     progress: watch::Sender<Progress>,
+    /// The last chunks written, so readers keeping up take them from memory instead of
+    /// reading the file back (the page cache copy and a buffer per chunk).
+    recent: Mutex<VecDeque<(u64, Bytes)>>,
 }
+
+/// How many of the latest chunks a fill keeps in memory for its readers.
+const RECENT_CHUNKS: usize = 4;
 
 impl Fill {
     pub fn new(file: File) -> Arc<Fill> {
@@ -58,7 +66,31 @@ impl Fill {
             length: None,
             ended: false,
         });
-        Arc::new(Fill { file, progress })
+        Arc::new(Fill {
+            file,
+            progress,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_CHUNKS)),
+        })
+    }
+
+    fn remember(&self, offset: u64, chunk: Bytes) {
+        let mut recent = self.recent.lock().unwrap();
+        if recent.len() == RECENT_CHUNKS {
+            recent.pop_front();
+        }
+        recent.push_back((offset, chunk));
+    }
+
+    /// Up to `len` bytes at `pos`, from memory if a recent chunk has them, else from the file.
+    fn read(&self, pos: u64, len: usize) -> std::io::Result<Bytes> {
+        let cached = self.recent.lock().unwrap().iter().find_map(|(at, chunk)| {
+            let skip = pos.checked_sub(*at)? as usize;
+            (skip < chunk.len()).then(|| chunk.slice(skip..chunk.len().min(skip + len)))
+        });
+        match cached {
+            Some(bytes) => Ok(bytes),
+            None => read_at(&self.file, pos, len),
+        }
     }
 
     pub fn reader(self: &Arc<Fill>) -> FillReader {
@@ -83,7 +115,7 @@ pub struct FillWriter {
     pub(super) key: String,
     pub(super) fill: Arc<Fill>,
     pub(super) tmp: PathBuf,
-    pub(super) check: Option<ContentCheck>,
+    pub(super) check: Option<Verifier>,
     pub(super) finished: bool,
     /// Bytes reserved in the store's limits for this fill until it ends.
     pub(super) reserved: u64,
@@ -110,7 +142,7 @@ impl FillWriter {
     /// Verifies, fsyncs, renames into place and records the file in the index, in that order.
     pub async fn finish(mut self) {
         let check = self.check.take().expect("finish once");
-        let sha256 = match check.finish() {
+        let sha256 = match check.finish().await {
             Ok(sha) => sha,
             Err(reason) => {
                 self.store.count_verification_failure();
@@ -166,7 +198,7 @@ impl FillWriter {
 impl ChunkSink for FillWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
         let check = self.check.as_mut().expect("write before finish");
-        if let Err(reason) = check.update(&chunk) {
+        if let Err(reason) = check.update(chunk.clone()).await {
             self.store.count_verification_failure();
             return Err(reason);
         }
@@ -175,6 +207,7 @@ impl ChunkSink for FillWriter {
             .file
             .write_all_at(&chunk, offset)
             .map_err(|e| format!("writing the cache file: {e}"))?;
+        self.fill.remember(offset, chunk.clone());
         self.fill
             .progress
             .send_modify(|p| p.written += chunk.len() as u64);
@@ -232,13 +265,9 @@ impl FillReader {
                 };
                 if pos < readable {
                     let len = (readable - pos).min(CHUNK as u64) as usize;
-                    let mut buf = BytesMut::zeroed(len);
-                    let chunk = match self.fill.file.read_exact_at(&mut buf, pos) {
-                        Ok(()) => Ok(buf.freeze()),
-                        Err(e) => Err(e),
-                    };
+                    let chunk = self.fill.read(pos, len);
                     let failed = chunk.is_err();
-                    pos += len as u64;
+                    pos += chunk.as_ref().map_or(0, |c| c.len() as u64);
                     if tx.send(chunk).await.is_err() || failed {
                         return; // the client went away, or the file cannot be read
                     }
@@ -273,6 +302,36 @@ impl FillReader {
     }
 }
 
+/// Reads exactly `len` bytes at `pos` into a fresh buffer, without zeroing it first.
+fn read_at(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let (filled, offset) = (buf.len(), pos + buf.len() as u64);
+        let spare = &mut buf.spare_capacity_mut()[..len - filled];
+        // SAFETY: pread writes at most `spare.len()` bytes into the spare capacity, which is
+        // owned, allocated memory; only the bytes it reports written become part of `buf`.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                offset as libc::off_t,
+            )
+        };
+        match read {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => unsafe { buf.set_len(buf.len() + n as usize) },
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// Chunk size for stored files: larger than a fill's, since the bytes are all there.
 const FILE_CHUNK: usize = 1024 * 1024;
 
@@ -283,8 +342,7 @@ pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
         let mut pos = start;
         while pos < end {
             let len = (end - pos).min(FILE_CHUNK as u64) as usize;
-            let mut buf = BytesMut::zeroed(len);
-            let chunk = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
+            let chunk = read_at(&file, pos, len);
             let failed = chunk.is_err();
             if tx.blocking_send(chunk).is_err() || failed {
                 return;
@@ -299,7 +357,7 @@ pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
 /// verifies what it can and aborts the client's stream on a mismatch.
 pub struct PassThrough {
     store: Store,
-    check: Option<ContentCheck>,
+    check: Option<Verifier>,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
     /// The latest chunk, held back until the next one arrives or the check passes, so a
     /// wrong NAR never reaches the client whole.
@@ -309,7 +367,7 @@ pub struct PassThrough {
 impl PassThrough {
     pub fn new(store: &Store, expected: Option<&Expected>) -> (PassThrough, ByteStream) {
         let (tx, rx) = mpsc::channel(4);
-        let check = expected.and_then(|e| ContentCheck::new(e).ok());
+        let check = expected.and_then(|e| Verifier::start(e).ok());
         (
             PassThrough {
                 store: store.clone(),
@@ -322,12 +380,12 @@ impl PassThrough {
     }
 
     pub async fn finish(mut self, outcome: Result<(), String>) {
-        let outcome = outcome.and_then(|()| match self.check.take() {
-            Some(check) => check.finish().map(|_| ()).inspect_err(|_| {
+        let outcome = match (outcome, self.check.take()) {
+            (Ok(()), Some(check)) => check.finish().await.map(drop).inspect_err(|_| {
                 self.store.count_verification_failure();
             }),
-            None => Ok(()),
-        });
+            (outcome, _) => outcome,
+        };
         let last = match outcome {
             Ok(()) => match self.held.take() {
                 Some(chunk) => Ok(chunk),
@@ -346,7 +404,8 @@ impl ChunkSink for PassThrough {
     async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
         if let Some(check) = &mut self.check {
             check
-                .update(&chunk)
+                .update(chunk.clone())
+                .await
                 .inspect_err(|_| self.store.count_verification_failure())?;
         }
         match self.held.replace(chunk) {

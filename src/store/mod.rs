@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
-use check::{ContentCheck, Expected};
+use check::{Expected, Verifier};
 use fill::{Fill, FillReader, FillWriter};
 use index::{Blob, Index, NarInfoRow, NarRow};
 
@@ -254,7 +254,7 @@ impl Store {
         if let Some(fill) = self.0.fills.lock().unwrap().get(key) {
             return Slot::Join(fill.reader());
         }
-        let check = match ContentCheck::new(expected) {
+        let check = match Verifier::start(expected) {
             Ok(check) => check,
             Err(reason) => return Slot::Bypass(reason),
         };
