@@ -129,30 +129,37 @@ http {{
         subprocess.run(["nginx", "-c", os.path.join(self.work, "nginx.conf"), "-p", self.work], check=True)
         time.sleep(0.5)
 
-    def start_sidecar(self, fresh=True):
-        self.stop_sidecar()
-        cache_dir = os.path.join(self.work, "sidecar-cache")
-        if fresh:
-            shutil.rmtree(cache_dir, ignore_errors=True)
-        config = os.path.join(self.work, "sidecar.toml")
+    def sidecar_config(self, cache_name="sidecar-cache") -> str:
+        """Writes the config of a nix-sidecar in front of the upstream; returns its path."""
+        cache_dir = os.path.join(self.work, cache_name)
+        config = os.path.join(self.work, f"{cache_name}.toml")
         with open(config, "w") as f:
             f.write(f'listen = ["127.0.0.1:{self.ports["sidecar"]}"]\ncache-dir = "{cache_dir}"\n'
                     f'min-free-space = "1GiB"\nmax-cache-size = "50GiB"\n'
                     f'[[upstream]]\nname = "up"\nurl = "https://127.0.0.1:{self.ports["upstream"]}"\nca-file = "{self.cert}"\n')
+        return config
+
+    def start_sidecar(self, fresh=True, cache_name="sidecar-cache", ready_path="nix-cache-info") -> float:
+        """Starts nix-sidecar; returns the seconds until it answered `ready_path` with 200."""
+        self.stop_sidecar()
+        if fresh:
+            shutil.rmtree(os.path.join(self.work, cache_name), ignore_errors=True)
+        config = self.sidecar_config(cache_name)
         log = open(os.path.join(self.work, "sidecar.log"), "a")
+        started = time.monotonic()
         self.sidecar = subprocess.Popen([os.path.join(ROOT, "target/release/nix-sidecar"), "serve", "--config", config],
                                         stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "NIX_SIDECAR_LOG": "warn"})
-        for _ in range(200):
+        while time.monotonic() - started < 30:
             try:
-                urllib.request.urlopen(self.url("sidecar", "nix-cache-info"), timeout=1).read()
-                return
+                urllib.request.urlopen(self.url("sidecar", ready_path), timeout=1).read()
+                return time.monotonic() - started
             except Exception:
-                time.sleep(0.05)
+                time.sleep(0.002)
         raise SystemExit("nix-sidecar did not start")
 
-    def stop_sidecar(self):
+    def stop_sidecar(self, sig=signal.SIGTERM):
         if getattr(self, "sidecar", None):
-            self.sidecar.send_signal(signal.SIGTERM)
+            self.sidecar.send_signal(sig)
             self.sidecar.wait()
             self.sidecar = None
 
@@ -184,7 +191,7 @@ def nar_url_of(b: Bench, who: str, h: str) -> str:
     return next(l[5:] for l in text.splitlines() if l.startswith("URL: "))
 
 
-def wrk_rps(url_base: str, paths_file: str) -> float:
+def wrk(url_base: str, paths_file: str, connections=64) -> str:
     script = os.path.join(os.path.dirname(paths_file), "paths.lua")
     with open(script, "w") as f:
         f.write(f"""
@@ -196,9 +203,27 @@ request = function()
   return wrk.format("GET", paths[i])
 end
 """)
-    out = subprocess.run(["wrk", "-t2", "-c64", "-d5s", "-s", script, url_base], check=True, capture_output=True, text=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("Requests/sec:"))
+    return subprocess.run(["wrk", "-t2", f"-c{connections}", "-d5s", "--latency", "-s", script, url_base],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def wrk_rps(url_base: str, paths_file: str) -> float:
+    line = next(l for l in wrk(url_base, paths_file).splitlines() if l.startswith("Requests/sec:"))
     return float(line.split()[1])
+
+
+def wrk_p99_ms(url_base: str, paths_file: str, connections: int) -> float:
+    out = wrk(url_base, paths_file, connections)
+    if "Non-2xx" in out:
+        raise SystemExit(f"lookups failed:\n{out}")
+    value = next(l.split()[1] for l in out.splitlines() if l.strip().startswith("99%"))
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    unit = next(u for u in ["us", "ms", "s"] if value.endswith(u))
+    return float(value[: -len(unit)]) * scale[unit]
+
+
+def number(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.3f}"
 
 
 def median(xs):
@@ -286,7 +311,49 @@ def peak_rss(b: Bench, results: list):
     print(f"# peak RSS after cold: {cold_rss:.1f} MiB, after cold+warm: {warm_rss:.1f} MiB")
 
 
-SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss}
+INDEX_ENTRIES = int(os.environ.get("BENCH_INDEX_ENTRIES", "1000000"))
+INDEX_STORED = int(os.environ.get("BENCH_INDEX_STORED", "10000"))
+
+
+def big_index(b: Bench, results: list):
+    """7. Start-up and narinfo lookups with a million narinfos (and their NARs) in the index,
+    some NARs stored: the example `fill_index` writes them through the store's own API."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "fill_index"], cwd=ROOT, check=True)
+    b.stop_sidecar()
+    shutil.rmtree(os.path.join(b.work, "big-index"), ignore_errors=True)
+    config = b.sidecar_config("big-index")
+    print(f"# filling an index with {INDEX_ENTRIES} narinfos, {INDEX_STORED} NARs stored", flush=True)
+    started = time.monotonic()
+    hashes = subprocess.run([os.path.join(ROOT, "target/release/examples/fill_index"), config, str(INDEX_ENTRIES), str(INDEX_STORED)],
+                            check=True, capture_output=True, text=True).stdout.split()
+    print(f"# filled in {time.monotonic() - started:.0f} s", flush=True)
+    # None of these narinfos is on the upstream: a 200 is an answer from the index.
+    first = narinfo_path(hashes[0])
+    clean, crashed = [], []
+    for _ in range(ROUNDS):
+        clean.append(b.start_sidecar(fresh=False, cache_name="big-index", ready_path=first))
+        b.stop_sidecar(signal.SIGKILL)
+        crashed.append(b.start_sidecar(fresh=False, cache_name="big-index", ready_path=first))
+        b.stop_sidecar()
+    paths_file = os.path.join(b.work, "big-index-paths.txt")
+    with open(paths_file, "w") as f:
+        f.write("\n".join("/" + narinfo_path(h) for h in hashes) + "\n")
+    b.start_sidecar(fresh=False, cache_name="big-index", ready_path=first)
+    few = median([wrk_p99_ms(b.url("sidecar", ""), paths_file, 8) for _ in range(3)])
+    many = median([wrk_p99_ms(b.url("sidecar", ""), paths_file, 64) for _ in range(3)])
+    b.stop_sidecar()
+    static_paths = os.path.join(b.work, "paths.txt")  # written by scenario 2, else now
+    with open(static_paths, "w") as f:
+        f.write("\n".join("/" + narinfo_path(h) for h in b.small) + "\n")
+    nginx = median([wrk_p99_ms(b.url("static", ""), static_paths, 64) for _ in range(3)])
+    n = f"{INDEX_ENTRIES // 1000}k"
+    results.append((f"7. start-up, {n} entries, s", median(clean), "limit", 1.0, "<= 1 s"))
+    results.append((f"7b. start-up after SIGKILL, {n} entries, s", median(crashed), "limit", 1.0, "<= 1 s"))
+    results.append((f"7c. narinfo lookup p99, {n} entries, 8 connections, ms", few, "limit", 1.0, "<= 1 ms"))
+    results.append((f"7d. narinfo lookup p99, {n} entries, 64 connections, ms", many, "nginx static, 64 connections", nginx, "(info)"))
+
+
+SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "7": big_index}
 
 
 def main():
@@ -311,7 +378,7 @@ def main():
     print("| scenario | nix-sidecar | peer | peer value | ratio | target |")
     print("|---|---|---|---|---|---|")
     for name, ours, peer, theirs, target in results:
-        print(f"| {name} | {ours:.1f} | {peer} | {theirs:.1f} | {ours / theirs:.2f} | {target} |")
+        print(f"| {name} | {number(ours)} | {peer} | {number(theirs)} | {ours / theirs:.2f} | {target} |")
 
 
 if __name__ == "__main__":

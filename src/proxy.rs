@@ -19,7 +19,7 @@ use crate::nix::narinfo::{self, NarInfo, TrustedKeys, MAX_NARINFO_BYTES};
 use crate::nix::request::{self, CachePath};
 use crate::store::check::Expected;
 use crate::store::fill::{ByteStream, ChunkSink, FillState, PassThrough, BODY_IDLE_TIMEOUT};
-use crate::store::{Limits, NarSource, Slot, Store};
+use crate::store::{Limits, NarSource, NewNarInfo, Slot, Store};
 use crate::upstream::{Answer, Upstream, UpstreamError};
 
 pub enum NarInfoAnswer {
@@ -64,6 +64,17 @@ pub struct Proxy {
     flights: Flights,
 }
 
+/// The index partition of an upstream's narinfos: one identity's view must not answer for
+/// another's, nor one URL's for another's.
+pub fn partition(up: &crate::config::UpstreamConfig) -> String {
+    format!(
+        "{}|{}|{}",
+        up.name,
+        up.url,
+        up.identity.as_deref().unwrap_or("-")
+    )
+}
+
 impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy, String> {
         let metrics = Arc::new(Metrics::default());
@@ -85,12 +96,7 @@ impl Proxy {
                 .identity
                 .as_ref()
                 .and_then(|name| identities.iter().find(|i| i.name() == name).cloned());
-            partitions.push(format!(
-                "{}|{}|{}",
-                up.name,
-                up.url,
-                up.identity.as_deref().unwrap_or("-")
-            ));
+            partitions.push(partition(up));
             upstreams.push(Arc::new(Upstream::new(
                 &up.name,
                 &up.url,
@@ -266,13 +272,11 @@ impl Proxy {
             (self.partitions[i].clone(), hash.to_string(), text.clone());
         let nar = NarSource {
             upstream: up.name.clone(),
-            source: source.to_string(),
+            url: source.to_string(),
             expected: Expected::from_narinfo(&info),
         };
-        let _ = tokio::task::spawn_blocking(move || {
-            store.put_narinfo(&partition, &hash_owned, &text_owned, &nar_key, nar)
-        })
-        .await;
+        let new = NewNarInfo::new(&partition, &hash_owned, &text_owned, &nar_key, nar);
+        let _ = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
         Ok(Some(text))
     }
 
@@ -306,7 +310,7 @@ impl Proxy {
         let row = self.store.nar(key);
         let upstream = row
             .as_ref()
-            .and_then(|r| self.upstreams.iter().find(|u| u.name == r.upstream));
+            .and_then(|r| self.upstreams.iter().find(|u| u.name == r.source.upstream));
         let (Some(row), Some(up)) = (row.as_ref(), upstream) else {
             return self.forward(key, method).await;
         };
@@ -320,19 +324,19 @@ impl Proxy {
         }
         self.metrics
             .inc("cache_misses_total", &[("kind", "nar")], 1);
-        let Ok(source) = url::Url::parse(&row.source) else {
+        let Ok(source) = url::Url::parse(&row.source.url) else {
             return NarAnswer::Unavailable(format!("index holds a bad URL for {key}"));
         };
         if head {
             return match up.fetch(&source, Method::HEAD).await {
                 Ok(Answer::Found(r)) => NarAnswer::Found(Content::Head(
-                    content_length(&r).or(row.expected.file_len()),
+                    content_length(&r).or(row.source.expected.file_len()),
                 )),
                 Ok(Answer::Missing) => NarAnswer::Missing,
                 Err(e) => NarAnswer::Unavailable(e.to_string()),
             };
         }
-        let mut reader = match self.store.fill(key, &row.expected) {
+        let mut reader = match self.store.fill(key, &row.source.expected) {
             Slot::Join(reader) => reader,
             Slot::Lead(mut writer, reader) => {
                 let metrics = self.metrics.clone();
@@ -362,7 +366,9 @@ impl Proxy {
             }
             Slot::Bypass(reason) => {
                 tracing::debug!(nar = %key, reason, "passing through without caching");
-                return self.pass_through(up, &source, Some(&row.expected)).await;
+                return self
+                    .pass_through(up, &source, Some(&row.source.expected))
+                    .await;
             }
         };
         let progress = reader.started().await;
@@ -384,7 +390,7 @@ impl Proxy {
                 NarAnswer::Unavailable(reason.to_string())
             }
             _ => NarAnswer::Found(Content::Stream(
-                row.expected.file_len().or(progress.length),
+                row.source.expected.file_len().or(progress.length),
                 reader.stream(),
             )),
         }

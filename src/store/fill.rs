@@ -156,7 +156,11 @@ impl FillWriter {
             Ok(f) => f,
             Err(e) => return self.fail(&format!("cache file: {e}")),
         };
-        let blob = Blob { size, sha256 };
+        let blob = Blob {
+            size,
+            sha256,
+            last_access: super::unix_now(),
+        };
         // Verified: readers may take the last byte now; storing it durably (fsync of the
         // whole file) must not hold clients up. The fill stays registered until the index
         // has it, so nobody starts a second download meanwhile.

@@ -1,19 +1,28 @@
 //! The redb index: which narinfos and NAR files the cache holds.
 //!
-//! Two tables. `narinfos`: `<partition>\n<hash>` -> the narinfo text as served and when it was
-//! fetched. `nars`: the local NAR key (`nar/<file>[?query]`) -> where it comes from, what its
-//! narinfo promised, and, only once the bytes are verified, fsynced and renamed into place,
-//! the stored file's size and SHA-256. A row never points at bytes that are not there.
+//! Three tables. `narinfo`: `<partition>\n<hash>` -> the narinfo text as served and when it
+//! was fetched. `nar`: the local NAR key (`nar/<file>[?query]`) -> where it comes from and
+//! what its narinfo promised. `blob`: the NAR key -> the stored file's size, SHA-256 and last
+//! access, written only once the bytes are verified, fsynced and renamed into place, so a
+//! row never points at bytes that are not there. Start-up, eviction and `cache stats` scan
+//! `blob` only: its size follows the files on disk, not the million narinfos beside them.
+//!
+//! Every commit is durable but access times': losing those in a crash only skews LRU order.
+//! (Narinfo rows must survive too: Nix remembers a narinfo for a month and then asks for its
+//! NAR, which is verified against the row.) Writers pass whole batches where they can.
 
 use std::path::Path;
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::check::Expected;
 
-const NARINFOS: TableDefinition<&str, &[u8]> = TableDefinition::new("narinfos");
-const NARS: TableDefinition<&str, &[u8]> = TableDefinition::new("nars");
+const NARINFOS: TableDefinition<&str, &[u8]> = TableDefinition::new("narinfo");
+const NARS: TableDefinition<&str, &[u8]> = TableDefinition::new("nar");
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob");
+/// Tables of earlier versions, dropped at open (their files become leftovers).
+const RETIRED: [&str; 2] = ["narinfos", "nars"];
 
 #[derive(Debug, Clone)]
 pub struct NarInfoRow {
@@ -40,20 +49,72 @@ impl NarInfoRow {
     }
 }
 
+/// Where a NAR comes from and what it must be, from the narinfo that named it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NarRow {
+pub struct NarSource {
     pub upstream: String,
     /// The absolute upstream URL of the file.
-    pub source: String,
+    pub url: String,
     pub expected: Expected,
+}
+
+/// A NAR the index knows, and its stored file if there is one.
+#[derive(Debug, Clone)]
+pub struct NarRow {
+    pub source: NarSource,
     pub blob: Option<Blob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub size: u64,
+    /// Hex SHA-256 of the file as stored.
+    pub sha256: String,
     pub last_access: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Blob {
-    pub size: u64,
-    pub sha256: String,
+impl Blob {
+    /// Size and last access (8 bytes each, little endian), then the hex SHA-256.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.sha256.len());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.last_access.to_le_bytes());
+        out.extend_from_slice(self.sha256.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Blob> {
+        let (size, rest) = bytes.split_at_checked(8)?;
+        let (last_access, sha256) = rest.split_at_checked(8)?;
+        Some(Blob {
+            size: u64::from_le_bytes(size.try_into().ok()?),
+            last_access: u64::from_le_bytes(last_access.try_into().ok()?),
+            sha256: std::str::from_utf8(sha256).ok()?.to_string(),
+        })
+    }
+}
+
+/// One narinfo to record with the NAR it names.
+pub struct NewNarInfo {
+    key: String,
+    row: NarInfoRow,
+    nar_key: String,
+    nar: NarSource,
+}
+
+impl NewNarInfo {
+    /// A narinfo fetched now for `partition`, whose NAR is known locally as `nar_key`.
+    pub fn new(partition: &str, hash: &str, text: &str, nar_key: &str, nar: NarSource) -> Self {
+        NewNarInfo {
+            key: narinfo_key(partition, hash),
+            row: NarInfoRow {
+                text: text.to_string(),
+                fetched: super::unix_now(),
+            },
+            nar_key: nar_key.to_string(),
+            nar,
+        }
+    }
 }
 
 pub struct Index {
@@ -70,14 +131,33 @@ pub fn narinfo_key(partition: &str, hash: &str) -> String {
     format!("{partition}\n{hash}")
 }
 
+fn decode_source(bytes: &[u8]) -> Option<NarSource> {
+    serde_json::from_slice(bytes).ok()
+}
+
 impl Index {
     pub fn open(path: &Path) -> Result<Index, IndexError> {
-        let db = Database::create(path).map_err(err)?;
-        let txn = db.begin_write().map_err(err)?;
+        let index = Index {
+            db: Database::create(path).map_err(err)?,
+        };
+        let txn = index.begin_write()?;
+        for retired in RETIRED {
+            txn.delete_table(TableDefinition::<&str, &[u8]>::new(retired))
+                .map_err(err)?;
+        }
         txn.open_table(NARINFOS).map_err(err)?;
         txn.open_table(NARS).map_err(err)?;
+        txn.open_table(BLOBS).map_err(err)?;
         txn.commit().map_err(err)?;
-        Ok(Index { db })
+        Ok(index)
+    }
+
+    /// Every write saves redb's allocator state (quick repair): after a crash the index opens
+    /// at once instead of being walked whole, which takes seconds at a million rows.
+    fn begin_write(&self) -> Result<redb::WriteTransaction, IndexError> {
+        let mut txn = self.db.begin_write().map_err(err)?;
+        txn.set_quick_repair(true);
+        Ok(txn)
     }
 
     pub fn narinfo(&self, key: &str) -> Result<Option<NarInfoRow>, IndexError> {
@@ -89,111 +169,105 @@ impl Index {
 
     pub fn nar(&self, key: &str) -> Result<Option<NarRow>, IndexError> {
         let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(NARS).map_err(err)?;
-        let row = table.get(key).map_err(err)?;
-        Ok(row.and_then(|v| serde_json::from_slice(v.value()).ok()))
+        let nars = txn.open_table(NARS).map_err(err)?;
+        let Some(source) = nars
+            .get(key)
+            .map_err(err)?
+            .and_then(|v| decode_source(v.value()))
+        else {
+            return Ok(None);
+        };
+        let blobs = txn.open_table(BLOBS).map_err(err)?;
+        let blob = blobs
+            .get(key)
+            .map_err(err)?
+            .and_then(|v| Blob::decode(v.value()));
+        Ok(Some(NarRow { source, blob }))
     }
 
-    /// Stores a narinfo and the NAR it points to, in one durable transaction. A NAR row that
-    /// already promises the same bytes keeps its stored file; one that promises other bytes
+    /// Stores narinfos and the NARs they point to, in one transaction. A NAR that already
+    /// promises the same bytes keeps its stored file; one that now promises other bytes
     /// loses it (returned, for the caller to delete; the NAR will be fetched again).
-    pub fn put_narinfo(
-        &self,
-        narinfo_key: &str,
-        row: &NarInfoRow,
-        nar_key: &str,
-        nar: NarRow,
-    ) -> Result<Option<Blob>, IndexError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        let dropped = {
+    pub fn put_narinfos(&self, batch: &[NewNarInfo]) -> Result<Vec<(String, Blob)>, IndexError> {
+        let txn = self.begin_write()?;
+        let mut dropped = Vec::new();
+        {
             let mut infos = txn.open_table(NARINFOS).map_err(err)?;
-            infos
-                .insert(narinfo_key, row.encode().as_slice())
-                .map_err(err)?;
             let mut nars = txn.open_table(NARS).map_err(err)?;
-            let old: Option<NarRow> = nars
-                .get(nar_key)
-                .map_err(err)?
-                .and_then(|v| serde_json::from_slice(v.value()).ok());
-            let (merged, dropped) = match old {
-                Some(old) if old.expected == nar.expected => (
-                    NarRow {
-                        blob: old.blob,
-                        last_access: old.last_access,
-                        ..nar
-                    },
-                    None,
-                ),
-                Some(old) => (nar, old.blob),
-                None => (nar, None),
-            };
-            nars.insert(nar_key, serde_json::to_vec(&merged).unwrap().as_slice())
-                .map_err(err)?;
-            dropped
-        };
+            let mut blobs = txn.open_table(BLOBS).map_err(err)?;
+            for new in batch {
+                infos
+                    .insert(new.key.as_str(), new.row.encode().as_slice())
+                    .map_err(err)?;
+                let old = nars
+                    .get(new.nar_key.as_str())
+                    .map_err(err)?
+                    .and_then(|v| decode_source(v.value()));
+                if old.is_some_and(|old| old.expected != new.nar.expected) {
+                    let blob = blobs
+                        .remove(new.nar_key.as_str())
+                        .map_err(err)?
+                        .and_then(|v| Blob::decode(v.value()));
+                    dropped.extend(blob.map(|b| (new.nar_key.clone(), b)));
+                }
+                let encoded = serde_json::to_vec(&new.nar).expect("serializable");
+                nars.insert(new.nar_key.as_str(), encoded.as_slice())
+                    .map_err(err)?;
+            }
+        }
         txn.commit().map_err(err)?;
         Ok(dropped)
     }
 
     /// Records that the NAR's bytes are now stored (called after fsync and rename).
-    pub fn set_blob(&self, nar_key: &str, blob: Option<Blob>, now: u64) -> Result<(), IndexError> {
-        let txn = self.db.begin_write().map_err(err)?;
+    pub fn set_blob(&self, nar_key: &str, blob: &Blob) -> Result<(), IndexError> {
+        let txn = self.begin_write()?;
         {
-            let mut nars = txn.open_table(NARS).map_err(err)?;
-            let old: Option<NarRow> = nars
-                .get(nar_key)
-                .map_err(err)?
-                .and_then(|v| serde_json::from_slice(v.value()).ok());
-            if let Some(mut row) = old {
-                row.blob = blob;
-                row.last_access = now;
-                nars.insert(nar_key, serde_json::to_vec(&row).unwrap().as_slice())
-                    .map_err(err)?;
+            let nars = txn.open_table(NARS).map_err(err)?;
+            if nars.get(nar_key).map_err(err)?.is_none() {
+                return Err(err("the NAR is no longer known"));
             }
+            let mut blobs = txn.open_table(BLOBS).map_err(err)?;
+            blobs
+                .insert(nar_key, blob.encode().as_slice())
+                .map_err(err)?;
         }
         txn.commit().map_err(err)
     }
 
-    /// Drops the stored-file part of many rows at once (eviction, recovery, verify).
+    /// Forgets the stored files of many NARs at once (eviction, recovery, verify).
     pub fn clear_blobs(&self, keys: &[String]) -> Result<(), IndexError> {
         if keys.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(err)?;
+        let txn = self.begin_write()?;
         {
-            let mut nars = txn.open_table(NARS).map_err(err)?;
+            let mut blobs = txn.open_table(BLOBS).map_err(err)?;
             for key in keys {
-                let old: Option<NarRow> = nars
-                    .get(key.as_str())
-                    .map_err(err)?
-                    .and_then(|v| serde_json::from_slice(v.value()).ok());
-                if let Some(mut row) = old {
-                    row.blob = None;
-                    nars.insert(key.as_str(), serde_json::to_vec(&row).unwrap().as_slice())
-                        .map_err(err)?;
-                }
+                blobs.remove(key.as_str()).map_err(err)?;
             }
         }
         txn.commit().map_err(err)
     }
 
-    /// Writes remembered access times (not durable: losing them only skews LRU order).
+    /// Writes remembered access times (not durably).
     pub fn touch(&self, touched: &[(String, u64)]) -> Result<(), IndexError> {
         if touched.is_empty() {
             return Ok(());
         }
-        let mut txn = self.db.begin_write().map_err(err)?;
-        txn.set_durability(redb::Durability::None);
+        let mut txn = self.begin_write()?;
+        txn.set_durability(Durability::None);
         {
-            let mut nars = txn.open_table(NARS).map_err(err)?;
+            let mut blobs = txn.open_table(BLOBS).map_err(err)?;
             for (key, at) in touched {
-                let old: Option<NarRow> = nars
+                let old = blobs
                     .get(key.as_str())
                     .map_err(err)?
-                    .and_then(|v| serde_json::from_slice(v.value()).ok());
-                if let Some(mut row) = old {
-                    row.last_access = row.last_access.max(*at);
-                    nars.insert(key.as_str(), serde_json::to_vec(&row).unwrap().as_slice())
+                    .and_then(|v| Blob::decode(v.value()));
+                if let Some(mut blob) = old {
+                    blob.last_access = blob.last_access.max(*at);
+                    blobs
+                        .insert(key.as_str(), blob.encode().as_slice())
                         .map_err(err)?;
                 }
             }
@@ -201,26 +275,88 @@ impl Index {
         txn.commit().map_err(err)
     }
 
-    /// Every NAR row that has a stored file.
-    pub fn stored_nars(&self) -> Result<Vec<(String, NarRow)>, IndexError> {
+    /// Every stored file, by NAR key.
+    pub fn blobs(&self) -> Result<Vec<(String, Blob)>, IndexError> {
         let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(NARS).map_err(err)?;
-        let mut out = Vec::new();
+        let table = txn.open_table(BLOBS).map_err(err)?;
+        let mut out = Vec::with_capacity(table.len().map_err(err)? as usize);
         for item in table.iter().map_err(err)? {
             let (k, v) = item.map_err(err)?;
-            if let Ok(row) = serde_json::from_slice::<NarRow>(v.value()) {
-                if row.blob.is_some() {
-                    out.push((k.value().to_string(), row));
-                }
+            if let Some(blob) = Blob::decode(v.value()) {
+                out.push((k.value().to_string(), blob));
             }
         }
         Ok(out)
     }
 
-    pub fn counts(&self) -> Result<(u64, u64), IndexError> {
+    /// Narinfos, NARs and stored files known.
+    pub fn counts(&self) -> Result<(u64, u64, u64), IndexError> {
         let txn = self.db.begin_read().map_err(err)?;
-        let infos = txn.open_table(NARINFOS).map_err(err)?.len().map_err(err)?;
-        let nars = txn.open_table(NARS).map_err(err)?.len().map_err(err)?;
-        Ok((infos, nars))
+        let len = |def| -> Result<u64, IndexError> {
+            txn.open_table(def).map_err(err)?.len().map_err(err)
+        };
+        Ok((len(NARINFOS)?, len(NARS)?, len(BLOBS)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(nar_hash: &str) -> NarSource {
+        NarSource {
+            upstream: "up".into(),
+            url: "http://up/nar/x.nar".into(),
+            expected: Expected {
+                file_hash: None,
+                file_size: None,
+                nar_hash: nar_hash.into(),
+                nar_size: 5,
+                compression: "none".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn stored_files_survive_a_narinfo_that_promises_the_same_bytes_and_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let index = Index::open(&path).unwrap();
+        let put = |hash: &str| {
+            index.put_narinfos(&[NewNarInfo::new("p", "h", "text", "nar/x.nar", source(hash))])
+        };
+        assert!(put("aa").unwrap().is_empty());
+        let blob = Blob {
+            size: 5,
+            sha256: "aa".into(),
+            last_access: 7,
+        };
+        index.set_blob("nar/x.nar", &blob).unwrap();
+        assert!(put("aa").unwrap().is_empty(), "same bytes: file kept");
+        index.touch(&[("nar/x.nar".into(), 9)]).unwrap();
+        drop(index);
+
+        let index = Index::open(&path).unwrap();
+        let row = index.nar("nar/x.nar").unwrap().unwrap();
+        assert_eq!(row.source, source("aa"));
+        assert_eq!(row.blob.as_ref().map(|b| b.last_access), Some(9));
+        assert_eq!(index.counts().unwrap(), (1, 1, 1));
+        let dropped = index
+            .put_narinfos(&[NewNarInfo::new("p", "h", "text", "nar/x.nar", source("bb"))])
+            .unwrap();
+        assert_eq!(dropped.len(), 1, "other bytes: the file goes");
+        assert_eq!(index.blobs().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_blob_for_a_nar_nobody_named_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        let blob = Blob {
+            size: 1,
+            sha256: "aa".into(),
+            last_access: 0,
+        };
+        assert!(index.set_blob("nar/unknown.nar", &blob).is_err());
     }
 }

@@ -19,7 +19,8 @@ use sha2::{Digest, Sha256};
 
 use check::{Expected, Verifier};
 use fill::{Fill, FillReader, FillWriter};
-use index::{Blob, Index, NarInfoRow, NarRow};
+use index::{Blob, Index, NarRow};
+pub use index::{NarSource, NewNarInfo};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -147,15 +148,15 @@ impl Store {
             let _ = std::fs::remove_file(entry);
             report.leftovers += 1;
         }
-        let rows = self.0.index.stored_nars()?;
+        let rows = self.0.index.blobs()?;
         let mut bad = Vec::new();
         let mut known = std::collections::HashSet::new();
         let mut total = 0;
-        for (key, row) in rows {
+        for (key, blob) in rows {
             let path = self.blob_path(&key);
             let size = std::fs::metadata(&path).map(|m| m.len()).ok();
-            match (size, &row.blob) {
-                (Some(size), Some(blob)) if size == blob.size => {
+            match size {
+                Some(size) if size == blob.size => {
                     total += size;
                     known.insert(path);
                 }
@@ -190,37 +191,16 @@ impl Store {
         })
     }
 
-    /// Records a verified narinfo and where its NAR comes from (blocking: one durable commit).
-    pub fn put_narinfo(
-        &self,
-        partition: &str,
-        hash: &str,
-        text: &str,
-        nar_key: &str,
-        nar: NarSource,
-    ) {
-        let row = NarInfoRow {
-            text: text.to_string(),
-            fetched: unix_now(),
-        };
-        let nar = NarRow {
-            upstream: nar.upstream,
-            source: nar.source,
-            expected: nar.expected,
-            blob: None,
-            last_access: unix_now(),
-        };
-        match self
-            .0
-            .index
-            .put_narinfo(&index::narinfo_key(partition, hash), &row, nar_key, nar)
-        {
-            Ok(Some(stale)) => {
-                // The narinfo now promises other bytes under this NAR name: the old file goes.
-                let _ = std::fs::remove_file(self.blob_path(nar_key));
-                self.0.total.fetch_sub(stale.size, Ordering::Relaxed);
+    /// Records verified narinfos and where their NARs come from (blocking: one commit).
+    pub fn put_narinfos(&self, batch: &[NewNarInfo]) {
+        match self.0.index.put_narinfos(batch) {
+            Ok(stale) => {
+                // A narinfo now promises other bytes under a stored NAR name: the old file goes.
+                for (nar_key, blob) in stale {
+                    let _ = std::fs::remove_file(self.blob_path(&nar_key));
+                    self.0.total.fetch_sub(blob.size, Ordering::Relaxed);
+                }
             }
-            Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "could not record a narinfo in the cache index"),
         }
     }
@@ -329,7 +309,7 @@ impl Store {
             let _ = dir.sync_all();
         }
         let size = blob.size;
-        if let Err(e) = self.0.index.set_blob(key, Some(blob), unix_now()) {
+        if let Err(e) = self.0.index.set_blob(key, &blob) {
             let _ = std::fs::remove_file(&dest);
             return Err(e);
         }
@@ -380,13 +360,13 @@ impl Store {
             return;
         }
         self.flush_access_times();
-        let mut rows = match self.0.index.stored_nars() {
+        let mut rows = match self.0.index.blobs() {
             Ok(rows) => rows,
             Err(e) => return tracing::warn!(error = %e, "eviction could not read the index"),
         };
-        rows.sort_by_key(|(_, row)| row.last_access);
+        rows.sort_by_key(|(_, blob)| blob.last_access);
         let mut evicted = Vec::new();
-        for (key, row) in rows {
+        for (key, blob) in rows {
             if !over(self) {
                 break;
             }
@@ -394,8 +374,7 @@ impl Store {
                 return tracing::warn!(error = %e, "eviction could not update the index");
             }
             let _ = std::fs::remove_file(self.blob_path(&key));
-            let size = row.blob.map_or(0, |b| b.size);
-            self.0.total.fetch_sub(size, Ordering::Relaxed);
+            self.0.total.fetch_sub(blob.size, Ordering::Relaxed);
             self.0.evictions.fetch_add(1, Ordering::Relaxed);
             evicted.push(key);
         }
@@ -412,12 +391,11 @@ impl Store {
     }
 
     pub fn stats(&self) -> Stats {
-        let (narinfos, nars) = self.0.index.counts().unwrap_or_default();
-        let stored = self.0.index.stored_nars().unwrap_or_default();
+        let (narinfos, nars, stored_files) = self.0.index.counts().unwrap_or_default();
         Stats {
             narinfos,
             nars,
-            stored_files: stored.len() as u64,
+            stored_files,
             stored_bytes: self.0.total.load(Ordering::Relaxed),
             max_size: self.0.limits.max_size,
             free_space: free_space(&self.0.dir).unwrap_or(0),
@@ -440,9 +418,8 @@ impl Store {
     pub fn verify(&self) -> Result<VerifyReport, String> {
         let mut report = VerifyReport::default();
         let mut bad = Vec::new();
-        for (key, row) in self.0.index.stored_nars()? {
+        for (key, blob) in self.0.index.blobs()? {
             report.checked += 1;
-            let blob = row.blob.as_ref().expect("stored rows have a blob");
             let path = self.blob_path(&key);
             match hash_file(&path) {
                 Ok((size, sha)) if size == blob.size && sha == blob.sha256 => {}
@@ -467,13 +444,6 @@ impl Store {
         report.missing += recovered.missing + at_open.missing;
         Ok(report)
     }
-}
-
-/// Where a narinfo's NAR comes from and what it must be.
-pub struct NarSource {
-    pub upstream: String,
-    pub source: String,
-    pub expected: Expected,
 }
 
 fn read_dir(dir: &Path) -> Vec<PathBuf> {
@@ -537,7 +507,7 @@ mod tests {
     fn source(expected: Expected) -> NarSource {
         NarSource {
             upstream: "up".into(),
-            source: "http://up/nar/x.nar".into(),
+            url: "http://up/nar/x.nar".into(),
             expected,
         }
     }
@@ -551,7 +521,16 @@ mod tests {
         };
         let store = Store::open(dir.path(), limits).unwrap();
         let old = expected_for(b"hello");
-        store.put_narinfo("p", "h", "text", "nar/x.nar", source(old.clone()));
+        let put = |expected| {
+            store.put_narinfos(&[NewNarInfo::new(
+                "p",
+                "h",
+                "text",
+                "nar/x.nar",
+                source(expected),
+            )])
+        };
+        put(old.clone());
         let Slot::Lead(mut writer, _reader) = store.fill("nar/x.nar", &old) else {
             panic!("first fill leads");
         };
@@ -562,13 +541,7 @@ mod tests {
         let row = store.nar("nar/x.nar").unwrap();
         assert!(store.open_stored("nar/x.nar", &row).is_some());
 
-        store.put_narinfo(
-            "p",
-            "h",
-            "text",
-            "nar/x.nar",
-            source(expected_for(b"other")),
-        );
+        put(expected_for(b"other"));
         assert_eq!(store.size(), 0, "the old file no longer counts");
         assert!(store.nar("nar/x.nar").unwrap().blob.is_none());
         assert_eq!(
