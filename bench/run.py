@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """nix-sidecar benchmarks against nginx, on loopback, in one run.
 
-    python3 bench/run.py            # needs: nginx (nginx-light), wrk, curl, openssl; builds --release
+    python3 bench/run.py    # needs nginx-light, wrk, curl, openssl, nix-bin; builds --release
+    BENCH_ONLY=3,6 python3 bench/run.py   # only some scenarios
 
 Sets up an HTTPS upstream (nginx, self-signed certificate, given to nix-sidecar as ca-file), an
 nginx serving the same binary cache statically (sendfile), an nginx proxy_cache in front of the
@@ -311,6 +312,88 @@ def peak_rss(b: Bench, results: list):
     print(f"# peak RSS after cold: {cold_rss:.1f} MiB, after cold+warm: {warm_rss:.1f} MiB")
 
 
+NIX_PATHS = int(os.environ.get("BENCH_NIX_PATHS", "300"))
+NIX_MIB = int(os.environ.get("BENCH_NIX_MIB", "1024"))
+NIX_CONFIG = "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters =\n"
+
+
+def nix(args: list, home: str, cacert: str = None) -> str:
+    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "HOME": home, "XDG_CACHE_HOME": os.path.join(home, "xdg-cache")}
+    if cacert:
+        env["NIX_SSL_CERT_FILE"] = cacert
+    out = subprocess.run(args, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:3])} failed:\n{out.stderr[-2000:]}")
+    return out.stdout
+
+
+def nix_closure(b: Bench) -> tuple:
+    """Builds NIX_PATHS store paths of NIX_MIB in all (random bytes; ten roots, the rest each
+    referring to one root) under one top path, and adds them, signed and uncompressed, to the
+    binary cache the upstream and nginx static serve. Returns (top path, public key)."""
+    home = os.path.join(b.work, "nix-home")
+    os.makedirs(home, exist_ok=True)
+    size = (NIX_MIB << 20) // NIX_PATHS
+    expr = os.path.join(home, "closure.nix")
+    with open(expr, "w") as f:
+        f.write(f"""
+let
+  leaf = i: deps: builtins.derivation {{
+    name = "bench-leaf-${{toString i}}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "/usr/bin/head -c {size} /dev/urandom > $out; echo ${{builtins.concatStringsSep " " deps}} >> $out" ];
+  }};
+  roots = builtins.genList (i: leaf i [ ]) 10;
+  rest = builtins.genList (i: leaf (i + 10) [ (builtins.elemAt roots (i - i / 10 * 10)) ]) ({NIX_PATHS} - 10);
+in builtins.derivation {{
+  name = "bench-top";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo ${{builtins.concatStringsSep " " (roots ++ rest)}} > $out" ];
+}}
+""")
+    top = nix(["nix-build", "--no-out-link", expr], home).strip()
+    sk, pk = os.path.join(home, "sk"), os.path.join(home, "pk")
+    nix(["nix-store", "--generate-binary-cache-key", "bench-1", sk, pk], home)
+    nix(["nix", "copy", "--to", f"file://{b.cache}?secret-key={sk}&compression=none", top], home)
+    with open(pk) as f:
+        return top, f.read().strip()
+
+
+def nix_copy_seconds(url: str, top: str, public_key: str, work: str, cacert: str = None) -> float:
+    """`nix copy --from url` of the closure of `top` into an empty store, with an empty
+    narinfo cache; removes the store afterwards."""
+    home = tempfile.mkdtemp(dir=work, prefix="nix-client-")
+    started = time.monotonic()
+    nix(["nix", "copy", "--store", os.path.join(home, "store"), "--from", url,
+         "--option", "trusted-public-keys", public_key, top], home, cacert)
+    seconds = time.monotonic() - started
+    subprocess.run(["chmod", "-R", "u+w", home], check=True)
+    shutil.rmtree(home)
+    return seconds
+
+
+def real_nix(b: Bench, results: list):
+    """6. Real Nix copying a closure of NIX_PATHS paths and NIX_MIB: warm nix-sidecar vs
+    nginx static, cold nix-sidecar vs straight from the upstream."""
+    if not shutil.which("nix-build"):
+        raise SystemExit("needs nix: apt-get install -y nix-bin")
+    print(f"# building a closure of {NIX_PATHS} paths, {NIX_MIB} MiB", flush=True)
+    top, public_key = nix_closure(b)
+    cold, warm, static, direct = [], [], [], []
+    for _ in range(max(3, ROUNDS // 2)):
+        b.start_sidecar(fresh=True)
+        cold.append(nix_copy_seconds(b.url("sidecar", ""), top, public_key, b.work))
+        warm.append(nix_copy_seconds(b.url("sidecar", ""), top, public_key, b.work))
+        static.append(nix_copy_seconds(b.url("static", ""), top, public_key, b.work))
+        direct.append(nix_copy_seconds(b.url("upstream", ""), top, public_key, b.work, b.cert))
+    b.stop_sidecar()
+    what = f"{NIX_PATHS + 1} paths, {NIX_MIB} MiB"
+    results.append((f"6. real Nix, warm, {what}, s", median(warm), "nginx static", median(static), "<= 1.15"))
+    results.append((f"6b. real Nix, cold, {what}, s", median(cold), "direct upstream (TLS)", median(direct), "<= 1.3"))
+
+
 INDEX_ENTRIES = int(os.environ.get("BENCH_INDEX_ENTRIES", "1000000"))
 INDEX_STORED = int(os.environ.get("BENCH_INDEX_STORED", "10000"))
 
@@ -353,7 +436,8 @@ def big_index(b: Bench, results: list):
     results.append((f"7d. narinfo lookup p99, {n} entries, 64 connections, ms", many, "nginx static, 64 connections", nginx, "(info)"))
 
 
-SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "7": big_index}
+SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "6": real_nix,
+             "7": big_index}
 
 
 def main():
