@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use super::body::{self, Body};
 use crate::nix::request::{self, CachePath};
 use crate::proxy::{Content, NarAnswer, NarInfoAnswer, Proxy};
-use crate::store::fill::stream_file;
+use crate::store::read::stream_file;
 
 pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();

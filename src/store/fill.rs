@@ -8,13 +8,12 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::check::{Expected, Verifier};
@@ -89,7 +88,7 @@ impl Fill {
         });
         match cached {
             Some(bytes) => Ok(bytes),
-            None => read_at(&self.file, pos, len),
+            None => super::read::read_at(&self.file, pos, len),
         }
     }
 
@@ -304,57 +303,6 @@ impl FillReader {
         });
         rx
     }
-}
-
-/// Reads exactly `len` bytes at `pos` into a fresh buffer, without zeroing it first.
-fn read_at(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(len);
-    while buf.len() < len {
-        let (filled, offset) = (buf.len(), pos + buf.len() as u64);
-        let spare = &mut buf.spare_capacity_mut()[..len - filled];
-        // SAFETY: pread writes at most `spare.len()` bytes into the spare capacity, which is
-        // owned, allocated memory; only the bytes it reports written become part of `buf`.
-        let read = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                offset as libc::off_t,
-            )
-        };
-        match read {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n if n > 0 => unsafe { buf.set_len(buf.len() + n as usize) },
-            _ => {
-                let error = std::io::Error::last_os_error();
-                if error.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
-            }
-        }
-    }
-    Ok(buf.freeze())
-}
-
-/// Chunk size for stored files: larger than a fill's, since the bytes are all there.
-const FILE_CHUNK: usize = 1024 * 1024;
-
-/// Streams a stored file (or a byte range of it) from disk on a blocking thread.
-pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
-    let (tx, rx) = mpsc::channel(2);
-    tokio::task::spawn_blocking(move || {
-        let mut pos = start;
-        while pos < end {
-            let len = (end - pos).min(FILE_CHUNK as u64) as usize;
-            let chunk = read_at(&file, pos, len);
-            let failed = chunk.is_err();
-            if tx.blocking_send(chunk).is_err() || failed {
-                return;
-            }
-            pos += len as u64;
-        }
-    });
-    rx
 }
 
 /// Pass-through for when the cache cannot take the file (disk full, no narinfo known):

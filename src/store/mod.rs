@@ -7,6 +7,7 @@
 pub mod check;
 pub mod fill;
 pub mod index;
+pub mod read;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -191,7 +192,7 @@ impl Store {
         })
     }
 
-    /// Records verified narinfos and where their NARs come from (blocking: one commit).
+    /// Records verified narinfos and where their NARs come from (blocking).
     pub fn put_narinfos(&self, batch: &[NewNarInfo]) {
         match self.0.index.put_narinfos(batch) {
             Ok(stale) => {
