@@ -154,7 +154,7 @@ impl Index {
         let existed = path.exists();
         let error = match Index::with_db(Database::create(path)) {
             Ok(index) => return Ok(index),
-            Err(redb::Error::DatabaseAlreadyOpen) => {
+            Err(e) if matches!(*e, redb::Error::DatabaseAlreadyOpen) => {
                 return Err(err(redb::Error::DatabaseAlreadyOpen))
             }
             Err(e) => e,
@@ -178,20 +178,22 @@ impl Index {
         Index::with_db(memory).map_err(err)
     }
 
-    fn with_db(db: Result<Database, redb::DatabaseError>) -> Result<Index, redb::Error> {
+    fn with_db(db: Result<Database, redb::DatabaseError>) -> Result<Index, Box<redb::Error>> {
+        let boxed = |e: redb::Error| Box::new(e);
         let index = Index {
-            db: Arc::new(db?),
+            db: Arc::new(db.map_err(|e| boxed(e.into()))?),
             lazy: Arc::default(),
         };
-        let txn = begin_write(&index.db).map_err(redb::Error::from)?;
+        let txn = begin_write(&index.db)?;
         for retired in RETIRED {
-            txn.delete_table(TableDefinition::<&str, &[u8]>::new(retired))?;
+            txn.delete_table(TableDefinition::<&str, &[u8]>::new(retired))
+                .map_err(|e| boxed(e.into()))?;
         }
-        txn.open_table(NARINFOS)?;
-        txn.open_table(NARS)?;
-        txn.open_table(BLOBS)?;
-        txn.commit()?;
-        index.spawn_flusher()?;
+        for table in [NARINFOS, NARS, BLOBS] {
+            txn.open_table(table).map_err(|e| boxed(e.into()))?;
+        }
+        txn.commit().map_err(|e| boxed(e.into()))?;
+        index.spawn_flusher().map_err(|e| boxed(e.into()))?;
         Ok(index)
     }
 
@@ -378,8 +380,8 @@ impl Drop for Index {
 
 /// Every write saves redb's allocator state (quick repair): after a crash the index opens at
 /// once instead of being walked whole, which takes seconds at a million rows.
-fn begin_write(db: &Database) -> Result<redb::WriteTransaction, redb::TransactionError> {
-    let mut txn = db.begin_write()?;
+fn begin_write(db: &Database) -> Result<redb::WriteTransaction, Box<redb::Error>> {
+    let mut txn = db.begin_write().map_err(|e| Box::new(e.into()))?;
     txn.set_quick_repair(true);
     Ok(txn)
 }
