@@ -389,7 +389,7 @@ async fn start_up_drops_rows_whose_file_is_damaged_and_verify_finds_flipped_byte
     std::fs::write(sidecar.cache_dir().join("tmp").join("leftover"), b"partial").unwrap();
 
     let (clean, report) = cache_output(&sidecar, "verify");
-    assert!(!clean, "verify exits 1 when it finds damage");
+    assert!(!clean, "verify exits 1 when it finds damage: {report}");
     assert!(
         report.contains("corrupt: 1") && report.contains("missing: 1"),
         "{report}"

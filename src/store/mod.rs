@@ -281,11 +281,14 @@ impl Store {
         )
     }
 
-    /// Waits (up to `deadline`) for fills in progress to be stored or given up.
+    /// Waits (up to `deadline`) for fills in progress to be stored or given up, then makes
+    /// the index durable.
     pub async fn settle(&self, deadline: Instant) {
         while !self.0.fills.lock().unwrap().is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let store = self.clone();
+        let _ = tokio::task::spawn_blocking(move || store.0.index.flush()).await;
     }
 
     fn forget_fill(&self, key: &str, fill: &Arc<Fill>, reserved: u64) {
