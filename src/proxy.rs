@@ -364,6 +364,7 @@ impl Proxy {
                 tokio::spawn(fut);
                 reader
             }
+            Slot::Stored(file, size) => return NarAnswer::Found(Content::File(file, size)),
             Slot::Bypass(reason) => {
                 tracing::debug!(nar = %key, reason, "passing through without caching");
                 return self

@@ -135,7 +135,8 @@ pub struct Index {
     db: Arc<Database>,
     /// Some commit since the last durable one skipped the fsync.
     unflushed: Arc<Unflushed>,
-    flusher: std::thread::Thread,
+    /// Joined when the index closes, so the database is closed when `Index` is dropped.
+    flusher: Option<std::thread::JoinHandle<()>>,
 }
 
 pub type IndexError = String;
@@ -192,7 +193,7 @@ impl Index {
         let index = Index {
             db,
             unflushed,
-            flusher,
+            flusher: Some(flusher),
         };
         let mut txn = begin_write(&index.db)?;
         txn.set_quick_repair(true);
@@ -211,7 +212,9 @@ impl Index {
         txn.set_durability(Durability::None);
         txn.commit().map_err(err)?;
         if !self.unflushed.lazy.swap(true, Ordering::SeqCst) {
-            self.flusher.unpark();
+            if let Some(flusher) = &self.flusher {
+                flusher.thread().unpark();
+            }
         }
         Ok(())
     }
@@ -367,6 +370,11 @@ impl Index {
 
 impl Drop for Index {
     fn drop(&mut self) {
+        self.unflushed.closing.store(true, Ordering::SeqCst);
+        if let Some(flusher) = self.flusher.take() {
+            flusher.thread().unpark();
+            let _ = flusher.join();
+        }
         self.flush();
     }
 }
@@ -374,38 +382,39 @@ impl Drop for Index {
 /// Every write saves redb's allocator state (quick repair): after a crash the index opens at
 /// once instead of being walked whole, which takes seconds at a million rows.
 /// Makes lazy commits durable [`FLUSH_AFTER`] after the first of them; woken by
-/// `commit_lazily`, and ends within a second of the index.
+/// `commit_lazily`, stopped by the index's `Drop`.
 fn spawn_flusher(
     db: &Arc<Database>,
     unflushed: &Arc<Unflushed>,
-) -> std::io::Result<std::thread::Thread> {
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let (db, unflushed) = (Arc::downgrade(db), unflushed.clone());
-    let handle = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("index-flush".into())
         .spawn(move || loop {
-            if !unflushed.lazy.load(Ordering::SeqCst) {
-                std::thread::park_timeout(Duration::from_secs(1));
-            }
-            if db.strong_count() == 0 {
-                return;
+            if unflushed.closing.load(Ordering::SeqCst) {
+                return; // the index flushes itself as it closes
             }
             if !unflushed.lazy.load(Ordering::SeqCst) {
+                std::thread::park();
                 continue;
             }
-            std::thread::sleep(FLUSH_AFTER);
+            std::thread::park_timeout(FLUSH_AFTER); // gathers commits; cut short on close
+            if unflushed.closing.load(Ordering::SeqCst) {
+                return;
+            }
             let Some(db) = db.upgrade() else { return };
             if let Err(e) = unflushed.flush(&db) {
                 tracing::warn!(error = %e, "could not make the cache index durable");
-                std::thread::sleep(Duration::from_secs(5));
+                std::thread::park_timeout(Duration::from_secs(5));
             }
-        })?;
-    Ok(handle.thread().clone())
+        })
 }
 
 /// Whether some commit skipped the fsync; one durable commit at a time fixes that.
 #[derive(Default)]
 struct Unflushed {
     lazy: AtomicBool,
+    closing: AtomicBool,
     flushing: std::sync::Mutex<()>,
 }
 

@@ -62,6 +62,8 @@ pub enum Slot {
     Lead(Box<FillWriter>, FillReader),
     /// Somebody is: read along.
     Join(FillReader),
+    /// It was stored meanwhile (a fill ended since the caller looked).
+    Stored(File, u64),
     /// The cache cannot take it now (disk full, ...): pass it through uncached.
     Bypass(String),
 }
@@ -232,8 +234,8 @@ impl Store {
 
     /// Joins the fill in progress for `key` or starts one.
     pub fn fill(&self, key: &str, expected: &Expected) -> Slot {
-        if let Some(fill) = self.0.fills.lock().unwrap().get(key) {
-            return Slot::Join(fill.reader());
+        if let Some(slot) = self.fill_or_file(&self.0.fills.lock().unwrap(), key) {
+            return slot;
         }
         let check = match Verifier::start(expected) {
             Ok(check) => check,
@@ -258,10 +260,10 @@ impl Store {
             Err(e) => return Slot::Bypass(format!("cannot create a cache file: {e}")),
         };
         let mut fills = self.0.fills.lock().unwrap();
-        if let Some(fill) = fills.get(key) {
-            // Someone else started while we prepared.
+        if let Some(slot) = self.fill_or_file(&fills, key) {
+            // Someone else started (or even finished) while we prepared.
             let _ = std::fs::remove_file(&tmp);
-            return Slot::Join(fill.reader());
+            return slot;
         }
         let fill = Fill::new(file);
         fills.insert(key.to_string(), fill.clone());
@@ -279,6 +281,17 @@ impl Store {
             }),
             reader,
         )
+    }
+
+    /// The fill in progress for `key`, or its stored file. Called with the fills locked: a fill
+    /// records its file before it leaves the registry, so one of the two is always seen.
+    fn fill_or_file(&self, fills: &HashMap<String, Arc<Fill>>, key: &str) -> Option<Slot> {
+        if let Some(fill) = fills.get(key) {
+            return Some(Slot::Join(fill.reader()));
+        }
+        let row = self.nar(key)?;
+        let (file, size) = self.open_stored(key, &row)?;
+        Some(Slot::Stored(file, size))
     }
 
     /// Waits (up to `deadline`) for fills in progress to be stored or given up, then makes
@@ -544,6 +557,10 @@ mod tests {
         assert_eq!(store.size(), 5);
         let row = store.nar("nar/x.nar").unwrap();
         assert!(store.open_stored("nar/x.nar", &row).is_some());
+        assert!(
+            matches!(store.fill("nar/x.nar", &old), Slot::Stored(_, 5)),
+            "a request that missed the file a moment ago gets it instead of a second download"
+        );
 
         put(expected_for(b"other"));
         assert_eq!(store.size(), 0, "the old file no longer counts");
