@@ -140,12 +140,14 @@ impl Proxy {
     pub async fn narinfo(&self, hash: &str) -> NarInfoAnswer {
         let mut failures = Vec::new();
         for (i, up) in self.upstreams.iter().enumerate() {
-            let cached = self.store.narinfo(&self.partitions[i], hash);
-            if let Some(c) = cached.as_ref().filter(|c| c.age < self.narinfo_ttl) {
-                self.metrics
-                    .inc("cache_hits_total", &[("kind", "narinfo")], 1);
-                return NarInfoAnswer::Found(c.text.clone());
-            }
+            let cached = match self.store.narinfo(&self.partitions[i], hash) {
+                Some(fresh) if fresh.age < self.narinfo_ttl => {
+                    self.metrics
+                        .inc("cache_hits_total", &[("kind", "narinfo")], 1);
+                    return NarInfoAnswer::Found(fresh.text);
+                }
+                stale_or_none => stale_or_none,
+            };
             if self.recent_miss(i, hash) {
                 continue;
             }
