@@ -379,11 +379,7 @@ impl Proxy {
             // Joined a verified fill that is being stored: serve the stored file (Range and
             // all) once it is there.
             reader.ended().await;
-            if let Some((file, size)) = self
-                .store
-                .nar(key)
-                .and_then(|row| self.store.open_stored(key, &row))
-            {
+            if let Some((file, size)) = self.store.stored(key) {
                 return NarAnswer::Found(Content::File(file, size));
             }
         }

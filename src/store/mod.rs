@@ -289,9 +289,13 @@ impl Store {
         if let Some(fill) = fills.get(key) {
             return Some(Slot::Join(fill.reader()));
         }
-        let row = self.nar(key)?;
-        let (file, size) = self.open_stored(key, &row)?;
+        let (file, size) = self.stored(key)?;
         Some(Slot::Stored(file, size))
+    }
+
+    /// The stored file of the NAR `key`, if there is one and it is whole.
+    pub fn stored(&self, key: &str) -> Option<(File, u64)> {
+        self.open_stored(key, &self.nar(key)?)
     }
 
     /// Waits (up to `deadline`) for fills in progress to be stored or given up, then makes
