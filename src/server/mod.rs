@@ -5,12 +5,15 @@ pub mod body;
 mod idle;
 mod peer;
 pub mod routes;
+mod sendfile;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -52,7 +55,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(64 * 1024);
+        .max_buf_size(64 * 1024)
+        // Body chunks are queued as they are, never copied: `sendfile` depends on it.
+        .writev(true);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -82,10 +87,19 @@ pub async fn serve(
                 }
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
-                let service = service_fn(move |request| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(routes::handle(&proxy, request).await) }
-                });
+                let segments = Arc::new(sendfile::Segments::default());
+                let service = {
+                    let segments = segments.clone();
+                    service_fn(move |mut request: Request<Incoming>| {
+                        // HTTP/2 copies bodies into its frames: no sendfile there.
+                        if request.version() < Version::HTTP_2 {
+                            request.extensions_mut().insert(segments.clone());
+                        }
+                        let proxy = proxy.clone();
+                        async move { Ok::<_, Infallible>(routes::handle(&proxy, request).await) }
+                    })
+                };
+                let stream = sendfile::SendfileStream::new(stream, segments);
                 let connection = builder
                     .serve_connection(TokioIo::new(idle::IdleTimeout::new(stream, HEADER_READ_TIMEOUT)), service)
                     .into_owned();

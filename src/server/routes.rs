@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{self, Body};
+use super::sendfile::{FileBody, Segments};
 use crate::nix::request::{self, CachePath};
 use crate::proxy::{Content, NarAnswer, NarInfoAnswer, Proxy};
 use crate::store::read::stream_file;
@@ -49,10 +51,13 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
                 .headers()
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok());
-            nar_response(proxy, proxy.nar(&key, &method).await, range, uri.path())
+            let segments = request.extensions().get::<Arc<Segments>>().cloned();
+            let answer = proxy.nar(&key, &method).await;
+            nar_response(proxy, answer, range, segments, uri.path())
         }
         Some(CachePath::Forwarded(rel)) => {
-            nar_response(proxy, proxy.forward(&rel, &method).await, None, uri.path())
+            let answer = proxy.forward(&rel, &method).await;
+            nar_response(proxy, answer, None, None, uri.path())
         }
     };
     let response = if method == Method::HEAD {
@@ -97,6 +102,7 @@ fn nar_response(
     proxy: &Arc<Proxy>,
     answer: NarAnswer,
     range: Option<&str>,
+    segments: Option<Arc<Segments>>,
     path: &str,
 ) -> Response<Body> {
     let content = match answer {
@@ -125,32 +131,36 @@ fn nar_response(
                 .body(body::stream(rx, proxy.metrics.clone()))
                 .unwrap()
         }
-        Content::File(file, size) => match parse_range(range, size) {
-            Ok(None) => builder
-                .header(header::CONTENT_LENGTH, size)
-                .body(body::stream(
-                    stream_file(file, 0, size),
-                    proxy.metrics.clone(),
-                ))
-                .unwrap(),
-            Ok(Some((start, end))) => builder
-                .status(StatusCode::PARTIAL_CONTENT)
-                .header(header::CONTENT_LENGTH, end - start)
-                .header(
-                    header::CONTENT_RANGE,
-                    format!("bytes {start}-{}/{size}", end - 1),
-                )
-                .body(body::stream(
-                    stream_file(file, start, end),
-                    proxy.metrics.clone(),
-                ))
-                .unwrap(),
+        Content::File(file, size) => {
+            // From the page cache straight to the socket where the connection can (HTTP/1),
+            // read through our buffers otherwise.
+            let file_body = |start, end| match segments {
+                Some(segments) => {
+                    FileBody::new(file, start, end, segments, proxy.metrics.clone()).boxed()
+                }
+                None => body::stream(stream_file(file, start, end), proxy.metrics.clone()),
+            };
+            match parse_range(range, size) {
+                Ok(None) => builder
+                    .header(header::CONTENT_LENGTH, size)
+                    .body(file_body(0, size))
+                    .unwrap(),
+                Ok(Some((start, end))) => builder
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(header::CONTENT_LENGTH, end - start)
+                    .header(
+                        header::CONTENT_RANGE,
+                        format!("bytes {start}-{}/{size}", end - 1),
+                    )
+                    .body(file_body(start, end))
+                    .unwrap(),
             Err(Unsatisfiable) => Response::builder()
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .header(header::CONTENT_RANGE, format!("bytes */{size}"))
-                .body(body::empty())
-                .unwrap(),
-        },
+                    .body(body::empty())
+                    .unwrap(),
+            }
+        }
     }
 }
 

@@ -1,0 +1,356 @@
+//! Stored NARs go from the page cache to the socket with `sendfile(2)`, without passing through
+//! our memory: on the warm path the two copies (file -> buffer -> socket) were two thirds of
+//! the CPU.
+//!
+//! hyper writes every body itself, so the bytes have to pass through it; they do so as
+//! *placeholders*. A [`FileBody`] registers its file range with the connection's
+//! [`Segments`] and yields slices of one never-read zeroed region instead of file bytes. The
+//! connection's stream, [`SendfileStream`], recognises those slices by address when hyper writes
+//! them and sends the same number of bytes from the front registered file instead. HTTP/1
+//! writes one connection's bytes in order, so a FIFO of ranges maps every placeholder byte to
+//! exactly one file byte. This relies on hyper queueing body chunks as they are (its `writev`
+//! strategy, forced on in `server::serve`) rather than copying them; HTTP/2 copies into its
+//! frames, so h2 requests never get a `FileBody`. A placeholder written with no file to stand
+//! for is an error, never zeros on the wire.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::Frame;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::metrics::Metrics;
+
+/// Bytes per placeholder chunk, and so at most per `sendfile` call (nginx's default
+/// `sendfile_max_chunk` too): large enough that syscalls do not show, small enough that one
+/// fast client does not hold a worker thread for long.
+const CHUNK: usize = 2 * 1024 * 1024;
+
+/// The placeholder region. Allocated zeroed and never read or written, so it stays untouched
+/// virtual memory; only its addresses matter.
+static PLACEHOLDER: LazyLock<Bytes> = LazyLock::new(|| Bytes::from(vec![0u8; CHUNK]));
+
+fn is_placeholder(slice: &[u8]) -> bool {
+    let region = PLACEHOLDER.as_ptr_range();
+    !slice.is_empty() && region.contains(&slice.as_ptr())
+}
+
+/// File ranges registered by a connection's bodies, in the order their bytes are written.
+#[derive(Default)]
+pub struct Segments(Mutex<VecDeque<Segment>>);
+
+struct Segment {
+    file: File,
+    pos: u64,
+    left: u64,
+}
+
+/// A stored file's range `[start, end)` as a response body for an HTTP/1 connection.
+pub struct FileBody {
+    file: Option<File>,
+    start: u64,
+    left: u64,
+    segments: Arc<Segments>,
+    metrics: Arc<Metrics>,
+}
+
+impl FileBody {
+    pub fn new(
+        file: File,
+        start: u64,
+        end: u64,
+        segments: Arc<Segments>,
+        metrics: Arc<Metrics>,
+    ) -> FileBody {
+        FileBody {
+            file: Some(file),
+            start,
+            left: end - start,
+            segments,
+            metrics,
+        }
+    }
+}
+
+impl hyper::body::Body for FileBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        // Registered when hyper first asks for bytes: by then every earlier response on the
+        // connection has handed over all of its own.
+        if let Some(file) = self.file.take() {
+            let segment = Segment {
+                file,
+                pos: self.start,
+                left: self.left,
+            };
+            self.segments.0.lock().unwrap().push_back(segment);
+        }
+        let len = self.left.min(CHUNK as u64) as usize;
+        self.left -= len as u64;
+        self.metrics.inc("bytes_served_total", &[], len as u64);
+        Poll::Ready(Some(Ok(Frame::data(PLACEHOLDER.slice(..len)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// A client connection that writes placeholders as `sendfile` from their registered files.
+pub struct SendfileStream {
+    tcp: TcpStream,
+    segments: Arc<Segments>,
+}
+
+impl SendfileStream {
+    pub fn new(tcp: TcpStream, segments: Arc<Segments>) -> SendfileStream {
+        SendfileStream { tcp, segments }
+    }
+
+    /// Sends up to `want` bytes of the front registered file.
+    fn poll_sendfile(&self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let mut segments = self.segments.0.lock().unwrap();
+        let Some(segment) = segments.front_mut() else {
+            return Poll::Ready(Err(io::Error::other(
+                "placeholder bytes with no file registered for them",
+            )));
+        };
+        let want = want.min(segment.left.try_into().unwrap_or(usize::MAX));
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let sent = self.tcp.try_io(Interest::WRITABLE, || {
+                let mut offset = segment.pos as libc::off_t;
+                // SAFETY: both descriptors are open for the duration of the call; the kernel
+                // reads from the file and writes to the socket, touching none of our memory
+                // except `offset`, which it updates.
+                let n = unsafe {
+                    libc::sendfile(
+                        self.tcp.as_raw_fd(),
+                        segment.file.as_raw_fd(),
+                        &mut offset,
+                        want,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match sent {
+                Ok(0) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "stored file is shorter than its recorded size",
+                    )))
+                }
+                Ok(n) => {
+                    segment.pos += n as u64;
+                    segment.left -= n as u64;
+                    if segment.left == 0 {
+                        segments.pop_front();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncRead for SendfileStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendfileStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if is_placeholder(buf) {
+            return self.poll_sendfile(cx, buf.len());
+        }
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    /// Writes the leading run of ordinary slices with one `writev`, or the leading run of
+    /// placeholders with one `sendfile`; hyper calls again for the rest.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
+            return Poll::Ready(Ok(0));
+        };
+        let bufs = &bufs[first..];
+        if is_placeholder(&bufs[0]) {
+            let want = bufs
+                .iter()
+                .take_while(|b| is_placeholder(b))
+                .map(|b| b.len())
+                .sum();
+            return self.poll_sendfile(cx, want);
+        }
+        let ordinary = bufs
+            .iter()
+            .position(|b| is_placeholder(b))
+            .unwrap_or(bufs.len());
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..ordinary])
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    use http_body_util::{combinators::BoxBody, BodyExt, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One HTTP/1 connection served the way `server::serve` does it: `/file` is the whole
+    /// file as a [`FileBody`] claiming `claimed` bytes, `/text` an ordinary body.
+    async fn serve_one(file: File, claimed: u64) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let segments = Arc::new(Segments::default());
+            let service = {
+                let segments = segments.clone();
+                hyper::service::service_fn(move |request: http::Request<_>| {
+                    let body: BoxBody<Bytes, io::Error> = if request.uri().path() == "/file" {
+                        let file = file.try_clone().unwrap();
+                        let metrics = Arc::new(Metrics::default());
+                        FileBody::new(file, 0, claimed, segments.clone(), metrics).boxed()
+                    } else {
+                        Full::new(Bytes::from_static(b"hello"))
+                            .map_err(|never| match never {})
+                            .boxed()
+                    };
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+                })
+            };
+            let io = hyper_util::rt::TokioIo::new(SendfileStream::new(tcp, segments));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .writev(true)
+                .max_buf_size(64 * 1024)
+                .serve_connection(io, service)
+                .await;
+        });
+        addr
+    }
+
+    /// Reads one response: its body, or what arrived of it before the connection ended.
+    async fn read_response(tcp: &mut TcpStream, pending: &mut Vec<u8>) -> (usize, Vec<u8>) {
+        let mut buf = vec![0u8; 1 << 16];
+        let head_end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed before a response head");
+            pending.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8(pending[..head_end].to_vec()).unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        pending.drain(..head_end);
+        while pending.len() < length {
+            let n = tcp.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            pending.extend_from_slice(&buf[..n]);
+        }
+        let body: Vec<u8> = pending.drain(..length.min(pending.len())).collect();
+        (length, body)
+    }
+
+    fn file_of(bytes: &[u8]) -> File {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(bytes).unwrap();
+        file
+    }
+
+    #[tokio::test]
+    async fn pipelined_responses_get_exactly_their_own_bytes() {
+        let bytes: Vec<u8> = (0..2 * CHUNK as u32 + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let addr = serve_one(file_of(&bytes), bytes.len() as u64).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let get = |path| format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        let requests = [get("/file"), get("/text"), get("/file"), get("/text")].concat();
+        tcp.write_all(requests.as_bytes()).await.unwrap();
+        let mut pending = Vec::new();
+        for expected in [&bytes[..], b"hello", &bytes[..], b"hello"] {
+            let (_, body) = read_response(&mut tcp, &mut pending).await;
+            assert!(body == expected, "a body of {} bytes", body.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_its_size_ends_the_connection_short() {
+        let bytes = vec![7u8; 1000];
+        let addr = serve_one(file_of(&bytes), 5000).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /file HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (length, body) = read_response(&mut tcp, &mut Vec::new()).await;
+        assert_eq!(length, 5000);
+        assert_eq!(body, bytes, "the bytes there are, then the end");
+    }
+
+    #[test]
+    fn only_the_placeholder_region_is_a_placeholder() {
+        assert!(is_placeholder(&PLACEHOLDER[CHUNK - 1..]));
+        assert!(!is_placeholder(&PLACEHOLDER[..0]));
+        assert!(!is_placeholder(&vec![0u8; 16]));
+    }
+}
