@@ -18,7 +18,9 @@ use crate::metrics::Metrics;
 use crate::nix::narinfo::{self, NarInfo, TrustedKeys, MAX_NARINFO_BYTES};
 use crate::nix::request::{self, CachePath};
 use crate::store::check::Expected;
-use crate::store::fill::{ByteStream, ChunkSink, FillState, PassThrough, BODY_IDLE_TIMEOUT};
+use crate::store::fill::{
+    ByteStream, ChunkSink, FillReader, FillState, PassThrough, BODY_IDLE_TIMEOUT,
+};
 use crate::store::{Limits, NarSource, NewNarInfo, Slot, Store};
 use crate::upstream::{Answer, Upstream, UpstreamError};
 
@@ -31,6 +33,8 @@ pub enum NarInfoAnswer {
 pub enum Content {
     /// A stored file, served from disk.
     File(std::fs::File, u64),
+    /// A file being filled, read along as it grows; its length when known.
+    Filling(Option<u64>, FillReader),
     /// A stream; its length when known.
     Stream(Option<u64>, ByteStream),
     /// Headers only (HEAD): the length when known.
@@ -388,9 +392,9 @@ impl Proxy {
             FillState::Failed(reason) if progress.written == 0 => {
                 NarAnswer::Unavailable(reason.to_string())
             }
-            _ => NarAnswer::Found(Content::Stream(
+            _ => NarAnswer::Found(Content::Filling(
                 row.source.expected.file_len().or(progress.length),
-                reader.stream(),
+                reader,
             )),
         }
     }

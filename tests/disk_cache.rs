@@ -120,6 +120,25 @@ async fn a_lying_upstream_leaves_nothing_cached_and_real_nix_fails_the_download(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_upstream_of_unknown_length_breaks_the_response_instead_of_ending_it() {
+    let fx = fixture();
+    for fault in [Fault::WrongBytes, Fault::Truncate] {
+        // Attic-like: no FileSize, NARs streamed without a length, so neither side can tell a
+        // short body by its length: only the check can, and the response must then break.
+        let upstream =
+            UpstreamDouble::start_with(fx.cache.clone(), None, |s| s.strip_file_hash = true).await;
+        upstream.fault(Target::Nar, fault.clone(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let sidecar = Sidecar::start(dir.path(), &anonymous(&upstream.url), &[]);
+        let url = nar_url(&sidecar.url, &fx.top).await;
+        let got = get(&format!("{}/{url}", sidecar.url), "GET", &[]).await;
+        assert_eq!(got.status, 200, "{fault:?}");
+        assert!(!got.headers.contains_key("content-length"), "{fault:?}");
+        assert!(got.body.is_err(), "{fault:?}: a complete response");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_fifty_concurrent_fills_leaves_a_consistent_cache() {
     let fx = many();
     let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;

@@ -7,7 +7,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{self, Body};
-use super::sendfile::{FileBody, Segments};
+use super::sendfile::{self, FileBody, FollowBody, Segments};
 use crate::nix::request::{self, CachePath};
 use crate::proxy::{Content, NarAnswer, NarInfoAnswer, Proxy};
 use crate::store::read::stream_file;
@@ -114,29 +114,26 @@ fn nar_response(
         .header(header::CONTENT_TYPE, "application/x-nix-nar")
         .header(header::ACCEPT_RANGES, "bytes");
     match content {
-        Content::Head(len) => {
-            let builder = builder.status(StatusCode::OK);
-            let builder = match len {
-                Some(len) => builder.header(header::CONTENT_LENGTH, len),
-                None => builder,
+        Content::Head(len) => with_length(builder, len).body(body::empty()).unwrap(),
+        Content::Stream(len, rx) => with_length(builder, len)
+            .body(body::stream(rx, proxy.metrics.clone()))
+            .unwrap(),
+        // From the page cache straight to the socket where the connection can (HTTP/1), read
+        // through our buffers otherwise.
+        Content::Filling(len, reader) => {
+            let body = match (segments, reader.file()) {
+                (Some(segments), Ok(file)) => {
+                    let ranges = reader.ranges(sendfile::CHUNK);
+                    FollowBody::new(file, ranges, segments, proxy.metrics.clone()).boxed()
+                }
+                _ => body::stream(reader.stream(), proxy.metrics.clone()),
             };
-            builder.body(body::empty()).unwrap()
-        }
-        Content::Stream(len, rx) => {
-            let builder = match len {
-                Some(len) => builder.header(header::CONTENT_LENGTH, len),
-                None => builder,
-            };
-            builder
-                .body(body::stream(rx, proxy.metrics.clone()))
-                .unwrap()
+            with_length(builder, len).body(body).unwrap()
         }
         Content::File(file, size) => {
-            // From the page cache straight to the socket where the connection can (HTTP/1),
-            // read through our buffers otherwise.
             let file_body = |start, end| match segments {
                 Some(segments) => {
-                    FileBody::new(file, start, end, segments, proxy.metrics.clone()).boxed()
+                    FileBody::new(file, (start, end), segments, proxy.metrics.clone()).boxed()
                 }
                 None => body::stream(stream_file(file, start, end), proxy.metrics.clone()),
             };
@@ -154,13 +151,20 @@ fn nar_response(
                     )
                     .body(file_body(start, end))
                     .unwrap(),
-            Err(Unsatisfiable) => Response::builder()
-                .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+                Err(Unsatisfiable) => Response::builder()
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::CONTENT_RANGE, format!("bytes */{size}"))
                     .body(body::empty())
                     .unwrap(),
             }
         }
+    }
+}
+
+fn with_length(builder: http::response::Builder, len: Option<u64>) -> http::response::Builder {
+    match len {
+        Some(len) => builder.header(header::CONTENT_LENGTH, len),
+        None => builder,
     }
 }
 

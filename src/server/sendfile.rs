@@ -1,17 +1,17 @@
-//! Stored NARs go from the page cache to the socket with `sendfile(2)`, without passing through
-//! our memory: on the warm path the two copies (file -> buffer -> socket) were two thirds of
-//! the CPU.
+//! NAR bytes on disk go from the page cache to the socket with `sendfile(2)`, without passing
+//! through our memory: on the warm path the two copies (file -> buffer -> socket) were two
+//! thirds of the CPU, and a herd of clients following one download multiplies them.
 //!
 //! hyper writes every body itself, so the bytes have to pass through it; they do so as
-//! *placeholders*. A [`FileBody`] registers its file range with the connection's
-//! [`Segments`] and yields slices of one never-read zeroed region instead of file bytes. The
-//! connection's stream, [`SendfileStream`], recognises those slices by address when hyper writes
-//! them and sends the same number of bytes from the front registered file instead. HTTP/1
-//! writes one connection's bytes in order, so a FIFO of ranges maps every placeholder byte to
-//! exactly one file byte. This relies on hyper queueing body chunks as they are (its `writev`
-//! strategy, forced on in `server::serve`) rather than copying them; HTTP/2 copies into its
-//! frames, so h2 requests never get a `FileBody`. A placeholder written with no file to stand
-//! for is an error, never zeros on the wire.
+//! *placeholders*. A body here yields slices of one never-read zeroed region instead of file
+//! bytes, and registers with the connection's [`Segments`] which file range each stands for.
+//! The connection's stream, [`SendfileStream`], recognises those slices by address when hyper
+//! writes them and sends the same number of bytes from the front registered range instead.
+//! HTTP/1 writes one connection's bytes in order, so a FIFO of ranges maps every placeholder
+//! byte to exactly one file byte. This relies on hyper queueing body chunks as they are (its
+//! `writev` strategy, forced on in `server::serve`) rather than copying them; HTTP/2 copies
+//! into its frames, so h2 requests never get these bodies. A placeholder written with no range
+//! to stand for is an error, never zeros on the wire.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -22,16 +22,17 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::Frame;
+use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
+use crate::store::fill::RangeStream;
 
-/// Bytes per placeholder chunk, and so at most per `sendfile` call (nginx's default
+/// Bytes per placeholder, and so at most per `sendfile` call (nginx's default
 /// `sendfile_max_chunk` too): large enough that syscalls do not show, small enough that one
 /// fast client does not hold a worker thread for long.
-const CHUNK: usize = 2 * 1024 * 1024;
+pub const CHUNK: usize = 2 * 1024 * 1024;
 
 /// The placeholder region. Allocated zeroed and never read or written, so it stays untouched
 /// virtual memory; only its addresses matter.
@@ -42,21 +43,35 @@ fn is_placeholder(slice: &[u8]) -> bool {
     !slice.is_empty() && region.contains(&slice.as_ptr())
 }
 
-/// File ranges registered by a connection's bodies, in the order their bytes are written.
+/// File ranges standing behind a connection's placeholders, in the order they are written.
 #[derive(Default)]
 pub struct Segments(Mutex<VecDeque<Segment>>);
 
 struct Segment {
-    file: File,
+    file: Arc<File>,
     pos: u64,
     left: u64,
 }
 
-/// A stored file's range `[start, end)` as a response body for an HTTP/1 connection.
+impl Segments {
+    /// A frame of placeholder bytes for `len` (at most [`CHUNK`]) bytes of `file` at `pos`.
+    /// Called as the frame goes to hyper, so ranges queue in the order bytes are written.
+    fn frame(&self, file: &Arc<File>, pos: u64, len: usize, metrics: &Metrics) -> Frame<Bytes> {
+        self.0.lock().unwrap().push_back(Segment {
+            file: file.clone(),
+            pos,
+            left: len as u64,
+        });
+        metrics.inc("bytes_served_total", &[], len as u64);
+        Frame::data(PLACEHOLDER.slice(..len))
+    }
+}
+
+/// The range `[pos, end)` of a stored file, as a response body for an HTTP/1 connection.
 pub struct FileBody {
-    file: Option<File>,
-    start: u64,
-    left: u64,
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
     segments: Arc<Segments>,
     metrics: Arc<Metrics>,
 }
@@ -64,15 +79,15 @@ pub struct FileBody {
 impl FileBody {
     pub fn new(
         file: File,
-        start: u64,
-        end: u64,
+        (pos, end): (u64, u64),
         segments: Arc<Segments>,
         metrics: Arc<Metrics>,
     ) -> FileBody {
+        let file = Arc::new(file);
         FileBody {
-            file: Some(file),
-            start,
-            left: end - start,
+            file,
+            pos,
+            end,
             segments,
             metrics,
         }
@@ -87,31 +102,67 @@ impl hyper::body::Body for FileBody {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        if self.left == 0 {
+        if self.pos == self.end {
             return Poll::Ready(None);
         }
-        // Registered when hyper first asks for bytes: by then every earlier response on the
-        // connection has handed over all of its own.
-        if let Some(file) = self.file.take() {
-            let segment = Segment {
-                file,
-                pos: self.start,
-                left: self.left,
-            };
-            self.segments.0.lock().unwrap().push_back(segment);
-        }
-        let len = self.left.min(CHUNK as u64) as usize;
-        self.left -= len as u64;
-        self.metrics.inc("bytes_served_total", &[], len as u64);
-        Poll::Ready(Some(Ok(Frame::data(PLACEHOLDER.slice(..len)))))
+        let len = (self.end - self.pos).min(CHUNK as u64) as usize;
+        let frame = self
+            .segments
+            .frame(&self.file, self.pos, len, &self.metrics);
+        self.pos += len as u64;
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.left == 0
+        self.pos == self.end
     }
 
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.left)
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.end - self.pos)
+    }
+}
+
+/// A file still being filled, read along as its ranges become readable, as a response body for
+/// an HTTP/1 connection. An error in the fill aborts the response.
+pub struct FollowBody {
+    file: Arc<File>,
+    ranges: RangeStream,
+    segments: Arc<Segments>,
+    metrics: Arc<Metrics>,
+}
+
+impl FollowBody {
+    pub fn new(
+        file: File,
+        ranges: RangeStream,
+        segments: Arc<Segments>,
+        metrics: Arc<Metrics>,
+    ) -> FollowBody {
+        let file = Arc::new(file);
+        FollowBody {
+            file,
+            ranges,
+            segments,
+            metrics,
+        }
+    }
+}
+
+impl hyper::body::Body for FollowBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Poll::Ready(match ready!(self.ranges.poll_recv(cx)) {
+            Some(Ok((pos, len))) => {
+                Some(Ok(self.segments.frame(&self.file, pos, len, &self.metrics)))
+            }
+            Some(Err(e)) => Some(Err(e)),
+            None => None,
+        })
     }
 }
 
@@ -131,7 +182,7 @@ impl SendfileStream {
         let mut segments = self.segments.0.lock().unwrap();
         let Some(segment) = segments.front_mut() else {
             return Poll::Ready(Err(io::Error::other(
-                "placeholder bytes with no file registered for them",
+                "placeholder bytes with no file range registered for them",
             )));
         };
         let want = want.min(segment.left.try_into().unwrap_or(usize::MAX));
@@ -262,7 +313,7 @@ mod tests {
                     let body: BoxBody<Bytes, io::Error> = if request.uri().path() == "/file" {
                         let file = file.try_clone().unwrap();
                         let metrics = Arc::new(Metrics::default());
-                        FileBody::new(file, 0, claimed, segments.clone(), metrics).boxed()
+                        FileBody::new(file, (0, claimed), segments.clone(), metrics).boxed()
                     } else {
                         Full::new(Bytes::from_static(b"hello"))
                             .map_err(|never| match never {})

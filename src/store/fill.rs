@@ -24,6 +24,8 @@ pub const CHUNK: usize = 256 * 1024;
 
 /// What readers receive: chunks, or an error that must abort the client's response.
 pub type ByteStream = mpsc::Receiver<std::io::Result<Bytes>>;
+/// What readers that read the file themselves receive: `(offset, length)` of readable bytes.
+pub type RangeStream = mpsc::Receiver<std::io::Result<(u64, usize)>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FillState {
@@ -253,7 +255,29 @@ impl FillReader {
     }
 
     /// Streams the file from the start as it grows; ends with an error if the fill fails.
-    pub fn stream(mut self) -> ByteStream {
+    pub fn stream(self) -> ByteStream {
+        let fill = self.fill.clone();
+        self.follow(CHUNK, move |pos, len| fill.read(pos, len))
+    }
+
+    /// The fill's file, for a client that reads it itself along [`FillReader::ranges`].
+    pub fn file(&self) -> std::io::Result<File> {
+        self.fill.file.try_clone()
+    }
+
+    /// Announces the file's bytes as `(offset, length)` ranges, in order, as they become
+    /// readable; ends with an error if the fill fails.
+    pub fn ranges(self, most: usize) -> RangeStream {
+        self.follow(most, |pos, len| Ok((pos, len)))
+    }
+
+    /// Hands each newly readable piece of the file (at most `most` bytes) to `take`, in
+    /// order, and what it makes of it to the channel; ends with an error if the fill fails.
+    fn follow<T: Piece + Send + 'static>(
+        mut self,
+        most: usize,
+        take: impl Fn(u64, usize) -> std::io::Result<T> + Send + 'static,
+    ) -> mpsc::Receiver<std::io::Result<T>> {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut pos = 0u64;
@@ -267,41 +291,48 @@ impl FillReader {
                     progress.written.saturating_sub(1)
                 };
                 if pos < readable {
-                    let len = (readable - pos).min(CHUNK as u64) as usize;
-                    let chunk = self.fill.read(pos, len);
-                    let failed = chunk.is_err();
-                    pos += chunk.as_ref().map_or(0, |c| c.len() as u64);
-                    if tx.send(chunk).await.is_err() || failed {
+                    let len = (readable - pos).min(most as u64) as usize;
+                    let piece = take(pos, len);
+                    let failed = piece.is_err();
+                    pos += piece.as_ref().map_or(0, |p| p.bytes()) as u64;
+                    if tx.send(piece).await.is_err() || failed {
                         return; // the client went away, or the file cannot be read
                     }
                     continue;
                 }
-                match progress.state {
+                let reason = match progress.state {
                     FillState::Complete => return,
-                    FillState::Failed(reason) => {
-                        let _ = tx
-                            .send(Err(std::io::Error::other(reason.to_string())))
-                            .await;
-                        return;
-                    }
-                    FillState::Missing => {
-                        let _ = tx
-                            .send(Err(std::io::Error::other("upstream lost the file")))
-                            .await;
-                        return;
-                    }
+                    FillState::Failed(reason) => reason.to_string(),
+                    FillState::Missing => "upstream lost the file".to_string(),
                     FillState::Waiting | FillState::Streaming => {
-                        if self.progress.changed().await.is_err() {
-                            let _ = tx
-                                .send(Err(std::io::Error::other("download abandoned")))
-                                .await;
-                            return;
+                        if self.progress.changed().await.is_ok() {
+                            continue;
                         }
+                        "download abandoned".to_string()
                     }
-                }
+                };
+                let _ = tx.send(Err(std::io::Error::other(reason))).await;
+                return;
             }
         });
         rx
+    }
+}
+
+/// What a follower hands on: it may be shorter than asked (a chunk from memory ends early).
+trait Piece {
+    fn bytes(&self) -> usize;
+}
+
+impl Piece for Bytes {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Piece for (u64, usize) {
+    fn bytes(&self) -> usize {
+        self.1
     }
 }
 

@@ -284,10 +284,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             .collect::<String>()
             .into_bytes();
     }
-    body_with_fault(bytes, fault)
+    // Attic streams NARs from chunks, without a length.
+    let streamed = state.strip_file_hash && !rel.ends_with(".narinfo");
+    body_with_fault(bytes, fault, streamed)
 }
 
-fn body_with_fault(mut bytes: Vec<u8>, fault: Option<Fault>) -> Response<Body> {
+fn body_with_fault(mut bytes: Vec<u8>, fault: Option<Fault>, streamed: bool) -> Response<Body> {
     match fault {
         Some(Fault::WrongBytes) => {
             let i = bytes.len() / 2;
@@ -328,6 +330,14 @@ fn body_with_fault(mut bytes: Vec<u8>, fault: Option<Fault>) -> Response<Body> {
                 .unwrap();
         }
         _ => {}
+    }
+    if streamed {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.try_send(Ok(Frame::data(Bytes::from(bytes)))).unwrap();
+        return Response::builder()
+            .status(200)
+            .body(ChannelBody(rx).boxed())
+            .unwrap();
     }
     Response::builder()
         .status(200)
