@@ -402,6 +402,6 @@ mod tests {
     fn only_the_placeholder_region_is_a_placeholder() {
         assert!(is_placeholder(&PLACEHOLDER[CHUNK - 1..]));
         assert!(!is_placeholder(&PLACEHOLDER[..0]));
-        assert!(!is_placeholder(&vec![0u8; 16]));
+        assert!(!is_placeholder(&[0u8; 16]));
     }
 }
