@@ -481,14 +481,26 @@ fn content_length<B>(response: &http::Response<B>) -> Option<u64> {
 /// Copies an upstream body into a sink, giving up when it stalls. Returns the bytes copied.
 /// TLS hands over ~16 KiB frames; whatever is already there is gathered into one chunk (up to
 /// 256 KiB) so the sink hashes, writes and wakes its readers once per chunk, not per frame.
+/// The body's next frame if it is there already (`None`: not yet).
+#[allow(clippy::type_complexity)]
+fn ready_frame(
+    body: &mut Incoming,
+) -> Option<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match hyper::body::Body::poll_frame(std::pin::Pin::new(body), &mut cx) {
+        std::task::Poll::Ready(frame) => Some(frame),
+        std::task::Poll::Pending => None,
+    }
+}
+
 async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, String> {
     let mut copied = 0u64;
     let mut pending = bytes::BytesMut::new();
     loop {
         // Take a frame that is ready now; before waiting for one, pass on what was gathered.
-        let frame = match tokio::time::timeout(Duration::ZERO, body.frame()).await {
-            Ok(frame) => frame,
-            Err(_) => {
+        let frame = match ready_frame(&mut body) {
+            Some(frame) => frame,
+            None => {
                 if !pending.is_empty() {
                     sink.write(pending.split().freeze()).await?;
                 }
@@ -508,6 +520,10 @@ async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64,
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     copied += data.len() as u64;
+                    if pending.is_empty() {
+                        // One allocation per chunk, not a doubling series of copies.
+                        pending.reserve(crate::store::fill::CHUNK + data.len());
+                    }
                     pending.extend_from_slice(&data);
                     if pending.len() >= crate::store::fill::CHUNK {
                         sink.write(pending.split().freeze()).await?;
