@@ -478,9 +478,6 @@ fn content_length<B>(response: &http::Response<B>) -> Option<u64> {
         .ok()
 }
 
-/// Copies an upstream body into a sink, giving up when it stalls. Returns the bytes copied.
-/// TLS hands over ~16 KiB frames; whatever is already there is gathered into one chunk (up to
-/// 256 KiB) so the sink hashes, writes and wakes its readers once per chunk, not per frame.
 /// The body's next frame if it is there already (`None`: not yet).
 #[allow(clippy::type_complexity)]
 fn ready_frame(
@@ -493,6 +490,9 @@ fn ready_frame(
     }
 }
 
+/// Copies an upstream body into a sink, giving up when it stalls. Returns the bytes copied.
+/// TLS hands over ~16 KiB frames; whatever is already there is gathered into one chunk (up to
+/// 256 KiB) so the sink hashes, writes and wakes its readers once per chunk, not per frame.
 async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, String> {
     let mut copied = 0u64;
     let mut pending = bytes::BytesMut::new();
