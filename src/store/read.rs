@@ -1,4 +1,5 @@
-//! Reading stored NAR bytes for clients: the warm path, where every copy and page fault shows.
+//! Reading stored NAR bytes into memory: for HTTP/2 clients (HTTP/1 ones get `sendfile`, see
+//! `server::sendfile`) and for fill readers that fell behind.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
