@@ -153,7 +153,7 @@ http {{
         config = self.sidecar_config(cache_name, upstream_path)
         log = open(os.path.join(self.work, "sidecar.log"), "a")
         started = time.monotonic()
-        self.sidecar = subprocess.Popen([os.path.join(ROOT, "target/release/nix-sidecar"), "serve", "--config", config],
+        self.sidecar = subprocess.Popen([os.environ.get("BENCH_SIDECAR_BIN", os.path.join(ROOT, "target/release/nix-sidecar")), "serve", "--config", config],
                                         stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "NIX_SIDECAR_LOG": "warn"})
         while time.monotonic() - started < 30:
             try:

@@ -17,9 +17,10 @@ use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::nix::narinfo::{self, NarInfo, TrustedKeys, MAX_NARINFO_BYTES};
 use crate::nix::request::{self, CachePath};
+use crate::store::buffers;
 use crate::store::check::Expected;
 use crate::store::fill::{
-    ByteStream, ChunkSink, FillReader, FillState, PassThrough, BODY_IDLE_TIMEOUT,
+    ByteStream, ChunkSink, FillReader, FillState, PassThrough, BODY_IDLE_TIMEOUT, CHUNK,
 };
 use crate::store::{Limits, NarSource, NewNarInfo, Slot, Store};
 use crate::upstream::{Answer, Upstream, UpstreamError};
@@ -495,14 +496,15 @@ fn ready_frame(
 /// 256 KiB) so the sink hashes, writes and wakes its readers once per chunk, not per frame.
 async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, String> {
     let mut copied = 0u64;
-    let mut pending = bytes::BytesMut::new();
+    let mut pending = buffers::take(CHUNK);
     loop {
         // Take a frame that is ready now; before waiting for one, pass on what was gathered.
         let frame = match ready_frame(&mut body) {
             Some(frame) => frame,
             None => {
                 if !pending.is_empty() {
-                    sink.write(pending.split().freeze()).await?;
+                    let full = std::mem::replace(&mut pending, buffers::take(CHUNK));
+                    sink.write(buffers::freeze(full)).await?;
                 }
                 tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame())
                     .await
@@ -512,7 +514,7 @@ async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64,
         match frame {
             None => {
                 if !pending.is_empty() {
-                    sink.write(pending.freeze()).await?;
+                    sink.write(buffers::freeze(pending)).await?;
                 }
                 return Ok(copied);
             }
@@ -520,13 +522,10 @@ async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64,
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     copied += data.len() as u64;
-                    if pending.is_empty() {
-                        // One allocation per chunk, not a doubling series of copies.
-                        pending.reserve(crate::store::fill::CHUNK + data.len());
-                    }
                     pending.extend_from_slice(&data);
-                    if pending.len() >= crate::store::fill::CHUNK {
-                        sink.write(pending.split().freeze()).await?;
+                    if pending.len() >= CHUNK {
+                        let full = std::mem::replace(&mut pending, buffers::take(CHUNK));
+                        sink.write(buffers::freeze(full)).await?;
                     }
                 }
             }

@@ -4,6 +4,7 @@
 //! per NAR, stored exactly as served), `tmp/` (fills in progress; emptied at start-up).
 //! The store never calls an upstream: a fill takes the bytes it is given.
 
+pub mod buffers;
 pub mod check;
 pub mod fill;
 pub mod index;

@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -15,35 +14,9 @@ const FILE_CHUNK: usize = 1024 * 1024;
 /// The first chunk is small, so the first bytes leave before a whole chunk is read.
 const FIRST_CHUNK: usize = 64 * 1024;
 
-/// Read buffers come back here once hyper has sent them: a fresh megabyte per chunk costs a
-/// page fault and a zeroed page per 4 KiB, a tenth of the warm path's CPU.
-static SPARE_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-/// At most this many spare buffers are kept (16 MiB).
-const SPARE_LIMIT: usize = 16;
-
-/// A buffer on loan from [`SPARE_BUFFERS`], returned when the last `Bytes` of it drops.
-struct Loaned(Vec<u8>);
-
-impl AsRef<[u8]> for Loaned {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Loaned {
-    fn drop(&mut self) {
-        let mut spare = SPARE_BUFFERS.lock().unwrap();
-        if spare.len() < SPARE_LIMIT {
-            spare.push(std::mem::take(&mut self.0));
-        }
-    }
-}
-
 /// Reads exactly `len` bytes at `pos`, into a reused buffer and without zeroing it first.
 pub fn read_at(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
-    let mut buf = SPARE_BUFFERS.lock().unwrap().pop().unwrap_or_default();
-    buf.clear();
-    buf.reserve(len);
+    let mut buf = super::buffers::take(len);
     while buf.len() < len {
         let (filled, offset) = (buf.len(), pos + buf.len() as u64);
         let spare = &mut buf.spare_capacity_mut()[..len - filled];
@@ -68,7 +41,7 @@ pub fn read_at(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
             }
         }
     }
-    Ok(Bytes::from_owner(Loaned(buf)))
+    Ok(super::buffers::freeze(buf))
 }
 
 /// Streams a stored file (or a byte range of it) from disk on a blocking thread.
