@@ -53,27 +53,41 @@ struct Segment {
     left: u64,
 }
 
-impl Segments {
-    /// A frame of placeholder bytes for `len` (at most [`CHUNK`]) bytes of `file` at `pos`.
+/// What both bodies share: the file their placeholders stand for, and where to register them.
+struct Placeholders {
+    file: Arc<File>,
+    segments: Arc<Segments>,
+    metrics: Arc<Metrics>,
+}
+
+impl Placeholders {
+    fn new(file: File, segments: Arc<Segments>, metrics: Arc<Metrics>) -> Placeholders {
+        let file = Arc::new(file);
+        Placeholders {
+            file,
+            segments,
+            metrics,
+        }
+    }
+
+    /// A frame of placeholder bytes for `len` (at most [`CHUNK`]) bytes of the file at `pos`.
     /// Called as the frame goes to hyper, so ranges queue in the order bytes are written.
-    fn frame(&self, file: &Arc<File>, pos: u64, len: usize, metrics: &Metrics) -> Frame<Bytes> {
-        self.0.lock().unwrap().push_back(Segment {
-            file: file.clone(),
+    fn frame(&self, pos: u64, len: usize) -> Frame<Bytes> {
+        self.segments.0.lock().unwrap().push_back(Segment {
+            file: self.file.clone(),
             pos,
             left: len as u64,
         });
-        metrics.inc("bytes_served_total", &[], len as u64);
+        self.metrics.inc("bytes_served_total", &[], len as u64);
         Frame::data(PLACEHOLDER.slice(..len))
     }
 }
 
 /// The range `[pos, end)` of a stored file, as a response body for an HTTP/1 connection.
 pub struct FileBody {
-    file: Arc<File>,
+    placeholders: Placeholders,
     pos: u64,
     end: u64,
-    segments: Arc<Segments>,
-    metrics: Arc<Metrics>,
 }
 
 impl FileBody {
@@ -83,13 +97,11 @@ impl FileBody {
         segments: Arc<Segments>,
         metrics: Arc<Metrics>,
     ) -> FileBody {
-        let file = Arc::new(file);
+        let placeholders = Placeholders::new(file, segments, metrics);
         FileBody {
-            file,
+            placeholders,
             pos,
             end,
-            segments,
-            metrics,
         }
     }
 }
@@ -106,9 +118,7 @@ impl hyper::body::Body for FileBody {
             return Poll::Ready(None);
         }
         let len = (self.end - self.pos).min(CHUNK as u64) as usize;
-        let frame = self
-            .segments
-            .frame(&self.file, self.pos, len, &self.metrics);
+        let frame = self.placeholders.frame(self.pos, len);
         self.pos += len as u64;
         Poll::Ready(Some(Ok(frame)))
     }
@@ -125,10 +135,8 @@ impl hyper::body::Body for FileBody {
 /// A file still being filled, read along as its ranges become readable, as a response body for
 /// an HTTP/1 connection. An error in the fill aborts the response.
 pub struct FollowBody {
-    file: Arc<File>,
+    placeholders: Placeholders,
     ranges: RangeStream,
-    segments: Arc<Segments>,
-    metrics: Arc<Metrics>,
 }
 
 impl FollowBody {
@@ -138,12 +146,10 @@ impl FollowBody {
         segments: Arc<Segments>,
         metrics: Arc<Metrics>,
     ) -> FollowBody {
-        let file = Arc::new(file);
+        let placeholders = Placeholders::new(file, segments, metrics);
         FollowBody {
-            file,
+            placeholders,
             ranges,
-            segments,
-            metrics,
         }
     }
 }
@@ -157,9 +163,7 @@ impl hyper::body::Body for FollowBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         Poll::Ready(match ready!(self.ranges.poll_recv(cx)) {
-            Some(Ok((pos, len))) => {
-                Some(Ok(self.segments.frame(&self.file, pos, len, &self.metrics)))
-            }
+            Some(Ok((pos, len))) => Some(Ok(self.placeholders.frame(pos, len))),
             Some(Err(e)) => Some(Err(e)),
             None => None,
         })
