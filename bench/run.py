@@ -10,7 +10,7 @@ upstream (the community recipe: cache lock on), and nix-sidecar in front of the 
 scenario runs several rounds alternating the contestants and prints medians and ratios.
 Machines here are shared and noisy: read the ratios, not the absolute numbers.
 """
-import hashlib, os, shutil, signal, statistics, subprocess, sys, tempfile, time, urllib.request
+import hashlib, os, resource, shutil, signal, statistics, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -289,31 +289,37 @@ def cold_nar(b: Bench, results: list):
 
 def herd(b: Bench, results: list):
     """4. 100 clients on one cold NAR vs one client alone (64 MiB), with the upstream on
-    loopback at full speed, and at a WAN link's speed (nginx limit_rate)."""
+    loopback at full speed, and at a WAN link's speed (nginx limit_rate). The floor: 100
+    clients on the same file from nginx static, which is as fast as this machine hands
+    6.4 GB to 100 curls; a cold herd cannot finish before that."""
     for label, upstream_path in [("4.", ""), (f"4b. upstream at {WAN_RATE_MIB} MiB/s,", "/wan")]:
-        many, one = [], []
+        many, one, floor = [], [], []
         for _ in range(max(3, ROUNDS // 2)):
             b.start_sidecar(fresh=True, upstream_path=upstream_path)
-            url = b.url("sidecar", nar_url_of(b, "sidecar", b.mid))
-            one.append(curl_seconds(url))
+            nar = nar_url_of(b, "sidecar", b.mid)
+            one.append(curl_seconds(b.url("sidecar", nar)))
             b.start_sidecar(fresh=True, upstream_path=upstream_path)
-            url = b.url("sidecar", nar_url_of(b, "sidecar", b.mid))
-            started = time.monotonic()
-            procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(100)]
-            assert all(p.wait() == 0 for p in procs)
-            many.append(time.monotonic() - started)
+            many.append(crowd_seconds(b.url("sidecar", nar_url_of(b, "sidecar", b.mid))))
+            floor.append(crowd_seconds(b.url("static", nar)))
         results.append((f"{label} one cold 64 MiB NAR, 100 clients, s", median(many), "one client alone", median(one), "<= 1.2"))
+        results.append((f"{label} floor: 100 clients on nginx static, s", median(floor), "one client alone", median(one), "(info)"))
+
+
+def crowd_seconds(url: str, clients=100) -> float:
+    """Seconds until `clients` curls started at once have all downloaded `url`."""
+    started = time.monotonic()
+    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(clients)]
+    assert all(p.wait() == 0 for p in procs)
+    return time.monotonic() - started
 
 
 def peak_rss(b: Bench, results: list):
     """5. Peak RSS while 8 clients stream the big NAR, cold then warm."""
     b.start_sidecar(fresh=True)
     url = b.url("sidecar", nar_url_of(b, "sidecar", b.big))
-    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(8)]
-    assert all(p.wait() == 0 for p in procs)
+    crowd_seconds(url, 8)
     cold_rss = b.peak_rss_mib()
-    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(8)]
-    assert all(p.wait() == 0 for p in procs)
+    crowd_seconds(url, 8)
     warm_rss = b.peak_rss_mib()
     results.append(("5. peak RSS, 8 x big NAR cold+warm, MiB", warm_rss, "limit", 100.0, "<= 100 MiB"))
     print(f"# peak RSS after cold: {cold_rss:.1f} MiB, after cold+warm: {warm_rss:.1f} MiB")
@@ -383,22 +389,67 @@ def nix_copy_seconds(url: str, top: str, public_key: str, work: str, cacert: str
 
 def real_nix(b: Bench, results: list):
     """6. Real Nix copying a closure of NIX_PATHS paths and NIX_MIB: warm nix-sidecar vs
-    nginx static, cold nix-sidecar vs straight from the upstream."""
+    nginx static, cold nix-sidecar vs straight from the upstream. Also the CPU time every
+    process took in the cold and the direct copy: on a small machine they share the cores."""
     if not shutil.which("nix-build"):
         raise SystemExit("needs nix: apt-get install -y nix-bin")
     print(f"# building a closure of {NIX_PATHS} paths, {NIX_MIB} MiB", flush=True)
     top, public_key = nix_closure(b)
     cold, warm, static, direct = [], [], [], []
+    cold_cpu, direct_cpu = [], []
     for _ in range(max(3, ROUNDS // 2)):
         b.start_sidecar(fresh=True)
-        cold.append(nix_copy_seconds(b.url("sidecar", ""), top, public_key, b.work))
+        with CpuMeter(b) as cpu:
+            cold.append(nix_copy_seconds(b.url("sidecar", ""), top, public_key, b.work))
+        cold_cpu.append(cpu.seconds)
         warm.append(nix_copy_seconds(b.url("sidecar", ""), top, public_key, b.work))
         static.append(nix_copy_seconds(b.url("static", ""), top, public_key, b.work))
-        direct.append(nix_copy_seconds(b.url("upstream", ""), top, public_key, b.work, b.cert))
+        with CpuMeter(b) as cpu:
+            direct.append(nix_copy_seconds(b.url("upstream", ""), top, public_key, b.work, b.cert))
+        direct_cpu.append(cpu.seconds)
     b.stop_sidecar()
     what = f"{NIX_PATHS + 1} paths, {NIX_MIB} MiB"
     results.append((f"6. real Nix, warm, {what}, s", median(warm), "nginx static", median(static), "<= 1.15"))
     results.append((f"6b. real Nix, cold, {what}, s", median(cold), "direct upstream (TLS)", median(direct), "<= 1.3"))
+    total = lambda runs: median([sum(r.values()) for r in runs])
+    results.append((f"6c. real Nix, cold, CPU s of all processes", total(cold_cpu), "direct upstream (TLS)", total(direct_cpu), "(info)"))
+    part = lambda runs, who: median([r.get(who, 0.0) for r in runs])
+    for label, runs in [("cold", cold_cpu), ("direct", direct_cpu)]:
+        print(f"# CPU s per {label} copy: " + ", ".join(f"{who} {part(runs, who):.2f}" for who in ["nix", "nginx", "nix-sidecar"]))
+
+
+class CpuMeter:
+    """CPU seconds (user + system) that Nix (our children), nginx's workers and nix-sidecar
+    take between entering and leaving the block."""
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, b: Bench):
+        self.b = b
+
+    def processes(self) -> dict:
+        with open(os.path.join(self.b.work, "nginx.pid")) as f:
+            master = f.read().strip()
+        with open(f"/proc/{master}/task/{master}/children") as f:
+            workers = f.read().split()
+        now = {"nginx": sum(self.cpu(pid) for pid in workers)}
+        if getattr(self.b, "sidecar", None):
+            now["nix-sidecar"] = self.cpu(self.b.sidecar.pid)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        now["nix"] = children.ru_utime + children.ru_stime
+        return now
+
+    def cpu(self, pid) -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.TICK
+
+    def __enter__(self):
+        self.before = self.processes()
+        return self
+
+    def __exit__(self, *_):
+        after = self.processes()
+        self.seconds = {who: after[who] - self.before.get(who, 0.0) for who in after}
 
 
 INDEX_ENTRIES = int(os.environ.get("BENCH_INDEX_ENTRIES", "1000000"))

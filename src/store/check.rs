@@ -38,13 +38,42 @@ impl Expected {
     /// The size of the file as served, when the narinfo says it (or it is uncompressed).
     pub fn file_len(&self) -> Option<u64> {
         self.file_size
-            .or((self.compression == "none").then_some(self.nar_size))
+            .or(self.is_uncompressed().then_some(self.nar_size))
+    }
+
+    /// Whether the file as served is the NAR itself.
+    pub fn is_uncompressed(&self) -> bool {
+        self.compression == "none"
+    }
+}
+
+/// What the bytes as served must hash to and how long they must be, with the narinfo
+/// fields that said so (for the error messages).
+#[derive(Clone, Copy)]
+struct Promise {
+    sha256: [u8; 32],
+    hash_field: &'static str,
+    size: Option<u64>,
+    size_field: &'static str,
+}
+
+impl Promise {
+    /// Refuses a stream that has grown past the promised size.
+    fn allows(&self, received: u64) -> Result<(), String> {
+        match self.size {
+            Some(size) if received > size => Err(format!(
+                "upstream sent more than {} ({size} bytes)",
+                self.size_field
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
 pub struct ContentCheck {
-    file_hash: Option<[u8; 32]>,
-    file_size: Option<u64>,
+    /// Set when the bytes as served can be checked directly (FileHash, or an uncompressed
+    /// NAR); otherwise they are decompressed and checked against NarHash.
+    promise: Option<Promise>,
     raw: Hasher,
     raw_len: u64,
     nar: Option<Box<dyn Write + Send>>,
@@ -88,7 +117,7 @@ impl Write for NarSink {
 pub struct Verifier {
     chunks: Option<mpsc::Sender<Bytes>>,
     outcome: tokio::task::JoinHandle<Result<String, String>>,
-    file_size: Option<u64>,
+    promise: Option<Promise>,
     received: u64,
 }
 
@@ -96,6 +125,7 @@ impl Verifier {
     /// Must be called within the runtime.
     pub fn start(expected: &Expected) -> Result<Verifier, String> {
         let mut check = ContentCheck::new(expected)?;
+        let promise = check.promise;
         let (chunks, mut incoming) = mpsc::channel::<Bytes>(8);
         let outcome = tokio::task::spawn_blocking(move || {
             while let Some(chunk) = incoming.blocking_recv() {
@@ -106,15 +136,15 @@ impl Verifier {
         Ok(Verifier {
             chunks: Some(chunks),
             outcome,
-            file_size: expected.file_size,
+            promise,
             received: 0,
         })
     }
 
     pub async fn update(&mut self, chunk: Bytes) -> Result<(), String> {
         self.received += chunk.len() as u64;
-        if let Some(size) = self.file_size.filter(|size| self.received > *size) {
-            return Err(format!("upstream sent more than FileSize ({size} bytes)"));
+        if let Some(promise) = &self.promise {
+            promise.allows(self.received)?;
         }
         let chunks = self.chunks.as_ref().expect("update before finish");
         if chunks.send(chunk).await.is_err() {
@@ -145,31 +175,51 @@ impl ContentCheck {
                 .map(|h| h.0)
                 .ok_or_else(|| "index holds a malformed hash".to_string())
         };
-        let file_hash = expected.file_hash.as_deref().map(parse).transpose()?;
+        let nar_hash = parse(&expected.nar_hash)?;
+        // An uncompressed NAR is its own file: without a FileHash, NarHash and NarSize
+        // check the bytes as they come, and one SHA-256 pass does it.
+        let promise = match expected.file_hash.as_deref() {
+            Some(hex) => Some(Promise {
+                sha256: parse(hex)?,
+                hash_field: "FileHash",
+                size: expected.file_size,
+                size_field: "FileSize",
+            }),
+            None if expected.is_uncompressed() => Some(Promise {
+                sha256: nar_hash,
+                hash_field: "NarHash",
+                size: Some(expected.nar_size),
+                size_field: "NarSize",
+            }),
+            None => None,
+        };
         let nar_state = std::sync::Arc::new(std::sync::Mutex::new(NarState::default()));
-        let nar = if file_hash.is_some() {
-            None
-        } else {
-            let sink = NarSink {
-                state: nar_state.clone(),
-                limit: expected.nar_size,
-            };
-            Some(decoder(&expected.compression, sink)?)
+        let nar = match promise {
+            Some(_) => None,
+            None => {
+                let sink = NarSink {
+                    state: nar_state.clone(),
+                    limit: expected.nar_size,
+                };
+                Some(decoder(&expected.compression, sink)?)
+            }
         };
         Ok(ContentCheck {
-            file_hash,
-            file_size: expected.file_size,
+            promise,
             raw: Hasher::new(),
             raw_len: 0,
             nar,
             nar_state,
-            nar_hash: parse(&expected.nar_hash)?,
+            nar_hash,
             nar_size: expected.nar_size,
         })
     }
 
     fn update(&mut self, chunk: &[u8]) -> Result<(), String> {
         self.raw_len += chunk.len() as u64;
+        if let Some(promise) = &self.promise {
+            promise.allows(self.raw_len)?;
+        }
         self.raw.update(chunk);
         if let Some(nar) = &mut self.nar {
             nar.write_all(chunk)
@@ -180,18 +230,16 @@ impl ContentCheck {
 
     /// Checks the end of the stream; returns the SHA-256 of the bytes as stored (hex).
     fn finish(mut self) -> Result<String, String> {
-        if let Some(size) = self.file_size {
-            if self.raw_len != size {
+        let raw: [u8; 32] = self.raw.finalize().into();
+        if let Some(promise) = self.promise {
+            if let Some(size) = promise.size.filter(|size| self.raw_len != *size) {
                 return Err(format!(
-                    "upstream sent {} bytes, FileSize says {size}",
-                    self.raw_len
+                    "upstream sent {} bytes, {} says {size}",
+                    self.raw_len, promise.size_field
                 ));
             }
-        }
-        let raw: [u8; 32] = self.raw.finalize().into();
-        if let Some(expected) = self.file_hash {
-            if raw != expected {
-                return Err("NAR file does not match FileHash".into());
+            if raw != promise.sha256 {
+                return Err(format!("NAR file does not match {}", promise.hash_field));
             }
         }
         if let Some(mut nar) = self.nar.take() {
@@ -367,6 +415,16 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_uncompressed_nar_without_file_hash_is_checked_by_nar_hash_and_size() {
+        let e = expected_for(b"abc", b"abc", "none", false);
+        assert!(run(&e, b"abd").unwrap_err().contains("NarHash"));
+        assert!(run(&e, b"ab").unwrap_err().contains("NarSize"));
+        assert!(run(&e, b"abcd").unwrap_err().contains("NarSize"));
+        let sha256 = Sha256(Hasher::digest(b"abc").into()).to_hex();
+        assert_eq!(run(&e, b"abc").unwrap(), sha256);
     }
 
     #[tokio::test]
