@@ -42,7 +42,7 @@ impl Expected {
     }
 
     /// Whether the file as served is the NAR itself.
-    pub fn is_uncompressed(&self) -> bool {
+    fn is_uncompressed(&self) -> bool {
         self.compression == "none"
     }
 }
