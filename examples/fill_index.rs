@@ -128,7 +128,7 @@ async fn main() -> ExitCode {
                 panic!("NAR {i} could not be stored");
             };
             let bytes = nar_bytes(i);
-            writer.start(Some(bytes.len() as u64));
+            writer.start(Some(bytes.len() as u64)).unwrap();
             writer.write(bytes).await.expect("verified");
             writer.finish().await;
         });

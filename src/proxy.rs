@@ -42,6 +42,16 @@ pub enum Content {
     Head(Option<u64>),
 }
 
+impl Content {
+    /// The body's length, when it is known before it is sent.
+    pub fn length(&self) -> Option<u64> {
+        match self {
+            Content::File(_, size) => Some(*size),
+            Content::Filling(len, _) | Content::Stream(len, _) | Content::Head(len) => *len,
+        }
+    }
+}
+
 pub enum NarAnswer {
     Found(Content),
     Missing,
@@ -352,7 +362,9 @@ impl Proxy {
                 let fut = async move {
                     match fetch.await {
                         Ok(Some(response)) => {
-                            writer.start(content_length(&response));
+                            if let Err(reason) = writer.start(content_length(&response)) {
+                                return writer.fail(&reason);
+                            }
                             match copy_body(response.into_body(), &mut *writer).await {
                                 Ok(n) => {
                                     metrics.inc("bytes_fetched_total", &[], n);
@@ -393,10 +405,7 @@ impl Proxy {
             FillState::Failed(reason) if progress.written == 0 => {
                 NarAnswer::Unavailable(reason.to_string())
             }
-            _ => NarAnswer::Found(Content::Filling(
-                row.source.expected.file_len().or(progress.length),
-                reader,
-            )),
+            _ => NarAnswer::Found(Content::Filling(progress.length, reader)),
         }
     }
 
@@ -441,10 +450,19 @@ impl Proxy {
             Ok(Answer::Missing) => return NarAnswer::Missing,
             Err(e) => return NarAnswer::Unavailable(e.to_string()),
         };
-        let length = expected
-            .and_then(Expected::file_len)
-            .or(content_length(&response));
-        let (mut sink, stream) = PassThrough::new(&self.store, expected);
+        let promised = expected.and_then(Expected::file_len);
+        let sent = content_length(&response);
+        if let (Some(promised), Some(sent)) = (promised, sent) {
+            if promised != sent {
+                self.store.count_verification_failure();
+                return NarAnswer::Unavailable(format!(
+                    "upstream `{}` announced {sent} bytes, the narinfo promises {promised}",
+                    up.name
+                ));
+            }
+        }
+        let length = promised.or(sent);
+        let (mut sink, stream) = PassThrough::new(&self.store, expected, length);
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let outcome = copy_body(response.into_body(), &mut sink).await;

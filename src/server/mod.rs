@@ -1,7 +1,12 @@
-//! The loopback listener: HTTP/1.1 and HTTP/2 (cleartext), header-read timeouts, graceful
-//! shutdown. The only place that speaks HTTP to Nix; `routes` decides the answers.
+//! The loopback listener: HTTP/1.1, header-read timeouts, graceful shutdown. The only place
+//! that speaks HTTP to Nix; `routes` decides the answers.
+//!
+//! No HTTP/2: Nix speaks HTTP/1.1 to `http://` substituters, h2c earned nothing measurable,
+//! and its streams could each hold a reader waiting on a client that never reads. A client
+//! that opens with the HTTP/2 preface gets its connection closed.
 
 pub mod body;
+mod host;
 mod idle;
 mod peer;
 pub mod routes;
@@ -12,17 +17,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Version};
+use http::Request;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::proxy::Proxy;
 
 /// For request headers, and for a connection on which nothing moves either way.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How every client connection is served, in production and in the tests of `sendfile`.
+pub(crate) fn connection_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(64 * 1024)
+        // Body chunks are queued as they are, never copied: `sendfile` depends on it.
+        .writev(true);
+    builder
+}
 
 pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
     let mut listeners = Vec::new();
@@ -50,18 +67,7 @@ pub async fn serve(
     // of taking file descriptors and memory from the ones being served.
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(64 * 1024)
-        // Body chunks are queued as they are, never copied: `sendfile` depends on it.
-        .writev(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+    let builder = connection_builder();
     let mut accept_loops = tokio::task::JoinSet::new();
     for listener in listeners {
         let (proxy, builder, graceful) = (proxy.clone(), builder.clone(), graceful.clone());
@@ -78,33 +84,40 @@ pub async fn serve(
                         continue;
                     }
                 };
-                if !allowed_uids.is_empty() {
-                    let uid = stream.local_addr().ok().and_then(|us| peer::uid_of(peer, us));
-                    if !uid.is_some_and(|uid| allowed_uids.contains(&uid)) {
-                        tracing::warn!(%peer, ?uid, "connection refused: its owner is not in allowed-uids");
-                        continue;
-                    }
-                }
+                let Ok(local) = stream.local_addr() else { continue };
                 let _ = stream.set_nodelay(true);
-                let proxy = proxy.clone();
-                let segments = Arc::new(sendfile::Segments::default());
-                let service = {
-                    let segments = segments.clone();
-                    service_fn(move |mut request: Request<Incoming>| {
-                        // HTTP/2 copies bodies into its frames: no sendfile there.
-                        if request.version() < Version::HTTP_2 {
-                            request.extensions_mut().insert(segments.clone());
-                        }
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(routes::handle(&proxy, request).await) }
-                    })
-                };
-                let stream = sendfile::SendfileStream::new(stream, segments);
-                let connection = builder
-                    .serve_connection(TokioIo::new(idle::IdleTimeout::new(stream, HEADER_READ_TIMEOUT)), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let (proxy, allowed_uids, builder) = (proxy.clone(), allowed_uids.clone(), builder.clone());
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
+                    // The socket table is read off the accept loop: it can be large.
+                    if !allowed_uids.is_empty() {
+                        let uid = tokio::task::spawn_blocking(move || peer::uid_of(peer, local))
+                            .await
+                            .ok()
+                            .flatten();
+                        if !uid.is_some_and(|uid| allowed_uids.contains(&uid)) {
+                            tracing::warn!(%peer, ?uid, "connection refused: its owner is not in allowed-uids");
+                            return;
+                        }
+                    }
+                    let segments = Arc::new(sendfile::Segments::default());
+                    let service = {
+                        let segments = segments.clone();
+                        service_fn(move |mut request: Request<Incoming>| {
+                            request.extensions_mut().insert(segments.clone());
+                            let proxy = proxy.clone();
+                            async move {
+                                let answer = match host::refusal(&request, local) {
+                                    Some(refused) => refused,
+                                    None => routes::handle(&proxy, request).await,
+                                };
+                                Ok::<_, Infallible>(answer)
+                            }
+                        })
+                    };
+                    let stream = sendfile::SendfileStream::new(stream, segments);
+                    let io = TokioIo::new(idle::IdleTimeout::new(stream, HEADER_READ_TIMEOUT));
+                    let connection = watcher.watch(builder.serve_connection(io, service));
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }

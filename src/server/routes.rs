@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -46,6 +46,17 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
             NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
             NarInfoAnswer::Unavailable(reason) => unavailable(uri.path(), &reason),
         },
+        Some(CachePath::Nar(key)) if request.version() < Version::HTTP_11 => {
+            // Without a length or chunking, the end of an HTTP/1.0 body is the connection's
+            // end, which an aborted NAR also is: a failed download would look complete.
+            match proxy.nar(&key, &method).await {
+                NarAnswer::Found(content) if content.length().is_none() => text(
+                    StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                    "this NAR's length is not known in advance: ask with HTTP/1.1\n",
+                ),
+                answer => nar_response(proxy, answer, None, None, uri.path()),
+            }
+        }
         Some(CachePath::Nar(key)) => {
             let range = request
                 .headers()
@@ -123,8 +134,8 @@ fn nar_response(
         Content::Filling(len, reader) => {
             let body = match (segments, reader.file()) {
                 (Some(segments), Ok(file)) => {
-                    let ranges = reader.ranges(sendfile::CHUNK);
-                    FollowBody::new(file, ranges, segments, proxy.metrics.clone()).boxed()
+                    let pieces = reader.pieces(sendfile::CHUNK);
+                    FollowBody::new(file, pieces, len, segments, proxy.metrics.clone()).boxed()
                 }
                 _ => body::stream(reader.stream(), proxy.metrics.clone()),
             };

@@ -27,16 +27,17 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
-use crate::store::fill::RangeStream;
+use crate::store::fill::{Piece, PieceStream};
 
 /// Bytes per placeholder, and so at most per `sendfile` call (nginx's default
 /// `sendfile_max_chunk` too): large enough that syscalls do not show, small enough that one
 /// fast client does not hold a worker thread for long.
 pub const CHUNK: usize = 2 * 1024 * 1024;
 
-/// The placeholder region. Allocated zeroed and never read or written, so it stays untouched
-/// virtual memory; only its addresses matter.
-static PLACEHOLDER: LazyLock<Bytes> = LazyLock::new(|| Bytes::from(vec![0u8; CHUNK]));
+/// The placeholder region: two halves, used by a connection's segments in turn, so the
+/// address of a placeholder byte says which segment it stands for. Allocated zeroed and
+/// never read or written, so it stays untouched virtual memory; only its addresses matter.
+static PLACEHOLDER: LazyLock<Bytes> = LazyLock::new(|| Bytes::from(vec![0u8; 2 * CHUNK]));
 
 fn is_placeholder(slice: &[u8]) -> bool {
     let region = PLACEHOLDER.as_ptr_range();
@@ -45,12 +46,21 @@ fn is_placeholder(slice: &[u8]) -> bool {
 
 /// File ranges standing behind a connection's placeholders, in the order they are written.
 #[derive(Default)]
-pub struct Segments(Mutex<VecDeque<Segment>>);
+pub struct Segments(Mutex<Queue>);
+
+#[derive(Default)]
+struct Queue {
+    segments: VecDeque<Segment>,
+    /// Segments registered so far: the half of the region the next one uses.
+    registered: usize,
+}
 
 struct Segment {
     file: Arc<File>,
     pos: u64,
     left: u64,
+    /// The address its next placeholder byte must have.
+    next: usize,
 }
 
 /// What both bodies share: the file their placeholders stand for, and where to register them.
@@ -73,13 +83,18 @@ impl Placeholders {
     /// A frame of placeholder bytes for `len` (at most [`CHUNK`]) bytes of the file at `pos`.
     /// Called as the frame goes to hyper, so ranges queue in the order bytes are written.
     fn frame(&self, pos: u64, len: usize) -> Frame<Bytes> {
-        self.segments.0.lock().unwrap().push_back(Segment {
+        let mut queue = self.segments.0.lock().unwrap();
+        let start = (queue.registered % 2) * CHUNK;
+        queue.registered += 1;
+        let slice = PLACEHOLDER.slice(start..start + len);
+        queue.segments.push_back(Segment {
             file: self.file.clone(),
             pos,
             left: len as u64,
+            next: slice.as_ptr() as usize,
         });
         self.metrics.inc("bytes_served_total", &[], len as u64);
-        Frame::data(PLACEHOLDER.slice(..len))
+        Frame::data(slice)
     }
 }
 
@@ -132,24 +147,30 @@ impl hyper::body::Body for FileBody {
     }
 }
 
-/// A file still being filled, read along as its ranges become readable, as a response body for
-/// an HTTP/1 connection. An error in the fill aborts the response.
+/// A file still being filled, read along as it becomes readable, as a response body for an
+/// HTTP/1 connection. An error in the fill aborts the response; so does a fill that would
+/// give more bytes than the response announced (hyper would cut the frame and keep the
+/// connection, leaving the rest of its range queued for the next response).
 pub struct FollowBody {
     placeholders: Placeholders,
-    ranges: RangeStream,
+    pieces: PieceStream,
+    /// Bytes the response may still carry, when it announced a length.
+    left: Option<u64>,
 }
 
 impl FollowBody {
     pub fn new(
         file: File,
-        ranges: RangeStream,
+        pieces: PieceStream,
+        length: Option<u64>,
         segments: Arc<Segments>,
         metrics: Arc<Metrics>,
     ) -> FollowBody {
         let placeholders = Placeholders::new(file, segments, metrics);
         FollowBody {
             placeholders,
-            ranges,
+            pieces,
+            left: length,
         }
     }
 }
@@ -162,11 +183,32 @@ impl hyper::body::Body for FollowBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        Poll::Ready(match ready!(self.ranges.poll_recv(cx)) {
-            Some(Ok((pos, len))) => Some(Ok(self.placeholders.frame(pos, len))),
-            Some(Err(e)) => Some(Err(e)),
-            None => None,
-        })
+        let piece = match ready!(self.pieces.poll_recv(cx)) {
+            Some(Ok(piece)) => piece,
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            None => return Poll::Ready(None),
+        };
+        let len = match &piece {
+            Piece::File { len, .. } => *len,
+            Piece::Bytes(bytes) => bytes.len(),
+        } as u64;
+        if let Some(left) = &mut self.left {
+            if len > *left {
+                return Poll::Ready(Some(Err(io::Error::other(
+                    "the file grew past the length announced",
+                ))));
+            }
+            *left -= len;
+        }
+        Poll::Ready(Some(Ok(match piece {
+            Piece::File { pos, len } => self.placeholders.frame(pos, len),
+            Piece::Bytes(bytes) => {
+                self.placeholders
+                    .metrics
+                    .inc("bytes_served_total", &[], bytes.len() as u64);
+                Frame::data(bytes)
+            }
+        })))
     }
 }
 
@@ -181,14 +223,26 @@ impl SendfileStream {
         SendfileStream { tcp, segments }
     }
 
-    /// Sends up to `want` bytes of the front registered file.
-    fn poll_sendfile(&self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        let mut segments = self.segments.0.lock().unwrap();
-        let Some(segment) = segments.front_mut() else {
+    /// Sends up to `want` bytes of the front registered file for the placeholder bytes at
+    /// `at`. Bytes that are not the front segment's next ones (a frame hyper cut short left
+    /// the rest of its range behind) end the connection: never another range's bytes.
+    fn poll_sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        at: *const u8,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut queue = self.segments.0.lock().unwrap();
+        let Some(segment) = queue.segments.front_mut() else {
             return Poll::Ready(Err(io::Error::other(
                 "placeholder bytes with no file range registered for them",
             )));
         };
+        if segment.next != at as usize {
+            return Poll::Ready(Err(io::Error::other(
+                "placeholder bytes out of step with their file ranges",
+            )));
+        }
         let want = want.min(segment.left.try_into().unwrap_or(usize::MAX));
         loop {
             ready!(self.tcp.poll_write_ready(cx))?;
@@ -221,8 +275,9 @@ impl SendfileStream {
                 Ok(n) => {
                     segment.pos += n as u64;
                     segment.left -= n as u64;
+                    segment.next += n;
                     if segment.left == 0 {
-                        segments.pop_front();
+                        queue.segments.pop_front();
                     }
                     return Poll::Ready(Ok(n));
                 }
@@ -251,7 +306,7 @@ impl AsyncWrite for SendfileStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if is_placeholder(buf) {
-            return self.poll_sendfile(cx, buf.len());
+            return self.poll_sendfile(cx, buf.as_ptr(), buf.len());
         }
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
@@ -273,7 +328,7 @@ impl AsyncWrite for SendfileStream {
                 .take_while(|b| is_placeholder(b))
                 .map(|b| b.len())
                 .sum();
-            return self.poll_sendfile(cx, want);
+            return self.poll_sendfile(cx, bufs[0].as_ptr(), want);
         }
         let ordinary = bufs
             .iter()
@@ -303,8 +358,10 @@ mod tests {
     use http_body_util::{combinators::BoxBody, BodyExt, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// One HTTP/1 connection served the way `server::serve` does it: `/file` is the whole
-    /// file as a [`FileBody`] claiming `claimed` bytes, `/text` an ordinary body.
+    /// One HTTP/1 connection served the way `server::serve` does it (its builder): `/file` is
+    /// the whole file as a [`FileBody`] claiming `claimed` bytes, `/follow` the same file as a
+    /// [`FollowBody`] whose fill hands out `claimed` bytes while the response announces only
+    /// half of them, `/text` an ordinary body.
     async fn serve_one(file: File, claimed: u64) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -314,22 +371,44 @@ mod tests {
             let service = {
                 let segments = segments.clone();
                 hyper::service::service_fn(move |request: http::Request<_>| {
-                    let body: BoxBody<Bytes, io::Error> = if request.uri().path() == "/file" {
-                        let file = file.try_clone().unwrap();
-                        let metrics = Arc::new(Metrics::default());
+                    let file = file.try_clone().unwrap();
+                    let metrics = Arc::new(Metrics::default());
+                    let path = request.uri().path();
+                    let body: BoxBody<Bytes, io::Error> = if path == "/file" {
                         FileBody::new(file, (0, claimed), segments.clone(), metrics).boxed()
+                    } else if path == "/follow" {
+                        let (tx, pieces) = tokio::sync::mpsc::channel(4);
+                        tokio::spawn(async move {
+                            let mut pos = 0;
+                            while pos < claimed {
+                                let len = (claimed - pos).min(CHUNK as u64 / 2) as usize;
+                                let _ = tx.send(Ok(Piece::File { pos, len })).await;
+                                pos += len as u64;
+                            }
+                        });
+                        let announced = claimed / 2 + 12345;
+                        let body = FollowBody::new(
+                            file,
+                            pieces,
+                            Some(announced),
+                            segments.clone(),
+                            metrics,
+                        );
+                        let mut response = http::Response::new(body.boxed());
+                        response
+                            .headers_mut()
+                            .insert("content-length", announced.into());
+                        return std::future::ready(Ok::<_, std::convert::Infallible>(response));
                     } else {
                         Full::new(Bytes::from_static(b"hello"))
                             .map_err(|never| match never {})
                             .boxed()
                     };
-                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+                    std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(body)))
                 })
             };
             let io = hyper_util::rt::TokioIo::new(SendfileStream::new(tcp, segments));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .writev(true)
-                .max_buf_size(64 * 1024)
+            let _ = crate::server::connection_builder()
                 .serve_connection(io, service)
                 .await;
         });
@@ -402,9 +481,63 @@ mod tests {
         assert_eq!(body, bytes, "the bytes there are, then the end");
     }
 
+    #[tokio::test]
+    async fn a_fill_longer_than_its_response_closes_the_connection_and_never_leaks_into_the_next() {
+        let bytes: Vec<u8> = (0..3 * CHUNK as u32).map(|i| (i % 253) as u8).collect();
+        let addr = serve_one(file_of(&bytes), bytes.len() as u64).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let requests =
+            "GET /follow HTTP/1.1\r\nhost: x\r\n\r\nGET /text HTTP/1.1\r\nhost: x\r\n\r\n";
+        tcp.write_all(requests.as_bytes()).await.unwrap();
+        let mut pending = Vec::new();
+        let (length, body) = read_response(&mut tcp, &mut pending).await;
+        assert_eq!(length, bytes.len() / 2 + 12345);
+        assert!(
+            body.len() < length,
+            "the response is cut short, not complete"
+        );
+        assert_eq!(body, bytes[..body.len()], "and carries only its own bytes");
+        let mut rest = Vec::new();
+        let _ = tcp.read_to_end(&mut rest).await;
+        assert!(
+            rest.is_empty() && pending.is_empty(),
+            "nothing follows on that connection: {} more bytes",
+            rest.len() + pending.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_placeholder_out_of_step_with_its_segment_is_an_error() {
+        let (client, server) = tokio::io::duplex(1);
+        drop(client);
+        drop(server);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpStream::connect(listener.local_addr().unwrap());
+        let (tcp, _) = tokio::join!(listener.accept(), connect);
+        let segments = Arc::new(Segments::default());
+        let placeholders = Placeholders::new(
+            file_of(&[1u8; 64]),
+            segments.clone(),
+            Arc::new(Metrics::default()),
+        );
+        let first = placeholders.frame(0, 32).into_data().unwrap();
+        let second = placeholders.frame(32, 32).into_data().unwrap();
+        let mut stream = SendfileStream::new(tcp.unwrap().0, segments);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let write = Pin::new(&mut stream).poll_write(&mut cx, &second);
+        assert!(
+            matches!(write, Poll::Ready(Err(_))),
+            "the second frame's bytes while the first is unwritten"
+        );
+        let write = Pin::new(&mut stream).poll_write(&mut cx, &first[..16]);
+        assert!(matches!(write, Poll::Ready(Ok(16))), "{write:?}");
+        let write = Pin::new(&mut stream).poll_write(&mut cx, &first[..16]);
+        assert!(matches!(write, Poll::Ready(Err(_))), "the same bytes twice");
+    }
+
     #[test]
     fn only_the_placeholder_region_is_a_placeholder() {
-        assert!(is_placeholder(&PLACEHOLDER[CHUNK - 1..]));
+        assert!(is_placeholder(&PLACEHOLDER[2 * CHUNK - 1..]));
         assert!(!is_placeholder(&PLACEHOLDER[..0]));
         assert!(!is_placeholder(&[0u8; 16]));
     }

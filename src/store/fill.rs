@@ -10,11 +10,12 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::check::{Expected, Verifier};
 use super::index::Blob;
@@ -24,8 +25,28 @@ pub const CHUNK: usize = 256 * 1024;
 
 /// What readers receive: chunks, or an error that must abort the client's response.
 pub type ByteStream = mpsc::Receiver<std::io::Result<Bytes>>;
-/// What readers that read the file themselves receive: `(offset, length)` of readable bytes.
-pub type RangeStream = mpsc::Receiver<std::io::Result<(u64, usize)>>;
+/// What readers that read the file themselves receive, in order: file ranges they may read,
+/// or bytes that only memory has (a fill whose file could not be written).
+pub type PieceStream = mpsc::Receiver<std::io::Result<Piece>>;
+
+#[derive(Debug)]
+pub enum Piece {
+    /// `len` bytes of the fill's file at `pos`.
+    File {
+        pos: u64,
+        len: usize,
+    },
+    Bytes(Bytes),
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::File { len, .. } => *len,
+            Piece::Bytes(bytes) => bytes.len(),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FillState {
@@ -42,7 +63,8 @@ pub enum FillState {
 pub struct Progress {
     pub state: FillState,
     pub written: u64,
-    /// The file's length if known in advance (FileSize, or the upstream's Content-Length).
+    /// The file's length as told to clients (FileSize, NarSize of an uncompressed NAR, or the
+    /// upstream's Content-Length); the fill never takes more, nor ends with less.
     pub length: Option<u64>,
     /// The fill is over: stored in the index (or given up); the registry no longer has it.
     pub ended: bool,
@@ -51,9 +73,22 @@ pub struct Progress {
 pub struct Fill {
     file: File,
     progress: watch::Sender<Progress>,
+    memory: Mutex<Memory>,
+    /// How far each reader has taken bytes, so an uncached fill keeps what one still needs.
+    readers: Mutex<Vec<Weak<AtomicU64>>>,
+    /// A reader took bytes.
+    advanced: Notify,
+}
+
+/// The fill's bytes held in memory.
+#[derive(Default)]
+struct Memory {
     /// The last chunks written, so readers keeping up take them from memory instead of
     /// reading the file back (the page cache copy and a buffer per chunk).
-    recent: Mutex<VecDeque<(u64, Bytes)>>,
+    recent: VecDeque<(u64, Bytes)>,
+    /// Set once the file could not take more (disk full): bytes from here on are only in
+    /// `recent`, and stay there until every reader has taken them.
+    file_end: Option<u64>,
 }
 
 /// How many of the latest chunks a fill keeps in memory for its readers.
@@ -70,34 +105,99 @@ impl Fill {
         Arc::new(Fill {
             file,
             progress,
-            recent: Mutex::new(VecDeque::with_capacity(RECENT_CHUNKS)),
+            memory: Mutex::default(),
+            readers: Mutex::default(),
+            advanced: Notify::new(),
         })
     }
 
-    fn remember(&self, offset: u64, chunk: Bytes) {
-        let mut recent = self.recent.lock().unwrap();
-        if recent.len() == RECENT_CHUNKS {
-            recent.pop_front();
-        }
-        recent.push_back((offset, chunk));
+    /// The bytes at `pos` (at most `len`) if a recent chunk has them.
+    fn recent(memory: &Memory, pos: u64, len: usize) -> Option<Bytes> {
+        memory.recent.iter().find_map(|(at, chunk)| {
+            let skip = pos.checked_sub(*at)? as usize;
+            (skip < chunk.len()).then(|| chunk.slice(skip..chunk.len().min(skip + len)))
+        })
     }
 
     /// Up to `len` bytes at `pos`, from memory if a recent chunk has them, else from the file.
     fn read(&self, pos: u64, len: usize) -> std::io::Result<Bytes> {
-        let cached = self.recent.lock().unwrap().iter().find_map(|(at, chunk)| {
-            let skip = pos.checked_sub(*at)? as usize;
-            (skip < chunk.len()).then(|| chunk.slice(skip..chunk.len().min(skip + len)))
-        });
-        match cached {
-            Some(bytes) => Ok(bytes),
-            None => super::read::read_at(&self.file, pos, len),
+        match self.piece(pos, len)? {
+            Piece::Bytes(bytes) => Ok(bytes),
+            Piece::File { pos, len } => super::read::read_at(&self.file, pos, len),
+        }
+    }
+
+    /// Where a reader finds up to `len` bytes at `pos`: a range of the file, or memory.
+    fn piece(&self, pos: u64, len: usize) -> std::io::Result<Piece> {
+        let memory = self.memory.lock().unwrap();
+        match memory.file_end {
+            Some(end) if pos >= end => Fill::recent(&memory, pos, len)
+                .map(Piece::Bytes)
+                .ok_or_else(|| std::io::Error::other("the uncached download moved on")),
+            Some(end) => Ok(Piece::File {
+                pos,
+                len: len.min((end - pos) as usize),
+            }),
+            None => Ok(Fill::recent(&memory, pos, len)
+                .map(Piece::Bytes)
+                .unwrap_or(Piece::File { pos, len })),
+        }
+    }
+
+    /// The lowest position a live reader has reached (None: no reader left).
+    fn slowest_reader(&self) -> Option<u64> {
+        let mut readers = self.readers.lock().unwrap();
+        readers.retain(|r| r.strong_count() > 0);
+        readers
+            .iter()
+            .filter_map(|r| r.upgrade().map(|p| p.load(Ordering::Acquire)))
+            .min()
+    }
+
+    /// Keeps `chunk` at `offset` for readers. A cached fill drops the oldest chunk at once
+    /// (readers find it in the file); an uncached one waits until every reader took it.
+    async fn remember(&self, offset: u64, chunk: Bytes) -> Result<(), String> {
+        loop {
+            let advanced = self.advanced.notified();
+            tokio::pin!(advanced);
+            advanced.as_mut().enable();
+            {
+                let mut memory = self.memory.lock().unwrap();
+                let full = memory.recent.len() >= RECENT_CHUNKS;
+                let needed = |memory: &Memory| {
+                    let (at, oldest) = memory.recent.front()?;
+                    let end = at + oldest.len() as u64;
+                    (memory.file_end.is_some_and(|f| end > f)
+                        && self.slowest_reader().is_some_and(|p| p < end))
+                    .then_some(())
+                };
+                if !full || needed(&memory).is_none() {
+                    if full {
+                        memory.recent.pop_front();
+                    }
+                    memory.recent.push_back((offset, chunk));
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout(BODY_IDLE_TIMEOUT, advanced)
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "no client took bytes for {}s",
+                    BODY_IDLE_TIMEOUT.as_secs()
+                ));
+            }
         }
     }
 
     pub fn reader(self: &Arc<Fill>) -> FillReader {
+        let position = Arc::new(AtomicU64::new(0));
+        self.readers.lock().unwrap().push(Arc::downgrade(&position));
         FillReader {
             fill: self.clone(),
             progress: self.progress.subscribe(),
+            position,
         }
     }
 }
@@ -120,15 +220,32 @@ pub struct FillWriter {
     pub(super) finished: bool,
     /// Bytes reserved in the store's limits for this fill until it ends.
     pub(super) reserved: u64,
+    /// What the bytes were verified against; the index must still promise it when they land.
+    pub(super) expected: Expected,
 }
 
+/// A fill whose length is not known reserves room in steps of this much as it grows.
+const RESERVE_STEP: u64 = 1024 * 1024;
+
 impl FillWriter {
-    /// The upstream answered 200; readers may start.
-    pub fn start(&self, length: Option<u64>) {
+    /// The upstream answered 200 with this Content-Length; readers may start. The length
+    /// told to clients is the narinfo's if it gives one; an upstream that disagrees with it
+    /// is refused before any byte is served.
+    pub fn start(&self, content_length: Option<u64>) -> Result<(), String> {
+        let promised = self.expected.file_len();
+        if let (Some(promised), Some(sent)) = (promised, content_length) {
+            if promised != sent {
+                self.store.count_verification_failure();
+                return Err(format!(
+                    "upstream announced {sent} bytes, the narinfo promises {promised}"
+                ));
+            }
+        }
         self.fill.progress.send_modify(|p| {
             p.state = FillState::Streaming;
-            p.length = length;
+            p.length = promised.or(content_length);
         });
+        Ok(())
     }
 
     pub fn missing(mut self) {
@@ -140,9 +257,24 @@ impl FillWriter {
         self.end(FillState::Failed(Arc::from(reason)));
     }
 
+    /// Whether the file was given up and the bytes only pass through memory.
+    fn uncached(&self) -> bool {
+        self.fill.memory.lock().unwrap().file_end.is_some()
+    }
+
     /// Verifies, fsyncs, renames into place and records the file in the index, in that order.
     pub async fn finish(mut self) {
         let check = self.check.take().expect("finish once");
+        let (written, length) = {
+            let p = self.fill.progress.borrow();
+            (p.written, p.length)
+        };
+        if let Some(length) = length.filter(|l| *l != written) {
+            self.store.count_verification_failure();
+            return self.fail(&format!(
+                "upstream sent {written} bytes of the {length} announced"
+            ));
+        }
         let sha256 = match check.finish().await {
             Ok(sha) => sha,
             Err(reason) => {
@@ -150,30 +282,39 @@ impl FillWriter {
                 return self.fail(&reason);
             }
         };
-        let size = self.fill.progress.borrow().written;
-        let store = self.store.clone();
-        let (key, tmp) = (self.key.clone(), self.tmp.clone());
-        let file = match self.fill.file.try_clone() {
-            Ok(f) => f,
-            Err(e) => return self.fail(&format!("cache file: {e}")),
-        };
-        let blob = Blob {
-            size,
-            sha256,
-            last_access: super::unix_now(),
-        };
         // Verified: readers may take the last byte now; storing it durably (fsync of the
         // whole file) must not hold clients up. The fill stays registered until the index
         // has it, so nobody starts a second download meanwhile.
         self.fill
             .progress
             .send_modify(|p| p.state = FillState::Complete);
-        let stored = tokio::task::spawn_blocking(move || store.commit_blob(&key, &tmp, file, blob))
-            .await
-            .unwrap_or_else(|e| Err(format!("commit task: {e}")));
+        if self.uncached() {
+            return self.end(FillState::Complete);
+        }
+        let store = self.store.clone();
+        let (key, tmp, expected) = (self.key.clone(), self.tmp.clone(), self.expected.clone());
+        let file = match self.fill.file.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(nar = %self.key, error = %e, "could not store a verified NAR");
+                return self.end(FillState::Complete);
+            }
+        };
+        let blob = Blob {
+            size: written,
+            sha256,
+            last_access: super::unix_now(),
+        };
+        let reserved = self.reserved;
+        let stored = tokio::task::spawn_blocking(move || {
+            store.commit_blob(&key, &expected, (&tmp, file), blob, reserved)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("commit task: {e}")));
         match stored {
             Ok(()) => {
                 self.finished = true; // the temporary file is now the blob
+                self.reserved = 0; // now counted as stored
                 self.end(FillState::Complete);
                 let store = self.store.clone();
                 tokio::task::spawn_blocking(move || store.enforce_limits(0));
@@ -198,31 +339,74 @@ impl FillWriter {
             p.ended = true;
         });
     }
+
+    /// Makes sure the reservation covers `end` bytes.
+    fn reserve_up_to(&mut self, end: u64) -> Result<(), String> {
+        if end <= self.reserved {
+            return Ok(());
+        }
+        let want = match self.fill.progress.borrow().length {
+            Some(length) => length.max(end),
+            None => end.max(self.reserved + RESERVE_STEP),
+        };
+        self.store.reserve(want - self.reserved)?;
+        self.reserved = want;
+        Ok(())
+    }
+
+    /// The cache cannot hold this file (no room, a write failed): its bytes from `offset` on
+    /// go to the readers already following it through memory, still verified, and nothing is
+    /// stored. The partial file goes now; new requests start afresh instead of joining.
+    fn give_up_file(&mut self, offset: u64, reason: &str) {
+        tracing::warn!(nar = %self.key, reason, "cannot cache this NAR; serving it uncached");
+        self.fill.memory.lock().unwrap().file_end = Some(offset);
+        let _ = std::fs::remove_file(&self.tmp);
+        self.finished = true;
+        self.store
+            .forget_fill(&self.key, &self.fill, std::mem::take(&mut self.reserved));
+    }
 }
 
 impl ChunkSink for FillWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
+        let (offset, length) = {
+            let p = self.fill.progress.borrow();
+            (p.written, p.length)
+        };
+        let end = offset + chunk.len() as u64;
+        if length.is_some_and(|length| end > length) {
+            self.store.count_verification_failure();
+            return Err(format!(
+                "upstream sent more than the {} bytes announced",
+                length.unwrap_or_default()
+            ));
+        }
         let check = self.check.as_mut().expect("write before finish");
         if let Err(reason) = check.update(chunk.clone()).await {
             self.store.count_verification_failure();
             return Err(reason);
         }
-        let offset = self.fill.progress.borrow().written;
-        self.fill
-            .file
-            .write_all_at(&chunk, offset)
-            .map_err(|e| format!("writing the cache file: {e}"))?;
-        self.fill.remember(offset, chunk.clone());
-        self.fill
-            .progress
-            .send_modify(|p| p.written += chunk.len() as u64);
+        if !self.uncached() {
+            let stored = self.reserve_up_to(end).and_then(|()| {
+                self.fill
+                    .file
+                    .write_all_at(&chunk, offset)
+                    .map_err(|e| format!("writing the cache file: {e}"))
+            });
+            if let Err(reason) = stored {
+                self.give_up_file(offset, &reason);
+            }
+        }
+        self.fill.remember(offset, chunk).await?;
+        self.fill.progress.send_modify(|p| p.written = end);
         Ok(())
     }
 }
 
 impl Drop for FillWriter {
     fn drop(&mut self) {
-        if !self.finished {
+        let ended = self.fill.progress.borrow().ended;
+        if !ended {
             self.end(FillState::Failed(Arc::from("download abandoned")));
         }
     }
@@ -231,6 +415,8 @@ impl Drop for FillWriter {
 pub struct FillReader {
     fill: Arc<Fill>,
     progress: watch::Receiver<Progress>,
+    /// How far this reader has taken bytes (see [`Fill::remember`]).
+    position: Arc<AtomicU64>,
 }
 
 impl FillReader {
@@ -260,24 +446,29 @@ impl FillReader {
         self.follow(CHUNK, move |pos, len| fill.read(pos, len))
     }
 
-    /// The fill's file, for a client that reads it itself along [`FillReader::ranges`].
+    /// The fill's file, for a client that reads it itself along [`FillReader::pieces`].
     pub fn file(&self) -> std::io::Result<File> {
         self.fill.file.try_clone()
     }
 
-    /// Announces the file's bytes as `(offset, length)` ranges, in order, as they become
-    /// readable; ends with an error if the fill fails.
-    pub fn ranges(self, most: usize) -> RangeStream {
-        self.follow(most, |pos, len| Ok((pos, len)))
+    /// Announces the fill's bytes in order as they become readable, as ranges of the file
+    /// (at most `most` bytes each) or, for an uncached fill, as bytes; ends with an error if
+    /// the fill fails.
+    pub fn pieces(self, most: usize) -> PieceStream {
+        let fill = self.fill.clone();
+        self.follow(most, move |pos, len| fill.piece(pos, len))
     }
 
     /// Hands each newly readable piece of the file (at most `most` bytes) to `take`, in
     /// order, and what it makes of it to the channel; ends with an error if the fill fails.
-    fn follow<T: Piece + Send + 'static>(
+    fn follow<T: Sized + Send + 'static>(
         mut self,
         most: usize,
         take: impl Fn(u64, usize) -> std::io::Result<T> + Send + 'static,
-    ) -> mpsc::Receiver<std::io::Result<T>> {
+    ) -> mpsc::Receiver<std::io::Result<T>>
+    where
+        T: Measured,
+    {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut pos = 0u64;
@@ -294,7 +485,9 @@ impl FillReader {
                     let len = (readable - pos).min(most as u64) as usize;
                     let piece = take(pos, len);
                     let failed = piece.is_err();
-                    pos += piece.as_ref().map_or(0, |p| p.bytes()) as u64;
+                    pos += piece.as_ref().map_or(0, |p| p.measure()) as u64;
+                    self.position.store(pos, Ordering::Release);
+                    self.fill.advanced.notify_waiters();
                     if tx.send(piece).await.is_err() || failed {
                         return; // the client went away, or the file cannot be read
                     }
@@ -319,20 +512,28 @@ impl FillReader {
     }
 }
 
-/// What a follower hands on: it may be shorter than asked (a chunk from memory ends early).
-trait Piece {
-    fn bytes(&self) -> usize;
+impl Drop for FillReader {
+    fn drop(&mut self) {
+        // An uncached fill may be waiting for this reader.
+        self.position.store(u64::MAX, Ordering::Release);
+        self.fill.advanced.notify_waiters();
+    }
 }
 
-impl Piece for Bytes {
-    fn bytes(&self) -> usize {
+/// What a follower hands on: it may be shorter than asked (a chunk from memory ends early).
+pub trait Measured {
+    fn measure(&self) -> usize;
+}
+
+impl Measured for Bytes {
+    fn measure(&self) -> usize {
         self.len()
     }
 }
 
-impl Piece for (u64, usize) {
-    fn bytes(&self) -> usize {
-        self.1
+impl Measured for Piece {
+    fn measure(&self) -> usize {
+        self.len()
     }
 }
 
@@ -341,6 +542,9 @@ impl Piece for (u64, usize) {
 pub struct PassThrough {
     store: Store,
     check: Option<Verifier>,
+    /// The length told to the client, a hard cap; and what came so far.
+    length: Option<u64>,
+    received: u64,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
     /// The latest chunk, held back until the next one arrives or the check passes, so a
     /// wrong NAR never reaches the client whole.
@@ -348,13 +552,19 @@ pub struct PassThrough {
 }
 
 impl PassThrough {
-    pub fn new(store: &Store, expected: Option<&Expected>) -> (PassThrough, ByteStream) {
+    pub fn new(
+        store: &Store,
+        expected: Option<&Expected>,
+        length: Option<u64>,
+    ) -> (PassThrough, ByteStream) {
         let (tx, rx) = mpsc::channel(4);
         let check = expected.and_then(|e| Verifier::start(e).ok());
         (
             PassThrough {
                 store: store.clone(),
                 check,
+                length,
+                received: 0,
                 tx,
                 held: None,
             },
@@ -363,6 +573,13 @@ impl PassThrough {
     }
 
     pub async fn finish(mut self, outcome: Result<(), String>) {
+        let outcome = outcome.and_then(|()| match self.length {
+            Some(length) if length != self.received => Err(format!(
+                "upstream sent {} bytes of the {length} announced",
+                self.received
+            )),
+            _ => Ok(()),
+        });
         let outcome = match (outcome, self.check.take()) {
             (Ok(()), Some(check)) => check.finish().await.map(drop).inspect_err(|_| {
                 self.store.count_verification_failure();
@@ -385,6 +602,13 @@ impl PassThrough {
 
 impl ChunkSink for PassThrough {
     async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
+        self.received += chunk.len() as u64;
+        if let Some(length) = self.length.filter(|l| self.received > *l) {
+            self.store.count_verification_failure();
+            return Err(format!(
+                "upstream sent more than the {length} bytes announced"
+            ));
+        }
         if let Some(check) = &mut self.check {
             check
                 .update(chunk.clone())

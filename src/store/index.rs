@@ -289,13 +289,27 @@ impl Index {
         Ok(dropped)
     }
 
-    /// Records that the NAR's bytes are now stored (called after fsync and rename).
-    pub fn set_blob(&self, nar_key: &str, blob: &Blob) -> Result<(), IndexError> {
+    /// Records that the NAR's bytes are now stored (called after fsync and rename), if the
+    /// NAR still promises what the bytes were verified against.
+    pub fn set_blob(
+        &self,
+        nar_key: &str,
+        verified_against: &Expected,
+        blob: &Blob,
+    ) -> Result<(), IndexError> {
         let txn = self.begin_write()?;
         {
             let nars = txn.open_table(NARS).map_err(err)?;
-            if nars.get(nar_key).map_err(err)?.is_none() {
-                return Err(err("the NAR is no longer known"));
+            let source = nars
+                .get(nar_key)
+                .map_err(err)?
+                .and_then(|v| decode_source(v.value()));
+            match source {
+                None => return Err(err("the NAR is no longer known")),
+                Some(source) if source.expected != *verified_against => {
+                    return Err(err("a newer narinfo promises other bytes under this name"))
+                }
+                Some(_) => {}
             }
             let mut blobs = txn.open_table(BLOBS).map_err(err)?;
             blobs
@@ -305,19 +319,26 @@ impl Index {
         self.commit_lazily(txn)
     }
 
-    /// Forgets the stored files of many NARs at once (eviction, recovery, verify).
-    pub fn clear_blobs(&self, keys: &[String]) -> Result<(), IndexError> {
+    /// Forgets the stored files of many NARs at once (eviction, recovery, verify); returns
+    /// the rows that were there, so only what was really removed is counted.
+    pub fn clear_blobs(&self, keys: &[String]) -> Result<Vec<(String, Blob)>, IndexError> {
+        let mut removed = Vec::new();
         if keys.is_empty() {
-            return Ok(());
+            return Ok(removed);
         }
         let txn = self.begin_write()?;
         {
             let mut blobs = txn.open_table(BLOBS).map_err(err)?;
             for key in keys {
-                blobs.remove(key.as_str()).map_err(err)?;
+                let blob = blobs
+                    .remove(key.as_str())
+                    .map_err(err)?
+                    .and_then(|v| Blob::decode(v.value()));
+                removed.extend(blob.map(|b| (key.clone(), b)));
             }
         }
-        self.commit_lazily(txn)
+        self.commit_lazily(txn)?;
+        Ok(removed)
     }
 
     /// Writes remembered access times.
@@ -483,7 +504,9 @@ mod tests {
             sha256: "aa".into(),
             last_access: 7,
         };
-        index.set_blob("nar/x.nar", &blob).unwrap();
+        index
+            .set_blob("nar/x.nar", &source("aa").expected, &blob)
+            .unwrap();
         assert!(put("aa").unwrap().is_empty(), "same bytes: file kept");
         index.touch(&[("nar/x.nar".into(), 9)]).unwrap();
         drop(index);
@@ -501,7 +524,7 @@ mod tests {
     }
 
     #[test]
-    fn a_blob_for_a_nar_nobody_named_is_refused() {
+    fn a_blob_for_a_nar_nobody_named_or_promising_other_bytes_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(&dir.path().join("index.redb")).unwrap();
         let blob = Blob {
@@ -509,7 +532,18 @@ mod tests {
             sha256: "aa".into(),
             last_access: 0,
         };
-        assert!(index.set_blob("nar/unknown.nar", &blob).is_err());
+        assert!(index
+            .set_blob("nar/unknown.nar", &source("aa").expected, &blob)
+            .is_err());
+        index
+            .put_narinfos(&[NewNarInfo::new("p", "h", "t", "nar/x.nar", source("bb"))])
+            .unwrap();
+        assert!(
+            index
+                .set_blob("nar/x.nar", &source("aa").expected, &blob)
+                .is_err(),
+            "bytes verified against a promise the row no longer makes are refused"
+        );
     }
 
     #[test]
@@ -552,7 +586,9 @@ mod tests {
             sha256: "aa".into(),
             last_access: 7,
         };
-        index.set_blob("nar/x.nar", &blob).unwrap();
+        index
+            .set_blob("nar/x.nar", &source("aa").expected, &blob)
+            .unwrap();
         index.flush();
         // What a crash right now would leave: the file as it is on disk.
         let copy = dir.path().join("copy.redb");

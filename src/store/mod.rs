@@ -40,15 +40,48 @@ struct Inner {
     fills: Mutex<HashMap<String, Arc<Fill>>>,
     /// Access times not yet written to the index (LRU order; flushed in batches).
     touched: Mutex<HashMap<String, u64>>,
-    total: AtomicU64,
-    /// Bytes promised to fills in progress (their FileSize), so concurrent fills cannot
-    /// together overshoot the limits.
-    reserved: AtomicU64,
+    /// Stored and reserved bytes, changed only under its lock and with checked arithmetic.
+    ledger: Mutex<Ledger>,
+    /// One eviction at a time: two that read the same rows would remove (and count) the same
+    /// file twice.
+    evicting: Mutex<()>,
     evictions: AtomicU64,
     verify_failures: AtomicU64,
     last_space_warning: Mutex<Option<Instant>>,
     /// What start-up repaired, reported by the next `verify`.
     repaired_at_open: Mutex<VerifyReport>,
+}
+
+/// What the cache's bytes are promised to. `stored` follows the files the index records;
+/// `reserved` is what fills in progress may still write. Both only change under one lock, so
+/// a check and the reservation it allows are one step, and neither can go below zero.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ledger {
+    stored: u64,
+    reserved: u64,
+}
+
+impl Ledger {
+    fn fits(&self, limits: Limits, incoming: u64, free: Option<u64>) -> bool {
+        self.stored
+            .saturating_add(self.reserved)
+            .saturating_add(incoming)
+            <= limits.max_size
+            && free.is_none_or(|f| f >= limits.min_free.saturating_add(incoming))
+    }
+
+    /// Subtracts `n` from a counter; more than it holds is a bug reported once, never a wrap.
+    fn take(counter: &mut u64, n: u64, what: &str) {
+        if n > *counter {
+            tracing::error!(
+                what,
+                held = *counter,
+                taken = n,
+                "cache accounting would go below zero"
+            );
+        }
+        *counter = counter.saturating_sub(n);
+    }
 }
 
 /// A cached narinfo and how old it is.
@@ -115,8 +148,8 @@ impl Store {
             limits,
             fills: Mutex::default(),
             touched: Mutex::default(),
-            total: AtomicU64::new(0),
-            reserved: AtomicU64::new(0),
+            ledger: Mutex::default(),
+            evicting: Mutex::default(),
             evictions: AtomicU64::new(0),
             verify_failures: AtomicU64::new(0),
             last_space_warning: Mutex::new(None),
@@ -178,7 +211,7 @@ impl Store {
                 report.leftovers += 1;
             }
         }
-        self.0.total.store(total, Ordering::Relaxed);
+        self.0.ledger.lock().unwrap().stored = total;
         Ok(report)
     }
 
@@ -202,7 +235,7 @@ impl Store {
                 // A narinfo now promises other bytes under a stored NAR name: the old file goes.
                 for (nar_key, blob) in stale {
                     let _ = std::fs::remove_file(self.blob_path(&nar_key));
-                    self.0.total.fetch_sub(blob.size, Ordering::Relaxed);
+                    self.unstore(blob.size);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not record a narinfo in the cache index"),
@@ -242,8 +275,9 @@ impl Store {
             Ok(check) => check,
             Err(reason) => return Slot::Bypass(reason),
         };
+        // Without a known length the fill reserves as it grows (FillWriter::write).
         let needed = expected.file_len().unwrap_or(0);
-        if let Err(reason) = self.make_room(needed) {
+        if let Err(reason) = self.reserve(needed) {
             return Slot::Bypass(reason);
         }
         let tmp = self.0.dir.join("tmp").join(format!(
@@ -258,17 +292,20 @@ impl Store {
             .open(&tmp)
         {
             Ok(f) => f,
-            Err(e) => return Slot::Bypass(format!("cannot create a cache file: {e}")),
+            Err(e) => {
+                self.release(needed);
+                return Slot::Bypass(format!("cannot create a cache file: {e}"));
+            }
         };
         let mut fills = self.0.fills.lock().unwrap();
         if let Some(slot) = self.fill_or_file(&fills, key) {
             // Someone else started (or even finished) while we prepared.
             let _ = std::fs::remove_file(&tmp);
+            self.release(needed);
             return slot;
         }
         let fill = Fill::new(file);
         fills.insert(key.to_string(), fill.clone());
-        self.0.reserved.fetch_add(needed, Ordering::Relaxed);
         let reader = fill.reader();
         Slot::Lead(
             Box::new(FillWriter {
@@ -279,6 +316,7 @@ impl Store {
                 check: Some(check),
                 finished: false,
                 reserved: needed,
+                expected: expected.clone(),
             }),
             reader,
         )
@@ -310,7 +348,7 @@ impl Store {
     }
 
     fn forget_fill(&self, key: &str, fill: &Arc<Fill>, reserved: u64) {
-        self.0.reserved.fetch_sub(reserved, Ordering::Relaxed);
+        self.release(reserved);
         let mut fills = self.0.fills.lock().unwrap();
         if fills.get(key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
             fills.remove(key);
@@ -322,8 +360,18 @@ impl Store {
         self.0.verify_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// fsync the file, rename it into place, fsync the directory, then record it.
-    fn commit_blob(&self, key: &str, tmp: &Path, file: File, blob: Blob) -> Result<(), String> {
+    /// fsync the file, rename it into place, fsync the directory, then record it; its
+    /// reservation (`reserved` bytes) becomes stored bytes in the same step. The row must
+    /// still promise what the fill verified: a narinfo that re-pointed the NAR meanwhile
+    /// makes the file useless.
+    fn commit_blob(
+        &self,
+        key: &str,
+        expected: &Expected,
+        (tmp, file): (&Path, File),
+        blob: Blob,
+        reserved: u64,
+    ) -> Result<(), String> {
         file.sync_all().map_err(|e| format!("fsync: {e}"))?;
         let dest = self.blob_path(key);
         std::fs::rename(tmp, &dest).map_err(|e| format!("rename: {e}"))?;
@@ -331,28 +379,37 @@ impl Store {
             let _ = dir.sync_all();
         }
         let size = blob.size;
-        if let Err(e) = self.0.index.set_blob(key, &blob) {
+        // Under the ledger's lock: an eviction reading the rows cannot see the row before
+        // its size counts.
+        let mut ledger = self.0.ledger.lock().unwrap();
+        if let Err(e) = self.0.index.set_blob(key, expected, &blob) {
+            drop(ledger);
             let _ = std::fs::remove_file(&dest);
             return Err(e);
         }
-        self.0.total.fetch_add(size, Ordering::Relaxed);
+        Ledger::take(&mut ledger.reserved, reserved, "reserved");
+        ledger.stored = ledger.stored.saturating_add(size);
         Ok(())
     }
 
-    /// Evicts until a file of `incoming` bytes fits; an error means caching must be skipped.
-    fn make_room(&self, incoming: u64) -> Result<(), String> {
+    /// Reserves room for `incoming` more bytes, evicting if needed; an error means caching
+    /// must be skipped.
+    pub(crate) fn reserve(&self, incoming: u64) -> Result<(), String> {
         let limits = self.0.limits;
-        let fits = |store: &Store| {
+        let try_reserve = |store: &Store| {
             let free = free_space(&store.0.dir);
-            let promised = store.0.reserved.load(Ordering::Relaxed);
-            store.0.total.load(Ordering::Relaxed) + promised + incoming <= limits.max_size
-                && free.is_none_or(|f| f >= limits.min_free + incoming)
+            let mut ledger = store.0.ledger.lock().unwrap();
+            let fits = ledger.fits(limits, incoming, free);
+            if fits {
+                ledger.reserved = ledger.reserved.saturating_add(incoming);
+            }
+            fits
         };
-        if fits(self) {
+        if try_reserve(self) {
             return Ok(());
         }
         self.enforce_limits(incoming);
-        if fits(self) {
+        if try_reserve(self) {
             return Ok(());
         }
         let mut last = self.0.last_space_warning.lock().unwrap();
@@ -368,19 +425,29 @@ impl Store {
         Err("not enough disk space for the cache".into())
     }
 
+    /// Gives back bytes reserved for a fill that ended or wrote less.
+    fn release(&self, n: u64) {
+        Ledger::take(&mut self.0.ledger.lock().unwrap().reserved, n, "reserved");
+    }
+
+    /// Stored bytes whose file went (eviction, a re-pointed NAR).
+    fn unstore(&self, n: u64) {
+        Ledger::take(&mut self.0.ledger.lock().unwrap().stored, n, "stored");
+    }
+
     /// Evicts least-recently-used files until the cache (plus `incoming` bytes) is under
     /// max-cache-size and the disk has min-free-space. A file that is being read stays
     /// readable: its reader holds it open, and unlinking does not take the bytes away.
     pub fn enforce_limits(&self, incoming: u64) {
         let limits = self.0.limits;
         let over = |store: &Store| {
-            let promised = store.0.reserved.load(Ordering::Relaxed);
-            store.0.total.load(Ordering::Relaxed) + promised + incoming > limits.max_size
-                || free_space(&store.0.dir).is_some_and(|f| f < limits.min_free + incoming)
+            let free = free_space(&store.0.dir);
+            !store.0.ledger.lock().unwrap().fits(limits, incoming, free)
         };
         if !over(self) {
             return;
         }
+        let _one_at_a_time = self.0.evicting.lock().unwrap();
         self.flush_access_times();
         let mut rows = match self.0.index.blobs() {
             Ok(rows) => rows,
@@ -388,17 +455,30 @@ impl Store {
         };
         rows.sort_by_key(|(_, blob)| blob.last_access);
         let mut evicted = Vec::new();
-        for (key, blob) in rows {
+        for (key, _) in rows {
             if !over(self) {
                 break;
             }
-            if let Err(e) = self.0.index.clear_blobs(std::slice::from_ref(&key)) {
-                return tracing::warn!(error = %e, "eviction could not update the index");
+            // Only a row this call removed counts: another path (a re-pointing narinfo) may
+            // have dropped it since the scan.
+            let removed = {
+                let mut ledger = self.0.ledger.lock().unwrap();
+                match self.0.index.clear_blobs(std::slice::from_ref(&key)) {
+                    Ok(removed) => {
+                        let size: u64 = removed.iter().map(|(_, b)| b.size).sum();
+                        Ledger::take(&mut ledger.stored, size, "stored");
+                        !removed.is_empty()
+                    }
+                    Err(e) => {
+                        return tracing::warn!(error = %e, "eviction could not update the index")
+                    }
+                }
+            };
+            if removed {
+                let _ = std::fs::remove_file(self.blob_path(&key));
+                self.0.evictions.fetch_add(1, Ordering::Relaxed);
+                evicted.push(key);
             }
-            let _ = std::fs::remove_file(self.blob_path(&key));
-            self.0.total.fetch_sub(blob.size, Ordering::Relaxed);
-            self.0.evictions.fetch_add(1, Ordering::Relaxed);
-            evicted.push(key);
         }
         if !evicted.is_empty() {
             tracing::info!(files = evicted.len(), "evicted least recently used NARs");
@@ -418,14 +498,19 @@ impl Store {
             narinfos,
             nars,
             stored_files,
-            stored_bytes: self.0.total.load(Ordering::Relaxed),
+            stored_bytes: self.size(),
             max_size: self.0.limits.max_size,
             free_space: free_space(&self.0.dir).unwrap_or(0),
         }
     }
 
     pub fn size(&self) -> u64 {
-        self.0.total.load(Ordering::Relaxed)
+        self.0.ledger.lock().unwrap().stored
+    }
+
+    /// Bytes promised to fills in progress.
+    pub fn reserved(&self) -> u64 {
+        self.0.ledger.lock().unwrap().reserved
     }
 
     pub fn evictions(&self) -> u64 {
@@ -556,7 +641,7 @@ mod tests {
         let Slot::Lead(mut writer, _reader) = store.fill("nar/x.nar", &old) else {
             panic!("first fill leads");
         };
-        writer.start(Some(5));
+        writer.start(Some(5)).unwrap();
         writer.write(Bytes::from_static(b"hello")).await.unwrap();
         writer.finish().await;
         assert_eq!(store.size(), 5);

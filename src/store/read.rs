@@ -44,10 +44,12 @@ pub fn read_at(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
     Ok(super::buffers::freeze(buf))
 }
 
-/// Streams a stored file (or a byte range of it) from disk on a blocking thread.
+/// Streams a stored file (or a byte range of it) from disk: each chunk is read on a short
+/// blocking task and sent asynchronously, so no thread waits on a slow client.
 pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
     let (tx, rx) = mpsc::channel(2);
-    tokio::task::spawn_blocking(move || {
+    let file = std::sync::Arc::new(file);
+    tokio::spawn(async move {
         let mut pos = start;
         while pos < end {
             let chunk = if pos == start {
@@ -56,9 +58,12 @@ pub fn stream_file(file: File, start: u64, end: u64) -> ByteStream {
                 FILE_CHUNK
             };
             let len = (end - pos).min(chunk as u64) as usize;
-            let read = read_at(&file, pos, len);
+            let file = file.clone();
+            let read = tokio::task::spawn_blocking(move || read_at(&file, pos, len))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
             let failed = read.is_err();
-            if tx.blocking_send(read).is_err() || failed {
+            if tx.send(read).await.is_err() || failed {
                 return;
             }
             pos += len as u64;
