@@ -52,7 +52,7 @@ async fn slow_headers_do_not_starve_other_clients() {
     let mut slow = Vec::new();
     for _ in 0..200 {
         let mut s = TcpStream::connect(addr(&sidecar)).unwrap();
-        s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             .unwrap();
         slow.push(s);
     }
@@ -67,7 +67,8 @@ async fn huge_headers_and_paths_are_refused_and_others_served() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let huge = "a".repeat(200 * 1024);
     let _ = s.write_all(
-        format!("GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n").as_bytes(),
+        format!("GET /nix-cache-info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {huge}\r\n\r\n")
+            .as_bytes(),
     );
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
@@ -119,7 +120,7 @@ async fn pipelined_garbage_gets_a_400_and_others_are_served() {
     let mut s = TcpStream::connect(addr(&sidecar)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(
-        b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01GARBAGE \xff\r\n\r\nMORE\r\n\r\n",
+        b"GET /nix-cache-info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\x00\x01GARBAGE \xff\r\n\r\nMORE\r\n\r\n",
     )
     .unwrap();
     let mut answer = Vec::new();
@@ -148,7 +149,7 @@ async fn a_client_that_stops_reading_mid_nar_does_not_hold_up_others() {
         .to_string();
     let mut stalled = TcpStream::connect(addr(&sidecar)).unwrap();
     stalled
-        .write_all(format!("GET /{nar} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .write_all(format!("GET /{nar} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
         .unwrap();
     let mut first = [0u8; 1024];
     let _ = stalled.read(&mut first).unwrap(); // then never read again
@@ -169,7 +170,7 @@ async fn allowed_uids_admit_only_the_listed_owners() {
     let (_u, sidecar, _d) = started(&format!("allowed-uids = [{}]", me + 1)).await;
     let mut s = TcpStream::connect(addr(&sidecar)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n");
+    let _ = s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);
     assert!(answer.is_empty(), "refused without an answer");

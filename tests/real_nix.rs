@@ -186,18 +186,36 @@ async fn nix_substitutes_zstd_nars_verified_by_narhash_when_the_narinfo_has_no_f
 }
 
 #[tokio::test]
-async fn the_listener_speaks_http2_cleartext() {
-    use http_body_util::{BodyExt, Empty};
+async fn http2_prior_knowledge_is_refused_and_http1_still_served() {
+    use http_body_util::Empty;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let sidecar = Sidecar::start(dir.path(), "", &[]);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<Empty<bytes::Bytes>>();
-    let response = client
+    let refused = client
         .get(format!("{}/nix-cache-info", sidecar.url).parse().unwrap())
+        .await;
+    assert!(refused.is_err(), "no h2c");
+    // The raw preface: the connection closes without an HTTP/2 SETTINGS frame.
+    let addr = sidecar.url.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .unwrap();
-    assert_eq!(response.version(), http::Version::HTTP_2);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert!(body.starts_with(b"StoreDir: /nix/store\n"));
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("closed promptly")
+    .ok();
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 "),
+        "{answer:?}"
+    );
+    let info = support::http::get(&format!("{}/nix-cache-info", sidecar.url), "GET", &[]).await;
+    assert!(info.text().starts_with("StoreDir: /nix/store\n"));
 }

@@ -333,8 +333,9 @@ async fn nar_bytes_that_do_not_match_abort_the_response() {
         s.upstream.fault(Target::Nar, fault.clone(), Some(1));
         let answer = s.get(&format!("/{nar_url}")).await;
         assert!(
-            answer.body.is_err(),
-            "{fault:?}: the response must not look complete"
+            answer.body.is_err() || answer.status == 503,
+            "{fault:?}: the response must not look complete ({})",
+            answer.status
         );
         // The next request fetches again and gets the right bytes.
         let again = s.get(&format!("/{nar_url}")).await;
