@@ -69,6 +69,7 @@ struct FileUpstream {
     auth: Option<String>,
     username: Option<String>,
     trusted_public_keys: Option<Vec<String>>,
+    insecure_http: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +93,31 @@ struct FileExchange {
     url: String,
     audience: Option<String>,
     scope: Option<String>,
+}
+
+/// Whether a URL carries a user name or password (`https://:secret@host` has only the latter).
+fn has_userinfo(url: &Url) -> bool {
+    !url.username().is_empty() || url.password().is_some()
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    }
+}
+
+/// A URL without its query (it may carry a client secret), for output.
+fn url_text_for_log(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.query().is_some() {
+        shown.set_query(Some("[redacted]"));
+    }
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("");
+    shown.to_string()
 }
 
 /// The validated, complete configuration.
@@ -126,6 +152,8 @@ pub struct UpstreamConfig {
     /// Keys this upstream's narinfos are signed with (a preset's, or its own list); they join
     /// the global `trusted-public-keys`.
     pub trusted_public_keys: Vec<String>,
+    /// The token may go over plain http:// to a non-loopback host.
+    pub insecure_http: bool,
 }
 
 /// How the token is presented to an upstream.
@@ -306,6 +334,7 @@ impl Config {
                 auth: None,
                 username: None,
                 trusted_public_keys: None,
+                insecure_http: None,
             });
         }
 
@@ -411,11 +440,25 @@ impl Config {
                     "must be an http:// or https:// URL with a host",
                 ));
             }
-            if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            if url.query().is_some() || url.fragment().is_some() || has_userinfo(&url) {
                 return Err(invalid(
                     key("url"),
                     "must not carry a query, fragment or credentials (identities supply the token)",
                 ));
+            }
+            let insecure_http = up.insecure_http.unwrap_or(false);
+            if up.identity.is_some()
+                && url.scheme() == "http"
+                && !is_loopback_host(&url)
+                && !insecure_http
+            {
+                return Err(invalid(
+                    key("url"),
+                    "sends this machine's token over plain http:// to another host; use https:// (or set insecure-http = true)",
+                ));
+            }
+            if insecure_http {
+                tracing::warn!(upstream = %url_text_for_log(&url), "insecure-http: the token crosses the network unencrypted");
             }
             let name = up
                 .name
@@ -460,6 +503,7 @@ impl Config {
                 ca_file: up.ca_file,
                 auth,
                 trusted_public_keys: upstream_keys,
+                insecure_http,
             });
         }
 
@@ -572,6 +616,9 @@ impl Config {
             if let Some(id) = &up.identity {
                 let _ = writeln!(out, "identity = {}", toml_str(id));
             }
+            if up.insecure_http {
+                let _ = writeln!(out, "insecure-http = true");
+            }
             if let Auth::Basic { username } = &up.auth {
                 let _ = writeln!(out, "auth = \"basic\"\nusername = {}", toml_str(username));
             }
@@ -627,7 +674,7 @@ impl Config {
                 let _ = writeln!(
                     out,
                     "\n[identity.{name}.exchange]\nurl = {}",
-                    toml_str(ex.url.as_str())
+                    toml_str(&url_text_for_log(&ex.url))
                 );
                 if let Some(aud) = &ex.audience {
                     let _ = writeln!(out, "audience = {}", toml_str(aud));
@@ -779,12 +826,14 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
     };
     let exchange = match id.exchange {
         Some(ex) => {
-            let url = Url::parse(&ex.url).map_err(|e| {
-                invalid(
+            let url = Url::parse(&ex.url)
+                .map_err(|e| invalid(key("exchange.url"), format!("is not a URL: {e}")))?;
+            if has_userinfo(&url) || !matches!(url.scheme(), "http" | "https") {
+                return Err(invalid(
                     key("exchange.url"),
-                    format!("`{}` is not a URL: {e}", ex.url),
-                )
-            })?;
+                    "must be an http:// or https:// URL without credentials",
+                ));
+            }
             Some(ExchangeConfig {
                 url,
                 audience: ex.audience,
@@ -927,6 +976,19 @@ scope = "cache:read"
         assert!(err("narinfo-ttl = \"soon\"").contains("narinfo-ttl"));
         assert!(err("trusted-public-keys = [\"x\"]").contains("trusted-public-keys"));
         assert!(err("[[upstream]]\nurl = \"ftp://x\"").contains("upstream[0].url"));
+        assert!(err("[[upstream]]\nurl = \"https://:hunter2@x\"").contains("upstream[0].url"));
+        let e = err("[[upstream]]\nurl = \"https://x\"\nidentity = \"i\"\n[identity.i]\nprovider = \"static\"\nvariable = \"T\"\n[identity.i.exchange]\nurl = \"https://client:clientsecret@x/token\"");
+        assert!(
+            e.contains("exchange.url") && !e.contains("clientsecret"),
+            "{e}"
+        );
+        let plain = "[[upstream]]\nurl = \"http://cache.example\"\nidentity = \"i\"\n[identity.i]\nprovider = \"static\"\nvariable = \"T\"\n";
+        assert!(err(plain).contains("insecure-http"));
+        assert!(Config::parse_str(
+            &plain.replace("identity = ", "insecure-http = true\nidentity = ")
+        )
+        .is_ok());
+        assert!(Config::parse_str(&plain.replace("cache.example", "127.0.0.1:8080")).is_ok());
         assert!(
             err("[[upstream]]\nurl = \"https://x\"\nidentity = \"nope\"")
                 .contains("upstream[0].identity")

@@ -32,13 +32,38 @@ impl Secret {
     }
 
     /// Replaces every occurrence of the secret in `text`, for text that came from elsewhere
-    /// (an upstream's error body) and might echo it back.
+    /// (an upstream's error body) and might echo it back: as it is, percent-encoded, and in
+    /// base64 (as a Basic credential `user:secret` carries it, whatever the user).
     pub fn scrub(&self, text: &str) -> String {
-        if self.0.is_empty() {
+        if self.0.len() < 4 {
             return text.to_string();
         }
-        text.replace(&*self.0, "[redacted]")
+        let mut text = text.replace(&*self.0, "[redacted]");
+        let encoded: String = url::form_urlencoded::byte_serialize(self.0.as_bytes()).collect();
+        text = text.replace(&encoded, "[redacted]");
+        for form in base64_forms(&self.0) {
+            text = text.replace(&form, "[redacted]");
+        }
+        text
     }
+}
+
+/// Runs of base64 that appear wherever `secret` is encoded after any prefix: the three
+/// alignments, without the characters that depend on the neighbouring bytes.
+fn base64_forms(secret: &str) -> Vec<String> {
+    use base64::Engine;
+    let mut forms = Vec::new();
+    for shift in 0..3 {
+        let padded = [&vec![0u8; shift][..], secret.as_bytes()].concat();
+        let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&padded);
+        // The first characters carry the padding bytes; the last may carry what follows.
+        let start = (shift * 8).div_ceil(6);
+        let end = (padded.len() * 8 / 6).max(start);
+        if end - start >= 8 {
+            forms.push(encoded[start..end].to_string());
+        }
+    }
+    forms
 }
 
 impl fmt::Debug for Secret {
@@ -63,6 +88,27 @@ mod tests {
         assert_eq!(format!("{s:?}"), "[redacted]");
         assert_eq!(format!("{s}"), "[redacted]");
         assert_eq!(s.expose(), "eyJhbGciOi.secret.value");
+    }
+
+    #[test]
+    fn scrub_removes_basic_and_url_encoded_forms() {
+        use base64::Engine;
+        let token = Secret::new("eyJhbGciOi.eyJzdWIi+/=.c2ln");
+        for user in ["flakehub", "x", "ab", ""] {
+            let basic = base64::engine::general_purpose::STANDARD
+                .encode(format!("{user}:{}", token.expose()));
+            let scrubbed = token.scrub(&format!("got Authorization: Basic {basic} here"));
+            assert!(scrubbed.contains("[redacted]"), "{user}: {scrubbed}");
+            // What is left of the base64 cannot give back more than a byte of the token.
+            let left = scrubbed.split_whitespace().nth(3).unwrap();
+            assert!(left.len() < basic.len() / 2, "{user}: {scrubbed}");
+        }
+        let encoded: String =
+            url::form_urlencoded::byte_serialize(token.expose().as_bytes()).collect();
+        assert_eq!(
+            token.scrub(&format!("?token={encoded}")),
+            "?token=[redacted]"
+        );
     }
 
     #[test]

@@ -36,12 +36,10 @@ pub enum Answer {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("upstream `{upstream}` rejected this machine's identity `{identity}` (HTTP 401 after a fresh token){detail}")]
-    Rejected {
-        upstream: String,
-        identity: String,
-        detail: String,
-    },
+    /// What the upstream said with its 401 goes to the log only (scrubbed): it may echo the
+    /// credential it was sent.
+    #[error("upstream `{upstream}` rejected this machine's identity `{identity}` (HTTP 401 after a fresh token)")]
+    Rejected { upstream: String, identity: String },
     #[error("upstream `{upstream}` answered 401 and no identity is configured for it")]
     NeedsIdentity { upstream: String },
     #[error("upstream `{upstream}`: {source}")]
@@ -157,11 +155,17 @@ impl Upstream {
             let result = self.send(url, &method, token.as_ref()).await;
             self.metrics.observe_upstream(
                 &self.name,
-                result.as_ref().map(|r| r.status().as_u16()).unwrap_or(0),
+                result.as_ref().map(|r| r.0.status().as_u16()).unwrap_or(0),
                 started.elapsed(),
             );
             let retry_after = match result {
-                Ok(response) => match response.status() {
+                // A redirect target that never got the token says nothing about the token.
+                Ok((response, false)) if response.status() == StatusCode::UNAUTHORIZED => {
+                    return Err(
+                        self.unavailable("a redirect target on another host answered 401".into())
+                    );
+                }
+                Ok((response, _)) => match response.status() {
                     s if s.is_success() => return Ok(Answer::Found(response)),
                     StatusCode::NOT_FOUND | StatusCode::GONE | StatusCode::FORBIDDEN => {
                         return Ok(Answer::Missing)
@@ -176,17 +180,18 @@ impl Upstream {
                             let body =
                                 read_limited(response.into_body(), 4096, Duration::from_secs(5))
                                     .await
-                                    .map(|b| snippet(&b))
                                     .unwrap_or_default();
-                            let body = token.secret.scrub(&body);
+                            // Scrubbed whole, then cut: a token cut in half would slip through.
+                            let body = snippet(
+                                token
+                                    .secret
+                                    .scrub(&String::from_utf8_lossy(&body))
+                                    .as_bytes(),
+                            );
+                            tracing::warn!(upstream = %self.name, identity = identity.name(), answer = %body, "upstream rejected a fresh token");
                             return Err(UpstreamError::Rejected {
                                 upstream: self.name.clone(),
                                 identity: identity.name().to_string(),
-                                detail: if body.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(": {body}")
-                                },
                             });
                         }
                         _ => {
@@ -235,15 +240,45 @@ impl Upstream {
         }
     }
 
-    /// One request, following redirects. The token goes only to the upstream's own origin.
+    /// Refuses URLs on link-local addresses (cloud metadata services), and loopback ones
+    /// unless the upstream itself is on loopback: a narinfo `URL:` or a redirect must not
+    /// turn the sidecar against this machine's own services.
+    fn check_target(&self, url: &Url) -> Result<(), String> {
+        let ip = match url.host() {
+            Some(url::Host::Ipv4(v4)) => std::net::IpAddr::V4(v4),
+            Some(url::Host::Ipv6(v6)) => std::net::IpAddr::V6(v6).to_canonical(),
+            _ => return Ok(()),
+        };
+        let link_local = match ip {
+            std::net::IpAddr::V4(v4) => v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        let loopback_upstream = match self.base.host() {
+            Some(url::Host::Ipv4(v4)) => v4.is_loopback(),
+            Some(url::Host::Ipv6(v6)) => v6.is_loopback(),
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        };
+        if link_local || (ip.is_loopback() && !loopback_upstream) {
+            return Err(format!(
+                "refusing to fetch {}: a link-local or loopback address",
+                display_url(url)
+            ));
+        }
+        Ok(())
+    }
+
+    /// One request, following redirects. The token goes only to the upstream's own origin;
+    /// the flag says whether the final answer came from that origin.
     async fn send(
         &self,
         url: &Url,
         method: &Method,
         token: Option<&Token>,
-    ) -> Result<Response<Incoming>, String> {
+    ) -> Result<(Response<Incoming>, bool), String> {
         let mut url = url.clone();
         for _ in 0..=MAX_REDIRECTS {
+            self.check_target(&url)?;
             let same_origin = url.origin() == self.base.origin();
             let mut request = Request::builder()
                 .method(method.clone())
@@ -289,7 +324,7 @@ impl Upstream {
                 };
             if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
             {
-                return Ok(response);
+                return Ok((response, same_origin));
             }
             let location = response
                 .headers()

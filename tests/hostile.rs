@@ -214,3 +214,77 @@ async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
         "closed after {waited:?}"
     );
 }
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Readers waiting on clients that never read hold no thread: 512 stalled requests for a
+/// stored NAR (the HTTP/2 version of this held a blocking thread and 3 MiB each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_stalled_readers_hold_no_threads_and_others_are_served_at_once() {
+    let (_u, sidecar, _d) = started("").await;
+    let info = sidecar.narinfo(&big().top).await.text();
+    let nar = info
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    let expected = std::fs::read(big().cache.join(&nar)).unwrap();
+    let url = format!("{}/{nar}", sidecar.url);
+    assert!(get(&url, "GET", &[]).await.body.unwrap() == expected); // now stored
+    let pid = sidecar.pid();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (rss_before, threads_before) = (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"));
+    let stalled: Vec<TcpStream> = (0..512)
+        .map(|_| {
+            let s = TcpStream::connect(addr(&sidecar)).unwrap();
+            // A small receive buffer: the sidecar's writes stall at once.
+            let size: libc::c_int = 4096;
+            // SAFETY: a valid socket and a properly sized option value.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            let mut s = s;
+            s.write_all(format!("GET /{nar} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+                .unwrap();
+            s
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss, threads) = (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"));
+    let started = Instant::now();
+    let miss = get(
+        &format!("{}/{}.narinfo", sidecar.url, "0".repeat(32)),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(miss.status, 404, "a cold narinfo goes upstream and back");
+    assert!(get(&url, "GET", &[]).await.body.unwrap() == expected);
+    let took = started.elapsed();
+    println!(
+        "512 stalled readers: threads {threads_before} -> {threads}, RSS {rss_before} -> {rss} KiB; another client served in {took:?}"
+    );
+    assert!(
+        threads <= threads_before + 4,
+        "threads {threads_before} -> {threads}"
+    );
+    assert!(
+        rss < rss_before + 64 * 1024,
+        "RSS {rss_before} -> {rss} KiB"
+    );
+    assert!(took < Duration::from_secs(1), "served in {took:?}");
+    drop(stalled);
+}

@@ -1,5 +1,6 @@
 //! `exec`: runs a command that prints a token, or JSON `{"token"|"access_token"|"id_token",
-//! "expires_in"}`. Its stderr goes to the log line by line; its stdout (the secret) never does.
+//! "expires_in"}`. Its stderr goes to the log line by line once the command is done, with
+//! anything it printed on stdout (the secret) scrubbed from it; its stdout never does.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -12,6 +13,19 @@ use crate::secret::Secret;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_OUTPUT: u64 = 64 * 1024;
+const MAX_STDERR_LINES: usize = 50;
+
+/// `line` without the token the helper printed, nor the token inside its JSON.
+fn scrub_token(printed: &Secret, line: &str) -> String {
+    let inner = serde_json::from_str::<JsonToken>(printed.expose())
+        .map(|json| Secret::new(json.token))
+        .ok();
+    let line = printed.scrub(line);
+    match inner {
+        Some(token) => token.scrub(&line),
+        None => line,
+    }
+}
 
 #[derive(Deserialize)]
 struct JsonToken {
@@ -32,11 +46,15 @@ pub async fn fetch(identity: &str, command: &[String]) -> Result<RawToken, Strin
         .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
     let stderr = child.stderr.take().expect("piped");
     let identity_name = identity.to_string();
-    let log_stderr = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let collect_stderr = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr.take(MAX_OUTPUT)).lines();
+        let mut kept = Vec::new();
         while let Ok(Some(line)) = lines.next_line().await {
-            tracing::info!(identity = %identity_name, "exec stderr: {line}");
+            if kept.len() < MAX_STDERR_LINES {
+                kept.push(line);
+            }
         }
+        kept
     });
     let mut stdout = child.stdout.take().expect("piped");
     let run = async {
@@ -52,7 +70,13 @@ pub async fn fetch(identity: &str, command: &[String]) -> Result<RawToken, Strin
     let (status, out) = tokio::time::timeout(TIMEOUT, run)
         .await
         .map_err(|_| format!("`{shown}` did not finish within {}s", TIMEOUT.as_secs()))??;
-    let _ = log_stderr.await;
+    let stderr = collect_stderr.await.unwrap_or_default();
+    let printed = String::from_utf8_lossy(&out);
+    let printed = Secret::new(printed.trim());
+    for line in &stderr {
+        let line = scrub_token(&printed, line);
+        tracing::info!(identity = %identity_name, "exec stderr: {line}");
+    }
     if !status.success() {
         return Err(format!("`{shown}` failed ({status})"));
     }

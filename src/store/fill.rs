@@ -461,14 +461,11 @@ impl FillReader {
 
     /// Hands each newly readable piece of the file (at most `most` bytes) to `take`, in
     /// order, and what it makes of it to the channel; ends with an error if the fill fails.
-    fn follow<T: Sized + Send + 'static>(
+    fn follow<T: Measured + Send + 'static>(
         mut self,
         most: usize,
         take: impl Fn(u64, usize) -> std::io::Result<T> + Send + 'static,
-    ) -> mpsc::Receiver<std::io::Result<T>>
-    where
-        T: Measured,
-    {
+    ) -> mpsc::Receiver<std::io::Result<T>> {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut pos = 0u64;

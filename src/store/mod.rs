@@ -11,7 +11,8 @@ pub mod index;
 pub mod read;
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, Permissions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -131,17 +132,19 @@ impl Store {
     /// Opens (or creates) the cache and repairs what a crash may have left: temporary
     /// files, files the index does not know, rows whose file is missing or of the wrong size.
     pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
+        private_dir(dir)?;
         for sub in ["nars", "tmp"] {
-            std::fs::create_dir_all(dir.join(sub))
-                .map_err(|e| format!("cannot create {}: {e}", dir.join(sub).display()))?;
+            private_dir(&dir.join(sub))?;
         }
-        let index = Index::open(&dir.join("index.redb")).map_err(|e| {
+        let index_path = dir.join("index.redb");
+        let index = Index::open(&index_path).map_err(|e| {
             if e.contains("already open") || e.contains("lock") {
                 format!("{e} (is another nix-sidecar using {}?)", dir.display())
             } else {
                 e
             }
         })?;
+        let _ = std::fs::set_permissions(&index_path, Permissions::from_mode(0o600));
         let store = Store(Arc::new(Inner {
             dir: dir.to_path_buf(),
             index,
@@ -289,6 +292,7 @@ impl Store {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp)
         {
             Ok(f) => f,
@@ -553,6 +557,34 @@ impl Store {
     }
 }
 
+/// Creates `dir` (if missing) readable by its owner only, whatever the umask: without the
+/// unit's `UMask`, 0755 would let every local user read the NARs that `allowed-uids` guards.
+/// A symlink in its place is replaced by a directory, never followed: start-up deletes what
+/// it finds in `tmp/` and `nars/`.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let shown = dir.display();
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        tracing::warn!(dir = %shown, "a symlink stands where the cache keeps a directory; replacing it");
+        std::fs::remove_file(dir).map_err(|e| format!("cannot remove the symlink {shown}: {e}"))?;
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {shown}: {e}"))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_dir() {
+        return Err(format!("{shown} is not a directory"));
+    }
+    // SAFETY: geteuid cannot fail.
+    if meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make {shown} private: {e}"))?;
+    }
+    Ok(())
+}
+
 fn read_dir(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
@@ -616,6 +648,53 @@ mod tests {
             upstream: "up".into(),
             url: "http://up/nar/x.nar".into(),
             expected,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_private_whatever_the_umask_and_follows_no_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("precious"), b"keep me").unwrap();
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&victim, cache.join("tmp")).unwrap();
+        let limits = Limits {
+            max_size: 1 << 30,
+            min_free: 0,
+        };
+        let store = Store::open(&cache, limits).unwrap();
+        assert!(
+            victim.join("precious").exists(),
+            "the link's target is untouched"
+        );
+        for sub in ["", "nars", "tmp"] {
+            let meta = std::fs::symlink_metadata(cache.join(sub)).unwrap();
+            assert!(meta.is_dir(), "{sub}");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{sub}");
+        }
+        let index = std::fs::metadata(cache.join("index.redb")).unwrap();
+        assert_eq!(index.permissions().mode() & 0o077, 0);
+        let expected = expected_for(b"hello");
+        store.put_narinfos(&[NewNarInfo::new(
+            "p",
+            "h",
+            "text",
+            "nar/x.nar",
+            source(expected.clone()),
+        )]);
+        let Slot::Lead(mut writer, _reader) = store.fill("nar/x.nar", &expected) else {
+            panic!("first fill leads");
+        };
+        writer.start(Some(5)).unwrap();
+        writer.write(Bytes::from_static(b"hello")).await.unwrap();
+        writer.finish().await;
+        for file in std::fs::read_dir(cache.join("nars")).unwrap() {
+            let mode = file.unwrap().metadata().unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "stored NARs are private");
         }
     }
 
