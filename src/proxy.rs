@@ -462,7 +462,13 @@ impl Proxy {
             }
         }
         let length = promised.or(sent);
-        let (mut sink, stream) = PassThrough::new(&self.store, expected, length);
+        let (mut sink, stream) = match PassThrough::new(&self.store, expected, length) {
+            Ok(pass) => pass,
+            Err(reason) => {
+                tracing::warn!(upstream = %up.name, reason, "refusing a NAR that cannot be verified");
+                return NarAnswer::Unavailable(reason);
+            }
+        };
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let outcome = copy_body(response.into_body(), &mut sink).await;

@@ -59,6 +59,8 @@ struct Upstream {
     nar_requests: Arc<AtomicUsize>,
     /// Every few NAR answers are wrong: flipped bytes, cut short, or a 500.
     chaos: Arc<AtomicBool>,
+    /// Answers every request 401 with the Authorization header it got in the body.
+    echo_401: Arc<AtomicBool>,
 }
 
 impl Upstream {
@@ -66,7 +68,14 @@ impl Upstream {
         let this = self.clone();
         let addr = serve(move |req| {
             let this = this.clone();
-            async move { this.answer(req.uri().path()) }
+            async move {
+                if this.echo_401.load(Ordering::SeqCst) {
+                    let auth = req.headers().get("authorization");
+                    let auth = auth.map(|v| v.to_str().unwrap().to_string());
+                    return respond(401, format!("bad credentials: {auth:?}"));
+                }
+                this.answer(req.uri().path())
+            }
         })
         .await;
         format!("http://{addr}")
@@ -536,4 +545,82 @@ async fn a_disk_that_fills_mid_download_still_serves_every_client_whole() {
     let before = upstream.nar_requests.load(Ordering::SeqCst);
     assert!(get(&path, "GET", &[]).await.body.unwrap() == small);
     assert_eq!(upstream.nar_requests.load(Ordering::SeqCst), before);
+}
+
+/// Item 6: compressions the sidecar could not decompress passed through unverified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_and_brotli_nars_are_verified_and_unknown_compressions_refused() {
+    use std::io::Write;
+    let nar = bytes_of(10, 300_000);
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&nar).unwrap();
+        e.finish().unwrap()
+    };
+    let br = {
+        let mut e = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+        e.write_all(&nar).unwrap();
+        e.into_inner()
+    };
+    let upstream = Upstream::default();
+    let mut other = nar.clone();
+    other[1000] ^= 1;
+    let cases = [
+        (upstream.add(10, &nar, ("gzip", &gz), None), true),
+        (upstream.add(11, &other, ("gzip", &gz), None), false),
+        (upstream.add(12, &nar, ("br", &br), None), true),
+        (upstream.add(13, &other, ("br", &br), None), false),
+        (upstream.add(14, &nar, ("lz4", &gz), None), false),
+    ];
+    let url = upstream.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = sidecar(dir.path(), &url, "");
+    for (hash, right) in &cases {
+        let path = nar_url(&sidecar, hash).await;
+        let got = get(&format!("{}/{path}", sidecar.url), "GET", &[]).await;
+        if *right {
+            assert_eq!(got.status, 200, "{path}");
+            assert!(got.body.is_ok(), "{path}: whole");
+        } else {
+            assert!(
+                got.status != 200 || got.body.is_err(),
+                "{path}: a NAR that does not match never looks complete"
+            );
+        }
+    }
+    assert!(sidecar.logs().contains("cannot be verified"));
+}
+
+/// Item 5: an upstream that echoes the Authorization header in its 401 body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_basic_credential_echoed_by_the_upstream_leaks_nowhere() {
+    use base64::Engine;
+    let upstream = Upstream::default();
+    let nar = bytes_of(20, 1000);
+    let hash = upstream.add(20, &nar, ("none", &nar), None);
+    upstream.echo_401.store(true, Ordering::SeqCst);
+    let url = upstream.start().await;
+    let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtYWNoaW5lIn0.c2lnbmF0dXJlLXNlY3JldA";
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[[upstream]]\nname = \"fh\"\nurl = \"{url}\"\nidentity = \"ci\"\nauth = \"basic\"\nusername = \"flakehub\"\n\
+         [identity.ci]\nprovider = \"static\"\nvariable = \"TEST_TOKEN\"\n"
+    );
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &config,
+        &[("TEST_TOKEN", token), ("NIX_SIDECAR_LOG", "trace")],
+    );
+    let answer = get(&format!("{}/{hash}.narinfo", sidecar.url), "GET", &[]).await;
+    assert_eq!(answer.status, 503);
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("flakehub:{token}"));
+    let seen = [answer.text(), health.text(), sidecar.logs()].concat();
+    assert!(
+        seen.contains("bad credentials"),
+        "the upstream's answer is logged"
+    );
+    for secret in [token, &basic, &basic[..basic.len() / 2], &token[10..30]] {
+        assert!(!seen.contains(secret), "{secret} leaked:\n{seen}");
+    }
 }

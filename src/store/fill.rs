@@ -549,14 +549,16 @@ pub struct PassThrough {
 }
 
 impl PassThrough {
+    /// Refuses a NAR whose narinfo promises what cannot be checked (an unknown compression
+    /// without FileHash): nothing a narinfo named passes unverified.
     pub fn new(
         store: &Store,
         expected: Option<&Expected>,
         length: Option<u64>,
-    ) -> (PassThrough, ByteStream) {
+    ) -> Result<(PassThrough, ByteStream), String> {
         let (tx, rx) = mpsc::channel(4);
-        let check = expected.and_then(|e| Verifier::start(e).ok());
-        (
+        let check = expected.map(Verifier::start).transpose()?;
+        Ok((
             PassThrough {
                 store: store.clone(),
                 check,
@@ -566,7 +568,7 @@ impl PassThrough {
                 held: None,
             },
             rx,
-        )
+        ))
     }
 
     pub async fn finish(mut self, outcome: Result<(), String>) {
