@@ -293,8 +293,13 @@ impl Proxy {
             expected: Expected::from_narinfo(&info),
         };
         let new = NewNarInfo::new(&partition, &hash_owned, &text_owned, &nar_key, nar);
-        let _ = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
-        Ok(Some(text))
+        let stored = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
+        Ok(Some(
+            stored
+                .ok()
+                .and_then(|mut texts| texts.pop())
+                .unwrap_or(text),
+        ))
     }
 
     /// The local NAR key for a narinfo `URL:` and the absolute upstream URL behind it. A plain

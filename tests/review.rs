@@ -624,3 +624,104 @@ async fn a_basic_credential_echoed_by_the_upstream_leaks_nowhere() {
         assert!(!seen.contains(secret), "{secret} leaked:\n{seen}");
     }
 }
+
+/// Item 13: a validly signed narinfo whose URL, FileHash and FileSize (not signed) were
+/// swapped for another path's file. FileHash matches what arrives; NarHash does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_swapped_under_a_signed_narinfo_is_removed_within_seconds() {
+    use std::io::Write;
+    let xz = |bytes: &[u8]| {
+        let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let (nar_a, nar_b) = (bytes_of(30, 200_000), bytes_of(31, 200_000));
+    let file_b = xz(&nar_b);
+    let upstream = Upstream::default();
+    let hash = upstream.add(30, &nar_a, ("xz", &file_b), Some(file_b.len() as u64));
+    // The swapped FileHash: that of the file actually served.
+    let info_path = format!("/{hash}.narinfo");
+    let info =
+        String::from_utf8(upstream.files.lock().unwrap()[&info_path].bytes.to_vec()).unwrap();
+    let file_hash = Sha256(sha2::Sha256::digest(&file_b).into()).to_nix_string();
+    upstream.put(
+        &info_path,
+        info.replace(
+            "Compression: xz\n",
+            &format!("Compression: xz\nFileHash: {file_hash}\n"),
+        ),
+        true,
+    );
+    let url = upstream.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = sidecar(dir.path(), &url, "");
+    let path = nar_url(&sidecar, &hash).await;
+    let got = get(&format!("{}/{path}", sidecar.url), "GET", &[]).await;
+    assert!(got.body.unwrap() == file_b, "FileHash matched: served");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = get(&format!("{}/_sidecar/metrics", sidecar.url), "GET", &[])
+            .await
+            .text();
+        let failures = metric(&metrics, "nix_sidecar_verification_failures_total");
+        let size = metric(&metrics, "nix_sidecar_cache_size_bytes");
+        if failures >= 1.0 && size == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still stored:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dir_bytes(&sidecar.cache_dir().join("nars")), 0);
+    assert!(sidecar.logs().contains("does not match its signed NarHash"));
+    sidecar.stop();
+    let verify = sidecar.cache_command("verify");
+    assert!(verify.status.success());
+}
+
+/// Item 3: two upstreams naming their NAR files alike. The second must not re-point the
+/// first narinfo's NAR to its own bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nar_names_from_two_upstreams_never_collide() {
+    let (nar_a, nar_b) = (bytes_of(40, 100_000), bytes_of(41, 120_000));
+    let (one, two) = (Upstream::default(), Upstream::default());
+    let a = one.add(40, &nar_a, ("none", &nar_a), None);
+    let b = two.add(41, &nar_b, ("none", &nar_b), None);
+    // Both name their file `nar/same.nar`.
+    for (up, hash) in [(&one, &a), (&two, &b)] {
+        let info_path = format!("/{hash}.narinfo");
+        let mut files = up.files.lock().unwrap();
+        let info = String::from_utf8(files[&info_path].bytes.to_vec()).unwrap();
+        let old = info
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_string();
+        let nar = files.remove(&format!("/{old}")).unwrap();
+        files.insert("/nar/same.nar".into(), nar);
+        let info = info.replace(&old, "nar/same.nar");
+        files.insert(
+            info_path,
+            File {
+                bytes: info.into(),
+                sized: true,
+            },
+        );
+    }
+    let (url_one, url_two) = (one.start().await, two.start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!("[[upstream]]\nname = \"one\"\nurl = \"{url_one}\"\n[[upstream]]\nname = \"two\"\nurl = \"{url_two}\"\n"),
+        &[],
+    );
+    let path_a = nar_url(&sidecar, &a).await;
+    let path_b = nar_url(&sidecar, &b).await;
+    assert_eq!(path_a, "nar/same.nar");
+    assert_ne!(path_b, path_a, "the second gets a name of its own");
+    for _ in 0..2 {
+        for (path, nar) in [(&path_a, &nar_a), (&path_b, &nar_b)] {
+            let got = get(&format!("{}/{path}", sidecar.url), "GET", &[]).await;
+            assert!(got.body.unwrap() == *nar, "{path}");
+        }
+    }
+}

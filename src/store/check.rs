@@ -168,6 +168,29 @@ impl Verifier {
     }
 }
 
+/// Checks a whole file as served against what the signature covers: NarHash and NarSize of
+/// the NAR inside it (decompressed as needed). FileHash and FileSize, which a lying upstream
+/// can swap for another path's, are checked on the way in; this is the check they cannot
+/// satisfy.
+pub fn check_nar(file: &mut impl std::io::Read, expected: &Expected) -> Result<(), String> {
+    let signed_only = Expected {
+        file_hash: None,
+        file_size: None,
+        ..expected.clone()
+    };
+    let mut check = ContentCheck::new(&signed_only)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("reading the stored file: {e}"))?;
+        if n == 0 {
+            return check.finish().map(drop);
+        }
+        check.update(&buf[..n])?;
+    }
+}
+
 impl ContentCheck {
     fn new(expected: &Expected) -> Result<ContentCheck, String> {
         let parse = |hex: &str| {
@@ -499,6 +522,25 @@ mod tests {
             }
         }
         assert!(outcome.unwrap_err().contains("decompress"));
+    }
+
+    #[test]
+    fn a_file_that_matches_its_file_hash_but_not_its_nar_hash_fails_the_whole_check() {
+        let nar = vec![3u8; 50_000];
+        let other = vec![4u8; 50_000];
+        let xz_of = |bytes: &[u8]| {
+            let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+            e.write_all(bytes).unwrap();
+            e.finish().unwrap()
+        };
+        let (file, swapped) = (xz_of(&nar), xz_of(&other));
+        let honest = expected_for(&nar, &file, "xz", true);
+        assert!(check_nar(&mut &file[..], &honest).is_ok());
+        let lying = expected_for(&nar, &swapped, "xz", true);
+        assert!(run(&lying, &swapped).is_ok(), "FileHash alone is satisfied");
+        assert!(check_nar(&mut &swapped[..], &lying)
+            .unwrap_err()
+            .contains("NarHash"));
     }
 
     #[test]

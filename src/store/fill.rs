@@ -282,6 +282,15 @@ impl FillWriter {
                 return self.fail(&reason);
             }
         };
+        // An uncompressed file is its NAR: NarHash checks it now, whatever FileHash said.
+        let unchecked_nar = self.expected.file_hash.is_some();
+        if unchecked_nar
+            && self.expected.compression == "none"
+            && (sha256 != self.expected.nar_hash || written != self.expected.nar_size)
+        {
+            self.store.count_verification_failure();
+            return self.fail("NAR does not match NarHash/NarSize (FileHash matched)");
+        }
         // Verified: readers may take the last byte now; storing it durably (fsync of the
         // whole file) must not hold clients up. The fill stays registered until the index
         // has it, so nobody starts a second download meanwhile.
@@ -316,6 +325,9 @@ impl FillWriter {
                 self.finished = true; // the temporary file is now the blob
                 self.reserved = 0; // now counted as stored
                 self.end(FillState::Complete);
+                if unchecked_nar && self.expected.compression != "none" {
+                    self.store.check_nar_later(&self.key, &self.expected);
+                }
                 let store = self.store.clone();
                 tokio::task::spawn_blocking(move || store.enforce_limits(0));
             }

@@ -117,6 +117,10 @@ pub struct NewNarInfo {
 }
 
 impl NewNarInfo {
+    pub fn text(&self) -> &str {
+        &self.row.text
+    }
+
     /// A narinfo fetched now for `partition`, whose NAR is known locally as `nar_key`.
     pub fn new(partition: &str, hash: &str, text: &str, nar_key: &str, nar: NarSource) -> Self {
         NewNarInfo {
@@ -143,6 +147,21 @@ pub type IndexError = String;
 
 fn err(e: impl std::fmt::Display) -> IndexError {
     format!("cache index: {e}")
+}
+
+/// `nar/<digest of the source>-<file>`: a name of its own for a NAR whose usual name is taken.
+fn derived_nar_key(nar_key: &str, encoded_source: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(encoded_source);
+    let tag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let file = nar_key
+        .strip_prefix("nar/")
+        .unwrap_or(nar_key)
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    let file: String = file.chars().take(200).collect();
+    format!("nar/{tag}-{file}")
 }
 
 pub fn narinfo_key(partition: &str, hash: &str) -> String {
@@ -255,38 +274,45 @@ impl Index {
         Ok(Some(NarRow { source, blob }))
     }
 
-    /// Stores narinfos and the NARs they point to, in one transaction. A NAR that already
-    /// promises the same bytes keeps its stored file; one that now promises other bytes
-    /// loses it (returned, for the caller to delete; the NAR will be fetched again).
-    pub fn put_narinfos(&self, batch: &[NewNarInfo]) -> Result<Vec<(String, Blob)>, IndexError> {
+    /// Stores narinfos and the NARs they point to, in one transaction; returns each
+    /// narinfo's text as stored. A NAR name already recorded for other bytes or another source
+    /// (another upstream naming its file alike, or an upstream that changed what a name
+    /// holds) is not re-pointed: that would hand the first narinfo's clients the second's
+    /// bytes. The newcomer gets a name of its own, derived from what it promises, and its
+    /// text says so in `URL:` (which the signature does not cover).
+    pub fn put_narinfos(&self, batch: &[NewNarInfo]) -> Result<Vec<String>, IndexError> {
         let txn = self.begin_write()?;
-        let mut dropped = Vec::new();
+        let mut texts = Vec::with_capacity(batch.len());
         {
             let mut infos = txn.open_table(NARINFOS).map_err(err)?;
             let mut nars = txn.open_table(NARS).map_err(err)?;
-            let mut blobs = txn.open_table(BLOBS).map_err(err)?;
             for new in batch {
-                infos
-                    .insert(new.key.as_str(), new.row.encode().as_slice())
-                    .map_err(err)?;
-                let old = nars
-                    .get(new.nar_key.as_str())
-                    .map_err(err)?
-                    .and_then(|v| decode_source(v.value()));
-                if old.is_some_and(|old| old.expected != new.nar.expected) {
-                    let blob = blobs
-                        .remove(new.nar_key.as_str())
-                        .map_err(err)?
-                        .and_then(|v| Blob::decode(v.value()));
-                    dropped.extend(blob.map(|b| (new.nar_key.clone(), b)));
-                }
                 let encoded = serde_json::to_vec(&new.nar).expect("serializable");
-                nars.insert(new.nar_key.as_str(), encoded.as_slice())
+                let mut nar_key = new.nar_key.clone();
+                let holds_other = |nars: &redb::Table<&str, &[u8]>, key: &str| {
+                    let old = nars.get(key).map_err(err)?;
+                    Ok::<_, IndexError>(old.is_some_and(|v| v.value() != encoded.as_slice()))
+                };
+                if holds_other(&nars, &nar_key)? {
+                    nar_key = derived_nar_key(&new.nar_key, &encoded);
+                    if holds_other(&nars, &nar_key)? {
+                        return Err(err("two NAR sources share a derived name"));
+                    }
+                }
+                let mut row = new.row.clone();
+                if nar_key != new.nar_key {
+                    row.text = crate::nix::narinfo::replace_url(&row.text, &nar_key);
+                }
+                infos
+                    .insert(new.key.as_str(), row.encode().as_slice())
                     .map_err(err)?;
+                nars.insert(nar_key.as_str(), encoded.as_slice())
+                    .map_err(err)?;
+                texts.push(row.text);
             }
         }
         self.commit_lazily(txn)?;
-        Ok(dropped)
+        Ok(texts)
     }
 
     /// Records that the NAR's bytes are now stored (called after fsync and rename), if the
@@ -495,10 +521,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.redb");
         let index = Index::open(&path).unwrap();
-        let put = |hash: &str| {
-            index.put_narinfos(&[NewNarInfo::new("p", "h", "text", "nar/x.nar", source(hash))])
+        let text = "StorePath: x\nURL: nar/x.nar\n";
+        let put = |hash: &str, source: NarSource| {
+            index.put_narinfos(&[NewNarInfo::new("p", hash, text, "nar/x.nar", source)])
         };
-        assert!(put("aa").unwrap().is_empty());
+        assert_eq!(put("h", source("aa")).unwrap(), [text]);
         let blob = Blob {
             size: 5,
             sha256: "aa".into(),
@@ -507,7 +534,11 @@ mod tests {
         index
             .set_blob("nar/x.nar", &source("aa").expected, &blob)
             .unwrap();
-        assert!(put("aa").unwrap().is_empty(), "same bytes: file kept");
+        assert_eq!(
+            put("h", source("aa")).unwrap(),
+            [text],
+            "same bytes: same name"
+        );
         index.touch(&[("nar/x.nar".into(), 9)]).unwrap();
         drop(index);
 
@@ -516,11 +547,44 @@ mod tests {
         assert_eq!(row.source, source("aa"));
         assert_eq!(row.blob.as_ref().map(|b| b.last_access), Some(9));
         assert_eq!(index.counts().unwrap(), (1, 1, 1));
-        let dropped = index
-            .put_narinfos(&[NewNarInfo::new("p", "h", "text", "nar/x.nar", source("bb"))])
+        // Another upstream (or a changed narinfo) naming its file alike gets a name of its own.
+        let mut elsewhere = source("bb");
+        elsewhere.upstream = "two".into();
+        let texts = index
+            .put_narinfos(&[NewNarInfo::new(
+                "q",
+                "h2",
+                text,
+                "nar/x.nar",
+                elsewhere.clone(),
+            )])
             .unwrap();
-        assert_eq!(dropped.len(), 1, "other bytes: the file goes");
-        assert_eq!(index.blobs().unwrap().len(), 0);
+        let renamed = texts[0]
+            .lines()
+            .nth(1)
+            .unwrap()
+            .strip_prefix("URL: ")
+            .unwrap();
+        assert!(
+            renamed.starts_with("nar/") && renamed.ends_with("-x.nar"),
+            "{renamed}"
+        );
+        assert_eq!(index.nar(renamed).unwrap().unwrap().source, elsewhere);
+        let first = index.nar("nar/x.nar").unwrap().unwrap();
+        assert_eq!(
+            first.source,
+            source("aa"),
+            "the first narinfo still leads to its bytes"
+        );
+        assert!(first.blob.is_some());
+        assert_eq!(
+            index
+                .narinfo(&narinfo_key("q", "h2"))
+                .unwrap()
+                .unwrap()
+                .text,
+            texts[0]
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::fs::{File, Permissions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -51,7 +52,13 @@ struct Inner {
     last_space_warning: Mutex<Option<Instant>>,
     /// What start-up repaired, reported by the next `verify`.
     repaired_at_open: Mutex<VerifyReport>,
+    /// Stored files whose NarHash is still to be checked, for the checker thread.
+    nar_checks: Mutex<Option<SyncSender<(String, Expected)>>>,
 }
+
+/// Stored files waiting for their NarHash check at most; past it a check is skipped (and
+/// `cache verify` still does it).
+const NAR_CHECK_QUEUE: usize = 4096;
 
 /// What the cache's bytes are promised to. `stored` follows the files the index records;
 /// `reserved` is what fills in progress may still write. Both only change under one lock, so
@@ -157,6 +164,7 @@ impl Store {
             verify_failures: AtomicU64::new(0),
             last_space_warning: Mutex::new(None),
             repaired_at_open: Mutex::default(),
+            nar_checks: Mutex::default(),
         }));
         let report = store.recover()?;
         if report.leftovers + report.missing > 0 {
@@ -167,7 +175,69 @@ impl Store {
             );
         }
         *store.0.repaired_at_open.lock().unwrap() = report;
+        *store.0.nar_checks.lock().unwrap() = Some(store.start_nar_checks()?);
         Ok(store)
+    }
+
+    /// The thread that checks stored files against NarHash (see [`Store::check_nar_later`]).
+    /// It holds the store weakly and ends with it.
+    fn start_nar_checks(&self) -> Result<SyncSender<(String, Expected)>, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Expected)>(NAR_CHECK_QUEUE);
+        let store = Arc::downgrade(&self.0);
+        std::thread::Builder::new()
+            .name("nar-check".into())
+            .spawn(move || {
+                while let Ok((key, expected)) = rx.recv() {
+                    let Some(inner) = store.upgrade() else { return };
+                    Store(inner).check_stored_nar(&key, &expected);
+                }
+            })
+            .map_err(|e| format!("cannot start the NAR checker: {e}"))?;
+        Ok(tx)
+    }
+
+    /// A file stored on the strength of FileHash, which the signature does not cover, is
+    /// checked against NarHash right after, off the client's path: a lying upstream that
+    /// swapped in another path's file gets it removed within seconds, not at eviction.
+    pub(crate) fn check_nar_later(&self, key: &str, expected: &Expected) {
+        if let Some(checks) = &*self.0.nar_checks.lock().unwrap() {
+            if checks
+                .try_send((key.to_string(), expected.clone()))
+                .is_err()
+            {
+                tracing::debug!(nar = %key, "NAR check queue full; `cache verify` will check it");
+            }
+        }
+    }
+
+    fn check_stored_nar(&self, key: &str, expected: &Expected) {
+        let Ok(mut file) = File::open(self.blob_path(key)) else {
+            return; // evicted meanwhile
+        };
+        if let Err(reason) = check::check_nar(&mut file, expected) {
+            tracing::warn!(nar = %key, reason, "a stored NAR does not match its signed NarHash; removed");
+            self.count_verification_failure();
+            self.drop_stored(key);
+        }
+    }
+
+    /// Forgets and removes a stored file, counting its size off; false if the index had no
+    /// such file (someone else removed it) or could not be changed.
+    fn drop_stored(&self, key: &str) -> bool {
+        let mut ledger = self.0.ledger.lock().unwrap();
+        match self.0.index.clear_blobs(&[key.to_string()]) {
+            Ok(removed) if !removed.is_empty() => {
+                let size: u64 = removed.iter().map(|(_, b)| b.size).sum();
+                Ledger::take(&mut ledger.stored, size, "stored");
+                let _ = std::fs::remove_file(self.blob_path(key));
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, nar = %key, "could not drop a stored NAR");
+                false
+            }
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -231,18 +301,13 @@ impl Store {
         })
     }
 
-    /// Records verified narinfos and where their NARs come from (blocking).
-    pub fn put_narinfos(&self, batch: &[NewNarInfo]) {
-        match self.0.index.put_narinfos(batch) {
-            Ok(stale) => {
-                // A narinfo now promises other bytes under a stored NAR name: the old file goes.
-                for (nar_key, blob) in stale {
-                    let _ = std::fs::remove_file(self.blob_path(&nar_key));
-                    self.unstore(blob.size);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not record a narinfo in the cache index"),
-        }
+    /// Records verified narinfos and where their NARs come from (blocking); returns each
+    /// narinfo's text as it is to be served (see [`Index::put_narinfos`]).
+    pub fn put_narinfos(&self, batch: &[NewNarInfo]) -> Vec<String> {
+        self.0.index.put_narinfos(batch).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not record a narinfo in the cache index");
+            batch.iter().map(|new| new.text().to_string()).collect()
+        })
     }
 
     pub fn nar(&self, key: &str) -> Option<NarRow> {
@@ -434,11 +499,6 @@ impl Store {
         Ledger::take(&mut self.0.ledger.lock().unwrap().reserved, n, "reserved");
     }
 
-    /// Stored bytes whose file went (eviction, a re-pointed NAR).
-    fn unstore(&self, n: u64) {
-        Ledger::take(&mut self.0.ledger.lock().unwrap().stored, n, "stored");
-    }
-
     /// Evicts least-recently-used files until the cache (plus `incoming` bytes) is under
     /// max-cache-size and the disk has min-free-space. A file that is being read stays
     /// readable: its reader holds it open, and unlinking does not take the bytes away.
@@ -463,23 +523,9 @@ impl Store {
             if !over(self) {
                 break;
             }
-            // Only a row this call removed counts: another path (a re-pointing narinfo) may
-            // have dropped it since the scan.
-            let removed = {
-                let mut ledger = self.0.ledger.lock().unwrap();
-                match self.0.index.clear_blobs(std::slice::from_ref(&key)) {
-                    Ok(removed) => {
-                        let size: u64 = removed.iter().map(|(_, b)| b.size).sum();
-                        Ledger::take(&mut ledger.stored, size, "stored");
-                        !removed.is_empty()
-                    }
-                    Err(e) => {
-                        return tracing::warn!(error = %e, "eviction could not update the index")
-                    }
-                }
-            };
-            if removed {
-                let _ = std::fs::remove_file(self.blob_path(&key));
+            // Only a row this call removed counts: the NAR checker may have dropped it since
+            // the scan.
+            if self.drop_stored(&key) {
                 self.0.evictions.fetch_add(1, Ordering::Relaxed);
                 evicted.push(key);
             }
@@ -525,15 +571,29 @@ impl Store {
         self.0.verify_failures.load(Ordering::Relaxed)
     }
 
-    /// Re-hashes every stored file and drops those that do not match the index.
+    /// Re-hashes every stored file and drops those that do not match the index, or whose NAR
+    /// does not match the NarHash and NarSize its narinfo promised.
     pub fn verify(&self) -> Result<VerifyReport, String> {
         let mut report = VerifyReport::default();
         let mut bad = Vec::new();
         for (key, blob) in self.0.index.blobs()? {
             report.checked += 1;
             let path = self.blob_path(&key);
+            let promise = self.nar(&key).map(|row| row.source.expected);
+            let keeps_promise = || {
+                let mut file = File::open(&path).map_err(|e| e.to_string())?;
+                promise
+                    .as_ref()
+                    .map_or(Ok(()), |p| check::check_nar(&mut file, p))
+            };
             match hash_file(&path) {
-                Ok((size, sha)) if size == blob.size && sha == blob.sha256 => {}
+                Ok((size, sha)) if size == blob.size && sha == blob.sha256 => {
+                    if let Err(reason) = keeps_promise() {
+                        tracing::warn!(nar = %key, reason, "stored file does not match its narinfo; dropped");
+                        report.corrupt += 1;
+                        bad.push(key);
+                    }
+                }
                 Ok(_) => {
                     tracing::warn!(nar = %key, "stored file is corrupt; dropped");
                     report.corrupt += 1;
@@ -699,7 +759,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_narinfo_promising_other_bytes_drops_the_stored_file_and_its_size() {
+    async fn a_narinfo_promising_other_bytes_under_a_stored_name_leaves_the_stored_file_alone() {
         let dir = tempfile::tempdir().unwrap();
         let limits = Limits {
             max_size: 1 << 30,
@@ -731,12 +791,10 @@ mod tests {
             "a request that missed the file a moment ago gets it instead of a second download"
         );
 
-        put(expected_for(b"other"));
-        assert_eq!(store.size(), 0, "the old file no longer counts");
-        assert!(store.nar("nar/x.nar").unwrap().blob.is_none());
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("nars")).unwrap().count(),
-            0
-        );
+        let texts = put(expected_for(b"other"));
+        assert_eq!(texts[0], "text", "no URL line to rename");
+        assert_eq!(store.size(), 5, "the first file still counts");
+        assert!(store.nar("nar/x.nar").unwrap().blob.is_some());
+        assert_eq!(store.nar("nar/x.nar").unwrap().source.expected, old);
     }
 }
