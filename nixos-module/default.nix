@@ -47,6 +47,10 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    # Only nix-daemon (root) reads through the sidecar unless the settings say otherwise:
+    # without it every local user reads what this machine's identity can.
+    services.nix-sidecar.settings.allowed-uids = lib.mkDefault [ 0 ];
+
     nix.settings = lib.mkIf cfg.addSubstituter {
       substituters = lib.mkBefore [ "http://127.0.0.1:${port}" ];
       trusted-public-keys = cfg.settings.trusted-public-keys or [ ];
@@ -80,7 +84,7 @@ in
         ProtectHome = true;
         PrivateTmp = true;
         PrivateDevices = true;
-        PrivateUsers = true;
+        # No PrivateUsers: it would show every peer as uid 65534 and defeat allowed-uids.
         ProtectHostname = true;
         ProtectClock = true;
         ProtectKernelTunables = true;

@@ -288,6 +288,8 @@ pub struct Overrides {
     pub listen: Vec<String>,
     pub upstreams: Vec<String>,
     pub cache_dir: Option<PathBuf>,
+    /// Replaces `allowed-uids` when not empty.
+    pub allowed_uids: Vec<u32>,
 }
 
 impl Config {
@@ -323,6 +325,9 @@ impl Config {
         }
         if overrides.cache_dir.is_some() {
             file.cache_dir = overrides.cache_dir.clone();
+        }
+        if !overrides.allowed_uids.is_empty() {
+            file.allowed_uids = Some(overrides.allowed_uids.clone());
         }
         for (i, url) in overrides.upstreams.iter().enumerate() {
             file.upstream.push(FileUpstream {

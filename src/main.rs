@@ -45,6 +45,9 @@ enum Command {
         upstream: Vec<String>,
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Admit only clients owned by this uid (repeatable); replaces `allowed-uids`.
+        #[arg(long = "allowed-uid")]
+        allowed_uids: Vec<u32>,
     },
     /// Validate and print the effective configuration (secrets are never shown).
     CheckConfig {
@@ -135,11 +138,13 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             listen,
             upstream,
             cache_dir,
+            allowed_uids,
         } => {
             let overrides = Overrides {
                 listen,
                 upstreams: upstream,
                 cache_dir,
+                allowed_uids,
             };
             let config = Config::load(config.as_deref(), &overrides).map_err(|e| e.to_string())?;
             serve(config).await?;

@@ -159,11 +159,13 @@ impl Upstream {
                 started.elapsed(),
             );
             let retry_after = match result {
-                // A redirect target that never got the token says nothing about the token.
+                // A host that never got the token (a redirect target, a narinfo's absolute
+                // URL) says nothing about the token: it is not dropped.
                 Ok((response, false)) if response.status() == StatusCode::UNAUTHORIZED => {
-                    return Err(
-                        self.unavailable("a redirect target on another host answered 401".into())
-                    );
+                    return Err(self.unavailable(
+                        "a host other than the upstream (which never got the token) answered 401"
+                            .into(),
+                    ));
                 }
                 Ok((response, _)) => match response.status() {
                     s if s.is_success() => return Ok(Answer::Found(response)),

@@ -288,3 +288,38 @@ async fn five_hundred_stalled_readers_hold_no_threads_and_others_are_served_at_o
     assert!(took < Duration::from_secs(1), "served in {took:?}");
     drop(stalled);
 }
+
+/// The shipped unit sets `ProcSubset=pid`, which hides `/proc/net`: the socket table must be
+/// read where that procfs still shows it, or every client (root included) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_uids_work_under_a_procfs_mounted_with_subset_pid() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").is_err(), "CI runs as root");
+        eprintln!("skipped: an unshared mount namespace needs root");
+        return;
+    }
+    let upstream = UpstreamDouble::start(big().cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "allowed-uids = [0]\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
+        upstream.url
+    );
+    let sidecar = Sidecar::start_wrapped(
+        dir.path(),
+        &config,
+        &[],
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t proc -o subset=pid proc /proc && test ! -e /proc/net/tcp && exec \"$@\"",
+            "sh",
+        ],
+    );
+    still_served(&sidecar).await;
+    assert!(!sidecar.logs().contains("not in allowed-uids"));
+}

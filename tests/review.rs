@@ -725,3 +725,46 @@ async fn nar_names_from_two_upstreams_never_collide() {
         }
     }
 }
+
+/// Item 10: a narinfo `URL:` or redirect that points at link-local addresses (cloud
+/// metadata) is refused; a 401 from a host that never got the token does not blame it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_local_targets_are_refused_and_a_foreign_401_does_not_blame_the_token() {
+    let foreign = serve(|_req| async { respond(401, "who are you") }).await;
+    let nar = bytes_of(50, 1000);
+    let upstream = Upstream::default();
+    let metadata = upstream.add(50, &nar, ("none", &nar), None);
+    let elsewhere = upstream.add(51, &nar, ("none", &nar), None);
+    for (hash, target) in [
+        (
+            &metadata,
+            "http://169.254.169.254/latest/meta-data/x.nar".to_string(),
+        ),
+        (&elsewhere, format!("http://{foreign}/nar/x.nar")),
+    ] {
+        let path = format!("/{hash}.narinfo");
+        let info = String::from_utf8(upstream.files.lock().unwrap()[&path].bytes.to_vec()).unwrap();
+        let old = info
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_string();
+        upstream.put(&path, info.replace(&old, &target), true);
+    }
+    let url = upstream.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[[upstream]]\nname = \"u\"\nurl = \"{url}\"\nidentity = \"ci\"\n[identity.ci]\nprovider = \"static\"\nvariable = \"TEST_TOKEN\"\n"
+    );
+    let sidecar = Sidecar::start(dir.path(), &config, &[("TEST_TOKEN", "a-token-for-u")]);
+    let path = nar_url(&sidecar, &metadata).await;
+    let got = get(&format!("{}/{path}", sidecar.url), "GET", &[]).await;
+    assert_eq!(got.status, 503);
+    assert!(got.text().contains("link-local"), "{}", got.text());
+    let path = nar_url(&sidecar, &elsewhere).await;
+    let got = get(&format!("{}/{path}", sidecar.url), "GET", &[]).await;
+    assert_eq!(got.status, 503);
+    let text = got.text();
+    assert!(!text.contains("rejected this machine's identity"), "{text}");
+    assert!(text.contains("never got the token"), "{text}");
+}

@@ -1,11 +1,13 @@
 //! `allowed-uids`: who owns the other end of a loopback TCP connection, from the kernel's own
-//! socket table (`/proc/net/tcp`, `/proc/net/tcp6`): the client's socket is the row whose local
-//! address is our peer and whose remote address is us.
+//! socket table (`/proc/self/net/tcp`, `/proc/self/net/tcp6`): the client's socket is the row
+//! whose local address is our peer and whose remote address is us. Read through `self`:
+//! `/proc/net` is missing under systemd's `ProcSubset=pid`. The uid is as this process sees
+//! it: under `PrivateUsers=` every other uid reads as 65534, so the unit does not set it.
 
 use std::net::{IpAddr, SocketAddr};
 
 pub fn uid_of(peer: SocketAddr, us: SocketAddr) -> Option<u32> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
         .iter()
         .find_map(|table| {
             let text = std::fs::read_to_string(table).ok()?;

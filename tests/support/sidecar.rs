@@ -12,12 +12,25 @@ pub struct Sidecar {
     pub dir: PathBuf,
     config: String,
     env: Vec<(String, String)>,
+    /// A command the daemon runs under (`wrapper... nix-sidecar serve ...`).
+    wrapper: Vec<String>,
 }
 
 impl Sidecar {
     /// Starts with `config` (TOML, without `listen` and `cache-dir`, which are added) in `dir`.
     pub fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Sidecar {
+        Sidecar::start_wrapped(dir, config, env, &[])
+    }
+
+    /// Like `start`, with the daemon run as the last argument of `wrapper`.
+    pub fn start_wrapped(
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Sidecar {
         let mut sidecar = Sidecar {
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             child: None,
             url: String::new(),
             log: dir.join("sidecar.log"),
@@ -50,7 +63,15 @@ impl Sidecar {
             .open(&self.log)
             .unwrap();
         let start_len = log.metadata().unwrap().len();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nix-sidecar"));
+        let binary = env!("CARGO_BIN_EXE_nix-sidecar");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
