@@ -115,6 +115,7 @@ http {{
   server {{
     listen 127.0.0.1:{p['upstream']} ssl; ssl_certificate {cert}; ssl_certificate_key {key}; root {self.cache};
     location /wan/ {{ alias {self.cache}/; limit_rate {WAN_RATE_MIB}m; }}
+    location /slow/ {{ alias {self.cache}/; limit_rate 1m; }}
   }}
   server {{ listen 127.0.0.1:{p['static']}; root {self.cache}; }}
   server {{
@@ -175,6 +176,17 @@ http {{
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
         return 0.0
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.sidecar.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def threads(self) -> int:
+        with open(f"/proc/{self.sidecar.pid}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("Threads:"))
 
     def teardown(self):
         self.stop_sidecar()
@@ -323,6 +335,35 @@ def peak_rss(b: Bench, results: list):
     warm_rss = b.peak_rss_mib()
     results.append(("5. peak RSS, 8 x big NAR cold+warm, MiB", warm_rss, "limit", 100.0, "<= 100 MiB"))
     print(f"# peak RSS after cold: {cold_rss:.1f} MiB, after cold+warm: {warm_rss:.1f} MiB")
+
+
+CROWD = int(os.environ.get("BENCH_CROWD", "256"))
+
+
+def crowd_cold(b: Bench, results: list):
+    """8. Peak RSS while CROWD clients each download a different cold 2 MiB NAR, all at once,
+    from an upstream that sends each at 1 MiB/s (so every download is in flight together);
+    then RSS and threads a minute after the load ended."""
+    if not hasattr(b, "crowd"):
+        b.crowd = [write_nar(b.cache, f"crowd{i}", 2 << 20) for i in range(CROWD)]
+    b.start_sidecar(fresh=True, upstream_path="/slow")
+    urls = [b.url("sidecar", nar_url_of(b, "sidecar", h)) for h in b.crowd]
+    baseline = b.rss_mib()
+    started = time.monotonic()
+    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", u]) for u in urls]
+    peak_threads = 0
+    while any(p.poll() is None for p in procs):
+        peak_threads = max(peak_threads, b.threads())
+        time.sleep(0.05)
+    assert all(p.returncode == 0 for p in procs)
+    took = time.monotonic() - started
+    peak = b.peak_rss_mib()
+    time.sleep(60)
+    after = b.rss_mib()
+    print(f"# {CROWD} cold downloads in {took:.1f} s: RSS {baseline:.1f} MiB before, peak {peak:.1f} MiB, "
+          f"{after:.1f} MiB a minute later; threads peak {peak_threads}, {b.threads()} a minute later")
+    results.append((f"8. peak RSS, {CROWD} concurrent cold NARs, MiB", peak, "limit", 100.0, "<= 100 MiB"))
+    results.append((f"8b. RSS a minute after, MiB", after, "limit", 40.0, "<= 40 MiB"))
 
 
 NIX_PATHS = int(os.environ.get("BENCH_NIX_PATHS", "300"))
@@ -495,7 +536,7 @@ def big_index(b: Bench, results: list):
 
 
 SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "6": real_nix,
-             "7": big_index}
+             "7": big_index, "8": crowd_cold}
 
 
 def main():

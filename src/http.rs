@@ -55,7 +55,10 @@ pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
         .wrap_connector(http);
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(Duration::from_secs(30))
+            // After a burst of downloads, a few warm connections are worth keeping; hundreds
+            // (each with its TLS state and buffers) kept memory at the burst's peak.
+            .pool_max_idle_per_host(16)
             .build(https),
     )
 }

@@ -92,8 +92,21 @@ enum CacheAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Two malloc arenas, not one per thread that ever allocated: with a blocking pool the
+    // arenas multiplied and fragmented under many downloads. Chunk buffers (256 KiB) are
+    // mapped and unmapped whole instead of being carved from (and kept in) the heap; the
+    // buffer pool keeps the few that are worth reusing.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work is short (a chunk hashed, a file chunk read, an index commit): a few
+        // threads do it, however many downloads are in flight.
+        .max_blocking_threads(16)
         .build()
         .expect("tokio runtime");
     let result = runtime.block_on(run(cli.command));

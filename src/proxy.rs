@@ -523,17 +523,18 @@ fn ready_frame(
 /// Copies an upstream body into a sink, giving up when it stalls. Returns the bytes copied.
 /// TLS hands over ~16 KiB frames; whatever is already there is gathered into one chunk (up to
 /// 256 KiB) so the sink hashes, writes and wakes its readers once per chunk, not per frame.
+/// A frame that comes alone (a slow upstream) goes on as it is: a gathering buffer per slow
+/// download made memory grow with the number of downloads.
 async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, String> {
     let mut copied = 0u64;
-    let mut pending = buffers::take(CHUNK);
+    let mut pending = Gathered::default();
     loop {
         // Take a frame that is ready now; before waiting for one, pass on what was gathered.
         let frame = match ready_frame(&mut body) {
             Some(frame) => frame,
             None => {
-                if !pending.is_empty() {
-                    let full = std::mem::replace(&mut pending, buffers::take(CHUNK));
-                    sink.write(buffers::freeze(full)).await?;
+                if let Some(chunk) = pending.take() {
+                    sink.write(chunk).await?;
                 }
                 tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame())
                     .await
@@ -542,8 +543,8 @@ async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64,
         };
         match frame {
             None => {
-                if !pending.is_empty() {
-                    sink.write(buffers::freeze(pending)).await?;
+                if let Some(chunk) = pending.take() {
+                    sink.write(chunk).await?;
                 }
                 return Ok(copied);
             }
@@ -551,13 +552,61 @@ async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64,
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     copied += data.len() as u64;
-                    pending.extend_from_slice(&data);
-                    if pending.len() >= CHUNK {
-                        let full = std::mem::replace(&mut pending, buffers::take(CHUNK));
-                        sink.write(buffers::freeze(full)).await?;
+                    if let Some(full) = pending.add(data) {
+                        sink.write(full).await?;
                     }
                 }
             }
+        }
+    }
+}
+
+/// Frames gathered into a chunk: one frame is kept as it is; a buffer is taken only once a
+/// second one arrives.
+#[derive(Default)]
+enum Gathered {
+    #[default]
+    Empty,
+    One(bytes::Bytes),
+    Many(Vec<u8>),
+}
+
+impl Gathered {
+    /// Adds a frame; returns a full chunk to pass on first, if adding it would overflow.
+    fn add(&mut self, data: bytes::Bytes) -> Option<bytes::Bytes> {
+        let len = self.len();
+        let full = (len > 0 && len + data.len() > CHUNK)
+            .then(|| self.take())
+            .flatten();
+        *self = match std::mem::take(self) {
+            Gathered::Empty => Gathered::One(data),
+            Gathered::One(first) => {
+                let mut buf = buffers::take(CHUNK);
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                Gathered::Many(buf)
+            }
+            Gathered::Many(mut buf) => {
+                buf.extend_from_slice(&data);
+                Gathered::Many(buf)
+            }
+        };
+        full
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Gathered::Empty => 0,
+            Gathered::One(b) => b.len(),
+            Gathered::Many(buf) => buf.len(),
+        }
+    }
+
+    fn take(&mut self) -> Option<bytes::Bytes> {
+        match std::mem::take(self) {
+            Gathered::Empty => None,
+            Gathered::One(b) => Some(b),
+            Gathered::Many(buf) => Some(buffers::freeze(buf)),
         }
     }
 }

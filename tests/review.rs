@@ -477,16 +477,13 @@ async fn eviction_under_eight_clients_keeps_the_books_exact_and_the_cache_cachin
     println!("eviction soak: {evictions} evictions, peak {peak} bytes, final {size} bytes");
 }
 
-/// Item 14: a disk that fills while a NAR of unannounced size is downloading. The cache gives
-/// the file up; every client already following gets every byte, still verified.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disk_that_fills_mid_download_still_serves_every_client_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    std::fs::create_dir_all(&cache).unwrap();
+/// A tmpfs of `size` mounted at `dir` until the guard drops; `None` (and the test skipped)
+/// where mounting needs a root this is not (CI runs as root).
+fn tmpfs(dir: &Path, size: &str) -> Option<Unmount> {
+    std::fs::create_dir_all(dir).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&cache)
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
@@ -495,18 +492,31 @@ async fn a_disk_that_fills_mid_download_still_serves_every_client_whole() {
             "CI runs as root and must mount a tmpfs"
         );
         eprintln!("skipped: mounting a tmpfs needs root");
+        return None;
+    }
+    Some(Unmount(dir.to_path_buf()))
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Item 14: a disk that fills while a NAR of unannounced size is downloading. The cache gives
+/// the file up; every client already following gets every byte, still verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_mid_download_still_serves_every_client_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let Some(_unmount) = tmpfs(&cache, "16m") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(cache.clone());
+    };
     let upstream = Upstream::default();
     let nar = bytes_of(7, 40 * 1024 * 1024);
     let zst = zstd::encode_all(&nar[..], 1).unwrap();
@@ -767,4 +777,53 @@ async fn link_local_targets_are_refused_and_a_foreign_401_does_not_blame_the_tok
     let text = got.text();
     assert!(!text.contains("rejected this machine's identity"), "{text}");
     assert!(text.contains("never got the token"), "{text}");
+}
+
+/// Item 14 with real Nix: an Attic-like upstream (no FileHash, no FileSize) and a zstd NAR
+/// larger than the disk the cache is on. Nix gets the path; the cache keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_nix_substitutes_a_nar_larger_than_the_disk_left_for_the_cache() {
+    let fx = support::nix::build_one(
+        "sidecar-random",
+        "/usr/bin/head -c 12000000 /dev/urandom > $out",
+        "zstd",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_unmount) = tmpfs(&dir.path().join("cache"), "8m") else {
+        return;
+    };
+    let upstream = support::upstream::UpstreamDouble::start_with(fx.cache.clone(), None, |s| {
+        s.strip_file_hash = true;
+    })
+    .await;
+    let config = format!(
+        "min-free-space = \"0\"\ntrusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"attic\"\nurl = \"{}\"\n",
+        fx.public_key, upstream.url
+    );
+    let sidecar = Sidecar::start(dir.path(), &config, &[]);
+    let (url, pk, top, client) = (
+        sidecar.url.clone(),
+        fx.public_key.clone(),
+        fx.top.clone(),
+        dir.path().join("client"),
+    );
+    let out =
+        tokio::task::spawn_blocking(move || support::nix::substitute(&url, &pk, &[&top], &client))
+            .await
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sidecar.logs()
+    );
+    assert!(
+        sidecar.logs().contains("serving it uncached"),
+        "{}",
+        sidecar.logs()
+    );
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    let again = sidecar.narinfo(&fx.top).await;
+    assert_eq!(again.status, 200, "the index still answers");
 }

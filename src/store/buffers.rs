@@ -7,10 +7,11 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-/// At most this many spare buffers are kept (16 MiB at the usual size).
+/// At most this many spare buffers are kept (4 MiB at the usual size).
 const SPARE_LIMIT: usize = 16;
-/// Every buffer gets at least this capacity, so any spare one fits any use without growing.
-const CAPACITY: usize = 1024 * 1024;
+/// Every buffer gets at least this capacity (a fill's chunk), so any spare one fits any use
+/// without growing. Larger, and every download in flight held a MiB or more.
+const CAPACITY: usize = 256 * 1024;
 
 /// An empty buffer with room for at least `len` bytes, reused if one is spare.
 pub fn take(len: usize) -> Vec<u8> {
@@ -38,6 +39,26 @@ impl Drop for Loaned {
         let mut spare = SPARE.lock().unwrap();
         if spare.len() < SPARE_LIMIT {
             spare.push(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+/// Hands memory freed after a burst of downloads back to the system. glibc keeps freed heap
+/// memory for reuse, so RSS stayed at its peak long after the load ended; this trims it, at
+/// most once a second, when the last download ends.
+pub fn trim_when_idle() {
+    #[cfg(target_env = "gnu")]
+    {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = crate::store::unix_now();
+        if LAST.swap(now, Ordering::Relaxed) != now {
+            // SAFETY: malloc_trim only returns free heap memory to the system.
+            let trim = || unsafe { libc::malloc_trim(0) };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(trim)),
+                Err(_) => drop(trim()),
+            }
         }
     }
 }

@@ -9,7 +9,6 @@ use std::io::Write;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256 as Hasher};
-use tokio::sync::mpsc;
 
 use crate::nix::hash::Sha256;
 use crate::nix::narinfo::NarInfo;
@@ -111,12 +110,16 @@ impl Write for NarSink {
     }
 }
 
-/// Checks a NAR on a blocking thread while it streams, so hashing (and decompressing)
-/// overlaps with receiving, writing and serving it: on a cold fill the hash is the single
-/// largest cost. Overlong streams are refused here, before their bytes go anywhere.
+/// Checks a NAR while it streams: each chunk is hashed (and decompressed) on a short blocking
+/// task while the next one is received, written and served, so hashing overlaps with the rest
+/// (on a cold fill it is the largest single cost) and no thread is held for a download's
+/// whole life (a thread per download made memory grow with the number of downloads).
+/// Overlong streams are refused here, before their bytes go anywhere.
 pub struct Verifier {
-    chunks: Option<mpsc::Sender<Bytes>>,
-    outcome: tokio::task::JoinHandle<Result<String, String>>,
+    /// The check, here between chunks.
+    idle: Option<Box<ContentCheck>>,
+    /// The check, away hashing the previous chunk.
+    busy: Option<tokio::task::JoinHandle<(Box<ContentCheck>, Result<(), String>)>>,
     promise: Option<Promise>,
     received: u64,
 }
@@ -124,19 +127,11 @@ pub struct Verifier {
 impl Verifier {
     /// Must be called within the runtime.
     pub fn start(expected: &Expected) -> Result<Verifier, String> {
-        let mut check = ContentCheck::new(expected)?;
-        let promise = check.promise;
-        let (chunks, mut incoming) = mpsc::channel::<Bytes>(8);
-        let outcome = tokio::task::spawn_blocking(move || {
-            while let Some(chunk) = incoming.blocking_recv() {
-                check.update(&chunk)?;
-            }
-            check.finish()
-        });
+        let check = ContentCheck::new(expected)?;
         Ok(Verifier {
-            chunks: Some(chunks),
-            outcome,
-            promise,
+            promise: check.promise,
+            idle: Some(Box::new(check)),
+            busy: None,
             received: 0,
         })
     }
@@ -146,23 +141,32 @@ impl Verifier {
         if let Some(promise) = &self.promise {
             promise.allows(self.received)?;
         }
-        let chunks = self.chunks.as_ref().expect("update before finish");
-        if chunks.send(chunk).await.is_err() {
-            // The check stopped early: it has the reason.
-            self.chunks = None;
-            return Err(self.outcome().await.err().unwrap_or_default());
-        }
+        let mut check = self.take_back().await?;
+        self.busy = Some(tokio::task::spawn_blocking(move || {
+            let outcome = check.update(&chunk);
+            (check, outcome)
+        }));
         Ok(())
+    }
+
+    /// The check, once it is done with the previous chunk; its error if that chunk failed.
+    async fn take_back(&mut self) -> Result<Box<ContentCheck>, String> {
+        match self.busy.take() {
+            Some(busy) => {
+                let (check, outcome) = busy.await.map_err(|e| format!("verification task: {e}"))?;
+                outcome.map(|()| check)
+            }
+            None => self
+                .idle
+                .take()
+                .ok_or_else(|| "verification already failed".into()),
+        }
     }
 
     /// Ends the stream; returns the SHA-256 of the bytes as stored (hex).
     pub async fn finish(mut self) -> Result<String, String> {
-        self.chunks = None;
-        self.outcome().await
-    }
-
-    async fn outcome(&mut self) -> Result<String, String> {
-        (&mut self.outcome)
+        let check = self.take_back().await?;
+        tokio::task::spawn_blocking(move || check.finish())
             .await
             .unwrap_or_else(|e| Err(format!("verification task: {e}")))
     }

@@ -80,18 +80,17 @@ pub struct Fill {
     advanced: Notify,
 }
 
-/// The fill's bytes held in memory.
+/// The bytes of a fill whose file was given up, held in memory for its readers.
 #[derive(Default)]
 struct Memory {
-    /// The last chunks written, so readers keeping up take them from memory instead of
-    /// reading the file back (the page cache copy and a buffer per chunk).
+    /// The last chunks written past `file_end`.
     recent: VecDeque<(u64, Bytes)>,
     /// Set once the file could not take more (disk full): bytes from here on are only in
     /// `recent`, and stay there until every reader has taken them.
     file_end: Option<u64>,
 }
 
-/// How many of the latest chunks a fill keeps in memory for its readers.
+/// How many of the latest chunks an uncached fill keeps in memory for its readers.
 const RECENT_CHUNKS: usize = 4;
 
 impl Fill {
@@ -119,7 +118,7 @@ impl Fill {
         })
     }
 
-    /// Up to `len` bytes at `pos`, from memory if a recent chunk has them, else from the file.
+    /// Up to `len` bytes at `pos`, from the file, or from memory past the end of a file given up.
     fn read(&self, pos: u64, len: usize) -> std::io::Result<Bytes> {
         match self.piece(pos, len)? {
             Piece::Bytes(bytes) => Ok(bytes),
@@ -138,9 +137,7 @@ impl Fill {
                 pos,
                 len: len.min((end - pos) as usize),
             }),
-            None => Ok(Fill::recent(&memory, pos, len)
-                .map(Piece::Bytes)
-                .unwrap_or(Piece::File { pos, len })),
+            None => Ok(Piece::File { pos, len }),
         }
     }
 
@@ -154,8 +151,10 @@ impl Fill {
             .min()
     }
 
-    /// Keeps `chunk` at `offset` for readers. A cached fill drops the oldest chunk at once
-    /// (readers find it in the file); an uncached one waits until every reader took it.
+    /// Keeps `chunk` at `offset` for readers of an uncached fill, waiting while the oldest
+    /// chunk kept is one a reader has not taken yet. A cached fill keeps nothing: its readers
+    /// read the file (by `sendfile`, from the page cache), so memory does not grow with the
+    /// number of downloads.
     async fn remember(&self, offset: u64, chunk: Bytes) -> Result<(), String> {
         loop {
             let advanced = self.advanced.notified();
@@ -163,16 +162,19 @@ impl Fill {
             advanced.as_mut().enable();
             {
                 let mut memory = self.memory.lock().unwrap();
-                let full = memory.recent.len() >= RECENT_CHUNKS;
-                let needed = |memory: &Memory| {
-                    let (at, oldest) = memory.recent.front()?;
-                    let end = at + oldest.len() as u64;
-                    (memory.file_end.is_some_and(|f| end > f)
-                        && self.slowest_reader().is_some_and(|p| p < end))
-                    .then_some(())
-                };
-                if !full || needed(&memory).is_none() {
-                    if full {
+                if memory.file_end.is_none() {
+                    return Ok(());
+                }
+                let oldest_end = memory
+                    .recent
+                    .front()
+                    .map(|(at, oldest)| at + oldest.len() as u64);
+                let needed = oldest_end.is_some_and(|end| {
+                    memory.file_end.is_some_and(|f| end > f)
+                        && self.slowest_reader().is_some_and(|p| p < end)
+                });
+                if memory.recent.len() < RECENT_CHUNKS || !needed {
+                    if memory.recent.len() >= RECENT_CHUNKS {
                         memory.recent.pop_front();
                     }
                     memory.recent.push_back((offset, chunk));

@@ -421,6 +421,9 @@ impl Store {
         let mut fills = self.0.fills.lock().unwrap();
         if fills.get(key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
             fills.remove(key);
+            if fills.is_empty() {
+                buffers::trim_when_idle();
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::fill::ByteStream;
 
 /// Chunk size for stored files: larger than a fill's, since the bytes are all there.
-const FILE_CHUNK: usize = 1024 * 1024;
+const FILE_CHUNK: usize = 256 * 1024;
 /// The first chunk is small, so the first bytes leave before a whole chunk is read.
 const FIRST_CHUNK: usize = 64 * 1024;
 

@@ -171,6 +171,32 @@ pub fn in_store(dir: &Path, path: &str) -> bool {
         .exists()
 }
 
+/// One store path made by the shell `script` (writing `$out`), in a signed binary cache.
+pub fn build_one(name: &str, script: &str, compression: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let expr = format!(
+        r#"
+builtins.derivation {{
+  name = "{name}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "{script}" ];
+}}
+"#
+    );
+    let top = build_expr(home, "one.nix", &expr).trim().to_string();
+    let (cache, public_key) = signed_cache(home, &[top.as_str()], compression);
+    Fixture {
+        cache,
+        public_key,
+        closure: vec![top.clone()],
+        outside: top.clone(),
+        top,
+        _dir: dir,
+    }
+}
+
 /// `count` independent paths of about `lines` * 6 bytes each, in a binary cache with `compression`.
 pub fn build_many(count: usize, lines: u32, compression: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
