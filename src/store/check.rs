@@ -115,11 +115,14 @@ impl Write for NarSink {
 /// (on a cold fill it is the largest single cost) and no thread is held for a download's
 /// whole life (a thread per download made memory grow with the number of downloads).
 /// Overlong streams are refused here, before their bytes go anywhere.
+/// The check and its outcome, once the chunk it took away is hashed.
+type HashingChunk = tokio::task::JoinHandle<(Box<ContentCheck>, Result<(), String>)>;
+
 pub struct Verifier {
     /// The check, here between chunks.
     idle: Option<Box<ContentCheck>>,
     /// The check, away hashing the previous chunk.
-    busy: Option<tokio::task::JoinHandle<(Box<ContentCheck>, Result<(), String>)>>,
+    busy: Option<HashingChunk>,
     promise: Option<Promise>,
     received: u64,
 }
