@@ -22,10 +22,10 @@ in
       default = { };
       example = lib.literalExpression ''
         {
-          trusted-public-keys = [ "cache.example.org-1:BASE64=" ];
           upstream = [
-            { name = "org"; url = "https://cache.example.org/org-view"; identity = "ci"; }
-            { name = "nixos"; url = "https://cache.nixos.org"; }
+            { name = "org"; url = "https://cache.example.org/org-view"; identity = "ci";
+              trusted-public-keys = [ "<your-cache-key-name>:<base64 public key>" ]; }
+            { preset = "nixos"; }  # cache.nixos.org with its key
           ];
           identity.ci = { provider = "gcp"; audience = "https://cache.example.org"; };
         }
@@ -42,7 +42,7 @@ in
     addSubstituter = lib.mkOption {
       type = lib.types.bool;
       default = true;
-      description = "Add http://127.0.0.1:<port> to nix.settings.substituters and the configured keys to trusted-public-keys.";
+      description = "Add http://127.0.0.1:<port> to nix.settings.substituters, and every key the upstreams need (global, per upstream, and presets' keys) to trusted-public-keys.";
     };
   };
 
@@ -53,7 +53,8 @@ in
 
     nix.settings = lib.mkIf cfg.addSubstituter {
       substituters = lib.mkBefore [ "http://127.0.0.1:${port}" ];
-      trusted-public-keys = cfg.settings.trusted-public-keys or [ ];
+      # Every key the upstreams' narinfos may be signed with: Nix checks them again.
+      trusted-public-keys = import ./keys.nix cfg.settings;
     };
 
     systemd.services.nix-sidecar = {

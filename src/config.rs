@@ -165,40 +165,34 @@ pub enum Auth {
     Basic { username: String },
 }
 
-/// Known upstreams: URL, auth style and signing keys, each overridable.
+/// Known upstreams: URL, Basic user (if they take the token as a Basic password) and signing
+/// keys, each overridable. One file for this and the NixOS module, which adds the keys to
+/// `nix.settings`.
+#[derive(Deserialize)]
 struct Preset {
-    url: &'static str,
-    auth: fn() -> Auth,
-    keys: &'static [&'static str],
+    url: String,
+    username: Option<String>,
+    keys: Vec<String>,
 }
 
-const FLAKEHUB_KEYS: &[&str] = &[
-    "cache.flakehub.com-3:hJuILl5sVK4iKm86JzgdXW12Y2Hwd5G07qKtHTOcDCM=",
-    "cache.flakehub.com-4:Asi8qIv291s0aYLyH6IOnr5Kf6+OF14WVjkE6t3xMio=",
-    "cache.flakehub.com-5:zB96CRlL7tiPtzA9/WKyPkp3A2vqxqgdgyTVNGShPDU=",
-    "cache.flakehub.com-6:W4EGFwAGgBj3he7c5fNh9NkOXw0PUVaxygCVKeuvaqU=",
-    "cache.flakehub.com-7:mvxJ2DZVHn/kRxlIaxYNMuDG1OvMckZu32um1TadOR8=",
-    "cache.flakehub.com-8:moO+OVS0mnTjBTcOUh2kYLQEd59ExzyoW1QgQ8XAARQ=",
-    "cache.flakehub.com-9:wChaSeTI6TeCuV/Sg2513ZIM9i0qJaYsF+lZCXg0J6o=",
-    "cache.flakehub.com-10:2GqeNlIp6AKp4EF2MVbE1kBOp9iBSyo0UPR9KoR0o1Y=",
-];
-
-fn preset(name: &str) -> Option<Preset> {
-    match name {
-        "flakehub" => Some(Preset {
-            url: "https://cache.flakehub.com",
-            auth: || Auth::Basic {
-                username: "flakehub".into(),
+impl Preset {
+    fn auth(&self) -> Auth {
+        match &self.username {
+            Some(username) => Auth::Basic {
+                username: username.clone(),
             },
-            keys: FLAKEHUB_KEYS,
-        }),
-        "nixos" => Some(Preset {
-            url: "https://cache.nixos.org",
-            auth: || Auth::Bearer,
-            keys: &["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="],
-        }),
-        _ => None,
+            None => Auth::Bearer,
+        }
     }
+}
+
+fn preset(name: &str) -> Option<&'static Preset> {
+    static PRESETS: std::sync::LazyLock<BTreeMap<String, Preset>> =
+        std::sync::LazyLock::new(|| {
+            serde_json::from_str(include_str!("../nixos-module/presets.json"))
+                .expect("nixos-module/presets.json is valid")
+        });
+    PRESETS.get(name)
 }
 
 #[derive(Debug, Clone)]
@@ -392,7 +386,7 @@ impl Config {
             };
             let url_text = match (&up.url, &preset) {
                 (Some(url), _) => url.clone(),
-                (None, Some(p)) => p.url.to_string(),
+                (None, Some(p)) => p.url.clone(),
                 (None, None) => return Err(invalid(key("url"), "is required (or set a preset)")),
             };
             let url = Url::parse(&url_text)
@@ -402,7 +396,7 @@ impl Config {
                 (Some("basic"), Some(user), _) => Auth::Basic {
                     username: user.clone(),
                 },
-                (Some("basic"), None, Some(p)) => (p.auth)(),
+                (Some("basic"), None, Some(p)) => p.auth(),
                 (Some("basic"), None, None) => {
                     return Err(invalid(
                         key("username"),
@@ -424,12 +418,12 @@ impl Config {
                 (None, Some(user), _) => Auth::Basic {
                     username: user.clone(),
                 },
-                (None, None, Some(p)) => (p.auth)(),
+                (None, None, Some(p)) => p.auth(),
                 (None, None, None) => Auth::Bearer,
             };
             let upstream_keys = match (&up.trusted_public_keys, &preset) {
                 (Some(keys), _) => keys.clone(),
-                (None, Some(p)) => p.keys.iter().map(|k| k.to_string()).collect(),
+                (None, Some(p)) => p.keys.clone(),
                 (None, None) => vec![],
             };
             TrustedKeys::parse(&upstream_keys)

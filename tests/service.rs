@@ -49,9 +49,61 @@ fn the_unit_verifies_and_is_rated_at_most_2_0_by_systemd_analyze_security() {
     assert!(level <= 2.0, "exposure {level}");
 }
 
+/// The module's `nix.settings.trusted-public-keys`, evaluated with real Nix on `settings`.
+fn module_keys(settings: &str) -> Vec<String> {
+    let expr = format!("import {ROOT}/nixos-module/keys.nix ({settings})");
+    let out = std::process::Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json", "--expr", &expr])
+        .env(
+            "NIX_STATE_DIR",
+            std::env::temp_dir().join("nix-sidecar-eval"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_module_gives_nix_every_key_of_the_readme_example_and_of_presets() {
+    // The README's own NixOS example, as written there.
+    let readme = std::fs::read_to_string(format!("{ROOT}/README.md")).unwrap();
+    let start = readme
+        .find("            settings = {")
+        .expect("the NixOS example");
+    let end = start + readme[start..].find("\n            };").unwrap();
+    let settings = &readme[start + "            settings = ".len()..end + "\n            }".len()];
+    let keys = module_keys(settings);
+    assert!(
+        keys.iter().any(|k| k.starts_with("cache.nixos.org-1:")),
+        "the nixos preset's key: {keys:?}"
+    );
+    assert_eq!(keys.len(), 2, "and the org upstream's own key: {keys:?}");
+
+    let keys = module_keys(
+        r#"{ trusted-public-keys = [ "global-1:AAAA" ];
+             upstream = [ { preset = "flakehub"; } { preset = "nixos"; trusted-public-keys = [ "mirror-1:BBBB" ]; } { url = "https://x"; } ]; }"#,
+    );
+    assert_eq!(keys[0], "global-1:AAAA");
+    assert!(keys.iter().any(|k| k.starts_with("cache.flakehub.com-")));
+    assert!(keys.contains(&"mirror-1:BBBB".to_string()));
+    assert!(
+        !keys.iter().any(|k| k.starts_with("cache.nixos.org")),
+        "an upstream's own list replaces its preset's, as in the daemon"
+    );
+}
+
 #[test]
 fn every_nix_file_parses() {
-    for file in ["flake.nix", "nixos-module/default.nix"] {
+    for file in [
+        "flake.nix",
+        "nixos-module/default.nix",
+        "nixos-module/keys.nix",
+    ] {
         let out = std::process::Command::new("nix-instantiate")
             .args(["--parse", &format!("{ROOT}/{file}")])
             .output()

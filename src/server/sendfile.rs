@@ -9,9 +9,11 @@
 //! writes them and sends the same number of bytes from the front registered range instead.
 //! HTTP/1 writes one connection's bytes in order, so a FIFO of ranges maps every placeholder
 //! byte to exactly one file byte. This relies on hyper queueing body chunks as they are (its
-//! `writev` strategy, forced on in `server::serve`) rather than copying them; HTTP/2 copies
-//! into its frames, so h2 requests never get these bodies. A placeholder written with no range
-//! to stand for is an error, never zeros on the wire.
+//! `writev` strategy, set in `server::connection_builder`) rather than copying them, and on the
+//! bodies never yielding more than the length their response announced (hyper would cut the
+//! frame and keep the connection). Each segment's placeholders come from its own half of the
+//! region, so a placeholder that is not its segment's next byte, or has no range to stand for,
+//! is an error that closes the connection: never zeros or another file's bytes on the wire.
 
 use std::collections::VecDeque;
 use std::fs::File;

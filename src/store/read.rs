@@ -1,5 +1,5 @@
-//! Reading stored NAR bytes into memory: for HTTP/2 clients (HTTP/1 ones get `sendfile`, see
-//! `server::sendfile`) and for fill readers that fell behind.
+//! Reading stored NAR bytes into memory, where `sendfile` (see `server::sendfile`) cannot be
+//! used: a client connection without its segments, and readers of a fill that read its file.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
