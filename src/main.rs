@@ -214,6 +214,11 @@ async fn serve(config: Config) -> Result<(), String> {
     }
     let listeners = nix_sidecar::server::bind(&config.listen).await?;
     let proxy = Arc::new(Proxy::new(&config)?);
+    // Every identity's token is obtained now and kept fresh, requests or not: health must
+    // say a token file is missing before the first pull fails on it.
+    for identity in &proxy.identities {
+        tokio::spawn(identity.clone().keep_fresh());
+    }
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, cache_dir = %config.cache_dir.display(), upstreams = config.upstreams.len(), "listening");

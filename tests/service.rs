@@ -252,3 +252,55 @@ async fn sigterm_during_twenty_downloads_exits_within_the_grace_and_leaves_a_cle
         "{report}"
     );
 }
+
+/// Health follows the identity without any request: a token file missing at start-up, then
+/// there, then gone again, each seen within about one refresh interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_a_token_file_without_any_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    let config = format!(
+        "[[upstream]]\nname = \"u\"\nurl = \"http://127.0.0.1:9\"\nidentity = \"k8s\"\n\
+         [identity.k8s]\nprovider = \"file\"\npath = \"{}\"\nrefresh-interval = \"1s\"\n",
+        token.display()
+    );
+    let sidecar = Sidecar::start(dir.path(), &config, &[]);
+    let health = || async {
+        support::http::get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[])
+            .await
+            .status
+    };
+    let wait_for = |want: u16, what: &'static str| {
+        let health = &health;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while health().await != want {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(
+        503,
+        "a missing token file makes health 503 before any request",
+    )
+    .await;
+    let issuer = Issuer::start().await;
+    std::fs::write(
+        &token,
+        issuer.mint("machine", "https://cache.test", 3600, false),
+    )
+    .unwrap();
+    wait_for(200, "the file appears: healthy again").await;
+    std::fs::remove_file(&token).unwrap();
+    wait_for(503, "the file goes: 503 within a refresh").await;
+    let logs = sidecar.logs();
+    assert!(
+        logs.contains("obtained a token"),
+        "the first success is logged"
+    );
+    assert!(
+        logs.contains("token refresh failed"),
+        "every failure is logged"
+    );
+}

@@ -119,6 +119,8 @@ const RETRY_WITH_TOKEN: Duration = Duration::from_secs(5);
 /// ... up to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(20);
+/// A token with no expiry or re-read schedule (a static one) is looked at again this often.
+const IDLE_CHECK: Duration = Duration::from_secs(300);
 
 impl Identity {
     pub fn new(config: &IdentityConfig, client: Client) -> Identity {
@@ -167,6 +169,28 @@ impl Identity {
                 self.last_good_or_error(now, Some(reason))
             }
         }
+    }
+
+    /// Obtains the token now and keeps it fresh on its refresh schedule whether or not
+    /// requests come, so health tells the truth before the first request and soon after a
+    /// provider (or a token file) goes away. Runs until the runtime ends.
+    pub async fn keep_fresh(self: std::sync::Arc<Self>) {
+        loop {
+            let _ = self.token().await;
+            tokio::time::sleep_until(self.next_attempt().into()).await;
+        }
+    }
+
+    /// When the token is next due: its refresh time, or the retry time after a failure.
+    fn next_attempt(&self) -> Instant {
+        let state = self.state.lock().unwrap();
+        let now = Instant::now();
+        let due = match (&state.current, state.retry_at) {
+            (_, Some(retry)) if retry > now => retry,
+            (Some(token), _) => token.refresh_at.unwrap_or(now + IDLE_CHECK),
+            (None, _) => now + RETRY_WITHOUT_TOKEN,
+        };
+        due.clamp(now + Duration::from_millis(200), now + IDLE_CHECK)
     }
 
     /// Forgets the token of `generation` after the upstream rejected it, unless a newer one
@@ -257,6 +281,14 @@ impl Identity {
         );
         self.refreshes.fetch_add(1, Ordering::Relaxed);
         let mut state = self.state.lock().unwrap();
+        if state.last_success.is_none() || state.consecutive_failures > 0 {
+            tracing::info!(
+                identity = %self.name,
+                sub = token.claims.sub.as_deref().unwrap_or("-"),
+                seconds_left = ?token.seconds_left(),
+                "obtained a token"
+            );
+        }
         state.current = Some(token.clone());
         state.consecutive_failures = 0;
         state.retry_at = None;
