@@ -92,6 +92,14 @@ enum CacheAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // A one-shot command piped into `head` ends quietly when the pipe closes, as other
+        // command-line tools do (the daemon keeps Rust's default: EPIPE as an error).
+        // SAFETY: resetting a signal disposition before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // Two malloc arenas, not one per thread that ever allocated: with a blocking pool the
     // arenas multiplied and fragmented under many downloads. Chunk buffers (256 KiB) are
     // mapped and unmapped whole instead of being carved from (and kept in) the heap; the
@@ -312,6 +320,13 @@ fn cache(config: Config, action: CacheAction) -> Result<ExitCode, String> {
         max_size: config.max_cache_size,
         min_free: config.min_free_space,
     };
+    // Only `serve` creates a cache: a mistyped --cache-dir must not report an empty one.
+    if !config.cache_dir.join("index.redb").is_file() {
+        return Err(format!(
+            "{} holds no nix-sidecar cache (no index.redb); check --cache-dir",
+            config.cache_dir.display()
+        ));
+    }
     let store = Store::open(&config.cache_dir, limits)?;
     match action {
         CacheAction::Stats => {

@@ -28,6 +28,8 @@ use crate::upstream::{Answer, Upstream, UpstreamError};
 pub enum NarInfoAnswer {
     Found(String),
     Missing,
+    /// A miss because no upstream's narinfo carries a valid trusted signature.
+    Untrusted(String),
     Unavailable(String),
 }
 
@@ -58,7 +60,16 @@ pub enum NarAnswer {
     Unavailable(String),
 }
 
-type NarInfoResult = Result<Option<String>, UpstreamError>;
+/// What one upstream said of a narinfo.
+#[derive(Clone)]
+enum Lookup {
+    Found(String),
+    Missing,
+    /// It has one, but not signed by a trusted key: a miss, with the reason.
+    Untrusted(String),
+}
+
+type NarInfoResult = Result<Lookup, UpstreamError>;
 const MAX_REMEMBERED_MISSES: usize = 100_000;
 /// Narinfo lookups in flight, by (upstream index, hash): latecomers share the first one's result.
 type Flights = Mutex<HashMap<(usize, String), Arc<OnceCell<NarInfoResult>>>>;
@@ -93,6 +104,21 @@ pub fn partition(up: &crate::config::UpstreamConfig) -> String {
 impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy, String> {
         let metrics = Arc::new(Metrics::default());
+        // Every counter exists from start-up, at 0, so `increase()` alerts see the first event.
+        for kind in ["narinfo", "nar"] {
+            metrics.inc("cache_hits_total", &[("kind", kind)], 0);
+            metrics.inc("cache_misses_total", &[("kind", kind)], 0);
+        }
+        for name in [
+            "bytes_fetched_total",
+            "bytes_served_total",
+            "upstream_body_failures_total",
+        ] {
+            metrics.inc(name, &[], 0);
+        }
+        for up in &config.upstreams {
+            metrics.inc("signature_failures_total", &[("upstream", &up.name)], 0);
+        }
         let default_client = crate::http::client(None)?;
         let identities: Vec<Arc<Identity>> = config
             .identities
@@ -154,6 +180,7 @@ impl Proxy {
     /// The narinfo for `hash`: the first upstream (in order) that has it wins.
     pub async fn narinfo(&self, hash: &str) -> NarInfoAnswer {
         let mut failures = Vec::new();
+        let mut untrusted = Vec::new();
         for (i, up) in self.upstreams.iter().enumerate() {
             let cached = match self.store.narinfo(&self.partitions[i], hash) {
                 Some(fresh) if fresh.age < self.narinfo_ttl => {
@@ -169,8 +196,12 @@ impl Proxy {
             self.metrics
                 .inc("cache_misses_total", &[("kind", "narinfo")], 1);
             match self.fetch_narinfo_once(i, hash).await {
-                Ok(Some(text)) => return NarInfoAnswer::Found(text),
-                Ok(None) => self.remember_miss(i, hash),
+                Ok(Lookup::Found(text)) => return NarInfoAnswer::Found(text),
+                Ok(Lookup::Missing) => self.remember_miss(i, hash),
+                Ok(Lookup::Untrusted(reason)) => {
+                    self.remember_miss(i, hash);
+                    untrusted.push(reason);
+                }
                 Err(e) => {
                     if let Some(stale) = cached {
                         tracing::info!(upstream = %up.name, error = %e, "serving a stale narinfo");
@@ -181,10 +212,12 @@ impl Proxy {
                 }
             }
         }
-        if failures.is_empty() {
-            NarInfoAnswer::Missing
-        } else {
+        if !failures.is_empty() {
             NarInfoAnswer::Unavailable(failures.join("\n"))
+        } else if !untrusted.is_empty() {
+            NarInfoAnswer::Untrusted(untrusted.join("\n"))
+        } else {
+            NarInfoAnswer::Missing
         }
     }
 
@@ -247,7 +280,7 @@ impl Proxy {
             .ok_or_else(|| bad("cannot form the narinfo URL".into()))?;
         let response = match up.fetch(&url, Method::GET).await? {
             Answer::Found(response) => response,
-            Answer::Missing => return Ok(None),
+            Answer::Missing => return Ok(Lookup::Missing),
         };
         let body = crate::http::read_limited(
             response.into_body(),
@@ -272,7 +305,21 @@ impl Proxy {
             );
             self.metrics
                 .inc("signature_failures_total", &[("upstream", &up.name)], 1);
-            return Ok(None);
+            let names: Vec<&str> = info
+                .sigs
+                .iter()
+                .filter_map(|sig| sig.split_once(':').map(|(name, _)| name))
+                .collect();
+            return Ok(Lookup::Untrusted(format!(
+                "upstream `{}` has it, but no trusted key signed it (signed by: {}; trusted: {})",
+                up.name,
+                if names.is_empty() {
+                    "nobody".to_string()
+                } else {
+                    names.join(", ")
+                },
+                self.keys.names().join(", ")
+            )));
         }
         let text =
             String::from_utf8(body.to_vec()).map_err(|_| bad("narinfo is not UTF-8".into()))?;
@@ -294,7 +341,7 @@ impl Proxy {
         };
         let new = NewNarInfo::new(&partition, &hash_owned, &text_owned, &nar_key, nar);
         let stored = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
-        Ok(Some(
+        Ok(Lookup::Found(
             stored
                 .ok()
                 .and_then(|mut texts| texts.pop())

@@ -304,3 +304,64 @@ async fn health_follows_a_token_file_without_any_request() {
         "every failure is logged"
     );
 }
+
+/// Small things an operator meets in the first hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_metrics_at_zero_a_missing_cache_dir_and_a_closed_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        "[[upstream]]\nname = \"u\"\nurl = \"http://127.0.0.1:9\"\n",
+        &[],
+    );
+    let metrics = get(&format!("{}/_sidecar/metrics", sidecar.url), "GET", &[])
+        .await
+        .text();
+    for series in [
+        "nix_sidecar_signature_failures_total{upstream=\"u\"} 0",
+        "nix_sidecar_upstream_body_failures_total{} 0",
+        "nix_sidecar_cache_hits_total{kind=\"nar\"} 0",
+        "nix_sidecar_cache_misses_total{kind=\"narinfo\"} 0",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} from start-up:\n{metrics}"
+        );
+    }
+
+    let typo = dir.path().join("no-such-cache");
+    for action in ["stats", "verify"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(["cache", action, "--cache-dir"])
+            .arg(&typo)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{action} on a missing cache dir");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no nix-sidecar cache"));
+        assert!(!typo.exists(), "{action} created nothing");
+    }
+
+    // `nix-sidecar token | head -1`: the pipe closes early; no panic.
+    let config = dir.path().join("token.toml");
+    let token = Issuer::start()
+        .await
+        .mint("m", "https://cache.test", 600, false);
+    std::fs::write(
+        &config,
+        "[[upstream]]\nurl = \"https://cache.test\"\nidentity = \"i\"\n[identity.i]\nprovider = \"static\"\nvariable = \"T\"\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["token", "--config"])
+        .arg(&config)
+        .env("T", &token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}

@@ -311,7 +311,15 @@ async fn a_narinfo_without_a_valid_trusted_signature_is_a_404_with_a_warning() {
     // A well-formed key that did not sign the fixture.
     let other_key = "other-1:Pq7FQxuRrqZSNtvRKb1Ir8zTDAJ9l1yYa2ZIuHYTJho=";
     let s = Setup::new(&format!("trusted-public-keys = [\"{other_key}\"]"), None).await;
-    assert_eq!(s.get(&narinfo_path(&fx.top)).await.status, 404);
+    let answer = s.get(&narinfo_path(&fx.top)).await;
+    assert_eq!(answer.status, 404);
+    let body = answer.text();
+    assert!(
+        body.contains("no trusted key signed it") && body.contains("trusted: other-1"),
+        "the 404 says why: {body}"
+    );
+    let signer = fx.public_key.split(':').next().unwrap();
+    assert!(body.contains(signer), "and who did sign it: {body}");
     assert!(
         s.sidecar.logs().contains("no valid signature"),
         "a warning is logged"

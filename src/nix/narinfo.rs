@@ -185,6 +185,13 @@ pub struct TrustedKeys {
 pub struct BadKey(pub String);
 
 impl TrustedKeys {
+    /// The names of the keys, sorted (for messages).
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.keys.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<TrustedKeys, BadKey> {
         let mut keys = HashMap::new();
         for entry in entries {

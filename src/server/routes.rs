@@ -44,6 +44,7 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
         Some(CachePath::NarInfo(hash)) => match proxy.narinfo(&hash).await {
             NarInfoAnswer::Found(text) => typed(StatusCode::OK, "text/x-nix-narinfo", text),
             NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
+            NarInfoAnswer::Untrusted(reason) => text(StatusCode::NOT_FOUND, format!("{reason}\n")),
             NarInfoAnswer::Unavailable(reason) => unavailable(uri.path(), &reason),
         },
         Some(CachePath::Nar(key)) if request.version() < Version::HTTP_11 => {
