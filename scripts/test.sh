@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the tests need (real Nix for the end-to-end tests, systemd-analyze for the unit
+# checks), then runs them. As root it installs with apt-get; otherwise it says what is missing
+# and stops, so a missing prerequisite never looks like a failing test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nix-build >/dev/null 2>&1 || need+=(nix-bin)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v mount >/dev/null 2>&1 || need+=(mount)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "the tests need: ${need[*]} (Debian/Ubuntu: sudo apt-get install -y ${need[*]})" >&2
+    exit 2
+  fi
+fi
+
+cargo test --locked "$@"
