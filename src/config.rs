@@ -95,6 +95,24 @@ struct FileExchange {
     scope: Option<String>,
 }
 
+impl Config {
+    /// Warnings about token files that can be read now: one not made for its identity's
+    /// audience (see [`crate::identity::audience_mismatch`]).
+    pub fn token_file_warnings(&self) -> Vec<String> {
+        self.identities
+            .values()
+            .filter_map(|identity| {
+                let Provider::File { path, .. } = &identity.provider else {
+                    return None;
+                };
+                let text = std::fs::read_to_string(path).ok()?;
+                let claims = crate::identity::jwt::claims(text.trim()).ok()?;
+                crate::identity::audience_mismatch(identity, &claims)
+            })
+            .collect()
+    }
+}
+
 /// Whether a URL carries a user name or password (`https://:secret@host` has only the latter).
 fn has_userinfo(url: &Url) -> bool {
     !url.username().is_empty() || url.password().is_some()

@@ -175,6 +175,9 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let config = Config::load(config.as_deref(), &Overrides::default())
                 .map_err(|e| e.to_string())?;
             print!("{}", config.render());
+            for warning in config.token_file_warnings() {
+                eprintln!("warning: {warning}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {
@@ -289,6 +292,10 @@ async fn token(
     );
     let token = identity.token().await.map_err(|e| e.to_string())?;
     let c = &token.claims;
+    if let Some(warning) = nix_sidecar::identity::audience_mismatch(&config.identities[id_name], c)
+    {
+        eprintln!("warning: {warning}");
+    }
     println!("upstream: {}", up.name);
     println!("identity: {id_name}");
     println!("iss: {}", c.iss.as_deref().unwrap_or("-"));

@@ -365,3 +365,51 @@ async fn first_hour_metrics_at_zero_a_missing_cache_dir_and_a_closed_pipe() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
+
+/// A Kubernetes token made for the API server, not for the cache: `check-config`, `token` and
+/// the daemon say so instead of sending it silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_audience_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    let issuer = Issuer::start().await;
+    std::fs::write(
+        &token,
+        issuer.mint(
+            "system:serviceaccount:ci:builder",
+            "https://kubernetes.default.svc",
+            600,
+            false,
+        ),
+    )
+    .unwrap();
+    let config_text = format!(
+        "[[upstream]]\nname = \"u\"\nurl = \"http://127.0.0.1:9\"\nidentity = \"k8s\"\n\
+         [identity.k8s]\nprovider = \"kubernetes\"\npath = \"{}\"\naudience = \"https://cache.test\"\n",
+        token.display()
+    );
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, &config_text).unwrap();
+    for command in ["check-config", "token"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains("does not contain the configured audience `https://cache.test`"),
+            "{command}: {stderr}"
+        );
+    }
+    let sidecar = Sidecar::start(dir.path(), &config_text, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !sidecar
+        .logs()
+        .contains("does not contain the configured audience")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", sidecar.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -101,8 +101,25 @@ struct State {
     last_failure: Option<(SystemTime, String)>,
 }
 
+/// A warning when the token was not made for the configured audience (a Kubernetes
+/// service-account token read from the default path carries the API server's audience, not the
+/// cache's). Not checked behind an exchange: the exchanged token has the exchange's audience.
+pub fn audience_mismatch(config: &IdentityConfig, claims: &jwt::Claims) -> Option<String> {
+    let wanted = config.audience.as_deref()?;
+    if config.exchange.is_some() || claims.aud.is_empty() || claims.aud.iter().any(|a| a == wanted)
+    {
+        return None;
+    }
+    Some(format!(
+        "identity `{}`: the token's aud is {:?}, which does not contain the configured audience `{wanted}` (for Kubernetes: set `path` to a projected token made for it)",
+        config.name, claims.aud
+    ))
+}
+
 pub struct Identity {
     name: String,
+    /// The configuration, for the audience check of the first token.
+    config: IdentityConfig,
     source: Source,
     exchange: Option<Exchange>,
     state: Mutex<State>,
@@ -126,6 +143,7 @@ impl Identity {
     pub fn new(config: &IdentityConfig, client: Client) -> Identity {
         Identity {
             name: config.name.clone(),
+            config: config.clone(),
             source: Source::new(config, client.clone()),
             exchange: config.exchange.clone().map(|ex| Exchange::new(ex, client)),
             state: Mutex::new(State::default()),
@@ -281,6 +299,11 @@ impl Identity {
         );
         self.refreshes.fetch_add(1, Ordering::Relaxed);
         let mut state = self.state.lock().unwrap();
+        if state.last_success.is_none() {
+            if let Some(warning) = audience_mismatch(&self.config, &token.claims) {
+                tracing::warn!("{warning}");
+            }
+        }
         if state.last_success.is_none() || state.consecutive_failures > 0 {
             tracing::info!(
                 identity = %self.name,
