@@ -59,6 +59,10 @@ pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
             // After a burst of downloads, a few warm connections are worth keeping; hundreds
             // (each with its TLS state and buffers) kept memory at the burst's peak.
             .pool_max_idle_per_host(16)
+            // hyper grows a connection's read buffer up to ~400 KiB; every NAR chunk is
+            // gathered into our own 256 KiB buffers anyway, so 64 KiB per connection is enough
+            // and keeps many concurrent downloads small.
+            .http1_max_buf_size(64 * 1024)
             .build(https),
     )
 }

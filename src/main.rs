@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     // SAFETY: mallopt is called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,10 +5,13 @@
 //! decompressed size is capped at `NarSize`, so a decompression bomb stops early.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256 as Hasher};
+use tokio::sync::mpsc;
 
 use crate::nix::hash::Sha256;
 use crate::nix::narinfo::NarInfo;
@@ -110,31 +113,79 @@ impl Write for NarSink {
     }
 }
 
-/// Checks a NAR while it streams: each chunk is hashed (and decompressed) on a short blocking
-/// task while the next one is received, written and served, so hashing overlaps with the rest
-/// (on a cold fill it is the largest single cost) and no thread is held for a download's
-/// whole life (a thread per download made memory grow with the number of downloads).
-/// Overlong streams are refused here, before their bytes go anywhere.
-/// The check and its outcome, once the chunk it took away is hashed.
-type HashingChunk = tokio::task::JoinHandle<(Box<ContentCheck>, Result<(), String>)>;
-
+/// Checks a NAR while it streams. Chunks queue (up to 8) for a blocking worker that exists
+/// only while there is work: a fast download keeps one busy, so hashing (and decompressing)
+/// overlaps with receiving, writing and serving (on a cold fill it is the largest single
+/// cost); a slow one holds no thread between chunks (a thread per download made memory grow
+/// with the number of downloads). Overlong streams are refused here, before their bytes go
+/// anywhere.
 pub struct Verifier {
-    /// The check, here between chunks.
-    idle: Option<Box<ContentCheck>>,
-    /// The check, away hashing the previous chunk.
-    busy: Option<HashingChunk>,
+    chunks: mpsc::Sender<Bytes>,
+    shared: Arc<Shared>,
     promise: Option<Promise>,
     received: u64,
+}
+
+struct Shared {
+    /// The queue and the check, held by whichever worker is draining them.
+    work: std::sync::Mutex<Work>,
+    /// A worker is draining (or about to).
+    running: AtomicBool,
+    /// Set once a chunk failed; later chunks are dropped unhashed.
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+struct Work {
+    queue: mpsc::Receiver<Bytes>,
+    /// Taken by `finish`; a worker that starts after that finds nothing to do.
+    check: Option<ContentCheck>,
+}
+
+impl Shared {
+    /// Hashes queued chunks until the queue is empty, then leaves (see `Verifier::update`).
+    fn drain(&self) {
+        let mut work = self.work.lock().unwrap();
+        loop {
+            while let Ok(chunk) = work.queue.try_recv() {
+                let Some(check) = work.check.as_mut() else {
+                    continue;
+                };
+                if self.failed.lock().unwrap().is_some() {
+                    continue;
+                }
+                if let Err(reason) = check.update(&chunk) {
+                    *self.failed.lock().unwrap() = Some(reason);
+                }
+            }
+            self.running.store(false, Ordering::SeqCst);
+            // A chunk sent after the last look saw `running` still set: take it too.
+            if work.queue.is_empty() || self.running.swap(true, Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap().clone()
+    }
 }
 
 impl Verifier {
     /// Must be called within the runtime.
     pub fn start(expected: &Expected) -> Result<Verifier, String> {
         let check = ContentCheck::new(expected)?;
+        let (chunks, queue) = mpsc::channel(8);
         Ok(Verifier {
             promise: check.promise,
-            idle: Some(Box::new(check)),
-            busy: None,
+            chunks,
+            shared: Arc::new(Shared {
+                work: std::sync::Mutex::new(Work {
+                    queue,
+                    check: Some(check),
+                }),
+                running: AtomicBool::new(false),
+                failed: std::sync::Mutex::new(None),
+            }),
             received: 0,
         })
     }
@@ -144,34 +195,37 @@ impl Verifier {
         if let Some(promise) = &self.promise {
             promise.allows(self.received)?;
         }
-        let mut check = self.take_back().await?;
-        self.busy = Some(tokio::task::spawn_blocking(move || {
-            let outcome = check.update(&chunk);
-            (check, outcome)
-        }));
+        if let Some(reason) = self.shared.failure() {
+            return Err(reason);
+        }
+        self.chunks
+            .send(chunk)
+            .await
+            .map_err(|_| "verification stopped".to_string())?;
+        if !self.shared.running.swap(true, Ordering::SeqCst) {
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || shared.drain());
+        }
         Ok(())
     }
 
-    /// The check, once it is done with the previous chunk; its error if that chunk failed.
-    async fn take_back(&mut self) -> Result<Box<ContentCheck>, String> {
-        match self.busy.take() {
-            Some(busy) => {
-                let (check, outcome) = busy.await.map_err(|e| format!("verification task: {e}"))?;
-                outcome.map(|()| check)
-            }
-            None => self
-                .idle
-                .take()
-                .ok_or_else(|| "verification already failed".into()),
-        }
-    }
-
     /// Ends the stream; returns the SHA-256 of the bytes as stored (hex).
-    pub async fn finish(mut self) -> Result<String, String> {
-        let check = self.take_back().await?;
-        tokio::task::spawn_blocking(move || check.finish())
-            .await
-            .unwrap_or_else(|e| Err(format!("verification task: {e}")))
+    pub async fn finish(self) -> Result<String, String> {
+        let Verifier { chunks, shared, .. } = self;
+        drop(chunks);
+        tokio::task::spawn_blocking(move || {
+            // Waits for a worker still draining, then takes what is left.
+            shared.drain();
+            if let Some(reason) = shared.failure() {
+                return Err(reason);
+            }
+            let check = shared.work.lock().unwrap().check.take();
+            check
+                .ok_or_else(|| "verification already finished".to_string())?
+                .finish()
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("verification task: {e}")))
     }
 }
 

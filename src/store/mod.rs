@@ -59,6 +59,8 @@ struct Inner {
 /// Stored files waiting for their NarHash check at most; past it a check is skipped (and
 /// `cache verify` still does it).
 const NAR_CHECK_QUEUE: usize = 4096;
+/// How long a NAR check waits for downloads in progress to end before it runs anyway.
+const NAR_CHECK_DEFER: Duration = Duration::from_secs(10);
 
 /// What the cache's bytes are promised to. `stored` follows the files the index records;
 /// `reserved` is what fills in progress may still write. Both only change under one lock, so
@@ -187,9 +189,25 @@ impl Store {
         std::thread::Builder::new()
             .name("nar-check".into())
             .spawn(move || {
+                // Decompressing a NAR again is work a cold copy waits on when it competes:
+                // this thread yields to everything else, and waits (up to NAR_CHECK_DEFER)
+                // for downloads in progress to end.
+                // SAFETY: lowers this thread's own scheduling priority.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                }
                 while let Ok((key, expected)) = rx.recv() {
-                    let Some(inner) = store.upgrade() else { return };
-                    Store(inner).check_stored_nar(&key, &expected);
+                    let deadline = Instant::now() + NAR_CHECK_DEFER;
+                    loop {
+                        let Some(inner) = store.upgrade() else { return };
+                        let busy = !inner.fills.lock().unwrap().is_empty();
+                        if !busy || Instant::now() >= deadline {
+                            Store(inner).check_stored_nar(&key, &expected);
+                            break;
+                        }
+                        drop(inner);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                 }
             })
             .map_err(|e| format!("cannot start the NAR checker: {e}"))?;
