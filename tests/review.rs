@@ -827,3 +827,50 @@ async fn real_nix_substitutes_a_nar_larger_than_the_disk_left_for_the_cache() {
     let again = sidecar.narinfo(&fx.top).await;
     assert_eq!(again.status, 200, "the index still answers");
 }
+
+/// Item 14, the index: a disk filled by something else poisons redb ("Previous I/O error");
+/// once there is room again, the cache caches again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_recovers_from_a_full_disk_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let Some(_unmount) = tmpfs(&cache, "4m") else {
+        return;
+    };
+    let upstream = Upstream::default();
+    let hashes: Vec<(String, Vec<u8>)> = (60..100u8)
+        .map(|n| {
+            let nar = bytes_of(n, 20_000);
+            (upstream.add(n, &nar, ("none", &nar), None), nar)
+        })
+        .collect();
+    let url = upstream.start().await;
+    let sidecar = sidecar(dir.path(), &url, "min-free-space = \"0\"");
+    nar_url(&sidecar, &hashes[0].0).await;
+    // Something else fills the disk; the index's next writes fail.
+    let filler = cache.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![1u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+    }
+    for (hash, _) in &hashes[1..30] {
+        let info = get(&format!("{}/{hash}.narinfo", sidecar.url), "GET", &[]).await;
+        assert_eq!(info.status, 200, "narinfos are still answered");
+    }
+    std::fs::remove_file(&filler).unwrap();
+    // Room again: a NAR is stored and then served without the upstream.
+    let (hash, nar) = &hashes[35];
+    let path = format!("{}/{}", sidecar.url, nar_url(&sidecar, hash).await);
+    assert!(get(&path, "GET", &[]).await.body.unwrap() == *nar);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = upstream.nar_requests.load(Ordering::SeqCst);
+    assert!(get(&path, "GET", &[]).await.body.unwrap() == *nar);
+    assert_eq!(
+        upstream.nar_requests.load(Ordering::SeqCst),
+        before,
+        "stored again, no restart:\n{}",
+        sidecar.logs()
+    );
+}

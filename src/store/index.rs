@@ -19,9 +19,9 @@
 //! is dropped by the same check. A NAR that Nix asks for by a lost narinfo is passed through
 //! unverified and not stored (Nix checks its NarHash itself).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -135,8 +135,17 @@ impl NewNarInfo {
     }
 }
 
+/// The database behind the index; replaced when an I/O error (a full disk) has poisoned it,
+/// since redb then answers every call with "Previous I/O error" until it is reopened.
+type Slot = Arc<RwLock<Arc<Database>>>;
+
 pub struct Index {
-    db: Arc<Database>,
+    db: Slot,
+    /// The index file (None: it lives in memory).
+    path: Option<PathBuf>,
+    /// Set when the database was reopened: rows committed lazily since the last durable
+    /// commit are gone, so the store recounts its files.
+    reopened: AtomicBool,
     /// Some commit since the last durable one skipped the fsync.
     unflushed: Arc<Unflushed>,
     /// Joined when the index closes, so the database is closed when `Index` is dropped.
@@ -178,7 +187,7 @@ impl Index {
     /// all (a full disk), the index lives in memory until the next start, and says so.
     pub fn open(path: &Path) -> Result<Index, IndexError> {
         let existed = path.exists();
-        let error = match Index::with_db(Database::create(path)) {
+        let error = match Index::with_db(Database::create(path), Some(path)) {
             Ok(index) => return Ok(index),
             Err(e) if matches!(*e, redb::Error::DatabaseAlreadyOpen) => {
                 return Err(err(redb::Error::DatabaseAlreadyOpen))
@@ -189,7 +198,7 @@ impl Index {
             let aside = path.with_extension("redb.broken");
             tracing::warn!(error = %error, moved_to = %aside.display(), "cache index is unreadable; starting a new one");
             if std::fs::rename(path, &aside).is_ok() {
-                if let Ok(index) = Index::with_db(Database::create(path)) {
+                if let Ok(index) = Index::with_db(Database::create(path), Some(path)) {
                     return Ok(index);
                 }
             }
@@ -199,37 +208,82 @@ impl Index {
             path = %path.display(),
             "cannot write the cache index (disk full?): keeping it in memory until restart"
         );
-        let memory =
-            Database::builder().create_with_backend(redb::backends::InMemoryBackend::new());
-        Index::with_db(memory).map_err(err)
+        Index::with_db(in_memory(), None).map_err(err)
     }
 
-    fn with_db(db: Result<Database, redb::DatabaseError>) -> Result<Index, Box<redb::Error>> {
+    fn with_db(
+        db: Result<Database, redb::DatabaseError>,
+        path: Option<&Path>,
+    ) -> Result<Index, Box<redb::Error>> {
         let boxed = |e: redb::Error| Box::new(e);
         let db = Arc::new(db.map_err(|e| boxed(e.into()))?);
+        prepare_tables(&db)?;
+        let db = Arc::new(RwLock::new(db));
         let unflushed = Arc::new(Unflushed::default());
         let flusher = spawn_flusher(&db, &unflushed).map_err(|e| boxed(e.into()))?;
-        let index = Index {
+        Ok(Index {
             db,
+            path: path.map(Path::to_path_buf),
+            reopened: AtomicBool::new(false),
             unflushed,
             flusher: Some(flusher),
+        })
+    }
+
+    fn db(&self) -> Arc<Database> {
+        self.db.read().unwrap().clone()
+    }
+
+    /// Whether the database was reopened since the last call (see `reopened`).
+    pub fn take_reopened(&self) -> bool {
+        self.reopened.swap(false, Ordering::SeqCst)
+    }
+
+    /// After `error`, reopens a database that an I/O error poisoned (or, when its file cannot
+    /// be opened again, goes on in memory until restart). Returns whether it did.
+    fn reopen_after(&self, error: &redb::Error) -> bool {
+        if !matches!(error, redb::Error::PreviousIo | redb::Error::Io(_)) {
+            return false;
+        }
+        let Some(path) = &self.path else {
+            return false;
         };
-        let mut txn = begin_write(&index.db)?;
-        txn.set_quick_repair(true);
-        for retired in RETIRED {
-            txn.delete_table(TableDefinition::<&str, &[u8]>::new(retired))
-                .map_err(|e| boxed(e.into()))?;
+        let mut slot = self.db.write().unwrap();
+        if begin_write(&slot).is_ok() {
+            return true; // another caller reopened it meanwhile
         }
-        for table in [NARINFOS, NARS, BLOBS] {
-            txn.open_table(table).map_err(|e| boxed(e.into()))?;
+        tracing::warn!(error = %error, "cache index hit an I/O error (disk full?); reopening it");
+        let Ok(memory) = in_memory() else {
+            return false;
+        };
+        drop(std::mem::replace(&mut *slot, Arc::new(memory)));
+        // The old database closes (and lets go of its file lock) once its last reader ends.
+        for _ in 0..200 {
+            match Database::create(path) {
+                Ok(db) if prepare_tables(&db).is_ok() => {
+                    *slot = Arc::new(db);
+                    self.reopened.store(true, Ordering::SeqCst);
+                    return true;
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break,
+            }
         }
-        txn.commit().map_err(|e| boxed(e.into()))?;
-        Ok(index)
+        tracing::warn!(path = %path.display(), "cannot reopen the cache index: keeping it in memory until restart");
+        let _ = prepare_tables(&slot);
+        self.reopened.store(true, Ordering::SeqCst);
+        true
     }
 
     fn commit_lazily(&self, mut txn: redb::WriteTransaction) -> Result<(), IndexError> {
         txn.set_durability(Durability::None);
-        txn.commit().map_err(err)?;
+        if let Err(e) = txn.commit() {
+            let e = redb::Error::from(e);
+            self.reopen_after(&e);
+            return Err(err(e));
+        }
         if !self.unflushed.lazy.swap(true, Ordering::SeqCst) {
             if let Some(flusher) = &self.flusher {
                 flusher.thread().unpark();
@@ -240,24 +294,41 @@ impl Index {
 
     /// Makes every commit so far durable now (at shutdown).
     pub fn flush(&self) {
-        if let Err(e) = self.unflushed.flush(&self.db) {
+        if let Err(e) = self.unflushed.flush(&self.db()) {
             tracing::warn!(error = %e, "could not make the cache index durable");
         }
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, IndexError> {
-        begin_write(&self.db).map_err(err)
+        match begin_write(&self.db()) {
+            Err(e) if self.reopen_after(&e) => begin_write(&self.db()).map_err(err),
+            other => other.map_err(err),
+        }
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, IndexError> {
+        match self.db().begin_read() {
+            Ok(txn) => Ok(txn),
+            Err(e) => {
+                let e = redb::Error::from(e);
+                if self.reopen_after(&e) {
+                    self.db().begin_read().map_err(err)
+                } else {
+                    Err(err(e))
+                }
+            }
+        }
     }
 
     pub fn narinfo(&self, key: &str) -> Result<Option<NarInfoRow>, IndexError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(NARINFOS).map_err(err)?;
         let row = table.get(key).map_err(err)?;
         Ok(row.and_then(|v| NarInfoRow::decode(v.value())))
     }
 
     pub fn nar(&self, key: &str) -> Result<Option<NarRow>, IndexError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.begin_read()?;
         let nars = txn.open_table(NARS).map_err(err)?;
         let Some(source) = nars
             .get(key)
@@ -393,7 +464,7 @@ impl Index {
 
     /// Every stored file, by NAR key.
     pub fn blobs(&self) -> Result<Vec<(String, Blob)>, IndexError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(BLOBS).map_err(err)?;
         let mut out = Vec::with_capacity(table.len().map_err(err)? as usize);
         for item in table.iter().map_err(err)? {
@@ -407,7 +478,7 @@ impl Index {
 
     /// Narinfos, NARs and stored files known.
     pub fn counts(&self) -> Result<(u64, u64, u64), IndexError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.begin_read()?;
         let len = |def| -> Result<u64, IndexError> {
             txn.open_table(def).map_err(err)?.len().map_err(err)
         };
@@ -431,7 +502,7 @@ impl Drop for Index {
 /// Makes lazy commits durable [`FLUSH_AFTER`] after the first of them; woken by
 /// `commit_lazily`, stopped by the index's `Drop`.
 fn spawn_flusher(
-    db: &Arc<Database>,
+    db: &Slot,
     unflushed: &Arc<Unflushed>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let (db, unflushed) = (Arc::downgrade(db), unflushed.clone());
@@ -449,7 +520,9 @@ fn spawn_flusher(
             if unflushed.closing.load(Ordering::SeqCst) {
                 return;
             }
-            let Some(db) = db.upgrade() else { return };
+            let Some(slot) = db.upgrade() else { return };
+            let db = slot.read().unwrap().clone();
+            drop(slot);
             if let Err(e) = unflushed.flush(&db) {
                 tracing::warn!(error = %e, "could not make the cache index durable");
                 std::thread::park_timeout(Duration::from_secs(5));
@@ -475,6 +548,25 @@ impl Unflushed {
         }
         durable_commit(db).inspect_err(|_| self.lazy.store(true, Ordering::SeqCst))
     }
+}
+
+fn in_memory() -> Result<Database, redb::DatabaseError> {
+    Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())
+}
+
+/// Creates the tables and drops those of earlier versions (their files become leftovers).
+fn prepare_tables(db: &Database) -> Result<(), Box<redb::Error>> {
+    let boxed = |e: redb::Error| Box::new(e);
+    let mut txn = begin_write(db)?;
+    txn.set_quick_repair(true);
+    for retired in RETIRED {
+        txn.delete_table(TableDefinition::<&str, &[u8]>::new(retired))
+            .map_err(|e| boxed(e.into()))?;
+    }
+    for table in [NARINFOS, NARS, BLOBS] {
+        txn.open_table(table).map_err(|e| boxed(e.into()))?;
+    }
+    txn.commit().map_err(|e| boxed(e.into()))
 }
 
 fn begin_write(db: &Database) -> Result<redb::WriteTransaction, Box<redb::Error>> {

@@ -271,11 +271,38 @@ impl Store {
     }
 
     fn recover(&self) -> Result<VerifyReport, String> {
-        let mut report = VerifyReport::default();
+        let mut tmp_files = 0;
         for entry in read_dir(&self.0.dir.join("tmp")) {
             let _ = std::fs::remove_file(entry);
-            report.leftovers += 1;
+            tmp_files += 1;
         }
+        let mut report = self.reconcile()?;
+        report.leftovers += tmp_files;
+        Ok(report)
+    }
+
+    /// After the index was reopened (an I/O error had poisoned it), rows committed since its
+    /// last durable commit are gone: files and sizes are counted again from what it holds.
+    fn reconcile_if_reopened(&self) {
+        if self.0.index.take_reopened() {
+            match self.reconcile() {
+                Ok(report) => tracing::info!(
+                    dropped_rows = report.missing,
+                    removed_files = report.leftovers,
+                    "cache index reopened; files recounted"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not recount the cache after reopening its index")
+                }
+            }
+        }
+    }
+
+    /// Drops rows whose file is missing or of another size and files no row knows, and sets
+    /// the stored size from what is left. Under the ledger's lock, so no file lands meanwhile.
+    fn reconcile(&self) -> Result<VerifyReport, String> {
+        let mut report = VerifyReport::default();
+        let mut ledger = self.0.ledger.lock().unwrap();
         let rows = self.0.index.blobs()?;
         let mut bad = Vec::new();
         let mut known = std::collections::HashSet::new();
@@ -302,7 +329,7 @@ impl Store {
                 report.leftovers += 1;
             }
         }
-        self.0.ledger.lock().unwrap().stored = total;
+        ledger.stored = total;
         Ok(report)
     }
 
@@ -322,10 +349,12 @@ impl Store {
     /// Records verified narinfos and where their NARs come from (blocking); returns each
     /// narinfo's text as it is to be served (see [`Index::put_narinfos`]).
     pub fn put_narinfos(&self, batch: &[NewNarInfo]) -> Vec<String> {
-        self.0.index.put_narinfos(batch).unwrap_or_else(|e| {
+        let texts = self.0.index.put_narinfos(batch).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "could not record a narinfo in the cache index");
             batch.iter().map(|new| new.text().to_string()).collect()
-        })
+        });
+        self.reconcile_if_reopened();
+        texts
     }
 
     pub fn nar(&self, key: &str) -> Option<NarRow> {
@@ -464,21 +493,24 @@ impl Store {
     ) -> Result<(), String> {
         file.sync_all().map_err(|e| format!("fsync: {e}"))?;
         let dest = self.blob_path(key);
+        let size = blob.size;
+        // Under the ledger's lock from the rename on: an eviction reading the rows cannot see
+        // the row before its size counts, nor a recount the file before its row.
+        let mut ledger = self.0.ledger.lock().unwrap();
         std::fs::rename(tmp, &dest).map_err(|e| format!("rename: {e}"))?;
         if let Ok(dir) = File::open(self.0.dir.join("nars")) {
             let _ = dir.sync_all();
         }
-        let size = blob.size;
-        // Under the ledger's lock: an eviction reading the rows cannot see the row before
-        // its size counts.
-        let mut ledger = self.0.ledger.lock().unwrap();
         if let Err(e) = self.0.index.set_blob(key, expected, &blob) {
-            drop(ledger);
             let _ = std::fs::remove_file(&dest);
+            drop(ledger);
+            self.reconcile_if_reopened();
             return Err(e);
         }
         Ledger::take(&mut ledger.reserved, reserved, "reserved");
         ledger.stored = ledger.stored.saturating_add(size);
+        drop(ledger);
+        self.reconcile_if_reopened();
         Ok(())
     }
 
