@@ -30,6 +30,17 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -91,6 +102,18 @@ async fn soak_under_random_faults() {
     let faults = Arc::new(AtomicU64::new(0));
 
     let mut tasks = tokio::task::JoinSet::new();
+    // The cache directory, sampled while it runs: it never holds more than max-cache-size.
+    let peak_dir = Arc::new(AtomicU64::new(0));
+    {
+        let (peak_dir, cache) = (peak_dir.clone(), sidecar.cache_dir());
+        tasks.spawn(async move {
+            while Instant::now() < deadline {
+                let bytes = dir_bytes(&cache.join("nars")) + dir_bytes(&cache.join("tmp"));
+                peak_dir.fetch_max(bytes, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
     // The chaos monkey.
     {
         let (upstream, faults) = (upstream.clone(), faults.clone());
@@ -198,6 +221,52 @@ async fn soak_under_random_faults() {
         };
         final_errors += usize::from(!ok);
     }
+    // Hits resume: a NAR asked for twice is served from the cache the second time.
+    let metrics = |url: String| async move {
+        get(&format!("{url}/_sidecar/metrics"), "GET", &[])
+            .await
+            .text()
+    };
+    let series = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim_start_matches("{}")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let hits = "nix_sidecar_cache_hits_total{kind=\"nar\"}";
+    let before = series(&metrics(sidecar.url.clone()).await, hits);
+    let info = sidecar.narinfo(&fx.closure[0]).await.text();
+    let nar = info
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    for _ in 0..2 {
+        get(&format!("{}/{nar}", sidecar.url), "GET", &[]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = metrics(sidecar.url.clone()).await;
+    assert!(
+        series(&text, hits) > before,
+        "NARs are stored and hit again"
+    );
+    let size = series(&text, "nix_sidecar_cache_size_bytes") as u64;
+    let files = dir_bytes(&sidecar.cache_dir().join("nars"));
+    let peak_dir = peak_dir.load(Ordering::Relaxed);
+    println!("soak: cache dir peak {peak_dir} bytes (limit 204800), cache_size_bytes {size}, files {files}");
+    assert!(
+        peak_dir <= 200 * 1024,
+        "the cache directory reached {peak_dir} bytes"
+    );
+    assert!(
+        size <= 200 * 1024 && size == files,
+        "books {size} vs files {files}"
+    );
     let (rss_end, fds_end) = (rss_kib(pid), fds(pid));
     let peak_rss = samples.iter().map(|s| s.0).max().unwrap_or(rss_end);
     sidecar.stop();
