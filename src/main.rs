@@ -53,6 +53,15 @@ enum Command {
     CheckConfig {
         #[arg(long, env = "NIX_SIDECAR_CONFIG")]
         config: Option<PathBuf>,
+        /// As for `serve`: shows what that command line would run.
+        #[arg(long)]
+        listen: Vec<String>,
+        #[arg(long)]
+        upstream: Vec<String>,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        #[arg(long = "allowed-uid")]
+        allowed_uids: Vec<u32>,
     },
     /// Obtain the token that would be sent upstream and print its non-secret claims.
     Token {
@@ -71,6 +80,8 @@ enum Command {
         action: CacheAction,
         #[arg(long, global = true, env = "NIX_SIDECAR_CONFIG")]
         config: Option<PathBuf>,
+        /// The cache directory [default: the config's cache-dir, else /var/cache/nix-sidecar
+        /// as root, $XDG_CACHE_HOME/nix-sidecar otherwise].
         #[arg(long, global = true)]
         cache_dir: Option<PathBuf>,
     },
@@ -82,6 +93,7 @@ enum CacheAction {
     Stats,
     /// Evict least recently used files down to a size (default: max-cache-size).
     Gc {
+        /// The size to evict down to, e.g. "10GiB", "500MB" or "0" [default: max-cache-size].
         #[arg(long)]
         max_size: Option<String>,
     },
@@ -171,9 +183,20 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             serve(config).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { config } => {
-            let config = Config::load(config.as_deref(), &Overrides::default())
-                .map_err(|e| e.to_string())?;
+        Command::CheckConfig {
+            config,
+            listen,
+            upstream,
+            cache_dir,
+            allowed_uids,
+        } => {
+            let overrides = Overrides {
+                listen,
+                upstreams: upstream,
+                cache_dir,
+                allowed_uids,
+            };
+            let config = Config::load(config.as_deref(), &overrides).map_err(|e| e.to_string())?;
             print!("{}", config.render());
             for warning in config.token_file_warnings() {
                 eprintln!("warning: {warning}");
@@ -342,19 +365,18 @@ fn cache(config: Config, action: CacheAction) -> Result<ExitCode, String> {
             println!("narinfos: {}", s.narinfos);
             println!("nar entries: {}", s.nars);
             println!("stored files: {}", s.stored_files);
-            println!(
-                "stored bytes: {} ({})",
-                s.stored_bytes,
-                config::format_size(s.stored_bytes)
-            );
-            println!("max size: {}", config::format_size(s.max_size));
-            println!("free space: {}", config::format_size(s.free_space));
+            let size = |bytes: u64| format!("{} ({bytes} bytes)", config::format_size(bytes));
+            println!("stored: {}", size(s.stored_bytes));
+            println!("max size: {}", size(s.max_size));
+            println!("free space: {}", size(s.free_space));
             Ok(ExitCode::SUCCESS)
         }
         CacheAction::Gc { max_size } => {
             let max_size = match max_size {
                 Some(text) => config::parse_size(&text)
-                    .ok_or_else(|| format!("--max-size: `{text}` is not a size"))?,
+                    .ok_or_else(|| {
+                        format!("--max-size: `{text}` is not a size such as \"20GiB\", \"500MB\" or \"0\" (units B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")
+                    })?,
                 None => config.max_cache_size,
             };
             drop(store);

@@ -413,3 +413,48 @@ async fn a_token_for_another_audience_is_warned_about() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `check-config` shows what a `serve` command line would run; `cache` help and errors say
+/// what they take.
+#[test]
+fn check_config_takes_the_serve_flags_and_sizes_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(args)
+            .env_remove("NIX_SIDECAR_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let cache = dir.path().join("c");
+    let out = run(&[
+        "check-config",
+        "--upstream",
+        "https://cache.nixos.org",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--allowed-uid",
+        "0",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("url = \"https://cache.nixos.org/\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("cache-dir = \"{}\"", cache.display())),
+        "{text}"
+    );
+    assert!(text.contains("allowed-uids = [0]"), "{text}");
+    let help = String::from_utf8_lossy(&run(&["cache", "gc", "--help"]).stdout).to_string();
+    assert!(
+        help.contains("default: max-cache-size")
+            && help.contains("default: the config's cache-dir"),
+        "{help}"
+    );
+}
