@@ -34,35 +34,10 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon.
-    Serve {
-        #[arg(long, env = "NIX_SIDECAR_CONFIG")]
-        config: Option<PathBuf>,
-        /// Address to listen on (repeatable); default 127.0.0.1:37515.
-        #[arg(long)]
-        listen: Vec<String>,
-        /// An anonymous upstream cache URL (repeatable), after those of the config file.
-        #[arg(long)]
-        upstream: Vec<String>,
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-        /// Admit only clients owned by this uid (repeatable); replaces `allowed-uids`.
-        #[arg(long = "allowed-uid")]
-        allowed_uids: Vec<u32>,
-    },
-    /// Validate and print the effective configuration (secrets are never shown).
-    CheckConfig {
-        #[arg(long, env = "NIX_SIDECAR_CONFIG")]
-        config: Option<PathBuf>,
-        /// As for `serve`: shows what that command line would run.
-        #[arg(long)]
-        listen: Vec<String>,
-        #[arg(long)]
-        upstream: Vec<String>,
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-        #[arg(long = "allowed-uid")]
-        allowed_uids: Vec<u32>,
-    },
+    Serve(ServeFlags),
+    /// Validate and print the effective configuration (secrets are never shown); with serve's
+    /// flags, what that command line would run.
+    CheckConfig(ServeFlags),
     /// Obtain the token that would be sent upstream and print its non-secret claims.
     Token {
         #[arg(long, env = "NIX_SIDECAR_CONFIG")]
@@ -87,6 +62,36 @@ enum Command {
     },
 }
 
+/// The configuration and what a command line changes of it.
+#[derive(clap::Args)]
+struct ServeFlags {
+    #[arg(long, env = "NIX_SIDECAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (repeatable); default 127.0.0.1:37515.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// An anonymous upstream cache URL (repeatable), after those of the config file.
+    #[arg(long)]
+    upstream: Vec<String>,
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Admit only clients owned by this uid (repeatable); replaces `allowed-uids`.
+    #[arg(long = "allowed-uid")]
+    allowed_uids: Vec<u32>,
+}
+
+impl ServeFlags {
+    fn load(self) -> Result<Config, String> {
+        let overrides = Overrides {
+            listen: self.listen,
+            upstreams: self.upstream,
+            cache_dir: self.cache_dir,
+            allowed_uids: self.allowed_uids,
+        };
+        Config::load(self.config.as_deref(), &overrides).map_err(|e| e.to_string())
+    }
+}
+
 #[derive(Subcommand)]
 enum CacheAction {
     /// Size and entry counts.
@@ -104,7 +109,7 @@ enum CacheAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    if !matches!(cli.command, Command::Serve { .. }) {
+    if !matches!(cli.command, Command::Serve(_)) {
         // A one-shot command piped into `head` ends quietly when the pipe closes, as other
         // command-line tools do (the daemon keeps Rust's default: EPIPE as an error).
         // SAFETY: resetting a signal disposition before any other thread exists.
@@ -166,37 +171,12 @@ fn init_logging(format: LogFormat) {
 
 async fn run(command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::Serve {
-            config,
-            listen,
-            upstream,
-            cache_dir,
-            allowed_uids,
-        } => {
-            let overrides = Overrides {
-                listen,
-                upstreams: upstream,
-                cache_dir,
-                allowed_uids,
-            };
-            let config = Config::load(config.as_deref(), &overrides).map_err(|e| e.to_string())?;
-            serve(config).await?;
+        Command::Serve(flags) => {
+            serve(flags.load()?).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig {
-            config,
-            listen,
-            upstream,
-            cache_dir,
-            allowed_uids,
-        } => {
-            let overrides = Overrides {
-                listen,
-                upstreams: upstream,
-                cache_dir,
-                allowed_uids,
-            };
-            let config = Config::load(config.as_deref(), &overrides).map_err(|e| e.to_string())?;
+        Command::CheckConfig(flags) => {
+            let config = flags.load()?;
             print!("{}", config.render());
             for warning in config.token_file_warnings() {
                 eprintln!("warning: {warning}");

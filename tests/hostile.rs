@@ -34,6 +34,15 @@ fn addr(sidecar: &Sidecar) -> String {
     sidecar.url.trim_start_matches("http://").to_string()
 }
 
+/// The big NAR's path as the sidecar names it.
+async fn big_nar_url(sidecar: &Sidecar) -> String {
+    let info = sidecar.narinfo(&big().top).await.text();
+    info.lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string()
+}
+
 /// A well-behaved client gets a whole answer quickly.
 async fn still_served(sidecar: &Sidecar) {
     let started = Instant::now();
@@ -141,12 +150,7 @@ async fn pipelined_garbage_gets_a_400_and_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_mid_nar_does_not_hold_up_others() {
     let (_u, sidecar, _d) = started("").await;
-    let info = sidecar.narinfo(&big().top).await.text();
-    let nar = info
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_string();
+    let nar = big_nar_url(&sidecar).await;
     let mut stalled = TcpStream::connect(addr(&sidecar)).unwrap();
     stalled
         .write_all(format!("GET /{nar} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
@@ -229,12 +233,7 @@ fn proc_status(pid: u32, field: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_stalled_readers_hold_no_threads_and_others_are_served_at_once() {
     let (_u, sidecar, _d) = started("").await;
-    let info = sidecar.narinfo(&big().top).await.text();
-    let nar = info
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_string();
+    let nar = big_nar_url(&sidecar).await;
     let expected = std::fs::read(big().cache.join(&nar)).unwrap();
     let url = format!("{}/{nar}", sidecar.url);
     assert!(get(&url, "GET", &[]).await.body.unwrap() == expected); // now stored

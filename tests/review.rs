@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::dir_bytes;
+
 use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::path::Path;
@@ -344,17 +346,6 @@ async fn a_request_naming_a_foreign_host_gets_421() {
         let got = get(&path, "GET", &[("host", &host)]).await;
         assert_eq!(got.status, status, "{host}");
     }
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -8,3 +8,15 @@ pub mod issuer;
 pub mod nix;
 pub mod sidecar;
 pub mod upstream;
+
+/// The bytes of the files directly in `dir` (0 when it cannot be read).
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
