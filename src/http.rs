@@ -103,13 +103,25 @@ pub async fn fetch_small(
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<(http::StatusCode, Bytes), String> {
+    send_small(client, method, url, headers, Bytes::new(), timeout).await
+}
+
+/// [`fetch_small`] with a request body.
+pub async fn send_small(
+    client: &Client,
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), String> {
     let shown = url.split('?').next().unwrap_or(url);
     let mut request = hyper::Request::builder().method(method).uri(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
     let request = request
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(body))
         .map_err(|e| format!("bad request for {shown}: {e}"))?;
     let response = tokio::time::timeout(timeout, client.request(request))
         .await

@@ -142,6 +142,46 @@ async fn azure_managed_identity_with_string_expiry() {
     );
 }
 
+/// EKS IRSA: with a web-identity token file and a role in the environment, the pod's role is
+/// assumed (AssumeRoleWithWebIdentity), never the node's through IMDS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_irsa_assumes_the_pods_role_not_the_nodes() {
+    let w = world(support::cloud::AWS_ARN).await;
+    let table = format!(
+        "provider = \"aws\"\naudience = \"{AUD}\"\nregion = \"eu-west-1\"\n\n[identity.id.exchange]\nurl = \"{}/exchange\"\naudience = \"{AUD}\"\n",
+        w.cloud.url
+    );
+    let token_file = w.dir.path().join("irsa-token");
+    std::fs::write(
+        &token_file,
+        w.issuer.mint(
+            "system:serviceaccount:ci:builder",
+            "sts.amazonaws.com",
+            3600,
+            false,
+        ),
+    )
+    .unwrap();
+    let sts = format!("{}/sts-web", w.cloud.url);
+    std::env::remove_var("AWS_ACCESS_KEY_ID");
+    let sidecar = w.sidecar(
+        &table,
+        &[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.to_str().unwrap()),
+            ("AWS_ROLE_ARN", support::cloud::IRSA_ROLE),
+            ("AWS_ENDPOINT_URL_STS", &sts),
+        ],
+    );
+    nix_pulls_the_view(&sidecar, "aws").await;
+    assert_eq!(w.cloud.calls("sts-web"), 1, "{}", sidecar.logs());
+    assert_eq!(
+        w.cloud.calls("imds-session"),
+        0,
+        "the node's role was not used"
+    );
+    assert_eq!(w.cloud.calls("imds-credentials"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_imdsv2_credentials_presigned_sts_token_through_an_exchange() {
     let w = world(support::cloud::AWS_ARN).await;

@@ -83,7 +83,11 @@ impl Aws {
         if let Some(c) = self.cached.lock().unwrap().as_ref().filter(|c| fresh(c)) {
             return Ok(c.clone());
         }
+        // The SDKs' order: the environment, then web identity (EKS IRSA: the pod's role, not
+        // the node's), then the container endpoint, then the instance's.
         let credentials = if let Some(c) = from_env() {
+            c
+        } else if let Some(c) = from_web_identity(client, &self.region).await? {
             c
         } else if let Some(c) = from_container(client).await? {
             c
@@ -183,6 +187,87 @@ impl JsonCredentials {
                 .expiration
                 .and_then(|e| humantime::parse_rfc3339_weak(&e).ok()),
         })
+    }
+}
+
+/// EKS IAM Roles for Service Accounts: the projected token in `AWS_WEB_IDENTITY_TOKEN_FILE`
+/// (read again each time credentials are renewed) exchanged for the role in `AWS_ROLE_ARN` by
+/// an unsigned `AssumeRoleWithWebIdentity`, at `AWS_ENDPOINT_URL_STS`, `AWS_ENDPOINT_URL` or the
+/// region's STS endpoint.
+async fn from_web_identity(
+    client: &Client,
+    region: &str,
+) -> Result<Option<AwsCredentials>, String> {
+    let (Ok(token_file), Ok(role)) = (
+        std::env::var("AWS_WEB_IDENTITY_TOKEN_FILE"),
+        std::env::var("AWS_ROLE_ARN"),
+    ) else {
+        return Ok(None);
+    };
+    let token = Secret::new(
+        std::fs::read_to_string(&token_file)
+            .map_err(|e| format!("AWS_WEB_IDENTITY_TOKEN_FILE {token_file}: {e}"))?
+            .trim(),
+    );
+    let session = std::env::var("AWS_ROLE_SESSION_NAME")
+        .unwrap_or_else(|_| format!("nix-sidecar-{}", crate::store::unix_now()));
+    let endpoint = std::env::var("AWS_ENDPOINT_URL_STS")
+        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+        .unwrap_or_else(|_| format!("https://sts.{region}.{}", dns_suffix(region)));
+    let form: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("Action", "AssumeRoleWithWebIdentity")
+        .append_pair("Version", "2011-06-15")
+        .append_pair("RoleArn", &role)
+        .append_pair("RoleSessionName", &session)
+        .append_pair("WebIdentityToken", token.expose())
+        .finish();
+    let headers = [("content-type", "application/x-www-form-urlencoded")];
+    let (status, body) = crate::http::send_small(
+        client,
+        Method::POST,
+        endpoint.trim_end_matches('/'),
+        &headers,
+        form.into(),
+        TIMEOUT,
+    )
+    .await?;
+    let text = token.scrub(&String::from_utf8_lossy(&body));
+    if !status.is_success() {
+        let code = xml_text(&text, "Code").unwrap_or("no error code");
+        return Err(format!(
+            "STS AssumeRoleWithWebIdentity for {role} answered {status}: {code}"
+        ));
+    }
+    let field = |name: &str| {
+        xml_text(&text, name)
+            .map(str::to_string)
+            .ok_or_else(|| format!("STS AssumeRoleWithWebIdentity answered without {name}"))
+    };
+    let expiration = field("Expiration")?;
+    Ok(Some(AwsCredentials {
+        access_key_id: field("AccessKeyId")?,
+        secret_access_key: Secret::new(field("SecretAccessKey")?),
+        session_token: Some(Secret::new(field("SessionToken")?)),
+        expiration: Some(
+            humantime::parse_rfc3339_weak(&expiration)
+                .map_err(|_| format!("STS answered an unreadable Expiration `{expiration}`"))?,
+        ),
+    }))
+}
+
+/// The text of the first `<name>` element of a small XML answer.
+fn xml_text<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{name}>"))? + name.len() + 2;
+    let end = start + xml[start..].find(&format!("</{name}>"))?;
+    Some(xml[start..end].trim())
+}
+
+/// AWS's DNS suffix for a region (the China partition has its own).
+fn dns_suffix(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
     }
 }
 

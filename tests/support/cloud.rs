@@ -222,6 +222,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             count(&state, "sts");
             sts(&req, &q)
         }
+        "/sts-web" => {
+            count(&state, "sts-web");
+            assume_role_with_web_identity(req).await
+        }
         "/exchange" => {
             count(&state, "exchange");
             exchange(&state, req).await
@@ -229,6 +233,45 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         _ => respond(404, ""),
     }
 }
+
+/// STS AssumeRoleWithWebIdentity (EKS IRSA): an unsigned form POST carrying the pod's
+/// projected token; answers the role's credentials in STS's XML.
+async fn assume_role_with_web_identity(req: Request<Incoming>) -> Response<Body> {
+    if req.method() != http::Method::POST || req.headers().contains_key("authorization") {
+        return respond(
+            400,
+            "<ErrorResponse><Error><Code>InvalidAction</Code></Error></ErrorResponse>",
+        );
+    }
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    if field("Action") != "AssumeRoleWithWebIdentity"
+        || field("Version") != "2011-06-15"
+        || field("RoleArn") != IRSA_ROLE
+        || field("RoleSessionName").is_empty()
+        || field("WebIdentityToken").split('.').count() != 3
+    {
+        return respond(
+            400,
+            "<ErrorResponse><Error><Code>InvalidIdentityToken</Code></Error></ErrorResponse>",
+        );
+    }
+    let expiration =
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600));
+    respond(
+        200,
+        format!(
+            "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\
+             <AccessKeyId>{AWS_KEY_ID}</AccessKeyId><SecretAccessKey>{AWS_SECRET}</SecretAccessKey>\
+             <SessionToken>{AWS_SESSION}</SessionToken><Expiration>{expiration}</Expiration>\
+             </Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+        ),
+    )
+}
+
+/// The role an IRSA pod assumes.
+pub const IRSA_ROLE: &str = "arn:aws:iam::123456789012:role/irsa-builder";
 
 /// STS GetCallerIdentity for presigned requests: re-sign with the known keys and compare.
 fn sts(req: &Request<Incoming>, q: &HashMap<String, String>) -> Response<Body> {
