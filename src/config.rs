@@ -809,7 +809,13 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
             only(&["region"])?;
             needs_audience()?;
             Provider::Aws {
-                region: id.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                // As the SDKs: the config, then AWS_REGION, AWS_DEFAULT_REGION, us-east-1.
+                region: id
+                    .region
+                    .clone()
+                    .or_else(|| std::env::var("AWS_REGION").ok())
+                    .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+                    .unwrap_or_else(|| "us-east-1".into()),
             }
         }
         "exec" => {

@@ -58,19 +58,16 @@ impl Aws {
 
     pub async fn fetch(&self, client: &Client) -> Result<RawToken, String> {
         let credentials = self.credentials(client).await?;
-        let url = presign(
-            &credentials,
-            &self.region,
-            &self.audience,
-            SystemTime::now(),
-        )?;
+        let now = SystemTime::now();
+        let (validity, resign_after) = lifetimes(credentials.expiration, now)?;
+        let url = presign_for(&credentials, &self.region, &self.audience, now, validity)?;
         let token = format!(
             "{TOKEN_PREFIX}{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(url.expose())
         );
         Ok(RawToken {
-            expires_in: Some(VALIDITY),
-            reread_after: Some(RESIGN_AFTER),
+            expires_in: Some(validity),
+            reread_after: Some(resign_after),
             ..RawToken::new(Secret::new(token))
         })
     }
@@ -99,12 +96,42 @@ impl Aws {
     }
 }
 
+/// How long a token signed at `now` may live and when to sign again: 15 and 9 minutes, but
+/// never past the expiry of the credentials that sign it.
+fn lifetimes(
+    expiration: Option<SystemTime>,
+    now: SystemTime,
+) -> Result<(Duration, Duration), String> {
+    let Some(at) = expiration else {
+        return Ok((VALIDITY, RESIGN_AFTER));
+    };
+    let left = at
+        .duration_since(now)
+        .map_err(|_| "the AWS credentials have already expired".to_string())?;
+    let validity = VALIDITY.min(left);
+    if validity < Duration::from_secs(1) {
+        return Err("the AWS credentials expire within a second".into());
+    }
+    Ok((validity, RESIGN_AFTER.min(validity * 2 / 3)))
+}
+
 /// The presigned GetCallerIdentity URL (a secret: it is a bearer credential for 15 minutes).
 pub fn presign(
     credentials: &AwsCredentials,
     region: &str,
     audience: &str,
     time: SystemTime,
+) -> Result<Secret, String> {
+    presign_for(credentials, region, audience, time, VALIDITY)
+}
+
+/// [`presign`] for a token that lives `validity` (at most 15 minutes).
+fn presign_for(
+    credentials: &AwsCredentials,
+    region: &str,
+    audience: &str,
+    time: SystemTime,
+    validity: Duration,
 ) -> Result<Secret, String> {
     let identity = Credentials::new(
         &credentials.access_key_id,
@@ -119,7 +146,7 @@ pub fn presign(
     .into();
     let mut settings = SigningSettings::default();
     settings.signature_location = SignatureLocation::QueryParams;
-    settings.expires_in = Some(VALIDITY);
+    settings.expires_in = Some(validity.min(VALIDITY));
     let params = v4::SigningParams::builder()
         .identity(&identity)
         .region(region)
@@ -129,7 +156,7 @@ pub fn presign(
         .build()
         .map_err(|e| format!("SigV4 parameters: {e}"))?
         .into();
-    let host = format!("sts.{region}.amazonaws.com");
+    let host = format!("sts.{region}.{}", dns_suffix(region));
     let base = format!("https://{host}/?Action=GetCallerIdentity&Version=2011-06-15");
     let headers = [("host", host.as_str()), (AUDIENCE_HEADER, audience)];
     let request = SignableRequest::new("GET", &base, headers.into_iter(), SignableBody::Bytes(&[]))
@@ -185,7 +212,11 @@ impl JsonCredentials {
             session_token: c.token.map(Secret::new),
             expiration: c
                 .expiration
-                .and_then(|e| humantime::parse_rfc3339_weak(&e).ok()),
+                .map(|e| {
+                    humantime::parse_rfc3339_weak(&e)
+                        .map_err(|_| format!("{source} answered an unreadable Expiration `{e}`"))
+                })
+                .transpose()?,
         })
     }
 }
@@ -362,6 +393,22 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_never_outlives_the_credentials_that_signed_it() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(lifetimes(None, now).unwrap(), (VALIDITY, RESIGN_AFTER));
+        let soon = now + Duration::from_secs(6 * 60);
+        let (validity, resign) = lifetimes(Some(soon), now).unwrap();
+        assert_eq!(validity, Duration::from_secs(6 * 60));
+        assert_eq!(resign, Duration::from_secs(4 * 60));
+        assert!(lifetimes(Some(now - Duration::from_secs(1)), now).is_err());
+        let bad = br#"{"AccessKeyId":"A","SecretAccessKey":"S","Expiration":"next tuesday"}"#;
+        assert!(JsonCredentials::parse(bad, "IMDS")
+            .err()
+            .is_some_and(|e| e.contains("unreadable Expiration")));
+        assert_eq!(dns_suffix("cn-north-1"), "amazonaws.com.cn");
+    }
 
     #[test]
     fn presigned_url_is_deterministic_and_binds_the_audience() {
