@@ -106,6 +106,10 @@ pub async fn fetch_small(
     send_small(client, method, url, headers, Bytes::new(), timeout).await
 }
 
+/// Attempts of a small call (identity providers, metadata servers) on a connection error, a
+/// timeout, 5xx or 429: a metadata server that answers 503 once must not fail the token.
+const SMALL_ATTEMPTS: u32 = 3;
+
 /// [`fetch_small`] with a request body.
 pub async fn send_small(
     client: &Client,
@@ -115,8 +119,38 @@ pub async fn send_small(
     body: Bytes,
     timeout: Duration,
 ) -> Result<(http::StatusCode, Bytes), String> {
+    let mut attempt = 1;
+    loop {
+        let result = send_once(client, method.clone(), url, headers, body.clone(), timeout).await;
+        let retry = match &result {
+            Err(_) => true,
+            Ok((status, _)) => {
+                status.is_server_error() || *status == http::StatusCode::TOO_MANY_REQUESTS
+            }
+        };
+        if !retry || attempt >= SMALL_ATTEMPTS {
+            return result;
+        }
+        // 100 ms, then 300 ms, with jitter.
+        let backoff = 100 * 3u64.pow(attempt - 1) + fastrand::u64(0..100);
+        tokio::time::sleep(Duration::from_millis(backoff)).await;
+        attempt += 1;
+    }
+}
+
+async fn send_once(
+    client: &Client,
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), String> {
     let shown = url.split('?').next().unwrap_or(url);
-    let mut request = hyper::Request::builder().method(method).uri(url);
+    let mut request = hyper::Request::builder().method(method).uri(url).header(
+        "user-agent",
+        concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
+    );
     for (name, value) in headers {
         request = request.header(*name, *value);
     }

@@ -431,3 +431,56 @@ async fn the_token_command_prints_claims_but_the_token_only_with_raw() {
     assert!(!plain.contains(&token));
     assert!(run(true).contains(&token));
 }
+
+/// A GCP metadata server that answers 503 once (they do, under load) does not fail the token;
+/// `GCE_METADATA_ROOT` is honoured as google-auth does; provider calls carry a User-Agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metadata_server_that_fails_once_is_retried() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let issuer = Issuer::start().await;
+    let jwt = issuer.mint("gce-vm", AUD, 600, false);
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let agents = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (c, a) = (calls.clone(), agents.clone());
+    let addr = support::http::serve(move |req| {
+        let (calls, agents, jwt) = (c.clone(), a.clone(), jwt.clone());
+        async move {
+            let agent = req
+                .headers()
+                .get("user-agent")
+                .and_then(|v| v.to_str().ok());
+            agents.lock().unwrap().push(agent.unwrap_or("").to_string());
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                return support::http::respond(503, "busy");
+            }
+            support::http::respond(200, jwt)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[[upstream]]\nurl = \"https://cache.test\"\nidentity = \"vm\"\n[identity.vm]\nprovider = \"gcp\"\naudience = \"{AUD}\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["token", "--config"])
+        .arg(&config)
+        .env_remove("GCE_METADATA_HOST")
+        .env("GCE_METADATA_ROOT", addr.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("sub: gce-vm"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "one retry");
+    assert!(agents
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|a| a.starts_with("nix-sidecar/")));
+}

@@ -14,8 +14,10 @@ use crate::secret::Secret;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn fetch(client: &Client, audience: &str) -> Result<RawToken, String> {
-    let host =
-        std::env::var("GCE_METADATA_HOST").unwrap_or_else(|_| "metadata.google.internal".into());
+    // google-auth reads both names.
+    let host = std::env::var("GCE_METADATA_HOST")
+        .or_else(|_| std::env::var("GCE_METADATA_ROOT"))
+        .unwrap_or_else(|_| "metadata.google.internal".into());
     let audience: String = url::form_urlencoded::byte_serialize(audience.as_bytes()).collect();
     let base = format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}");
     let headers = [("metadata-flavor", "Google")];
