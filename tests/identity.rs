@@ -484,3 +484,36 @@ async fn a_metadata_server_that_fails_once_is_retried() {
         .iter()
         .all(|a| a.starts_with("nix-sidecar/")));
 }
+
+/// `AWS_EC2_METADATA_DISABLED=true`: IMDS is never asked, and the error says why.
+#[test]
+fn aws_imds_can_be_disabled_as_in_the_sdks() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[[upstream]]\nurl = \"https://cache.test\"\nidentity = \"a\"\n[identity.a]\nprovider = \"aws\"\naudience = \"{AUD}\"\n"),
+    )
+    .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"));
+    command.args(["token", "--config"]).arg(&config);
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ] {
+        command.env_remove(var);
+    }
+    let out = command
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &endpoint)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("AWS_EC2_METADATA_DISABLED"), "{stderr}");
+}

@@ -304,13 +304,12 @@ fn dns_suffix(region: &str) -> &'static str {
 
 /// ECS task roles and EKS Pod Identity.
 async fn from_container(client: &Client) -> Result<Option<AwsCredentials>, String> {
-    let url = match (
-        std::env::var("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
-        std::env::var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
-    ) {
-        (Ok(full), _) => full,
-        (_, Ok(relative)) => format!("http://169.254.170.2{relative}"),
-        _ => return Ok(None),
+    let Some(url) = container_url(
+        std::env::var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").ok(),
+        std::env::var("AWS_CONTAINER_CREDENTIALS_FULL_URI").ok(),
+    )?
+    else {
+        return Ok(None);
     };
     let token = match std::env::var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE") {
         Ok(path) => Some(Secret::new(
@@ -336,22 +335,71 @@ async fn from_container(client: &Client) -> Result<Option<AwsCredentials>, Strin
     JsonCredentials::parse(&body, "the AWS container credentials endpoint").map(Some)
 }
 
+/// The container credentials URL, as the SDKs choose it: the relative URI (on the ECS agent's
+/// address) first; a full URI only over https, or over http to a loopback address or the ECS
+/// and EKS Pod Identity agents' addresses (anything else could be a credential thief's).
+fn container_url(relative: Option<String>, full: Option<String>) -> Result<Option<String>, String> {
+    if let Some(relative) = relative {
+        return Ok(Some(format!("http://169.254.170.2{relative}")));
+    }
+    let Some(full) = full else {
+        return Ok(None);
+    };
+    let url = url::Url::parse(&full)
+        .map_err(|e| format!("AWS_CONTAINER_CREDENTIALS_FULL_URI is not a URL: {e}"))?;
+    let allowed_host = match url.host() {
+        Some(url::Host::Ipv4(ip)) => {
+            ip.is_loopback()
+                || ip.octets() == [169, 254, 170, 2]
+                || ip.octets() == [169, 254, 170, 23]
+        }
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_loopback() || ip == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)
+        }
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    };
+    if url.scheme() == "https" || (url.scheme() == "http" && allowed_host) {
+        Ok(Some(full))
+    } else {
+        Err("AWS_CONTAINER_CREDENTIALS_FULL_URI must be https, or http to a loopback or container agent address".into())
+    }
+}
+
+/// How long IMDS may take to answer: it is on the link, so 1 s (with retries) as the SDKs.
+const IMDS_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// EC2 instance metadata, version 2 (a session token first).
 async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
-    let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-        .unwrap_or_else(|_| "http://169.254.169.254".into());
+    if std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Err("no AWS credentials in the environment or a container endpoint, and IMDS is disabled (AWS_EC2_METADATA_DISABLED)".into());
+    }
+    let ipv6 = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE")
+        .is_ok_and(|m| m.eq_ignore_ascii_case("ipv6"));
+    let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|_| {
+        if ipv6 {
+            "http://[fd00:ec2::254]".into()
+        } else {
+            "http://169.254.169.254".into()
+        }
+    });
     let endpoint = endpoint.trim_end_matches('/');
     let (status, session) = fetch_small(
         client,
         Method::PUT,
         &format!("{endpoint}/latest/api/token"),
         &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
-        TIMEOUT,
+        IMDS_TIMEOUT,
     )
     .await
     .map_err(|e| {
+        let hint = if e.contains("did not answer") {
+            " (in a container on EC2, the instance's metadata hop limit must be at least 2)"
+        } else {
+            ""
+        };
         format!(
-            "no AWS credentials in the environment, no container endpoint, and IMDS failed: {e}"
+            "no AWS credentials in the environment, no container endpoint, and IMDS failed: {e}{hint}"
         )
     })?;
     if !status.is_success() {
@@ -360,7 +408,8 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
     let session = Secret::new(String::from_utf8_lossy(&session).trim());
     let header = [("x-aws-ec2-metadata-token", session.expose())];
     let roles_url = format!("{endpoint}/latest/meta-data/iam/security-credentials/");
-    let (status, roles) = fetch_small(client, Method::GET, &roles_url, &header, TIMEOUT).await?;
+    let (status, roles) =
+        fetch_small(client, Method::GET, &roles_url, &header, IMDS_TIMEOUT).await?;
     if !status.is_success() {
         return Err(format!(
             "IMDS answered {status} for the instance role (is an instance profile attached?)"
@@ -378,7 +427,7 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
         Method::GET,
         &format!("{roles_url}{role}"),
         &header,
-        TIMEOUT,
+        IMDS_TIMEOUT,
     )
     .await?;
     if !status.is_success() {
@@ -393,6 +442,33 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_container_endpoint_is_chosen_and_checked_as_the_sdks_do() {
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            container_url(some("/v2/creds"), some("https://elsewhere/x")).unwrap(),
+            some("http://169.254.170.2/v2/creds"),
+            "the relative URI wins"
+        );
+        for ok in [
+            "https://creds.example/x",
+            "http://127.0.0.1:8080/x",
+            "http://169.254.170.23/v1/credentials",
+            "http://[fd00:ec2::23]/v1/credentials",
+            "http://localhost/x",
+        ] {
+            assert_eq!(container_url(None, some(ok)).unwrap(), some(ok), "{ok}");
+        }
+        for bad in [
+            "http://evil.example/x",
+            "http://10.0.0.1/x",
+            "ftp://127.0.0.1/x",
+        ] {
+            assert!(container_url(None, some(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(container_url(None, None).unwrap(), None);
+    }
 
     #[test]
     fn a_token_never_outlives_the_credentials_that_signed_it() {
