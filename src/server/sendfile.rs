@@ -190,10 +190,7 @@ impl hyper::body::Body for FollowBody {
             Some(Err(e)) => return Poll::Ready(Some(Err(e))),
             None => return Poll::Ready(None),
         };
-        let len = match &piece {
-            Piece::File { len, .. } => *len,
-            Piece::Bytes(bytes) => bytes.len(),
-        } as u64;
+        let len = piece.size() as u64;
         if let Some(left) = &mut self.left {
             if len > *left {
                 return Poll::Ready(Some(Err(io::Error::other(

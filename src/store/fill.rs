@@ -40,7 +40,8 @@ pub enum Piece {
 }
 
 impl Piece {
-    fn len(&self) -> usize {
+    /// How many bytes it stands for.
+    pub fn size(&self) -> usize {
         match self {
             Piece::File { len, .. } => *len,
             Piece::Bytes(bytes) => bytes.len(),
@@ -544,7 +545,7 @@ impl Measured for Bytes {
 
 impl Measured for Piece {
     fn measure(&self) -> usize {
-        self.len()
+        self.size()
     }
 }
 
