@@ -93,6 +93,10 @@ struct FileExchange {
     url: String,
     audience: Option<String>,
     scope: Option<String>,
+    client_id: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    subject_token_type: Option<String>,
+    requested_token_type: Option<String>,
 }
 
 impl Config {
@@ -226,6 +230,13 @@ pub struct ExchangeConfig {
     pub url: Url,
     pub audience: Option<String>,
     pub scope: Option<String>,
+    /// Client authentication (RFC 6749 2.3.1, HTTP Basic), the secret read from a file at
+    /// each exchange.
+    pub client_id: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    /// Overrides of the token types sent (default: the source's type; none requested).
+    pub subject_token_type: Option<String>,
+    pub requested_token_type: Option<String>,
 }
 
 /// Where an identity's token comes from, with the keys each source needs.
@@ -696,6 +707,21 @@ impl Config {
                 if let Some(aud) = &ex.audience {
                     let _ = writeln!(out, "audience = {}", toml_str(aud));
                 }
+                for (name, value) in [
+                    ("client-id", ex.client_id.clone()),
+                    (
+                        "client-secret-file",
+                        ex.client_secret_file
+                            .as_ref()
+                            .map(|p| p.display().to_string()),
+                    ),
+                    ("subject-token-type", ex.subject_token_type.clone()),
+                    ("requested-token-type", ex.requested_token_type.clone()),
+                ] {
+                    if let Some(value) = value {
+                        let _ = writeln!(out, "{name} = {}", toml_str(&value));
+                    }
+                }
                 if let Some(scope) = &ex.scope {
                     let _ = writeln!(out, "scope = {}", toml_str(scope));
                 }
@@ -857,10 +883,20 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
                     "must be an http:// or https:// URL without credentials",
                 ));
             }
+            if ex.client_secret_file.is_some() && ex.client_id.is_none() {
+                return Err(invalid(
+                    key("exchange.client-id"),
+                    "client-secret-file needs the client-id it belongs to",
+                ));
+            }
             Some(ExchangeConfig {
                 url,
                 audience: ex.audience,
                 scope: ex.scope,
+                client_id: ex.client_id,
+                client_secret_file: ex.client_secret_file,
+                subject_token_type: ex.subject_token_type,
+                requested_token_type: ex.requested_token_type,
             })
         }
         None => None,

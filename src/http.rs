@@ -167,3 +167,13 @@ async fn send_once(
         .map_err(|e| format!("{shown}: {e}"))?;
     Ok((status, body))
 }
+
+/// A URL fit for logs and errors: no query (presigned URLs carry signatures there), no userinfo.
+pub fn display_url(url: &url::Url) -> String {
+    format!(
+        "{}://{}{}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        url.port().map(|p| format!(":{p}")).unwrap_or_default()
+    ) + url.path()
+}

@@ -15,7 +15,7 @@ use url::Url;
 use base64::Engine;
 
 use crate::config::Auth;
-use crate::http::{read_limited, snippet, Client};
+use crate::http::{display_url, read_limited, snippet, Client};
 use crate::identity::{Identity, IdentityError, Token};
 use crate::metrics::Metrics;
 
@@ -347,16 +347,6 @@ impl Upstream {
         }
         Err(format!("more than {MAX_REDIRECTS} redirects"))
     }
-}
-
-/// A URL fit for logs and errors: no query (presigned URLs carry signatures there), no userinfo.
-pub fn display_url(url: &Url) -> String {
-    format!(
-        "{}://{}{}",
-        url.scheme(),
-        url.host_str().unwrap_or(""),
-        url.port().map(|p| format!(":{p}")).unwrap_or_default()
-    ) + url.path()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

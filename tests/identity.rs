@@ -517,3 +517,99 @@ fn aws_imds_can_be_disabled_as_in_the_sdks() {
     assert!(!out.status.success());
     assert!(stderr.contains("AWS_EC2_METADATA_DISABLED"), "{stderr}");
 }
+
+/// RFC 8693 client: client authentication by HTTP Basic with a secret from a file (RFC 6749
+/// 2.3.1), settable token types, `expires_in` as a string; the secret never in an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchange_client_authenticates_and_sends_the_configured_token_types() {
+    use base64::Engine;
+    let issuer = Issuer::start().await;
+    let exchanged = issuer.mint("exchanged", "https://cache.test", 600, false);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let addr = support::http::serve(move |req: http::Request<hyper::body::Incoming>| {
+        let (seen, exchanged) = (s.clone(), exchanged.clone());
+        async move {
+            use http_body_util::BodyExt;
+            let auth = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let form = String::from_utf8_lossy(&body).to_string();
+            seen.lock().unwrap().push((auth.clone(), form));
+            let expected = base64::engine::general_purpose::STANDARD.encode("ci%3Aclient:s3cret%2F1");
+            if auth != format!("Basic {expected}") {
+                return support::http::respond(401, r#"{"error":"invalid_client"}"#);
+            }
+            support::http::respond(
+                200,
+                format!(r#"{{"access_token":"{exchanged}","issued_token_type":"urn:ietf:params:oauth:token-type:jwt","token_type":"Bearer","expires_in":"300"}}"#),
+            )
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "s3cret/1\n").unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[upstream]]\nurl = \"https://cache.test\"\nidentity = \"i\"\n[identity.i]\nprovider = \"static\"\nvariable = \"T\"\n\
+             [identity.i.exchange]\nurl = \"http://{addr}/token\"\nclient-id = \"ci:client\"\nclient-secret-file = \"{}\"\n\
+             subject-token-type = \"urn:ietf:params:oauth:token-type:id_token\"\nrequested-token-type = \"urn:ietf:params:oauth:token-type:access_token\"\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let token = |secret_text: &str| {
+        std::fs::write(&secret, secret_text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(["token", "--config"])
+            .arg(&config)
+            .env(
+                "T",
+                issuer.mint("subject", "https://exchange.test", 600, false),
+            )
+            .output()
+            .unwrap()
+    };
+    let out = token("s3cret/1\n");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("sub: exchanged"), "{stdout}");
+    let left: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("seconds left: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        left > 250 && left <= 300,
+        "expires_in \"300\" as a string: {left}"
+    );
+    let (_, form) = seen.lock().unwrap()[0].clone();
+    assert!(
+        form.contains("subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aid_token"),
+        "{form}"
+    );
+    assert!(
+        form.contains(
+            "requested_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token"
+        ),
+        "{form}"
+    );
+    // A wrong secret: refused, and neither secret nor credential in the error.
+    let out = token("wrong-secret\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid_client"), "{stderr}");
+    assert!(!stderr.contains("wrong-secret"), "{stderr}");
+}

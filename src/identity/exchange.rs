@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
-use http_body_util::Full;
 use serde::Deserialize;
 
 use super::RawToken;
 use crate::config::ExchangeConfig;
-use crate::http::{read_limited, snippet, Client};
+use crate::http::{snippet, Client};
 use crate::secret::Secret;
 
 pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
@@ -22,7 +22,19 @@ pub struct Exchange {
 #[derive(Deserialize)]
 struct Answer {
     access_token: String,
-    expires_in: Option<u64>,
+    /// A number, or (some servers) a string of one.
+    expires_in: Option<serde_json::Value>,
+}
+
+impl Answer {
+    fn expires_in(&self) -> Option<Duration> {
+        let seconds = match self.expires_in.as_ref()? {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        seconds.map(Duration::from_secs)
+    }
 }
 
 #[derive(Deserialize)]
@@ -44,7 +56,19 @@ impl Exchange {
                 "urn:ietf:params:oauth:grant-type:token-exchange",
             )
             .append_pair("subject_token", subject.expose())
-            .append_pair("subject_token_type", subject_type);
+            .append_pair(
+                "subject_token_type",
+                self.config
+                    .subject_token_type
+                    .as_deref()
+                    .unwrap_or(subject_type),
+            );
+            if let (Some(id), None) = (&self.config.client_id, &self.config.client_secret_file) {
+                form.append_pair("client_id", id); // a public client
+            }
+            if let Some(requested) = &self.config.requested_token_type {
+                form.append_pair("requested_token_type", requested);
+            }
             if let Some(aud) = &self.config.audience {
                 form.append_pair("audience", aud);
             }
@@ -53,25 +77,32 @@ impl Exchange {
             }
             form.finish()
         };
-        let request = hyper::Request::post(self.config.url.as_str())
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("accept", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("token exchange request: {e}"))?;
-        let url = self.config.url.as_str();
-        let response = tokio::time::timeout(TIMEOUT, self.client.request(request))
-            .await
-            .map_err(|_| {
-                format!(
-                    "token exchange at {url} did not answer within {}s",
-                    TIMEOUT.as_secs()
-                )
-            })?
-            .map_err(|e| format!("token exchange at {url} failed: {e}"))?;
-        let status = response.status();
-        let body = read_limited(response.into_body(), 256 * 1024, TIMEOUT)
-            .await
-            .map_err(|e| format!("token exchange at {url}: {e}"))?;
+        let client_auth = self.client_authentication()?;
+        let mut headers = vec![
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("accept", "application/json"),
+        ];
+        if let Some(auth) = &client_auth {
+            headers.push(("authorization", auth.expose()));
+        }
+        // Never the query: it may carry a client secret.
+        let url = crate::http::display_url(&self.config.url);
+        let (status, body) = crate::http::send_small(
+            &self.client,
+            http::Method::POST,
+            self.config.url.as_str(),
+            &headers,
+            Bytes::from(body),
+            TIMEOUT,
+        )
+        .await
+        .map_err(|e| {
+            let e = subject.scrub(&e);
+            match &client_auth {
+                Some(auth) => auth.scrub(&e),
+                None => e,
+            }
+        })?;
         if !status.is_success() {
             let detail = match serde_json::from_slice::<ErrorAnswer>(&body) {
                 Ok(e) => format!("{}: {}", e.error, e.error_description.unwrap_or_default()),
@@ -89,8 +120,26 @@ impl Exchange {
             ));
         }
         Ok(RawToken {
-            expires_in: answer.expires_in.map(Duration::from_secs),
+            expires_in: answer.expires_in(),
             ..RawToken::new(Secret::new(answer.access_token))
         })
+    }
+
+    /// `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 2.3.1), the secret read from
+    /// its file now, so a rotated secret is used at once.
+    fn client_authentication(&self) -> Result<Option<Secret>, String> {
+        let (Some(id), Some(path)) = (&self.config.client_id, &self.config.client_secret_file)
+        else {
+            return Ok(None);
+        };
+        let secret = std::fs::read_to_string(path)
+            .map_err(|e| format!("exchange client-secret-file {}: {e}", path.display()))?;
+        let encode =
+            |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+        let pair = format!("{}:{}", encode(id), encode(secret.trim()));
+        Ok(Some(Secret::new(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        ))))
     }
 }
