@@ -611,10 +611,6 @@ impl Store {
         self.0.ledger.lock().unwrap().stored
     }
 
-    /// Bytes promised to fills in progress.
-    pub fn reserved(&self) -> u64 {
-        self.0.ledger.lock().unwrap().reserved
-    }
 
     pub fn evictions(&self) -> u64 {
         self.0.evictions.load(Ordering::Relaxed)
