@@ -611,7 +611,6 @@ impl Store {
         self.0.ledger.lock().unwrap().stored
     }
 
-
     pub fn evictions(&self) -> u64 {
         self.0.evictions.load(Ordering::Relaxed)
     }
