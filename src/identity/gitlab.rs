@@ -31,5 +31,6 @@ pub fn fetch(identity: &str, variable: &str) -> Result<RawToken, String> {
             );
         }
     }
-    Ok(RawToken::new(Secret::new(value)))
+    // Minted at the start of the job, not now.
+    Ok(RawToken::stored(Secret::new(value), None))
 }

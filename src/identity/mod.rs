@@ -35,6 +35,9 @@ pub struct RawToken {
     pub expires_in: Option<Duration>,
     /// Ask the source again after this long even if the token lives longer (token files).
     pub reread_after: Option<Duration>,
+    /// Minted for this call (a provider endpoint), rather than read from where it was put
+    /// some time ago (a file, an environment variable): see [`jwt_lifetime`].
+    pub minted_now: bool,
 }
 
 impl RawToken {
@@ -43,6 +46,16 @@ impl RawToken {
             secret,
             expires_in: None,
             reread_after: None,
+            minted_now: true,
+        }
+    }
+
+    /// A token that was put where it is read from some time ago.
+    pub fn stored(secret: Secret, reread_after: Option<Duration>) -> RawToken {
+        RawToken {
+            reread_after,
+            minted_now: false,
+            ..RawToken::new(secret)
         }
     }
 }
@@ -275,7 +288,18 @@ impl Identity {
 
     fn accept(&self, raw: RawToken, received: Instant) -> Token {
         let claims = jwt::claims(raw.secret.expose()).unwrap_or_default();
-        let lifetime = raw.expires_in.or_else(|| jwt_lifetime(&claims, unix_now()));
+        let just_minted = raw.minted_now;
+        let now = unix_now();
+        let lifetime = raw
+            .expires_in
+            .or_else(|| jwt_lifetime(&claims, now, just_minted));
+        if let Some(skew) = clock_skew(&claims, now).filter(|_| just_minted) {
+            tracing::warn!(
+                identity = %self.name,
+                seconds = skew,
+                "this machine's clock differs from the token issuer's (positive: ahead); lifetimes are measured from receipt"
+            );
+        }
         let refresh_after = lifetime.map(refresh_delay);
         let refresh_after = match (refresh_after, raw.reread_after) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -361,16 +385,27 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// How long a JWT has left: `exp - iat` (immune to our clock's skew), but no longer than
-/// `exp - now` says, for a token that was issued a while before we read it.
-fn jwt_lifetime(claims: &jwt::Claims, now: i64) -> Option<Duration> {
+/// How long a JWT has left: `exp - iat`, immune to our clock's skew. A token read from a file
+/// (`just_minted` false) may have been issued a while before we read it, so there `exp - now`
+/// caps it too; a token a provider minted for this request is as old as the request, and our
+/// clock running ahead of the issuer's must not shrink its lifetime (to zero, at worst).
+fn jwt_lifetime(claims: &jwt::Claims, now: i64, just_minted: bool) -> Option<Duration> {
     let exp = claims.exp?;
     let by_clock = exp - now;
     let lifetime = match claims.iat {
+        Some(iat) if exp > iat && just_minted => exp - iat,
         Some(iat) if exp > iat => (exp - iat).min(by_clock),
         _ => by_clock,
     };
     Some(Duration::from_secs(lifetime.max(0) as u64))
+}
+
+/// How far our clock is from the issuer's, judged by a token minted just now, when it is off
+/// by more than a minute (it does not change lifetimes, but upstreams that check `nbf`/`exp`
+/// against their own clocks see it too).
+fn clock_skew(claims: &jwt::Claims, now: i64) -> Option<i64> {
+    let skew = now - claims.iat?;
+    (skew.abs() > 60).then_some(skew)
 }
 
 /// When to refresh a token that lives `lifetime`: at 80 %, at least 60 s before the end, never
@@ -408,20 +443,20 @@ mod tests {
             iat,
             ..Default::default()
         };
+        let five_minutes = Some(Duration::from_secs(300));
         // Our clock runs 1000 s behind the issuer: exp - iat still says 300 s.
+        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 9_000, true), five_minutes);
+        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 9_000, false), five_minutes);
+        // Our clock runs 1000 s ahead: a token minted for us now still lives 300 s ...
+        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 11_000, true), five_minutes);
+        assert_eq!(clock_skew(&c(10_300, Some(10_000)), 11_000), Some(1000));
+        assert_eq!(clock_skew(&c(10_300, Some(10_000)), 10_030), None);
+        // ... while one read from a file 200 s after issue has 100 s left.
         assert_eq!(
-            jwt_lifetime(&c(10_300, Some(10_000)), 9_000),
-            Some(Duration::from_secs(300))
-        );
-        // Read 200 s after issue: 100 s are left.
-        assert_eq!(
-            jwt_lifetime(&c(10_300, Some(10_000)), 10_200),
+            jwt_lifetime(&c(10_300, Some(10_000)), 10_200, false),
             Some(Duration::from_secs(100))
         );
-        assert_eq!(
-            jwt_lifetime(&c(10_300, None), 10_000),
-            Some(Duration::from_secs(300))
-        );
-        assert_eq!(jwt_lifetime(&jwt::Claims::default(), 0), None);
+        assert_eq!(jwt_lifetime(&c(10_300, None), 10_000, true), five_minutes);
+        assert_eq!(jwt_lifetime(&jwt::Claims::default(), 0, true), None);
     }
 }

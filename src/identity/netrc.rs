@@ -5,13 +5,12 @@
 
 use std::path::Path;
 
-use super::RawToken;
 use crate::secret::Secret;
 
 pub const DEFAULT_PATH: &str = "/nix/var/determinate/netrc";
 const MAX_FILE: u64 = 256 * 1024;
 
-pub async fn fetch(path: &Path, machine: &str) -> Result<RawToken, String> {
+pub async fn fetch(path: &Path, machine: &str) -> Result<Secret, String> {
     let shown = path.display();
     let meta = tokio::fs::metadata(path)
         .await
@@ -24,7 +23,7 @@ pub async fn fetch(path: &Path, machine: &str) -> Result<RawToken, String> {
         .map_err(|e| format!("cannot read netrc {shown}: {e}"))?;
     let password = password_for(&text, machine)
         .ok_or_else(|| format!("netrc {shown} has no password for machine {machine}"))?;
-    Ok(RawToken::new(Secret::new(password)))
+    Ok(Secret::new(password))
 }
 
 /// The password of `machine` (or of `default` when no entry names it).

@@ -55,15 +55,12 @@ impl Source {
                 if value.is_empty() {
                     return Err(format!("environment variable {variable} is empty"));
                 }
-                Ok(RawToken::new(Secret::new(value)))
+                Ok(RawToken::stored(Secret::new(value), None))
             }
-            Provider::File { path, refresh } => {
-                let token = read_token_file(path).await?;
-                Ok(RawToken {
-                    reread_after: Some(*refresh),
-                    ..RawToken::new(token)
-                })
-            }
+            Provider::File { path, refresh } => Ok(RawToken::stored(
+                read_token_file(path).await?,
+                Some(*refresh),
+            )),
             Provider::GithubActions => github::fetch(&self.client, audience).await,
             Provider::Gitlab { variable } => gitlab::fetch(&self.identity, variable),
             Provider::Gcp => gcp::fetch(&self.client, audience.unwrap_or_default()).await,
@@ -87,10 +84,10 @@ impl Source {
                 path,
                 machine,
                 refresh,
-            } => Ok(RawToken {
-                reread_after: Some(*refresh),
-                ..netrc::fetch(path, machine).await?
-            }),
+            } => Ok(RawToken::stored(
+                netrc::fetch(path, machine).await?,
+                Some(*refresh),
+            )),
         }
     }
 }
