@@ -72,7 +72,7 @@ struct FileUpstream {
     insecure_http: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileIdentity {
     provider: String,
@@ -83,6 +83,9 @@ struct FileIdentity {
     command: Option<Vec<String>>,
     region: Option<String>,
     client_id: Option<String>,
+    object_id: Option<String>,
+    resource_id: Option<String>,
+    socket: Option<PathBuf>,
     machine: Option<String>,
     exchange: Option<FileExchange>,
 }
@@ -258,11 +261,19 @@ pub enum Provider {
     },
     Gcp,
     Azure {
-        client_id: Option<String>,
+        select: Option<ManagedIdentity>,
     },
     Aws {
         region: String,
     },
+    /// A JWT-SVID from the SPIFFE Workload API on this unix socket (default:
+    /// `SPIFFE_ENDPOINT_SOCKET`).
+    Spiffe {
+        socket: Option<PathBuf>,
+    },
+    /// The first source the environment offers (see `identity::auto`), with the keys the
+    /// candidates take.
+    Auto(AutoKeys),
     /// A command that prints a token (or JSON with one).
     Exec {
         command: Vec<String>,
@@ -275,6 +286,35 @@ pub enum Provider {
     },
 }
 
+/// Which of several managed identities on an Azure host to use.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ManagedIdentity {
+    ClientId(String),
+    ObjectId(String),
+    ResourceId(String),
+}
+
+/// What `provider = "auto"` passes on to the source it picks.
+#[derive(Debug, Clone, Default)]
+pub struct AutoKeys {
+    /// GitLab's `id_tokens` variable; GitLab is a candidate only when it is set.
+    pub variable: Option<String>,
+    /// A Kubernetes projected token (default: the service account's).
+    pub path: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub azure: Option<ManagedIdentity>,
+    pub region: String,
+}
+
+/// As the AWS SDKs: the configured region, then AWS_REGION, AWS_DEFAULT_REGION, us-east-1.
+fn aws_region(configured: Option<&str>) -> String {
+    configured
+        .map(str::to_string)
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .unwrap_or_else(|| "us-east-1".into())
+}
+
 impl Provider {
     pub fn name(&self) -> &'static str {
         match self {
@@ -285,6 +325,8 @@ impl Provider {
             Provider::Gcp => "gcp",
             Provider::Azure { .. } => "azure",
             Provider::Aws { .. } => "aws",
+            Provider::Spiffe { .. } => "spiffe",
+            Provider::Auto(_) => "auto",
             Provider::Exec { .. } => "exec",
             Provider::Netrc { .. } => "netrc",
         }
@@ -301,6 +343,8 @@ const PROVIDERS: &[&str] = &[
     "gcp",
     "aws",
     "azure",
+    "spiffe",
+    "auto",
     "exec",
     "netrc",
 ];
@@ -313,7 +357,14 @@ pub struct Overrides {
     pub cache_dir: Option<PathBuf>,
     /// Replaces `allowed-uids` when not empty.
     pub allowed_uids: Vec<u32>,
+    /// `--identity PROVIDER`: the command-line upstreams use this provider ...
+    pub identity: Option<String>,
+    /// ... for this `--audience`.
+    pub audience: Option<String>,
 }
+
+/// The name of the identity `--identity` creates.
+pub const CLI_IDENTITY: &str = "cli";
 
 impl Config {
     /// Loads `path` (if any), applies the overrides and validates.
@@ -352,12 +403,36 @@ impl Config {
         if !overrides.allowed_uids.is_empty() {
             file.allowed_uids = Some(overrides.allowed_uids.clone());
         }
+        if let Some(provider) = &overrides.identity {
+            if overrides.upstreams.is_empty() {
+                return Err(invalid(
+                    "--identity",
+                    "gives the command-line upstreams an identity: name at least one with --upstream",
+                ));
+            }
+            if file.identity.contains_key(CLI_IDENTITY) {
+                return Err(invalid(
+                    format!("identity.{CLI_IDENTITY}"),
+                    "is the name --identity uses; rename it in the file",
+                ));
+            }
+            file.identity.insert(
+                CLI_IDENTITY.into(),
+                FileIdentity {
+                    provider: provider.clone(),
+                    audience: overrides.audience.clone(),
+                    ..FileIdentity::default()
+                },
+            );
+        } else if overrides.audience.is_some() {
+            return Err(invalid("--audience", "is the audience of --identity, which is not given"));
+        }
         for (i, url) in overrides.upstreams.iter().enumerate() {
             file.upstream.push(FileUpstream {
                 name: Some(format!("cli-{}", i + 1)),
                 url: Some(url.clone()),
                 preset: None,
-                identity: None,
+                identity: overrides.identity.as_ref().map(|_| CLI_IDENTITY.to_string()),
                 ca_file: None,
                 auth: None,
                 username: None,
@@ -669,13 +744,28 @@ impl Config {
                         humantime::format_duration(*refresh)
                     );
                 }
-                Provider::Azure {
-                    client_id: Some(id),
-                } => {
-                    let _ = writeln!(out, "client-id = {}", toml_str(id));
+                Provider::Azure { select } => {
+                    render_managed_identity(&mut out, select.as_ref());
                 }
                 Provider::Aws { region } => {
                     let _ = writeln!(out, "region = {}", toml_str(region));
+                }
+                Provider::Spiffe { socket } => {
+                    if let Some(socket) = socket {
+                        let _ = writeln!(out, "socket = {}", toml_str(&socket.display().to_string()));
+                    }
+                }
+                Provider::Auto(keys) => {
+                    let _ = writeln!(out, "region = {}", toml_str(&keys.region));
+                    if let Some(variable) = &keys.variable {
+                        let _ = writeln!(out, "variable = {}  # value not shown", toml_str(variable));
+                    }
+                    for (name, path) in [("path", &keys.path), ("socket", &keys.socket)] {
+                        if let Some(path) = path {
+                            let _ = writeln!(out, "{name} = {}", toml_str(&path.display().to_string()));
+                        }
+                    }
+                    render_managed_identity(&mut out, keys.azure.as_ref());
                 }
                 Provider::Exec { command } => {
                     let _ = writeln!(out, "command = {}", list(command.clone()));
@@ -693,7 +783,7 @@ impl Config {
                         humantime::format_duration(*refresh)
                     );
                 }
-                Provider::GithubActions | Provider::Gcp | Provider::Azure { client_id: None } => {}
+                Provider::GithubActions | Provider::Gcp => {}
             }
             if let Some(aud) = &id.audience {
                 let _ = writeln!(out, "audience = {}", toml_str(aud));
@@ -729,6 +819,17 @@ impl Config {
         }
         out
     }
+}
+
+fn render_managed_identity(out: &mut String, select: Option<&ManagedIdentity>) {
+    use std::fmt::Write;
+    let (key, id) = match select {
+        Some(ManagedIdentity::ClientId(id)) => ("client-id", id),
+        Some(ManagedIdentity::ObjectId(id)) => ("object-id", id),
+        Some(ManagedIdentity::ResourceId(id)) => ("resource-id", id),
+        None => return,
+    };
+    let _ = writeln!(out, "{key} = {}", toml_str(id));
 }
 
 fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, ConfigError> {
@@ -776,12 +877,33 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
             ("command", id.command.is_some()),
             ("region", id.region.is_some()),
             ("client-id", id.client_id.is_some()),
+            ("object-id", id.object_id.is_some()),
+            ("resource-id", id.resource_id.is_some()),
+            ("socket", id.socket.is_some()),
             ("machine", id.machine.is_some()),
         ];
         for (field, present) in set {
             unused(field, present && !allowed.contains(&field))?;
         }
         Ok::<(), ConfigError>(())
+    };
+    let managed_identity = || {
+        let set: Vec<_> = [
+            ("client-id", id.client_id.clone().map(ManagedIdentity::ClientId)),
+            ("object-id", id.object_id.clone().map(ManagedIdentity::ObjectId)),
+            ("resource-id", id.resource_id.clone().map(ManagedIdentity::ResourceId)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
+        match set.as_slice() {
+            [] => Ok(None),
+            [(_, one)] => Ok(Some(one.clone())),
+            [_, (second, _), ..] => Err(invalid(
+                key(second),
+                "client-id, object-id and resource-id each select an identity: set one",
+            )),
+        }
     };
     let provider = match id.provider.as_str() {
         "static" | "gitlab" => {
@@ -825,24 +947,44 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
             Provider::Gcp
         }
         "azure" => {
-            only(&["client-id"])?;
+            only(&["client-id", "object-id", "resource-id"])?;
             needs_audience()?;
             Provider::Azure {
-                client_id: id.client_id.clone(),
+                select: managed_identity()?,
             }
         }
         "aws" => {
             only(&["region"])?;
             needs_audience()?;
             Provider::Aws {
-                // As the SDKs: the config, then AWS_REGION, AWS_DEFAULT_REGION, us-east-1.
-                region: id
-                    .region
-                    .clone()
-                    .or_else(|| std::env::var("AWS_REGION").ok())
-                    .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
-                    .unwrap_or_else(|| "us-east-1".into()),
+                region: aws_region(id.region.as_deref()),
             }
+        }
+        "spiffe" => {
+            only(&["socket"])?;
+            needs_audience()?;
+            Provider::Spiffe {
+                socket: id.socket.clone(),
+            }
+        }
+        "auto" => {
+            only(&[
+                "variable",
+                "path",
+                "socket",
+                "region",
+                "client-id",
+                "object-id",
+                "resource-id",
+            ])?;
+            needs_audience()?;
+            Provider::Auto(AutoKeys {
+                variable: id.variable.clone(),
+                path: id.path.clone(),
+                socket: id.socket.clone(),
+                azure: managed_identity()?,
+                region: aws_region(id.region.as_deref()),
+            })
         }
         "exec" => {
             only(&["command"])?;

@@ -106,10 +106,6 @@ pub async fn fetch_small(
     send_small(client, method, url, headers, Bytes::new(), timeout).await
 }
 
-/// Attempts of a small call (identity providers, metadata servers) on a connection error, a
-/// timeout, 5xx or 429: a metadata server that answers 503 once must not fail the token.
-const SMALL_ATTEMPTS: u32 = 3;
-
 /// [`fetch_small`] with a request body.
 pub async fn send_small(
     client: &Client,
@@ -119,53 +115,86 @@ pub async fn send_small(
     body: Bytes,
     timeout: Duration,
 ) -> Result<(http::StatusCode, Bytes), String> {
-    let mut attempt = 1;
-    loop {
-        let result = send_once(client, method.clone(), url, headers, body.clone(), timeout).await;
-        let retry = match &result {
-            Err(_) => true,
-            Ok((status, _)) => {
-                status.is_server_error() || *status == http::StatusCode::TOO_MANY_REQUESTS
-            }
-        };
-        if !retry || attempt >= SMALL_ATTEMPTS {
-            return result;
-        }
-        // 100 ms, then 300 ms, with jitter.
-        let backoff = 100 * 3u64.pow(attempt - 1) + fastrand::u64(0..100);
-        tokio::time::sleep(Duration::from_millis(backoff)).await;
-        attempt += 1;
-    }
+    let call = SmallCall {
+        method,
+        url,
+        headers,
+        body,
+        timeout,
+        also_retry: &[],
+    };
+    call.send(client)
+        .await
+        .map(|answer| (answer.status(), answer.into_body()))
 }
 
-async fn send_once(
-    client: &Client,
-    method: http::Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Bytes,
-    timeout: Duration,
-) -> Result<(http::StatusCode, Bytes), String> {
-    let shown = url.split('?').next().unwrap_or(url);
-    let mut request = hyper::Request::builder().method(method).uri(url).header(
-        "user-agent",
-        concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
-    );
-    for (name, value) in headers {
-        request = request.header(*name, *value);
+/// Attempts of a small call (identity providers, metadata servers) on a connection error, a
+/// timeout, 5xx or 429: a metadata server that answers 503 once must not fail the token.
+const SMALL_ATTEMPTS: u32 = 3;
+
+/// A request whose answer is small, retried on failure.
+pub struct SmallCall<'a> {
+    pub method: http::Method,
+    pub url: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: Bytes,
+    pub timeout: Duration,
+    /// Statuses retried besides 5xx and 429 (Azure IMDS answers 404 and 410 while it starts).
+    pub also_retry: &'a [u16],
+}
+
+impl SmallCall<'_> {
+    /// The whole answer, headers included, after at most [`SMALL_ATTEMPTS`] attempts.
+    pub async fn send(&self, client: &Client) -> Result<http::Response<Bytes>, String> {
+        let mut attempt = 1;
+        loop {
+            let result = self.send_once(client).await;
+            let retry = match &result {
+                Err(_) => true,
+                Ok(answer) => {
+                    let status = answer.status();
+                    status.is_server_error()
+                        || status == http::StatusCode::TOO_MANY_REQUESTS
+                        || self.also_retry.contains(&status.as_u16())
+                }
+            };
+            if !retry || attempt >= SMALL_ATTEMPTS {
+                return result;
+            }
+            // 100 ms, then 300 ms, with jitter.
+            let backoff = 100 * 3u64.pow(attempt - 1) + fastrand::u64(0..100);
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
+            attempt += 1;
+        }
     }
-    let request = request
-        .body(Full::new(body))
-        .map_err(|e| format!("bad request for {shown}: {e}"))?;
-    let response = tokio::time::timeout(timeout, client.request(request))
-        .await
-        .map_err(|_| format!("{shown} did not answer within {}s", timeout.as_secs()))?
-        .map_err(|e| format!("{shown} unreachable: {e}"))?;
-    let status = response.status();
-    let body = read_limited(response.into_body(), 256 * 1024, timeout)
-        .await
-        .map_err(|e| format!("{shown}: {e}"))?;
-    Ok((status, body))
+
+    /// One attempt, for probes that must not wait for retries.
+    pub async fn send_once(&self, client: &Client) -> Result<http::Response<Bytes>, String> {
+        let shown = self.url.split('?').next().unwrap_or(self.url);
+        let mut request = hyper::Request::builder()
+            .method(self.method.clone())
+            .uri(self.url)
+            .header(
+                "user-agent",
+                concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
+            );
+        for (name, value) in self.headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(self.body.clone()))
+            .map_err(|e| format!("bad request for {shown}: {e}"))?;
+        let timeout = self.timeout;
+        let response = tokio::time::timeout(timeout, client.request(request))
+            .await
+            .map_err(|_| format!("{shown} did not answer within {}s", timeout.as_secs()))?
+            .map_err(|e| format!("{shown} unreachable: {e}"))?;
+        let (parts, body) = response.into_parts();
+        let body = read_limited(body, 256 * 1024, timeout)
+            .await
+            .map_err(|e| format!("{shown}: {e}"))?;
+        Ok(http::Response::from_parts(parts, body))
+    }
 }
 
 /// A URL fit for logs and errors: no query (presigned URLs carry signatures there), no userinfo.

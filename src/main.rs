@@ -78,6 +78,12 @@ struct ServeFlags {
     /// Admit only clients owned by this uid (repeatable); replaces `allowed-uids`.
     #[arg(long = "allowed-uid")]
     allowed_uids: Vec<u32>,
+    /// Give the --upstream caches this identity provider (e.g. `auto`, `github-actions`).
+    #[arg(long)]
+    identity: Option<String>,
+    /// The audience the --identity provider's tokens are made for.
+    #[arg(long)]
+    audience: Option<String>,
 }
 
 impl ServeFlags {
@@ -87,6 +93,8 @@ impl ServeFlags {
             upstreams: self.upstream,
             cache_dir: self.cache_dir,
             allowed_uids: self.allowed_uids,
+            identity: self.identity,
+            audience: self.audience,
         };
         Config::load(self.config.as_deref(), &overrides).map_err(|e| e.to_string())
     }
@@ -301,6 +309,7 @@ async fn token(
     }
     println!("upstream: {}", up.name);
     println!("identity: {id_name}");
+    println!("provider: {}", identity.provider());
     println!("iss: {}", c.iss.as_deref().unwrap_or("-"));
     println!("sub: {}", c.sub.as_deref().unwrap_or("-"));
     println!(

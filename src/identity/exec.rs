@@ -15,16 +15,18 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_OUTPUT: u64 = 64 * 1024;
 const MAX_STDERR_LINES: usize = 50;
 
-/// `line` without the token the helper printed, nor the token inside its JSON.
+/// `line` without what the helper printed, nor any string inside it if it printed JSON (a
+/// token, or an AWS `credential_process`'s keys).
 fn scrub_token(printed: &Secret, line: &str) -> String {
-    let inner = serde_json::from_str::<JsonToken>(printed.expose())
-        .map(|json| Secret::new(json.token))
-        .ok();
-    let line = printed.scrub(line);
-    match inner {
-        Some(token) => token.scrub(&line),
-        None => line,
+    let mut line = printed.scrub(line);
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(printed.expose()) {
+        for value in fields.values() {
+            if let Some(text) = value.as_str().filter(|t| t.len() >= 8) {
+                line = Secret::new(text).scrub(&line);
+            }
+        }
     }
+    line
 }
 
 #[derive(Deserialize)]
@@ -35,6 +37,23 @@ struct JsonToken {
 }
 
 pub async fn fetch(identity: &str, command: &[String]) -> Result<RawToken, String> {
+    let shown = command.first().cloned().unwrap_or_default();
+    let printed = run(identity, command).await?;
+    let text = printed.expose();
+    if text.starts_with('{') {
+        let json: JsonToken = serde_json::from_str(text)
+            .map_err(|_| format!("`{shown}` printed JSON without a token field"))?;
+        return Ok(RawToken {
+            expires_in: json.expires_in.map(Duration::from_secs),
+            ..RawToken::new(Secret::new(json.token))
+        });
+    }
+    Ok(RawToken::new(printed))
+}
+
+/// Runs a helper that prints a secret: its trimmed, non-empty stdout. Its stderr is logged
+/// (scrubbed) once it is done.
+pub async fn run(identity: &str, command: &[String]) -> Result<Secret, String> {
     let shown = command.first().cloned().unwrap_or_default();
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
@@ -88,13 +107,5 @@ pub async fn fetch(identity: &str, command: &[String]) -> Result<RawToken, Strin
     if text.is_empty() {
         return Err(format!("`{shown}` printed nothing"));
     }
-    if text.starts_with('{') {
-        let json: JsonToken = serde_json::from_str(text)
-            .map_err(|_| format!("`{shown}` printed JSON without a token field"))?;
-        return Ok(RawToken {
-            expires_in: json.expires_in.map(Duration::from_secs),
-            ..RawToken::new(Secret::new(json.token))
-        });
-    }
-    Ok(RawToken::new(Secret::new(text)))
+    Ok(Secret::new(text))
 }

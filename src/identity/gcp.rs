@@ -13,11 +13,15 @@ use crate::secret::Secret;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn fetch(client: &Client, audience: &str) -> Result<RawToken, String> {
-    // google-auth reads both names.
-    let host = std::env::var("GCE_METADATA_HOST")
+/// `host[:port]` of the metadata server; google-auth reads both variables.
+pub fn metadata_host() -> String {
+    std::env::var("GCE_METADATA_HOST")
         .or_else(|_| std::env::var("GCE_METADATA_ROOT"))
-        .unwrap_or_else(|_| "metadata.google.internal".into());
+        .unwrap_or_else(|_| "metadata.google.internal".into())
+}
+
+pub async fn fetch(client: &Client, audience: &str) -> Result<RawToken, String> {
+    let host = metadata_host();
     let audience: String = url::form_urlencoded::byte_serialize(audience.as_bytes()).collect();
     let base = format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}");
     let headers = [("metadata-flavor", "Google")];

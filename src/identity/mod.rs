@@ -7,6 +7,7 @@
 //! receipt time so a skewed clock cannot make a token look fresh for longer than it lives.
 //! This module knows nothing about caches or Nix.
 
+pub mod auto;
 pub mod aws;
 pub mod azure;
 pub mod exchange;
@@ -17,6 +18,7 @@ pub mod gitlab;
 pub mod jwt;
 pub mod netrc;
 pub mod sources;
+pub mod spiffe;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -96,6 +98,8 @@ pub struct IdentityError {
 /// One line of `/_sidecar/health`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct IdentityHealth {
+    /// The provider; for `auto`, with the source it picked (`auto: gcp`).
+    pub provider: String,
     pub healthy: bool,
     pub token_seconds_left: Option<u64>,
     pub last_success: Option<u64>,
@@ -169,6 +173,11 @@ impl Identity {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The provider; for `auto`, with the source it picked.
+    pub fn provider(&self) -> String {
+        self.source.describe()
     }
 
     /// The token to send now. Calls the provider only when the cached token is due for
@@ -248,6 +257,7 @@ impl Identity {
         // is when an operator can act before it expires.
         let last_attempt_failed = state.consecutive_failures > 0;
         IdentityHealth {
+            provider: self.source.describe(),
             healthy: (valid && !last_attempt_failed)
                 || (state.last_failure.is_none() && state.current.is_none()),
             token_seconds_left: state.current.as_ref().and_then(Token::seconds_left),

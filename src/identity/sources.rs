@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::aws::{self, Aws};
-use super::{azure, exec, gcp, github, gitlab, jwt, netrc, RawToken};
+use super::{auto, azure, exec, gcp, github, gitlab, jwt, netrc, spiffe, RawToken};
 use crate::config::{IdentityConfig, Provider};
 use crate::http::Client;
 use crate::secret::Secret;
@@ -17,6 +17,8 @@ pub struct Source {
     audience: Option<String>,
     client: Client,
     aws: Option<Aws>,
+    /// For `auto`: the source it picked, once it has.
+    chosen: tokio::sync::OnceCell<Box<Source>>,
 }
 
 impl Source {
@@ -34,11 +36,23 @@ impl Source {
             audience: config.audience.clone(),
             client,
             aws,
+            chosen: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The provider's name; for `auto`, with the one it picked.
+    pub fn describe(&self) -> String {
+        match self.chosen.get() {
+            Some(chosen) => format!("auto: {}", chosen.describe()),
+            None => self.provider.name().to_string(),
         }
     }
 
     /// What an RFC 8693 exchange should call this source's tokens.
     pub fn subject_token_type(&self) -> &'static str {
+        if let Some(chosen) = self.chosen.get() {
+            return chosen.subject_token_type();
+        }
         match self.provider {
             Provider::Aws { .. } => aws::SUBJECT_TOKEN_TYPE,
             _ => super::exchange::JWT_TOKEN_TYPE,
@@ -64,13 +78,30 @@ impl Source {
             Provider::GithubActions => github::fetch(&self.client, audience).await,
             Provider::Gitlab { variable } => gitlab::fetch(&self.identity, variable),
             Provider::Gcp => gcp::fetch(&self.client, audience.unwrap_or_default()).await,
-            Provider::Azure { client_id } => {
-                azure::fetch(
-                    &self.client,
-                    audience.unwrap_or_default(),
-                    client_id.as_deref(),
-                )
-                .await
+            Provider::Azure { select } => {
+                azure::fetch(&self.client, audience.unwrap_or_default(), select.as_ref()).await
+            }
+            Provider::Spiffe { socket } => {
+                spiffe::fetch(socket.as_deref(), audience.unwrap_or_default()).await
+            }
+            Provider::Auto(keys) => {
+                let chosen = match self.chosen.get() {
+                    Some(chosen) => chosen,
+                    None => {
+                        let provider =
+                            auto::detect(keys, audience.unwrap_or_default(), &self.client).await?;
+                        tracing::info!(identity = %self.identity, provider = provider.name(), "provider `auto` chose its source");
+                        let config = IdentityConfig {
+                            name: self.identity.clone(),
+                            provider,
+                            audience: self.audience.clone(),
+                            exchange: None,
+                        };
+                        let source = Box::new(Source::new(&config, self.client.clone()));
+                        self.chosen.get_or_init(|| async { source }).await
+                    }
+                };
+                Box::pin(chosen.fetch()).await
             }
             Provider::Aws { .. } => {
                 self.aws

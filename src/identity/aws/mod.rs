@@ -6,8 +6,11 @@
 //! but not sent, so a verifier replaying the URL to STS with its own audience proves the token
 //! was made for it. STS honours it for 15 minutes; it is re-signed after 9.
 //!
-//! Credentials, in the SDKs' order: environment; the ECS/EKS container endpoint; IMDSv2.
-//! Temporary credentials are renewed 5 minutes before their `Expiration`.
+//! Credentials, in the SDKs' order: environment; the shared config and credentials files
+//! (static keys or `credential_process`); web identity (EKS IRSA); the ECS/EKS container
+//! endpoint; IMDSv2. Temporary credentials are renewed 5 minutes before their `Expiration`.
+
+mod profile;
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -80,9 +83,11 @@ impl Aws {
         if let Some(c) = self.cached.lock().unwrap().as_ref().filter(|c| fresh(c)) {
             return Ok(c.clone());
         }
-        // The SDKs' order: the environment, then web identity (EKS IRSA: the pod's role, not
-        // the node's), then the container endpoint, then the instance's.
+        // The SDKs' order: the environment, the shared files, then web identity (EKS IRSA:
+        // the pod's role, not the node's), then the container endpoint, then the instance's.
         let credentials = if let Some(c) = from_env() {
+            c
+        } else if let Some(c) = from_profile().await? {
             c
         } else if let Some(c) = from_web_identity(client, &self.region).await? {
             c
@@ -169,6 +174,61 @@ fn presign_for(
         url.query_pairs_mut().append_pair(name, value);
     }
     Ok(Secret::new(url.to_string()))
+}
+
+/// Where credentials would come from before IMDS, if anywhere: `auto` picks AWS on these
+/// without probing the link-local address.
+pub fn source_without_imds() -> Result<Option<&'static str>, String> {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty());
+    Ok(if from_env().is_some() {
+        Some("AWS environment credentials")
+    } else if profile::load()?.is_some() {
+        Some("AWS shared config profile")
+    } else if set("AWS_WEB_IDENTITY_TOKEN_FILE") && set("AWS_ROLE_ARN") {
+        Some("AWS web identity (IRSA)")
+    } else if set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    {
+        Some("AWS container credentials")
+    } else {
+        None
+    })
+}
+
+async fn from_profile() -> Result<Option<AwsCredentials>, String> {
+    Ok(match profile::load()? {
+        Some(profile::ProfileCredentials::Static(c)) => Some(c),
+        Some(profile::ProfileCredentials::Process(command)) => {
+            Some(profile::run_process(&command).await?)
+        }
+        None => None,
+    })
+}
+
+/// The IMDSv2 endpoint, unless disabled: `AWS_EC2_METADATA_SERVICE_ENDPOINT`, else the IPv4
+/// or (with `AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6`) IPv6 link-local address.
+pub fn imds_endpoint() -> Option<String> {
+    if std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    let ipv6 = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE")
+        .is_ok_and(|m| m.eq_ignore_ascii_case("ipv6"));
+    let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|_| {
+        if ipv6 {
+            "http://[fd00:ec2::254]".into()
+        } else {
+            "http://169.254.169.254".into()
+        }
+    });
+    Some(endpoint.trim_end_matches('/').to_string())
+}
+
+/// The request that opens an IMDSv2 session (also `auto`'s probe).
+pub fn imds_session_request(endpoint: &str) -> (String, [(&'static str, &'static str); 1]) {
+    (
+        format!("{endpoint}/latest/api/token"),
+        [("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+    )
 }
 
 fn from_env() -> Option<AwsCredentials> {
@@ -371,24 +431,16 @@ const IMDS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// EC2 instance metadata, version 2 (a session token first).
 async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
-    if std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
-        return Err("no AWS credentials in the environment or a container endpoint, and IMDS is disabled (AWS_EC2_METADATA_DISABLED)".into());
-    }
-    let ipv6 = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE")
-        .is_ok_and(|m| m.eq_ignore_ascii_case("ipv6"));
-    let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT").unwrap_or_else(|_| {
-        if ipv6 {
-            "http://[fd00:ec2::254]".into()
-        } else {
-            "http://169.254.169.254".into()
-        }
-    });
-    let endpoint = endpoint.trim_end_matches('/');
+    let Some(endpoint) = imds_endpoint() else {
+        return Err("no AWS credentials in the environment, the shared files or a container endpoint, and IMDS is disabled (AWS_EC2_METADATA_DISABLED)".into());
+    };
+    let endpoint = endpoint.as_str();
+    let (session_url, session_headers) = imds_session_request(endpoint);
     let (status, session) = fetch_small(
         client,
         Method::PUT,
-        &format!("{endpoint}/latest/api/token"),
-        &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+        &session_url,
+        &session_headers,
         IMDS_TIMEOUT,
     )
     .await
@@ -399,7 +451,7 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
             ""
         };
         format!(
-            "no AWS credentials in the environment, no container endpoint, and IMDS failed: {e}{hint}"
+            "no AWS credentials in the environment, the shared files or a container endpoint, and IMDS failed: {e}{hint}"
         )
     })?;
     if !status.is_success() {
