@@ -4,88 +4,12 @@ mod support;
 
 use std::time::Duration;
 
-use support::cloud::{Cloud, AWS_SESSION, GITHUB_REQUEST_TOKEN, IMDS_SESSION_TOKEN};
+use support::cloud::{AWS_SESSION, GITHUB_REQUEST_TOKEN, IMDS_SESSION_TOKEN};
 use support::http::get;
 use support::issuer::Issuer;
-use support::nix::{fixture, in_store, substitute};
-use support::sidecar::Sidecar;
-use support::upstream::{hash_part, UpstreamDouble};
-
-const AUD: &str = "https://cache.test";
-
-struct World {
-    issuer: Issuer,
-    cloud: Cloud,
-    upstream: UpstreamDouble,
-    dir: tempfile::TempDir,
-}
-
-/// An upstream whose view for `sub` is the fixture's closure (not `outside`), and the cloud
-/// doubles minting tokens for `sub`.
-async fn world(sub: &str) -> World {
-    let fx = fixture();
-    let issuer = Issuer::start().await;
-    let cloud = Cloud::start(&issuer, sub, AUD).await;
-    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
-    upstream.grant(sub, &fx.closure);
-    World {
-        issuer,
-        cloud,
-        upstream,
-        dir: tempfile::tempdir().unwrap(),
-    }
-}
-
-impl World {
-    fn sidecar(&self, identity_table: &str, extra_env: &[(&str, &str)]) -> Sidecar {
-        self.sidecar_with("", identity_table, extra_env)
-    }
-
-    fn sidecar_with(
-        &self,
-        top_level: &str,
-        identity_table: &str,
-        extra_env: &[(&str, &str)],
-    ) -> Sidecar {
-        let config = format!(
-            "{top_level}\ntrusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\nidentity = \"id\"\n\n[identity.id]\n{identity_table}",
-            fixture().public_key,
-            self.upstream.url
-        );
-        let mut env = self.cloud.env();
-        env.extend(
-            extra_env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string())),
-        );
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Sidecar::start(self.dir.path(), &config, &env)
-    }
-}
-
-/// Real Nix substitutes the closure; the outside path is a miss.
-async fn nix_pulls_the_view(sidecar: &Sidecar, client: &str) {
-    let fx = fixture();
-    let (url, pk, top, dir) = (
-        sidecar.url.clone(),
-        fx.public_key.clone(),
-        fx.top.clone(),
-        sidecar.dir.join(client),
-    );
-    let d = dir.clone();
-    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &d))
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        sidecar.logs()
-    );
-    assert!(fx.closure.iter().all(|p| in_store(&dir, p)));
-    let outside = sidecar.narinfo(&fx.outside).await;
-    assert_eq!(outside.status, 404, "outside the view");
-}
+use support::nix::fixture;
+use support::upstream::hash_part;
+use support::world::{nix_pulls_the_view, world, AUD};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_actions_oidc() {

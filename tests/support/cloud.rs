@@ -26,6 +26,13 @@ pub const AWS_KEY_ID: &str = "AKIDNIXSIDECARTEST";
 pub const AWS_SECRET: &str = "nix-sidecar/test+secret/KEY";
 pub const AWS_SESSION: &str = "aws-session-token-SECRET-9999";
 pub const AWS_ARN: &str = "arn:aws:sts::123456789012:assumed-role/builder/i-0abc";
+/// App Service's per-process secret header value.
+pub const APP_SERVICE_HEADER: &str = "app-service-identity-header-SECRET";
+/// The object (principal) id of the user-assigned identity the doubles know.
+pub const AZURE_OBJECT_ID: &str = "0f2b8c1e-object";
+/// The AKS workload identity's client id and tenant.
+pub const AZURE_WI_CLIENT: &str = "4a1c-wi-client";
+pub const AZURE_TENANT: &str = "72f988bf-tenant";
 
 pub struct Cloud {
     pub addr: SocketAddr,
@@ -41,6 +48,10 @@ struct State {
     lifetime: AtomicI64,
     down: AtomicBool,
     gcp_rejects_format_full: AtomicBool,
+    /// Routes whose next call answers this status instead.
+    fail_next: Mutex<HashMap<&'static str, u16>>,
+    /// The key file Azure Arc's challenge names.
+    arc_key_file: Mutex<Option<std::path::PathBuf>>,
     calls: Mutex<HashMap<&'static str, usize>>,
     port: std::sync::OnceLock<u16>,
 }
@@ -54,6 +65,8 @@ impl Cloud {
             lifetime: AtomicI64::new(300),
             down: AtomicBool::new(false),
             gcp_rejects_format_full: AtomicBool::new(false),
+            fail_next: Mutex::default(),
+            arc_key_file: Mutex::default(),
             calls: Mutex::default(),
             port: std::sync::OnceLock::new(),
         });
@@ -79,6 +92,16 @@ impl Cloud {
         self.state
             .gcp_rejects_format_full
             .store(true, Ordering::SeqCst);
+    }
+
+    /// The next call of `route` (a name as counted by `calls`) answers `status`.
+    pub fn fail_next(&self, route: &'static str, status: u16) {
+        self.state.fail_next.lock().unwrap().insert(route, status);
+    }
+
+    /// Azure Arc's challenge names this key file (whose contents are the expected key).
+    pub fn set_arc_key_file(&self, path: &std::path::Path) {
+        *self.state.arc_key_file.lock().unwrap() = Some(path.to_path_buf());
     }
 
     pub fn calls(&self, route: &str) -> usize {
@@ -110,8 +133,24 @@ impl Cloud {
     }
 }
 
-fn count(state: &State, route: &'static str) {
+/// Counts a call of `route`; a status to answer instead if one was queued for it.
+fn count(state: &State, route: &'static str) -> Option<Response<Body>> {
     *state.calls.lock().unwrap().entry(route).or_default() += 1;
+    let status = state.fail_next.lock().unwrap().remove(route)?;
+    Some(respond(status, "injected failure"))
+}
+
+/// An Azure token answer; App Service's has only `expires_on` (unix seconds, a string).
+fn azure_token(state: &State, resource: &str, with_expires_in: bool) -> Response<Body> {
+    let lifetime = state.lifetime.load(Ordering::SeqCst);
+    let jwt = state.issuer.mint(&state.sub, resource, lifetime, false);
+    let now = super::issuer::now();
+    let mut answer = json!({"access_token": jwt, "expires_on": (now + lifetime).to_string(),
+                            "resource": resource, "token_type": "Bearer"});
+    if with_expires_in {
+        answer["expires_in"] = json!(lifetime.to_string());
+    }
+    respond(200, answer.to_string())
 }
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {
@@ -132,8 +171,70 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let q = query(&req);
     let lifetime = state.lifetime.load(Ordering::SeqCst);
     match path.as_str() {
+        // The GCP metadata server's root, which google-auth's detection asks.
+        "/" => Response::builder()
+            .status(200)
+            .header("metadata-flavor", "Google")
+            .body(super::http::full("computeMetadata/\n"))
+            .unwrap(),
+        "/appservice/token" => {
+            if let Some(injected) = count(&state, "appservice") {
+                return injected;
+            }
+            if header(&req, "x-identity-header") != Some(APP_SERVICE_HEADER) {
+                return respond(401, "bad X-IDENTITY-HEADER");
+            }
+            if q.get("api-version").map(String::as_str) != Some("2019-08-01") {
+                return respond(400, "bad api-version");
+            }
+            if q.get("principal_id").is_some_and(|id| id != AZURE_OBJECT_ID) {
+                return respond(400, "no such identity");
+            }
+            let Some(resource) = q.get("resource") else {
+                return respond(400, "resource required");
+            };
+            azure_token(&state, resource, false)
+        }
+        "/cloudshell/token" => {
+            if let Some(injected) = count(&state, "cloudshell") {
+                return injected;
+            }
+            if req.method() != http::Method::POST || header(&req, "metadata") != Some("true") {
+                return respond(400, "POST with Metadata: true");
+            }
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+            let Some(resource) = form.get("resource") else {
+                return respond(400, "resource required");
+            };
+            azure_token(&state, resource, true)
+        }
+        "/arc/token" => {
+            if let Some(injected) = count(&state, "arc") {
+                return injected;
+            }
+            let key_file = state.arc_key_file.lock().unwrap().clone().unwrap();
+            let expected = format!("Basic {}", std::fs::read_to_string(&key_file).unwrap().trim());
+            match header(&req, "authorization") {
+                None => Response::builder()
+                    .status(401)
+                    .header("www-authenticate", format!("Basic realm={}", key_file.display()))
+                    .body(super::http::full(""))
+                    .unwrap(),
+                Some(a) if a == expected => azure_token(&state, q.get("resource").map(String::as_str).unwrap_or(""), true),
+                Some(_) => respond(401, "wrong key"),
+            }
+        }
+        p if p.starts_with("/aad/") => {
+            if let Some(injected) = count(&state, "aad") {
+                return injected;
+            }
+            azure_workload_identity(&state, req).await
+        }
         "/_github/token" => {
-            count(&state, "github");
+            if let Some(injected) = count(&state, "github") {
+                return injected;
+            }
             if header(&req, "authorization") != Some(&format!("Bearer {GITHUB_REQUEST_TOKEN}")) {
                 return respond(401, "bad request token");
             }
@@ -148,7 +249,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             respond(200, json!({"value": jwt, "count": 1}).to_string())
         }
         "/computeMetadata/v1/instance/service-accounts/default/identity" => {
-            count(&state, "gcp");
+            if let Some(injected) = count(&state, "gcp") {
+                return injected;
+            }
             if header(&req, "metadata-flavor") != Some("Google") {
                 return respond(403, "Missing Metadata-Flavor:Google header");
             }
@@ -164,7 +267,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             )
         }
         "/metadata/identity/oauth2/token" => {
-            count(&state, "azure");
+            if let Some(injected) = count(&state, "azure") {
+                return injected;
+            }
             if header(&req, "metadata") != Some("true") {
                 return respond(400, json!({"error": "invalid_request", "error_description": "Required metadata header not specified"}).to_string());
             }
@@ -174,17 +279,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             let Some(resource) = q.get("resource") else {
                 return respond(400, "resource required");
             };
-            let jwt = state.issuer.mint(&state.sub, resource, lifetime, false);
-            let now = super::issuer::now();
-            respond(
-                200,
-                json!({"access_token": jwt, "expires_in": lifetime.to_string(), "expires_on": (now + lifetime).to_string(),
-                       "resource": resource, "token_type": "Bearer"})
-                .to_string(),
-            )
+            if q.get("object_id").is_some_and(|id| id != AZURE_OBJECT_ID) {
+                return respond(400, json!({"error": "invalid_request", "error_description": "Identity not found"}).to_string());
+            }
+            azure_token(&state, resource, true)
         }
         "/latest/api/token" => {
-            count(&state, "imds-session");
+            if let Some(injected) = count(&state, "imds-session") {
+                return injected;
+            }
             if req.method() != http::Method::PUT {
                 return respond(405, "");
             }
@@ -200,7 +303,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 .unwrap()
         }
         p if p.starts_with("/latest/meta-data/iam/security-credentials/") => {
-            count(&state, "imds-credentials");
+            if let Some(injected) = count(&state, "imds-credentials") {
+                return injected;
+            }
             if header(&req, "x-aws-ec2-metadata-token") != Some(IMDS_SESSION_TOKEN) {
                 return respond(401, "");
             }
@@ -219,19 +324,52 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             )
         }
         "/sts/" => {
-            count(&state, "sts");
+            if let Some(injected) = count(&state, "sts") {
+                return injected;
+            }
             sts(&req, &q)
         }
         "/sts-web" => {
-            count(&state, "sts-web");
+            if let Some(injected) = count(&state, "sts-web") {
+                return injected;
+            }
             assume_role_with_web_identity(req).await
         }
         "/exchange" => {
-            count(&state, "exchange");
+            if let Some(injected) = count(&state, "exchange") {
+                return injected;
+            }
             exchange(&state, req).await
         }
         _ => respond(404, ""),
     }
+}
+
+/// Entra ID's token endpoint for AKS workload identity: a client-credentials grant whose
+/// client assertion is the pod's projected token, verified against the issuer's JWKS.
+async fn azure_workload_identity(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let error = |why: &str| respond(400, json!({"error": "invalid_client", "error_description": why}).to_string());
+    if req.uri().path() != format!("/aad/{AZURE_TENANT}/oauth2/v2.0/token") || req.method() != http::Method::POST {
+        return respond(404, "");
+    }
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    if field("grant_type") != "client_credentials"
+        || field("client_id") != AZURE_WI_CLIENT
+        || field("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    {
+        return error("AADSTS700016: bad client or grant");
+    }
+    if let Err(why) = verify_jwt(state, field("client_assertion")).await {
+        return error(&format!("AADSTS700024: client assertion: {why}"));
+    }
+    let Some(resource) = field("scope").strip_suffix("/.default") else {
+        return error("AADSTS70011: scope must end with /.default");
+    };
+    let lifetime = state.lifetime.load(Ordering::SeqCst);
+    let jwt = state.issuer.mint(&state.sub, resource, lifetime, false);
+    respond(200, json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": jwt}).to_string())
 }
 
 /// STS AssumeRoleWithWebIdentity (EKS IRSA): an unsigned form POST carrying the pod's

@@ -7,7 +7,9 @@ pub mod http;
 pub mod issuer;
 pub mod nix;
 pub mod sidecar;
+pub mod spiffe;
 pub mod upstream;
+pub mod world;
 
 /// The bytes of the files directly in `dir` (0 when it cannot be read).
 pub fn dir_bytes(dir: &std::path::Path) -> u64 {

@@ -14,12 +14,23 @@ pub struct Sidecar {
     env: Vec<(String, String)>,
     /// A command the daemon runs under (`wrapper... nix-sidecar serve ...`).
     wrapper: Vec<String>,
+    /// Start from an empty environment (PATH kept, HOME = `dir`) plus `env`, for tests of
+    /// what the daemon finds in its environment.
+    clean_env: bool,
 }
 
 impl Sidecar {
     /// Starts with `config` (TOML, without `listen` and `cache-dir`, which are added) in `dir`.
     pub fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Sidecar {
         Sidecar::start_wrapped(dir, config, env, &[])
+    }
+
+    /// Like `start`, in an environment of only `env` (and PATH, and HOME = `dir`).
+    pub fn start_clean(dir: &Path, config: &str, env: &[(&str, &str)]) -> Sidecar {
+        let mut sidecar = Sidecar::new(dir, config, env, &[]);
+        sidecar.clean_env = true;
+        sidecar.spawn();
+        sidecar
     }
 
     /// Like `start`, with the daemon run as the last argument of `wrapper`.
@@ -29,7 +40,14 @@ impl Sidecar {
         env: &[(&str, &str)],
         wrapper: &[&str],
     ) -> Sidecar {
-        let mut sidecar = Sidecar {
+        let mut sidecar = Sidecar::new(dir, config, env, wrapper);
+        sidecar.spawn();
+        sidecar
+    }
+
+    fn new(dir: &Path, config: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Sidecar {
+        Sidecar {
+            clean_env: false,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             child: None,
             url: String::new(),
@@ -40,9 +58,7 @@ impl Sidecar {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        sidecar.spawn();
-        sidecar
+        }
     }
 
     pub fn cache_dir(&self) -> PathBuf {
@@ -72,6 +88,11 @@ impl Sidecar {
             }
             None => Command::new(binary),
         };
+        if self.clean_env {
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("HOME", &self.dir);
+        }
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
