@@ -425,14 +425,20 @@ impl Config {
                 },
             );
         } else if overrides.audience.is_some() {
-            return Err(invalid("--audience", "is the audience of --identity, which is not given"));
+            return Err(invalid(
+                "--audience",
+                "is the audience of --identity, which is not given",
+            ));
         }
         for (i, url) in overrides.upstreams.iter().enumerate() {
             file.upstream.push(FileUpstream {
                 name: Some(format!("cli-{}", i + 1)),
                 url: Some(url.clone()),
                 preset: None,
-                identity: overrides.identity.as_ref().map(|_| CLI_IDENTITY.to_string()),
+                identity: overrides
+                    .identity
+                    .as_ref()
+                    .map(|_| CLI_IDENTITY.to_string()),
                 ca_file: None,
                 auth: None,
                 username: None,
@@ -752,17 +758,20 @@ impl Config {
                 }
                 Provider::Spiffe { socket } => {
                     if let Some(socket) = socket {
-                        let _ = writeln!(out, "socket = {}", toml_str(&socket.display().to_string()));
+                        let _ =
+                            writeln!(out, "socket = {}", toml_str(&socket.display().to_string()));
                     }
                 }
                 Provider::Auto(keys) => {
                     let _ = writeln!(out, "region = {}", toml_str(&keys.region));
                     if let Some(variable) = &keys.variable {
-                        let _ = writeln!(out, "variable = {}  # value not shown", toml_str(variable));
+                        let _ =
+                            writeln!(out, "variable = {}  # value not shown", toml_str(variable));
                     }
                     for (name, path) in [("path", &keys.path), ("socket", &keys.socket)] {
                         if let Some(path) = path {
-                            let _ = writeln!(out, "{name} = {}", toml_str(&path.display().to_string()));
+                            let _ =
+                                writeln!(out, "{name} = {}", toml_str(&path.display().to_string()));
                         }
                     }
                     render_managed_identity(&mut out, keys.azure.as_ref());
@@ -889,9 +898,18 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
     };
     let managed_identity = || {
         let set: Vec<_> = [
-            ("client-id", id.client_id.clone().map(ManagedIdentity::ClientId)),
-            ("object-id", id.object_id.clone().map(ManagedIdentity::ObjectId)),
-            ("resource-id", id.resource_id.clone().map(ManagedIdentity::ResourceId)),
+            (
+                "client-id",
+                id.client_id.clone().map(ManagedIdentity::ClientId),
+            ),
+            (
+                "object-id",
+                id.object_id.clone().map(ManagedIdentity::ObjectId),
+            ),
+            (
+                "resource-id",
+                id.resource_id.clone().map(ManagedIdentity::ResourceId),
+            ),
         ]
         .into_iter()
         .filter_map(|(k, v)| Some((k, v?)))

@@ -25,7 +25,9 @@ pub async fn detect(keys: &AutoKeys, audience: &str, client: &Client) -> Result<
     let mut tried = Vec::new();
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
 
-    if env("ACTIONS_ID_TOKEN_REQUEST_URL").is_some() && env("ACTIONS_ID_TOKEN_REQUEST_TOKEN").is_some() {
+    if env("ACTIONS_ID_TOKEN_REQUEST_URL").is_some()
+        && env("ACTIONS_ID_TOKEN_REQUEST_TOKEN").is_some()
+    {
         return Ok(Provider::GithubActions);
     }
     tried.push("GitHub Actions (ACTIONS_ID_TOKEN_REQUEST_URL/_TOKEN not set)".to_string());
@@ -94,9 +96,14 @@ pub async fn detect(keys: &AutoKeys, audience: &str, client: &Client) -> Result<
     }
     match aws_imds {
         Ok(()) => return Ok(aws),
-        Err(why) => tried.push(format!("AWS (no credentials in the environment or files; IMDS: {why})")),
+        Err(why) => tried.push(format!(
+            "AWS (no credentials in the environment or files; IMDS: {why})"
+        )),
     }
-    Err(format!("no identity found; looked for {}", tried.join(", ")))
+    Err(format!(
+        "no identity found; looked for {}",
+        tried.join(", ")
+    ))
 }
 
 /// One short attempt; any answer at all is returned.

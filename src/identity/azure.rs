@@ -226,7 +226,10 @@ pub async fn arc(
     resource: &str,
     key_dir: &Path,
 ) -> Result<http::Response<Bytes>, String> {
-    let url = with_query(endpoint, &[("api-version", "2020-06-01"), ("resource", resource)])?;
+    let url = with_query(
+        endpoint,
+        &[("api-version", "2020-06-01"), ("resource", resource)],
+    )?;
     let challenge = get(client, &url, &[("metadata", "true")], &[]).await?;
     if challenge.status() != http::StatusCode::UNAUTHORIZED {
         return Err(format!(
@@ -268,8 +271,9 @@ fn read_arc_key(path: &Path, key_dir: &Path) -> Result<Secret, String> {
             "Azure Arc key file {shown} is larger than {ARC_MAX_KEY} bytes"
         ));
     }
-    let key = std::fs::read_to_string(path)
-        .map_err(|e| format!("Azure Arc key file {shown}: {e} (is this user in the himds group?)"))?;
+    let key = std::fs::read_to_string(path).map_err(|e| {
+        format!("Azure Arc key file {shown}: {e} (is this user in the himds group?)")
+    })?;
     Ok(Secret::new(key.trim()))
 }
 
@@ -285,17 +289,15 @@ async fn workload_identity(
     let client_id = match select {
         Some(ManagedIdentity::ClientId(id)) => id.clone(),
         Some(_) => {
-            return Err(
-                "AKS workload identity selects the identity by client-id only".to_string(),
-            )
+            return Err("AKS workload identity selects the identity by client-id only".to_string())
         }
         None => var("AZURE_CLIENT_ID")
             .ok_or("AZURE_FEDERATED_TOKEN_FILE is set but AZURE_CLIENT_ID is not")?,
     };
-    let tenant =
-        var("AZURE_TENANT_ID").ok_or("AZURE_FEDERATED_TOKEN_FILE is set but AZURE_TENANT_ID is not")?;
-    let authority = var("AZURE_AUTHORITY_HOST")
-        .unwrap_or_else(|| "https://login.microsoftonline.com".into());
+    let tenant = var("AZURE_TENANT_ID")
+        .ok_or("AZURE_FEDERATED_TOKEN_FILE is set but AZURE_TENANT_ID is not")?;
+    let authority =
+        var("AZURE_AUTHORITY_HOST").unwrap_or_else(|| "https://login.microsoftonline.com".into());
     let assertion = Secret::new(
         std::fs::read_to_string(token_file)
             .map_err(|e| format!("AZURE_FEDERATED_TOKEN_FILE {}: {e}", token_file.display()))?
@@ -339,9 +341,7 @@ struct Answer {
     expires_in: Option<u64>,
 }
 
-fn number_or_string<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<u64>, D::Error> {
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Either {

@@ -123,7 +123,11 @@ struct State {
 /// cache's). Not checked behind an exchange: the exchanged token has the exchange's audience.
 pub fn audience_mismatch(config: &IdentityConfig, claims: &jwt::Claims) -> Option<String> {
     let wanted = config.audience.as_deref()?;
-    if config.exchange.is_some() || claims.aud.is_empty() || claims.aud.iter().any(|a| a == wanted)
+    // An Entra ID scope (`api://x/.default`) yields tokens for the resource `api://x`.
+    let resource = wanted.strip_suffix("/.default").unwrap_or(wanted);
+    if config.exchange.is_some()
+        || claims.aud.is_empty()
+        || claims.aud.iter().any(|a| a == wanted || a == resource)
     {
         return None;
     }
@@ -455,10 +459,19 @@ mod tests {
         };
         let five_minutes = Some(Duration::from_secs(300));
         // Our clock runs 1000 s behind the issuer: exp - iat still says 300 s.
-        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 9_000, true), five_minutes);
-        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 9_000, false), five_minutes);
+        assert_eq!(
+            jwt_lifetime(&c(10_300, Some(10_000)), 9_000, true),
+            five_minutes
+        );
+        assert_eq!(
+            jwt_lifetime(&c(10_300, Some(10_000)), 9_000, false),
+            five_minutes
+        );
         // Our clock runs 1000 s ahead: a token minted for us now still lives 300 s ...
-        assert_eq!(jwt_lifetime(&c(10_300, Some(10_000)), 11_000, true), five_minutes);
+        assert_eq!(
+            jwt_lifetime(&c(10_300, Some(10_000)), 11_000, true),
+            five_minutes
+        );
         assert_eq!(clock_skew(&c(10_300, Some(10_000)), 11_000), Some(1000));
         assert_eq!(clock_skew(&c(10_300, Some(10_000)), 10_030), None);
         // ... while one read from a file 200 s after issue has 100 s left.

@@ -39,7 +39,9 @@ fn parse_endpoint(value: &str) -> Result<PathBuf, String> {
         .strip_prefix("unix://")
         .or_else(|| value.strip_prefix("unix:"))
         .ok_or_else(|| {
-            format!("SPIFFE_ENDPOINT_SOCKET `{value}` is not a unix: address (tcp is not supported)")
+            format!(
+                "SPIFFE_ENDPOINT_SOCKET `{value}` is not a unix: address (tcp is not supported)"
+            )
         })?;
     if !path.starts_with('/') {
         return Err(format!(
@@ -109,9 +111,7 @@ async fn fetch_from(path: &Path, audience: &str) -> Result<RawToken, String> {
                 .get("grpc-message")
                 .or_else(|| parts.headers.get("grpc-message"))
                 .and_then(|v| v.to_str().ok())
-                .map(|m| {
-                    percent_decode(m)
-                })
+                .map(percent_decode)
                 .unwrap_or_default();
             let hint = if code == "7" {
                 " (is this workload registered with an entry that matches it?)"

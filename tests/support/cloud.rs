@@ -187,7 +187,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             if q.get("api-version").map(String::as_str) != Some("2019-08-01") {
                 return respond(400, "bad api-version");
             }
-            if q.get("principal_id").is_some_and(|id| id != AZURE_OBJECT_ID) {
+            if q.get("principal_id")
+                .is_some_and(|id| id != AZURE_OBJECT_ID)
+            {
                 return respond(400, "no such identity");
             }
             let Some(resource) = q.get("resource") else {
@@ -203,7 +205,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 return respond(400, "POST with Metadata: true");
             }
             let body = req.into_body().collect().await.unwrap().to_bytes();
-            let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+            let form: HashMap<String, String> =
+                url::form_urlencoded::parse(&body).into_owned().collect();
             let Some(resource) = form.get("resource") else {
                 return respond(400, "resource required");
             };
@@ -214,14 +217,24 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 return injected;
             }
             let key_file = state.arc_key_file.lock().unwrap().clone().unwrap();
-            let expected = format!("Basic {}", std::fs::read_to_string(&key_file).unwrap().trim());
+            let expected = format!(
+                "Basic {}",
+                std::fs::read_to_string(&key_file).unwrap().trim()
+            );
             match header(&req, "authorization") {
                 None => Response::builder()
                     .status(401)
-                    .header("www-authenticate", format!("Basic realm={}", key_file.display()))
+                    .header(
+                        "www-authenticate",
+                        format!("Basic realm={}", key_file.display()),
+                    )
                     .body(super::http::full(""))
                     .unwrap(),
-                Some(a) if a == expected => azure_token(&state, q.get("resource").map(String::as_str).unwrap_or(""), true),
+                Some(a) if a == expected => azure_token(
+                    &state,
+                    q.get("resource").map(String::as_str).unwrap_or(""),
+                    true,
+                ),
                 Some(_) => respond(401, "wrong key"),
             }
         }
@@ -280,7 +293,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 return respond(400, "resource required");
             };
             if q.get("object_id").is_some_and(|id| id != AZURE_OBJECT_ID) {
-                return respond(400, json!({"error": "invalid_request", "error_description": "Identity not found"}).to_string());
+                return respond(
+                    400,
+                    json!({"error": "invalid_request", "error_description": "Identity not found"})
+                        .to_string(),
+                );
             }
             azure_token(&state, resource, true)
         }
@@ -348,8 +365,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
 /// Entra ID's token endpoint for AKS workload identity: a client-credentials grant whose
 /// client assertion is the pod's projected token, verified against the issuer's JWKS.
 async fn azure_workload_identity(state: &State, req: Request<Incoming>) -> Response<Body> {
-    let error = |why: &str| respond(400, json!({"error": "invalid_client", "error_description": why}).to_string());
-    if req.uri().path() != format!("/aad/{AZURE_TENANT}/oauth2/v2.0/token") || req.method() != http::Method::POST {
+    let error = |why: &str| {
+        respond(
+            400,
+            json!({"error": "invalid_client", "error_description": why}).to_string(),
+        )
+    };
+    if req.uri().path() != format!("/aad/{AZURE_TENANT}/oauth2/v2.0/token")
+        || req.method() != http::Method::POST
+    {
         return respond(404, "");
     }
     let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -357,7 +381,8 @@ async fn azure_workload_identity(state: &State, req: Request<Incoming>) -> Respo
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     if field("grant_type") != "client_credentials"
         || field("client_id") != AZURE_WI_CLIENT
-        || field("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        || field("client_assertion_type")
+            != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
     {
         return error("AADSTS700016: bad client or grant");
     }

@@ -17,6 +17,9 @@ pub struct Sidecar {
     /// Start from an empty environment (PATH kept, HOME = `dir`) plus `env`, for tests of
     /// what the daemon finds in its environment.
     clean_env: bool,
+    /// Run `serve` with these arguments and no config file (`--listen` and `--cache-dir`
+    /// are added).
+    cli_args: Option<Vec<String>>,
 }
 
 impl Sidecar {
@@ -29,6 +32,15 @@ impl Sidecar {
     pub fn start_clean(dir: &Path, config: &str, env: &[(&str, &str)]) -> Sidecar {
         let mut sidecar = Sidecar::new(dir, config, env, &[]);
         sidecar.clean_env = true;
+        sidecar.spawn();
+        sidecar
+    }
+
+    /// `nix-sidecar serve ARGS` without a config file, in a clean environment.
+    pub fn start_cli(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        let mut sidecar = Sidecar::new(dir, "", env, &[]);
+        sidecar.clean_env = true;
+        sidecar.cli_args = Some(args.iter().map(|a| a.to_string()).collect());
         sidecar.spawn();
         sidecar
     }
@@ -48,6 +60,7 @@ impl Sidecar {
     fn new(dir: &Path, config: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Sidecar {
         Sidecar {
             clean_env: false,
+            cli_args: None,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             child: None,
             url: String::new(),
@@ -93,16 +106,24 @@ impl Sidecar {
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("HOME", &self.dir);
         }
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "NIX_SIDECAR_LOG",
-                std::env::var("TEST_SIDECAR_LOG").unwrap_or("debug".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.arg("serve");
+        match &self.cli_args {
+            Some(args) => {
+                cmd.args(["--listen", "127.0.0.1:0", "--cache-dir"])
+                    .arg(self.cache_dir())
+                    .args(args);
+            }
+            None => {
+                cmd.arg("--config").arg(&config_path);
+            }
+        }
+        cmd.env(
+            "NIX_SIDECAR_LOG",
+            std::env::var("TEST_SIDECAR_LOG").unwrap_or("debug".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

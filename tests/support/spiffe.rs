@@ -6,11 +6,11 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -162,7 +162,12 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     if req.uri().path() != "/SpiffeWorkloadAPI/FetchJWTSVID" {
         return refuse(12, "unknown method");
     }
-    if req.headers().get("workload.spiffe.io").map(|v| v.as_bytes()) != Some(b"true") {
+    if req
+        .headers()
+        .get("workload.spiffe.io")
+        .map(|v| v.as_bytes())
+        != Some(b"true")
+    {
         return refuse(3, "security header missing from request");
     }
     let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -174,7 +179,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         return refuse(3, "audience must be specified");
     };
     let lifetime = state.lifetime.load(Ordering::SeqCst);
-    let svid = state.issuer.mint(&state.spiffe_id, audience, lifetime, true);
+    let svid = state
+        .issuer
+        .mint(&state.spiffe_id, audience, lifetime, true);
     state.issued.lock().unwrap().push(svid.clone());
     let mut jwt_svid = Vec::new();
     put(&mut jwt_svid, 1, state.spiffe_id.as_bytes());

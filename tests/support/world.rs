@@ -82,4 +82,3 @@ pub async fn nix_pulls_the_view(sidecar: &Sidecar, client: &str) {
     let outside = sidecar.narinfo(&fx.outside).await;
     assert_eq!(outside.status, 404, "outside the view");
 }
-

@@ -609,10 +609,7 @@ mod tests {
                 .into_owned()
                 .collect();
             assert_eq!(q["X-Amz-Signature"], signature, "session token {session:?}");
-            assert_eq!(
-                q.get("X-Amz-Security-Token").map(String::as_str),
-                session
-            );
+            assert_eq!(q.get("X-Amz-Security-Token").map(String::as_str), session);
         }
     }
 }

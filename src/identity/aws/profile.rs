@@ -174,7 +174,10 @@ mod tests {
         );
         assert_eq!(ini["default"]["region"], "eu-west-1");
         assert_eq!(ini["profile ci"]["aws_access_key_id"], "AKID");
-        assert_eq!(ini["profile ci"]["credential_process"], "/bin/helper --json");
+        assert_eq!(
+            ini["profile ci"]["credential_process"],
+            "/bin/helper --json"
+        );
         assert!(!ini["profile ci"].contains_key("max_concurrent_requests"));
     }
 
@@ -185,7 +188,10 @@ mod tests {
             ("source_profile".to_string(), "base".to_string()),
         ]);
         let e = credentials_from("deploy", &keys).err().unwrap();
-        assert!(e.contains("role_arn") && e.contains("credential_process"), "{e}");
+        assert!(
+            e.contains("role_arn") && e.contains("credential_process"),
+            "{e}"
+        );
         let region_only = HashMap::from([("region".to_string(), "us-west-2".to_string())]);
         assert!(credentials_from("default", &region_only).unwrap().is_none());
     }
