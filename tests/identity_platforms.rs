@@ -572,3 +572,62 @@ async fn aws_profiles_with_credential_process_or_static_keys_sign_the_token() {
         "no fall-through to the instance"
     );
 }
+
+/// Behind an egress proxy (HTTPS_PROXY/HTTP_PROXY with credentials): the upstream is reached
+/// through a CONNECT tunnel (TLS still ends at the upstream, verified against `ca-file`), the
+/// GitHub token endpoint in absolute form; a metadata server is reached directly even though
+/// NO_PROXY does not name it; the proxy's password never reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_goes_through_the_proxy_and_metadata_never_does() {
+    use support::proxy::ProxyDouble;
+    use support::tls::TlsFront;
+    let sub = "repo:org/app:ref:refs/heads/main";
+    let w = world(sub).await;
+    let front = TlsFront::start(w.upstream.addr, w.dir.path()).await;
+    let proxy = ProxyDouble::start(Some("builder:proxy-SECRET-pw")).await;
+    let proxy_url = format!("http://builder:proxy-SECRET-pw@{}", proxy.addr);
+    let metadata = support::cloud::Cloud::start(&w.issuer, sub, AUD).await;
+    let config = format!(
+        "trusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"org\"\nurl = \"https://{}\"\nca-file = \"{}\"\nidentity = \"id\"\n\n[identity.id]\nprovider = \"github-actions\"\naudience = \"{AUD}\"\n",
+        fixture().public_key,
+        front.addr,
+        front.ca_file.display()
+    );
+    let github = format!("{}/_github/token?api-version=2.0", w.cloud.url);
+    let env = [
+        ("HTTPS_PROXY", proxy_url.as_str()),
+        ("http_proxy", proxy_url.as_str()),
+        ("NO_PROXY", "unrelated.example"),
+        ("ACTIONS_ID_TOKEN_REQUEST_URL", github.as_str()),
+        ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", GITHUB_REQUEST_TOKEN),
+    ];
+    let sidecar = Sidecar::start_clean(w.dir.path(), &config, &env);
+    nix_pulls_the_view(&sidecar, "proxied").await;
+    let seen = proxy.seen();
+    assert!(
+        seen.contains(&format!("CONNECT {} (authorised)", front.addr)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with(&format!("GET {}/_github/token", w.cloud.url))),
+        "{seen:?}"
+    );
+    assert!(!sidecar.logs().contains("proxy-SECRET-pw"));
+
+    // The same proxy settings, a GCP identity: its metadata server is not proxied.
+    let before = proxy.seen().len();
+    let metadata_host = metadata.addr.to_string();
+    let (ok, out) = token_command(
+        w.dir.path(),
+        &format!("provider = \"gcp\"\naudience = \"{AUD}\"\n"),
+        &[
+            ("HTTPS_PROXY", &proxy_url),
+            ("HTTP_PROXY", &proxy_url),
+            ("GCE_METADATA_HOST", &metadata_host),
+        ],
+    );
+    assert!(ok && out.contains(&format!("sub: {sub}")), "{out}");
+    assert_eq!(metadata.calls("gcp"), 1);
+    assert_eq!(proxy.seen().len(), before, "{:?}", proxy.seen());
+}

@@ -6,8 +6,10 @@ pub mod cloud;
 pub mod http;
 pub mod issuer;
 pub mod nix;
+pub mod proxy;
 pub mod sidecar;
 pub mod spiffe;
+pub mod tls;
 pub mod upstream;
 pub mod world;
 

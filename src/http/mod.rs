@@ -1,5 +1,8 @@
 //! The outgoing HTTP client shared by upstreams and identity providers: hyper + rustls with
-//! the ring provider, the system's roots plus an optional extra CA file, HTTP/1.1 and HTTP/2.
+//! the ring provider, the system's roots plus an optional extra CA file, HTTP/1.1 and HTTP/2,
+//! through the environment's proxy where one is set (see [`egress`]).
+
+mod egress;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 pub type Body = Full<Bytes>;
-pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>;
+pub type Client = hyper_util::client::legacy::Client<HttpsConnector<egress::Egress>, Body>;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -52,7 +55,7 @@ pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(egress::Egress::from_env(http));
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
