@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need (real Nix for the end-to-end tests, systemd-analyze for the unit
-# checks), then runs them. As root it installs with apt-get; otherwise it says what is missing
+# checks, mount/unshare/ip for the namespaced tests), then runs them. As root it installs with apt-get; otherwise it says what is missing
 # and stops, so a missing prerequisite never looks like a failing test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ command -v nix-build >/dev/null 2>&1 || need+=(nix-bin)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v mount >/dev/null 2>&1 || need+=(mount)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+[ "$(id -u)" != 0 ] || command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
@@ -21,4 +22,11 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# As root, the tests run in a private network namespace with only loopback up: every test
+# double is on 127.0.0.1/::1, and this makes certain that no test (or a daemon it starts with
+# a metadata variable missed) can send a packet anywhere else. Built first, with the network.
+if [ "$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then
+  cargo test --locked --no-run "$@"
+  exec unshare --net sh -c 'ip link set lo up && exec cargo test --locked --offline "$@"' sh "$@"
+fi
 cargo test --locked "$@"
