@@ -27,6 +27,7 @@ fi
 # a metadata variable missed) can send a packet anywhere else. Built first, with the network.
 if [ "$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then
   cargo test --locked --no-run "$@"
+  echo "running the tests in a private network namespace (loopback only)" >&2
   exec unshare --net sh -c 'ip link set lo up && exec cargo test --locked --offline "$@"' sh "$@"
 fi
 cargo test --locked "$@"
