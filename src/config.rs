@@ -1070,8 +1070,7 @@ fn check_identity(name: &str, id: FileIdentity) -> Result<IdentityConfig, Config
 }
 
 fn default_cache_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if crate::sys::euid() == 0 {
         return PathBuf::from("/var/cache/nix-sidecar");
     }
     let base = std::env::var_os("XDG_CACHE_HOME")

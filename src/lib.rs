@@ -4,6 +4,9 @@
 //! Data flows one way: `server` (HTTP to Nix) -> `proxy` (what to answer) -> `store` (the local
 //! cache) and `upstream` (HTTP to caches) -> `identity` (tokens). `nix` holds the pure formats.
 
+#![deny(unsafe_code)]
+
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod identity;
@@ -13,5 +16,6 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod sys;
 pub mod systemd;
 pub mod upstream;

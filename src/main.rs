@@ -1,5 +1,7 @@
 //! The `nix-sidecar` command line: parse, load the configuration, dispatch.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -120,21 +122,13 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Serve(_)) {
         // A one-shot command piped into `head` ends quietly when the pipe closes, as other
         // command-line tools do (the daemon keeps Rust's default: EPIPE as an error).
-        // SAFETY: resetting a signal disposition before any other thread exists.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        nix_sidecar::sys::die_quietly_on_closed_pipes();
     }
     // Two malloc arenas, not one per thread that ever allocated: with a blocking pool the
     // arenas multiplied and fragmented under many downloads. Chunk buffers (256 KiB) are
     // mapped and unmapped whole instead of being carved from (and kept in) the heap; the
     // buffer pool keeps the few that are worth reusing.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt is called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
-    }
+    nix_sidecar::sys::tune_malloc();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Blocking work is short (a chunk hashed, a file chunk read, an index commit): a few
@@ -211,24 +205,9 @@ async fn run(command: Command) -> Result<ExitCode, String> {
     }
 }
 
-/// Many clients means many sockets: use the hard limit on open files, not the soft default.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a properly initialised struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 async fn serve(config: Config) -> Result<(), String> {
-    raise_fd_limit();
+    // Many clients means many sockets: the hard limit on open files, not the soft default.
+    nix_sidecar::sys::raise_fd_limit();
     if config.upstreams.is_empty() {
         tracing::warn!(
             "no upstream configured: every narinfo is a miss (use --upstream URL or a config file)"

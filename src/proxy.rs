@@ -1,5 +1,5 @@
 //! What to answer Nix: the local cache first, then the upstreams in order, with the status
-//! mapping of the contract (a miss only when every upstream said so; 503 with a reason
+//! mapping of the README's "What Nix is told" table (a miss only when every upstream said so; 503 with a reason
 //! otherwise; stale cache over an error).
 
 use std::collections::HashMap;
@@ -364,7 +364,7 @@ impl Proxy {
             }
         }
         let digest = Sha256::digest(absolute.as_str().as_bytes());
-        let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let name = crate::nix::hash::hex(&digest[..16]);
         let last = absolute.path_segments()?.next_back().unwrap_or("");
         let ext = last
             .find(".nar")

@@ -28,7 +28,7 @@ impl Secret {
     pub fn fingerprint(&self) -> String {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(self.0.as_bytes());
-        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+        crate::nix::hash::hex(&digest[..4])
     }
 
     /// Replaces every occurrence of the secret in `text`, for text that came from elsewhere

@@ -1,5 +1,5 @@
-//! `provider = "auto"`: the first identity source this environment offers, in the contract's
-//! order: GitHub Actions, GitLab (the configured `variable`), a Kubernetes projected token,
+//! `provider = "auto"`: the first identity source this environment offers, in the documented
+//! order (docs/configuration.md): GitHub Actions, GitLab (the configured `variable`), a Kubernetes projected token,
 //! a SPIFFE Workload API socket, GCP, Azure, AWS.
 //!
 //! The first four and the environment-announced Azure and AWS hosts are recognised from

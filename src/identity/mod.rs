@@ -392,11 +392,9 @@ impl Identity {
     }
 }
 
+/// Seconds since the epoch, signed for arithmetic with JWT times.
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    crate::clock::unix_now() as i64
 }
 
 /// How long a JWT has left: `exp - iat`, immune to our clock's skew. A token read from a file

@@ -63,7 +63,7 @@ mod tests {
         let (_conn, peer) = listener.accept().unwrap();
         assert_eq!(peer, client.local_addr().unwrap());
         // SAFETY: geteuid cannot fail.
-        assert_eq!(uid_of(peer, us), Some(unsafe { libc::geteuid() }));
+        assert_eq!(uid_of(peer, us), Some(crate::sys::euid()));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Request -> answer, per the "What Nix is told" table of the contract.
+//! Request -> answer, per the README's "What Nix is told" table.
 
 use std::sync::Arc;
 

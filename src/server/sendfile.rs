@@ -18,7 +18,6 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{ready, Context, Poll};
@@ -246,23 +245,8 @@ impl SendfileStream {
         loop {
             ready!(self.tcp.poll_write_ready(cx))?;
             let sent = self.tcp.try_io(Interest::WRITABLE, || {
-                let mut offset = segment.pos as libc::off_t;
-                // SAFETY: both descriptors are open for the duration of the call; the kernel
-                // reads from the file and writes to the socket, touching none of our memory
-                // except `offset`, which it updates.
-                let n = unsafe {
-                    libc::sendfile(
-                        self.tcp.as_raw_fd(),
-                        segment.file.as_raw_fd(),
-                        &mut offset,
-                        want,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
+                let mut offset = segment.pos;
+                crate::sys::sendfile(&self.tcp, &segment.file, &mut offset, want)
             });
             match sent {
                 Ok(0) => {

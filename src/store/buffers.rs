@@ -51,13 +51,12 @@ pub fn trim_when_idle() {
     {
         use std::sync::atomic::{AtomicU64, Ordering};
         static LAST: AtomicU64 = AtomicU64::new(0);
-        let now = crate::store::unix_now();
+        let now = crate::clock::unix_now();
         if LAST.swap(now, Ordering::Relaxed) != now {
-            // SAFETY: malloc_trim only returns free heap memory to the system.
-            let trim = || unsafe { libc::malloc_trim(0) };
+            let trim = crate::sys::trim_malloc;
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => drop(runtime.spawn_blocking(trim)),
-                Err(_) => drop(trim()),
+                Err(_) => trim(),
             }
         }
     }

@@ -162,7 +162,7 @@ fn err(e: impl std::fmt::Display) -> IndexError {
 fn derived_nar_key(nar_key: &str, encoded_source: &[u8]) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(encoded_source);
-    let tag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let tag = crate::nix::hash::hex(&digest[..8]);
     let file = nar_key
         .strip_prefix("nar/")
         .unwrap_or(nar_key)

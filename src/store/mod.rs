@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -130,12 +130,7 @@ pub struct VerifyReport {
     pub leftovers: u64,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::clock::unix_now;
 
 impl Store {
     /// Opens (or creates) the cache and repairs what a crash may have left: temporary
@@ -192,10 +187,7 @@ impl Store {
                 // Decompressing a NAR again is work a cold copy waits on when it competes:
                 // this thread yields to everything else, and waits (up to NAR_CHECK_DEFER)
                 // for downloads in progress to end.
-                // SAFETY: lowers this thread's own scheduling priority.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
-                }
+                crate::sys::lower_this_threads_priority();
                 while let Ok((key, expected)) = rx.recv() {
                     let deadline = Instant::now() + NAR_CHECK_DEFER;
                     loop {
@@ -263,10 +255,7 @@ impl Store {
     }
 
     fn blob_path(&self, nar_key: &str) -> PathBuf {
-        let name: String = Sha256::digest(nar_key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let name = crate::nix::hash::hex(&Sha256::digest(nar_key.as_bytes()));
         self.0.dir.join("nars").join(name)
     }
 
@@ -685,8 +674,7 @@ fn private_dir(dir: &Path) -> Result<(), String> {
     if !meta.is_dir() {
         return Err(format!("{shown} is not a directory"));
     }
-    // SAFETY: geteuid cannot fail.
-    if meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o077 != 0 {
+    if meta.uid() == crate::sys::euid() && meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, Permissions::from_mode(0o700))
             .map_err(|e| format!("cannot make {shown} private: {e}"))?;
     }
@@ -715,23 +703,11 @@ fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
     }
     Ok((
         size,
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        crate::nix::hash::hex(&hasher.finalize()),
     ))
 }
 
-/// Free bytes for unprivileged users on the file system holding `dir`.
-pub fn free_space(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a valid C string and `stat` a properly sized out-parameter.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
-    (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
-}
+pub use crate::sys::free_space;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,6 @@
 //! used: a client connection without its segments, and readers of a fill that read its file.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -17,30 +16,7 @@ const FIRST_CHUNK: usize = 64 * 1024;
 /// Reads exactly `len` bytes at `pos`, into a reused buffer and without zeroing it first.
 pub fn read_at(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
     let mut buf = super::buffers::take(len);
-    while buf.len() < len {
-        let (filled, offset) = (buf.len(), pos + buf.len() as u64);
-        let spare = &mut buf.spare_capacity_mut()[..len - filled];
-        // SAFETY: pread writes at most `spare.len()` bytes into the spare capacity, which is
-        // owned, allocated memory; only the bytes it reports written become part of `buf`.
-        let read = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                offset as libc::off_t,
-            )
-        };
-        match read {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n if n > 0 => unsafe { buf.set_len(filled + n as usize) },
-            _ => {
-                let error = std::io::Error::last_os_error();
-                if error.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
-            }
-        }
-    }
+    crate::sys::read_exact_at(file, pos, len, &mut buf)?;
     Ok(super::buffers::freeze(buf))
 }
 

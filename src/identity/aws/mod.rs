@@ -301,7 +301,7 @@ async fn from_web_identity(
             .trim(),
     );
     let session = std::env::var("AWS_ROLE_SESSION_NAME")
-        .unwrap_or_else(|_| format!("nix-sidecar-{}", crate::store::unix_now()));
+        .unwrap_or_else(|_| format!("nix-sidecar-{}", crate::clock::unix_now()));
     let endpoint = std::env::var("AWS_ENDPOINT_URL_STS")
         .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
         .unwrap_or_else(|_| format!("https://sts.{region}.{}", dns_suffix(region)));
