@@ -4,13 +4,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use nix_sidecar::config::{self, Config, Overrides};
 use nix_sidecar::identity::Identity;
-use nix_sidecar::proxy::Proxy;
 use nix_sidecar::store::{Limits, Store};
 
 #[derive(Parser)]
@@ -214,12 +212,7 @@ async fn serve(config: Config) -> Result<(), String> {
         );
     }
     let listeners = nix_sidecar::server::bind(&config.listen).await?;
-    let proxy = Arc::new(Proxy::new(&config)?);
-    // Every identity's token is obtained now and kept fresh, requests or not: health must
-    // say a token file is missing before the first pull fails on it.
-    for identity in &proxy.identities {
-        tokio::spawn(identity.clone().keep_fresh());
-    }
+    let app = nix_sidecar::app::App::build(&config)?;
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, cache_dir = %config.cache_dir.display(), upstreams = config.upstreams.len(), "listening");
@@ -227,18 +220,10 @@ async fn serve(config: Config) -> Result<(), String> {
     }
     nix_sidecar::systemd::ready();
     nix_sidecar::systemd::spawn_watchdog();
-    let grace = config.shutdown_grace;
-    nix_sidecar::server::serve(
-        listeners,
-        proxy,
-        grace,
-        config.allowed_uids.clone(),
-        config.max_connections,
-        async {
-            shutdown_signal().await;
-            nix_sidecar::systemd::stopping();
-        },
-    )
+    app.run(listeners, async {
+        shutdown_signal().await;
+        nix_sidecar::systemd::stopping();
+    })
     .await;
     Ok(())
 }

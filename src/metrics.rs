@@ -1,122 +1,255 @@
-//! Counters and latency histograms in the Prometheus text format, names prefixed
-//! `nix_sidecar_`. Small and dependency-free: a map of series behind a mutex, which is far
-//! from the cost of any request it counts.
+//! Every metric the daemon exports, named in this one place, through `prometheus-client`
+//! (Prometheus text format 0.0.4, names prefixed `nix_sidecar_`).
+//!
+//! Events are counted where they happen through the methods below; a counter on the byte
+//! path is a plain atomic (no lock, no label formatting). Values that live elsewhere (the
+//! cache's size, tokens' lifetimes) are read from a [`Status`] snapshot at scrape time.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::time::Duration;
 
-const BUCKETS: &[f64] = &[
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::status::Status;
+
+const PREFIX: &str = "nix_sidecar";
+const LATENCY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-#[derive(Default)]
+/// What was looked up in the local cache.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Kind {
+    narinfo,
+    nar,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: Kind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamStatus {
+    upstream: String,
+    /// The HTTP status, or `error` when there was no answer.
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
-    histograms: Mutex<BTreeMap<(&'static str, String), Histogram>>,
-}
-
-#[derive(Default, Clone)]
-struct Histogram {
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-fn labels(pairs: &[(&str, &str)]) -> String {
-    let inner: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| {
-            let v = v
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            format!("{k}=\"{v}\"")
-        })
-        .collect();
-    inner.join(",")
+    registry: Registry,
+    requests: Family<RouteStatus, Counter>,
+    cache_hits: Family<KindLabel, Counter>,
+    cache_misses: Family<KindLabel, Counter>,
+    bytes_fetched: Counter,
+    bytes_served: Counter,
+    upstream_body_failures: Counter,
+    signature_failures: Family<UpstreamLabel, Counter>,
+    upstream_requests: Family<UpstreamStatus, Counter>,
+    upstream_seconds: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Metrics {
-    pub fn inc(&self, name: &'static str, pairs: &[(&str, &str)], by: u64) {
-        *self
-            .counters
-            .lock()
-            .unwrap()
-            .entry((name, labels(pairs)))
-            .or_default() += by;
-    }
-
-    pub fn observe(&self, name: &'static str, pairs: &[(&str, &str)], value: Duration) {
-        let secs = value.as_secs_f64();
-        let mut map = self.histograms.lock().unwrap();
-        let h = map.entry((name, labels(pairs))).or_default();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                h.buckets[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += secs;
-    }
-
-    pub fn observe_upstream(&self, upstream: &str, status: u16, elapsed: Duration) {
-        let status = if status == 0 {
-            "error".to_string()
-        } else {
-            status.to_string()
+    /// Every series that can be known in advance exists from the start, at 0, so that
+    /// `increase()` alerts see the first event.
+    pub fn new(upstreams: &[&str]) -> Metrics {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let metrics = Metrics {
+            requests: Family::default(),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            bytes_fetched: Counter::default(),
+            bytes_served: Counter::default(),
+            upstream_body_failures: Counter::default(),
+            signature_failures: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_seconds: Family::new_with_constructor(latency_histogram),
+            registry: Registry::default(),
         };
-        self.inc(
-            "upstream_requests_total",
-            &[("upstream", upstream), ("status", &status)],
-            1,
+        let r = &mut registry;
+        r.register(
+            "requests",
+            "Requests answered, by route and status",
+            metrics.requests.clone(),
         );
-        self.observe(
+        r.register(
+            "cache_hits",
+            "Answers from the local cache",
+            metrics.cache_hits.clone(),
+        );
+        r.register(
+            "cache_misses",
+            "Lookups the local cache could not answer",
+            metrics.cache_misses.clone(),
+        );
+        r.register(
+            "bytes_fetched",
+            "NAR bytes downloaded from upstreams",
+            metrics.bytes_fetched.clone(),
+        );
+        r.register(
+            "bytes_served",
+            "NAR bytes sent to clients",
+            metrics.bytes_served.clone(),
+        );
+        r.register(
+            "upstream_body_failures",
+            "Upstream bodies that broke off or stalled",
+            metrics.upstream_body_failures.clone(),
+        );
+        r.register(
+            "signature_failures",
+            "Narinfos without a valid trusted signature",
+            metrics.signature_failures.clone(),
+        );
+        r.register(
+            "upstream_requests",
+            "Requests to upstreams, by answer",
+            metrics.upstream_requests.clone(),
+        );
+        r.register(
             "upstream_request_seconds",
-            &[("upstream", upstream)],
-            elapsed,
+            "Time to an upstream's answer headers",
+            metrics.upstream_seconds.clone(),
         );
+        for kind in [Kind::narinfo, Kind::nar] {
+            drop(metrics.cache_hits.get_or_create(&KindLabel { kind }));
+            drop(metrics.cache_misses.get_or_create(&KindLabel { kind }));
+        }
+        for upstream in upstreams {
+            drop(metrics.signature_failures.get_or_create(&UpstreamLabel {
+                upstream: upstream.to_string(),
+            }));
+        }
+        Metrics {
+            registry,
+            ..metrics
+        }
     }
 
-    /// The exposition text; `extra` are `(name, type, labels, value)` series whose current
-    /// values live elsewhere (the store, identities).
-    pub fn render(&self, extra: &[(&str, &str, &str, f64)]) -> String {
+    pub fn request(&self, route: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RouteStatus { route, status })
+            .inc();
+    }
+
+    pub fn cache_hit(&self, kind: Kind) {
+        self.cache_hits.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn cache_miss(&self, kind: Kind) {
+        self.cache_misses.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn fetched(&self, bytes: u64) {
+        self.bytes_fetched.inc_by(bytes);
+    }
+
+    /// The counter of bytes sent to clients, for bodies to add to as they go.
+    pub fn served(&self) -> Counter {
+        self.bytes_served.clone()
+    }
+
+    pub fn upstream_body_failed(&self) {
+        self.upstream_body_failures.inc();
+    }
+
+    pub fn signature_failed(&self, upstream: &str) {
+        self.signature_failures
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_string(),
+            })
+            .inc();
+    }
+
+    /// One upstream request; `status` None when no answer came.
+    pub fn upstream_answered(&self, upstream: &str, status: Option<u16>, elapsed: Duration) {
+        let status = status.map_or_else(|| "error".to_string(), |s| s.to_string());
+        self.upstream_requests
+            .get_or_create(&UpstreamStatus {
+                upstream: upstream.to_string(),
+                status,
+            })
+            .inc();
+        self.upstream_seconds
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The exposition text: the counters above, then what `status` says now.
+    pub fn render(&self, status: &Status) -> String {
+        let mut now = Registry::with_prefix(PREFIX);
+        now.register(
+            "cache_size_bytes",
+            "Bytes of stored cache files",
+            ConstGauge::new(status.cache.stored_bytes as i64),
+        );
+        now.register(
+            "cache_evictions",
+            "Files evicted to stay within the limits",
+            ConstCounter::new(status.cache.evictions),
+        );
+        now.register(
+            "verification_failures",
+            "Downloads whose bytes did not match their narinfo",
+            ConstCounter::new(status.cache.verification_failures),
+        );
+        let left = Family::<IdentityLabel, Gauge>::default();
+        let refreshes = Family::<IdentityLabel, Counter>::default();
+        let failures = Family::<IdentityLabel, Counter>::default();
+        for (name, health) in &status.identities {
+            let label = IdentityLabel {
+                identity: name.clone(),
+            };
+            left.get_or_create(&label)
+                .set(health.token_seconds_left.unwrap_or(0) as i64);
+            refreshes.get_or_create(&label).inc_by(health.refreshes);
+            failures.get_or_create(&label).inc_by(health.failures);
+        }
+        now.register(
+            "token_seconds_left",
+            "Lifetime left of the current token",
+            left,
+        );
+        now.register("token_refreshes", "Tokens obtained", refreshes);
+        now.register(
+            "token_failures",
+            "Failed attempts to obtain a token",
+            failures,
+        );
         let mut out = String::new();
-        let mut last = "";
-        for ((name, labels), value) in self.counters.lock().unwrap().iter() {
-            if *name != last {
-                let _ = writeln!(out, "# TYPE nix_sidecar_{name} counter");
-                last = name;
-            }
-            let _ = writeln!(out, "nix_sidecar_{name}{{{labels}}} {value}");
-        }
-        for ((name, labels), h) in self.histograms.lock().unwrap().iter() {
-            let _ = writeln!(out, "# TYPE nix_sidecar_{name} histogram");
-            let sep = if labels.is_empty() { "" } else { "," };
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "nix_sidecar_{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
-                    h.buckets[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "nix_sidecar_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(out, "nix_sidecar_{name}_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(out, "nix_sidecar_{name}_count{{{labels}}} {}", h.count);
-        }
-        let mut last = "";
-        for (name, kind, labels, value) in extra {
-            if *name != last {
-                let _ = writeln!(out, "# TYPE nix_sidecar_{name} {kind}");
-                last = name;
-            }
-            let _ = writeln!(out, "nix_sidecar_{name}{{{labels}}} {value}");
-        }
+        use prometheus_client::encoding::prometheus_text::encode;
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        let _ = encode(&mut out, &now);
         out
     }
 }
@@ -126,20 +259,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_histograms_and_gauges() {
-        let m = Metrics::default();
-        m.inc(
-            "requests_total",
-            &[("route", "narinfo"), ("status", "200")],
-            2,
+    fn counters_histograms_and_status_render_under_their_names() {
+        let m = Metrics::new(&["org"]);
+        m.request("narinfo", 200);
+        m.request("narinfo", 200);
+        m.upstream_answered("org", Some(200), Duration::from_millis(20));
+        m.served().inc_by(7);
+        let mut status = Status::default();
+        status.cache.stored_bytes = 42;
+        let text = m.render(&status);
+        assert!(
+            text.contains("nix_sidecar_requests_total{route=\"narinfo\",status=\"200\"} 2"),
+            "{text}"
         );
-        m.observe_upstream("org", 200, Duration::from_millis(20));
-        let text = m.render(&[("cache_size_bytes", "gauge", "", 42.0)]);
-        assert!(text.contains("nix_sidecar_requests_total{route=\"narinfo\",status=\"200\"} 2"));
         assert!(text.contains(
             "nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\",le=\"0.025\"} 1"
         ));
         assert!(text.contains("nix_sidecar_upstream_request_seconds_count{upstream=\"org\"} 1"));
-        assert!(text.contains("nix_sidecar_cache_size_bytes{} 42"));
+        assert!(text.contains("nix_sidecar_cache_size_bytes 42"), "{text}");
+        assert!(text.contains("nix_sidecar_bytes_served_total 7"));
+        assert!(text.contains("nix_sidecar_cache_hits_total{kind=\"nar\"} 0"));
+        assert!(text.contains("nix_sidecar_signature_failures_total{upstream=\"org\"} 0"));
     }
 }

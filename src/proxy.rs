@@ -12,9 +12,7 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use crate::config::Config;
-use crate::identity::Identity;
-use crate::metrics::Metrics;
+use crate::metrics::{Kind, Metrics};
 use crate::nix::narinfo::{self, NarInfo, TrustedKeys, MAX_NARINFO_BYTES};
 use crate::nix::request::{self, CachePath};
 use crate::store::buffers;
@@ -22,7 +20,7 @@ use crate::store::check::Expected;
 use crate::store::fill::{
     ByteStream, ChunkSink, FillReader, FillState, PassThrough, BODY_IDLE_TIMEOUT, CHUNK,
 };
-use crate::store::{Limits, NarSource, NewNarInfo, Slot, Store};
+use crate::store::{NarSource, NewNarInfo, Slot, Store};
 use crate::upstream::{Answer, Upstream, UpstreamError};
 
 pub enum NarInfoAnswer {
@@ -74,18 +72,23 @@ const MAX_REMEMBERED_MISSES: usize = 100_000;
 /// Narinfo lookups in flight, by (upstream index, hash): latecomers share the first one's result.
 type Flights = Mutex<HashMap<(usize, String), Arc<OnceCell<NarInfoResult>>>>;
 
+/// How answers are decided, from the configuration.
+pub struct Policy {
+    pub trusted_keys: TrustedKeys,
+    pub require_signatures: bool,
+    pub narinfo_ttl: Duration,
+    pub negative_ttl: Duration,
+    /// `Priority:` of nix-cache-info.
+    pub priority: u32,
+}
+
 pub struct Proxy {
-    pub upstreams: Vec<Arc<Upstream>>,
-    pub identities: Vec<Arc<Identity>>,
+    upstreams: Vec<Arc<Upstream>>,
     /// Index partition of each upstream: answers for one identity never serve another.
     partitions: Vec<String>,
-    pub store: Store,
-    pub metrics: Arc<Metrics>,
-    pub priority: u32,
-    keys: TrustedKeys,
-    require_signatures: bool,
-    narinfo_ttl: Duration,
-    negative_ttl: Duration,
+    store: Store,
+    metrics: Arc<Metrics>,
+    policy: Policy,
     misses: Mutex<HashMap<(usize, String), Instant>>,
     flights: Flights,
 }
@@ -102,78 +105,29 @@ pub fn partition(up: &crate::config::UpstreamConfig) -> String {
 }
 
 impl Proxy {
-    pub fn new(config: &Config) -> Result<Proxy, String> {
-        let metrics = Arc::new(Metrics::default());
-        // Every counter exists from start-up, at 0, so `increase()` alerts see the first event.
-        for kind in ["narinfo", "nar"] {
-            metrics.inc("cache_hits_total", &[("kind", kind)], 0);
-            metrics.inc("cache_misses_total", &[("kind", kind)], 0);
-        }
-        for name in [
-            "bytes_fetched_total",
-            "bytes_served_total",
-            "upstream_body_failures_total",
-        ] {
-            metrics.inc(name, &[], 0);
-        }
-        for up in &config.upstreams {
-            metrics.inc("signature_failures_total", &[("upstream", &up.name)], 0);
-        }
-        let default_client = crate::http::client(None)?;
-        let identities: Vec<Arc<Identity>> = config
-            .identities
-            .values()
-            .map(|c| Arc::new(Identity::new(c, default_client.clone())))
-            .collect();
-        let mut upstreams = Vec::new();
-        let mut partitions = Vec::new();
-        for up in &config.upstreams {
-            let client = match &up.ca_file {
-                Some(ca) => crate::http::client(Some(ca))
-                    .map_err(|e| format!("upstream `{}`: {e}", up.name))?,
-                None => default_client.clone(),
-            };
-            let identity = up
-                .identity
-                .as_ref()
-                .and_then(|name| identities.iter().find(|i| i.name() == name).cloned());
-            partitions.push(partition(up));
-            upstreams.push(Arc::new(Upstream::new(
-                &up.name,
-                &up.url,
-                identity,
-                up.auth.clone(),
-                client,
-                metrics.clone(),
-            )));
-        }
-        let store = Store::open(
-            &config.cache_dir,
-            Limits {
-                max_size: config.max_cache_size,
-                min_free: config.min_free_space,
-            },
-        )?;
-        Ok(Proxy {
+    /// `upstreams` in order, each with its index partition (see [`partition`]).
+    pub fn new(
+        upstreams: Vec<(Arc<Upstream>, String)>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        policy: Policy,
+    ) -> Proxy {
+        let (upstreams, partitions) = upstreams.into_iter().unzip();
+        Proxy {
             upstreams,
-            identities,
             partitions,
             store,
             metrics,
-            priority: config.priority,
-            keys: TrustedKeys::parse(&config.trusted_public_keys).map_err(|e| e.to_string())?,
-            require_signatures: config.require_signatures,
-            narinfo_ttl: config.narinfo_ttl,
-            negative_ttl: config.negative_ttl,
+            policy,
             misses: Mutex::default(),
             flights: Mutex::default(),
-        })
+        }
     }
 
     pub fn cache_info(&self) -> String {
         format!(
             "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {}\n",
-            self.priority
+            self.policy.priority
         )
     }
 
@@ -183,9 +137,8 @@ impl Proxy {
         let mut untrusted = Vec::new();
         for (i, up) in self.upstreams.iter().enumerate() {
             let cached = match self.store.narinfo(&self.partitions[i], hash) {
-                Some(fresh) if fresh.age < self.narinfo_ttl => {
-                    self.metrics
-                        .inc("cache_hits_total", &[("kind", "narinfo")], 1);
+                Some(fresh) if fresh.age < self.policy.narinfo_ttl => {
+                    self.metrics.cache_hit(Kind::narinfo);
                     return NarInfoAnswer::Found(fresh.text);
                 }
                 stale_or_none => stale_or_none,
@@ -193,8 +146,7 @@ impl Proxy {
             if self.recent_miss(i, hash) {
                 continue;
             }
-            self.metrics
-                .inc("cache_misses_total", &[("kind", "narinfo")], 1);
+            self.metrics.cache_miss(Kind::narinfo);
             match self.fetch_narinfo_once(i, hash).await {
                 Ok(Lookup::Found(text)) => return NarInfoAnswer::Found(text),
                 Ok(Lookup::Missing) => self.remember_miss(i, hash),
@@ -226,7 +178,7 @@ impl Proxy {
     fn remember_miss(&self, i: usize, hash: &str) {
         let mut misses = self.misses.lock().unwrap();
         if misses.len() >= MAX_REMEMBERED_MISSES {
-            let ttl = self.negative_ttl;
+            let ttl = self.policy.negative_ttl;
             misses.retain(|_, at| at.elapsed() < ttl);
             if misses.len() >= MAX_REMEMBERED_MISSES {
                 misses.clear();
@@ -239,7 +191,7 @@ impl Proxy {
         let mut misses = self.misses.lock().unwrap();
         let key = (i, hash.to_string());
         match misses.get(&key) {
-            Some(at) if at.elapsed() < self.negative_ttl => true,
+            Some(at) if at.elapsed() < self.policy.negative_ttl => true,
             Some(_) => {
                 misses.remove(&key);
                 false
@@ -297,14 +249,13 @@ impl Proxy {
                 info.store_path
             )));
         }
-        if self.require_signatures && !self.keys.verify(&info) {
+        if self.policy.require_signatures && !self.policy.trusted_keys.verify(&info) {
             tracing::warn!(
                 upstream = %up.name,
                 store_path = %info.store_path,
                 "narinfo has no valid signature by a trusted key; treating it as a miss"
             );
-            self.metrics
-                .inc("signature_failures_total", &[("upstream", &up.name)], 1);
+            self.metrics.signature_failed(&up.name);
             let names: Vec<&str> = info
                 .sigs
                 .iter()
@@ -318,7 +269,7 @@ impl Proxy {
                 } else {
                     names.join(", ")
                 },
-                self.keys.names().join(", ")
+                self.policy.trusted_keys.names().join(", ")
             )));
         }
         let text =
@@ -384,15 +335,14 @@ impl Proxy {
             return self.forward(key, method).await;
         };
         if let Some((file, size)) = self.store.open_stored(key, row) {
-            self.metrics.inc("cache_hits_total", &[("kind", "nar")], 1);
+            self.metrics.cache_hit(Kind::nar);
             return NarAnswer::Found(if head {
                 Content::Head(Some(size))
             } else {
                 Content::File(file, size)
             });
         }
-        self.metrics
-            .inc("cache_misses_total", &[("kind", "nar")], 1);
+        self.metrics.cache_miss(Kind::nar);
         let Ok(source) = url::Url::parse(&row.source.url) else {
             return NarAnswer::Unavailable(format!("index holds a bad URL for {key}"));
         };
@@ -419,11 +369,11 @@ impl Proxy {
                             }
                             match copy_body(response.into_body(), &mut *writer).await {
                                 Ok(n) => {
-                                    metrics.inc("bytes_fetched_total", &[], n);
+                                    metrics.fetched(n);
                                     writer.finish().await
                                 }
                                 Err(reason) => {
-                                    metrics.inc("upstream_body_failures_total", &[], 1);
+                                    metrics.upstream_body_failed();
                                     writer.fail(&reason)
                                 }
                             }
@@ -525,7 +475,7 @@ impl Proxy {
         tokio::spawn(async move {
             let outcome = copy_body(response.into_body(), &mut sink).await;
             if let Ok(n) = outcome {
-                metrics.inc("bytes_fetched_total", &[], n);
+                metrics.fetched(n);
             }
             sink.finish(outcome.map(|_| ())).await
         });

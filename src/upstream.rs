@@ -153,9 +153,9 @@ impl Upstream {
             };
             let started = Instant::now();
             let result = self.send(url, &method, token.as_ref()).await;
-            self.metrics.observe_upstream(
+            self.metrics.upstream_answered(
                 &self.name,
-                result.as_ref().map(|r| r.0.status().as_u16()).unwrap_or(0),
+                result.as_ref().ok().map(|r| r.0.status().as_u16()),
                 started.elapsed(),
             );
             let retry_after = match result {

@@ -319,7 +319,7 @@ async fn first_hour_metrics_at_zero_a_missing_cache_dir_and_a_closed_pipe() {
         .text();
     for series in [
         "nix_sidecar_signature_failures_total{upstream=\"u\"} 0",
-        "nix_sidecar_upstream_body_failures_total{} 0",
+        "nix_sidecar_upstream_body_failures_total 0",
         "nix_sidecar_cache_hits_total{kind=\"nar\"} 0",
         "nix_sidecar_cache_misses_total{kind=\"narinfo\"} 0",
     ] {

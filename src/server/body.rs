@@ -3,7 +3,6 @@
 //! response, so a client never sees a short NAR as complete.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -11,8 +10,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Frame;
 
-use crate::metrics::Metrics;
 use crate::store::fill::ByteStream;
+use prometheus_client::metrics::counter::Counter;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -26,13 +25,14 @@ pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-pub fn stream(rx: ByteStream, metrics: Arc<Metrics>) -> Body {
-    ChannelBody { rx, metrics }.boxed()
+/// A body from a channel of chunks; `served` counts the bytes sent.
+pub fn stream(rx: ByteStream, served: Counter) -> Body {
+    ChannelBody { rx, served }.boxed()
 }
 
 struct ChannelBody {
     rx: ByteStream,
-    metrics: Arc<Metrics>,
+    served: Counter,
 }
 
 impl hyper::body::Body for ChannelBody {
@@ -45,8 +45,7 @@ impl hyper::body::Body for ChannelBody {
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(bytes))) => {
-                self.metrics
-                    .inc("bytes_served_total", &[], bytes.len() as u64);
+                self.served.inc_by(bytes.len() as u64);
                 Poll::Ready(Some(Ok(Frame::data(bytes))))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),

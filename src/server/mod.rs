@@ -24,7 +24,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::status::Status;
 
 /// For request headers, and for a connection on which nothing moves either way.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,16 +54,51 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
     Ok(listeners)
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests
-/// finish for up to `grace`.
+/// What the server serves: the answers, the counters it adds to, and the state for health
+/// and metrics (a snapshot taken per request).
+pub struct Site {
+    answers: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    status: Box<dyn Fn() -> Status + Send + Sync>,
+}
+
+impl Site {
+    pub fn new(
+        answers: Arc<Proxy>,
+        metrics: Arc<Metrics>,
+        status: impl Fn() -> Status + Send + Sync + 'static,
+    ) -> Site {
+        Site {
+            answers,
+            metrics,
+            status: Box::new(status),
+        }
+    }
+}
+
+/// How connections are admitted and ended.
+pub struct Options {
+    /// How long responses in flight may take once shutdown starts.
+    pub grace: Duration,
+    /// Only clients owned by these uids (empty: any).
+    pub allowed_uids: Vec<u32>,
+    pub max_connections: usize,
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish
+/// for up to `grace`. Returns when that time is up (or nothing is left in flight): the
+/// deadline for the rest of the shutdown.
 pub async fn serve(
     listeners: Vec<TcpListener>,
-    proxy: Arc<Proxy>,
-    grace: Duration,
-    allowed_uids: Vec<u32>,
-    max_connections: usize,
+    site: Arc<Site>,
+    options: Options,
     shutdown: impl std::future::Future<Output = ()>,
-) {
+) -> std::time::Instant {
+    let Options {
+        grace,
+        allowed_uids,
+        max_connections,
+    } = options;
     let allowed_uids = Arc::new(allowed_uids);
     // Shared by all listeners: past the cap, new connections wait in the accept queue instead
     // of taking file descriptors and memory from the ones being served.
@@ -70,7 +107,7 @@ pub async fn serve(
     let builder = connection_builder();
     let mut accept_loops = tokio::task::JoinSet::new();
     for listener in listeners {
-        let (proxy, builder, graceful) = (proxy.clone(), builder.clone(), graceful.clone());
+        let (site, builder, graceful) = (site.clone(), builder.clone(), graceful.clone());
         let (allowed_uids, slots) = (allowed_uids.clone(), slots.clone());
         accept_loops.spawn(async move {
             loop {
@@ -86,7 +123,7 @@ pub async fn serve(
                 };
                 let Ok(local) = stream.local_addr() else { continue };
                 let _ = stream.set_nodelay(true);
-                let (proxy, allowed_uids, builder) = (proxy.clone(), allowed_uids.clone(), builder.clone());
+                let (site, allowed_uids, builder) = (site.clone(), allowed_uids.clone(), builder.clone());
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     // The socket table is read off the accept loop: it can be large.
@@ -105,11 +142,11 @@ pub async fn serve(
                         let segments = segments.clone();
                         service_fn(move |mut request: Request<Incoming>| {
                             request.extensions_mut().insert(segments.clone());
-                            let proxy = proxy.clone();
+                            let site = site.clone();
                             async move {
                                 let answer = match host::refusal(&request, local) {
                                     Some(refused) => refused,
-                                    None => routes::handle(&proxy, request).await,
+                                    None => routes::handle(&site, request).await,
                                 };
                                 Ok::<_, Infallible>(answer)
                             }
@@ -141,7 +178,5 @@ pub async fn serve(
             grace.as_secs()
         );
     }
-    // Downloads whose clients are gone may still be finishing into the cache.
-    proxy.store.settle(deadline).await;
-    proxy.store.flush_access_times();
+    deadline
 }

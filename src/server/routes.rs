@@ -8,11 +8,14 @@ use hyper::body::Incoming;
 
 use super::body::{self, Body};
 use super::sendfile::{self, FileBody, FollowBody, Segments};
+use super::Site;
 use crate::nix::request::{self, CachePath};
-use crate::proxy::{Content, NarAnswer, NarInfoAnswer, Proxy};
+use crate::proxy::{Content, NarAnswer, NarInfoAnswer};
+use crate::status::Status;
 use crate::store::read::stream_file;
 
-pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<Body> {
+pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
+    let proxy = &site.answers;
     let method = request.method().clone();
     let uri = request.uri().clone();
     let route = request::parse(uri.path(), uri.query());
@@ -39,8 +42,12 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
         Some(CachePath::CacheInfo) => {
             typed(StatusCode::OK, "text/x-nix-cache-info", proxy.cache_info())
         }
-        Some(CachePath::Health) => health(proxy),
-        Some(CachePath::Metrics) => metrics(proxy),
+        Some(CachePath::Health) => health(&(site.status)()),
+        Some(CachePath::Metrics) => typed(
+            StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
+            site.metrics.render(&(site.status)()),
+        ),
         Some(CachePath::NarInfo(hash)) => match proxy.narinfo(&hash).await {
             NarInfoAnswer::Found(text) => typed(StatusCode::OK, "text/x-nix-narinfo", text),
             NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
@@ -55,7 +62,7 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
                     StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                     "this NAR's length is not known in advance: ask with HTTP/1.1\n",
                 ),
-                answer => nar_response(proxy, answer, None, None, uri.path()),
+                answer => nar_response(site, answer, None, None, uri.path()),
             }
         }
         Some(CachePath::Nar(key)) => {
@@ -65,11 +72,11 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
                 .and_then(|v| v.to_str().ok());
             let segments = request.extensions().get::<Arc<Segments>>().cloned();
             let answer = proxy.nar(&key, &method).await;
-            nar_response(proxy, answer, range, segments, uri.path())
+            nar_response(site, answer, range, segments, uri.path())
         }
         Some(CachePath::Forwarded(rel)) => {
             let answer = proxy.forward(&rel, &method).await;
-            nar_response(proxy, answer, None, None, uri.path())
+            nar_response(site, answer, None, None, uri.path())
         }
     };
     let response = if method == Method::HEAD {
@@ -78,14 +85,7 @@ pub async fn handle(proxy: &Arc<Proxy>, request: Request<Incoming>) -> Response<
     } else {
         response
     };
-    proxy.metrics.inc(
-        "requests_total",
-        &[
-            ("route", route_name),
-            ("status", response.status().as_str()),
-        ],
-        1,
-    );
+    site.metrics.request(route_name, response.status().as_u16());
     tracing::debug!(%method, path = uri.path(), status = response.status().as_u16(), "request");
     response
 }
@@ -111,7 +111,7 @@ fn unavailable(path: &str, reason: &str) -> Response<Body> {
 }
 
 fn nar_response(
-    proxy: &Arc<Proxy>,
+    site: &Site,
     answer: NarAnswer,
     range: Option<&str>,
     segments: Option<Arc<Segments>>,
@@ -128,7 +128,7 @@ fn nar_response(
     match content {
         Content::Head(len) => with_length(builder, len).body(body::empty()).unwrap(),
         Content::Stream(len, rx) => with_length(builder, len)
-            .body(body::stream(rx, proxy.metrics.clone()))
+            .body(body::stream(rx, site.metrics.served()))
             .unwrap(),
         // From the page cache straight to the socket where the connection can (HTTP/1), read
         // through our buffers otherwise.
@@ -136,18 +136,18 @@ fn nar_response(
             let body = match (segments, reader.file()) {
                 (Some(segments), Ok(file)) => {
                     let pieces = reader.pieces(sendfile::CHUNK);
-                    FollowBody::new(file, pieces, len, segments, proxy.metrics.clone()).boxed()
+                    FollowBody::new(file, pieces, len, segments, site.metrics.served()).boxed()
                 }
-                _ => body::stream(reader.stream(), proxy.metrics.clone()),
+                _ => body::stream(reader.stream(), site.metrics.served()),
             };
             with_length(builder, len).body(body).unwrap()
         }
         Content::File(file, size) => {
             let file_body = |start, end| match segments {
                 Some(segments) => {
-                    FileBody::new(file, (start, end), segments, proxy.metrics.clone()).boxed()
+                    FileBody::new(file, (start, end), segments, site.metrics.served()).boxed()
                 }
-                None => body::stream(stream_file(file, start, end), proxy.metrics.clone()),
+                None => body::stream(stream_file(file, start, end), site.metrics.served()),
             };
             match parse_range(range, size) {
                 Ok(None) => builder
@@ -218,96 +218,30 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>
     Ok(Some(range))
 }
 
-fn health(proxy: &Arc<Proxy>) -> Response<Body> {
-    let upstreams: serde_json::Map<String, serde_json::Value> = proxy
+fn health(status: &Status) -> Response<Body> {
+    let upstreams: serde_json::Map<String, serde_json::Value> = status
         .upstreams
         .iter()
-        .map(|u| (u.name.clone(), serde_json::to_value(u.health()).unwrap()))
+        .map(|(name, h)| (name.clone(), serde_json::to_value(h).unwrap()))
         .collect();
-    let identities: Vec<_> = proxy
+    let identities: serde_json::Map<String, serde_json::Value> = status
         .identities
         .iter()
-        .map(|i| (i.name().to_string(), i.health()))
+        .map(|(name, h)| (name.clone(), serde_json::to_value(h).unwrap()))
         .collect();
-    let healthy = identities.iter().all(|(_, h)| h.healthy)
-        && proxy.upstreams.iter().all(|u| u.health().healthy);
-    let identities: serde_json::Map<String, serde_json::Value> = identities
-        .into_iter()
-        .map(|(n, h)| (n, serde_json::to_value(h).unwrap()))
-        .collect();
+    let healthy = status.healthy();
     let stats = serde_json::json!({
         "status": if healthy { "ok" } else { "degraded" },
         "upstreams": upstreams,
         "identities": identities,
-        "cache": { "stored_bytes": proxy.store.size() },
+        "cache": { "stored_bytes": status.cache.stored_bytes },
     });
-    let status = if healthy {
+    let code = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    typed(status, "application/json", format!("{stats:#}\n"))
-}
-
-fn metrics(proxy: &Arc<Proxy>) -> Response<Body> {
-    let mut extra = vec![
-        (
-            "cache_size_bytes",
-            "gauge",
-            String::new(),
-            proxy.store.size() as f64,
-        ),
-        (
-            "cache_evictions_total",
-            "counter",
-            String::new(),
-            proxy.store.evictions() as f64,
-        ),
-        (
-            "verification_failures_total",
-            "counter",
-            String::new(),
-            proxy.store.verification_failures() as f64,
-        ),
-    ];
-    let identities: Vec<_> = proxy
-        .identities
-        .iter()
-        .map(|i| (format!("identity=\"{}\"", i.name()), i.health()))
-        .collect();
-    for (label, h) in &identities {
-        extra.push((
-            "token_seconds_left",
-            "gauge",
-            label.clone(),
-            h.token_seconds_left.unwrap_or(0) as f64,
-        ));
-    }
-    for (label, h) in &identities {
-        extra.push((
-            "token_refreshes_total",
-            "counter",
-            label.clone(),
-            h.refreshes as f64,
-        ));
-    }
-    for (label, h) in &identities {
-        extra.push((
-            "token_failures_total",
-            "counter",
-            label.clone(),
-            h.failures as f64,
-        ));
-    }
-    let extra: Vec<(&str, &str, &str, f64)> = extra
-        .iter()
-        .map(|(n, k, l, v)| (*n, *k, l.as_str(), *v))
-        .collect();
-    typed(
-        StatusCode::OK,
-        "text/plain; version=0.0.4",
-        proxy.metrics.render(&extra),
-    )
+    typed(code, "application/json", format!("{stats:#}\n"))
 }
 
 #[cfg(test)]

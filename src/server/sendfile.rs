@@ -27,8 +27,8 @@ use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::metrics::Metrics;
 use crate::store::fill::{Piece, PieceStream};
+use prometheus_client::metrics::counter::Counter;
 
 /// Bytes per placeholder, and so at most per `sendfile` call (nginx's default
 /// `sendfile_max_chunk` too): large enough that syscalls do not show, small enough that one
@@ -68,16 +68,16 @@ struct Segment {
 struct Placeholders {
     file: Arc<File>,
     segments: Arc<Segments>,
-    metrics: Arc<Metrics>,
+    served: Counter,
 }
 
 impl Placeholders {
-    fn new(file: File, segments: Arc<Segments>, metrics: Arc<Metrics>) -> Placeholders {
+    fn new(file: File, segments: Arc<Segments>, served: Counter) -> Placeholders {
         let file = Arc::new(file);
         Placeholders {
             file,
             segments,
-            metrics,
+            served,
         }
     }
 
@@ -94,7 +94,7 @@ impl Placeholders {
             left: len as u64,
             next: slice.as_ptr() as usize,
         });
-        self.metrics.inc("bytes_served_total", &[], len as u64);
+        self.served.inc_by(len as u64);
         Frame::data(slice)
     }
 }
@@ -111,9 +111,9 @@ impl FileBody {
         file: File,
         (pos, end): (u64, u64),
         segments: Arc<Segments>,
-        metrics: Arc<Metrics>,
+        served: Counter,
     ) -> FileBody {
-        let placeholders = Placeholders::new(file, segments, metrics);
+        let placeholders = Placeholders::new(file, segments, served);
         FileBody {
             placeholders,
             pos,
@@ -165,9 +165,9 @@ impl FollowBody {
         pieces: PieceStream,
         length: Option<u64>,
         segments: Arc<Segments>,
-        metrics: Arc<Metrics>,
+        served: Counter,
     ) -> FollowBody {
-        let placeholders = Placeholders::new(file, segments, metrics);
+        let placeholders = Placeholders::new(file, segments, served);
         FollowBody {
             placeholders,
             pieces,
@@ -201,9 +201,7 @@ impl hyper::body::Body for FollowBody {
         Poll::Ready(Some(Ok(match piece {
             Piece::File { pos, len } => self.placeholders.frame(pos, len),
             Piece::Bytes(bytes) => {
-                self.placeholders
-                    .metrics
-                    .inc("bytes_served_total", &[], bytes.len() as u64);
+                self.placeholders.served.inc_by(bytes.len() as u64);
                 Frame::data(bytes)
             }
         })))
@@ -355,10 +353,10 @@ mod tests {
                 let segments = segments.clone();
                 hyper::service::service_fn(move |request: http::Request<_>| {
                     let file = file.try_clone().unwrap();
-                    let metrics = Arc::new(Metrics::default());
+                    let served = Counter::default();
                     let path = request.uri().path();
                     let body: BoxBody<Bytes, io::Error> = if path == "/file" {
-                        FileBody::new(file, (0, claimed), segments.clone(), metrics).boxed()
+                        FileBody::new(file, (0, claimed), segments.clone(), served).boxed()
                     } else if path == "/follow" {
                         let (tx, pieces) = tokio::sync::mpsc::channel(4);
                         tokio::spawn(async move {
@@ -375,7 +373,7 @@ mod tests {
                             pieces,
                             Some(announced),
                             segments.clone(),
-                            metrics,
+                            served,
                         );
                         let mut response = http::Response::new(body.boxed());
                         response
@@ -498,11 +496,8 @@ mod tests {
         let connect = TcpStream::connect(listener.local_addr().unwrap());
         let (tcp, _) = tokio::join!(listener.accept(), connect);
         let segments = Arc::new(Segments::default());
-        let placeholders = Placeholders::new(
-            file_of(&[1u8; 64]),
-            segments.clone(),
-            Arc::new(Metrics::default()),
-        );
+        let placeholders =
+            Placeholders::new(file_of(&[1u8; 64]), segments.clone(), Counter::default());
         let first = placeholders.frame(0, 32).into_data().unwrap();
         let second = placeholders.frame(32, 32).into_data().unwrap();
         let mut stream = SendfileStream::new(tcp.unwrap().0, segments);

@@ -701,10 +701,7 @@ fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    Ok((
-        size,
-        crate::nix::hash::hex(&hasher.finalize()),
-    ))
+    Ok((size, crate::nix::hash::hex(&hasher.finalize())))
 }
 
 pub use crate::sys::free_space;
