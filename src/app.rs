@@ -118,7 +118,7 @@ fn snapshot(identities: &[Arc<Identity>], upstreams: &[Arc<Upstream>], store: &S
     Status {
         upstreams: upstreams
             .iter()
-            .map(|u| (u.name.clone(), u.health()))
+            .map(|u| (u.name().to_string(), u.health()))
             .collect(),
         identities: identities
             .iter()

@@ -156,10 +156,10 @@ impl Proxy {
                 }
                 Err(e) => {
                     if let Some(stale) = cached {
-                        tracing::info!(upstream = %up.name, error = %e, "serving a stale narinfo");
+                        tracing::info!(upstream = %up.name(), error = %e, "serving a stale narinfo");
                         return NarInfoAnswer::Found(stale.text);
                     }
-                    tracing::warn!(upstream = %up.name, error = %e, "narinfo lookup failed");
+                    tracing::warn!(upstream = %up.name(), error = %e, "narinfo lookup failed");
                     failures.push(e.to_string());
                 }
             }
@@ -224,7 +224,7 @@ impl Proxy {
     async fn fetch_narinfo(&self, i: usize, hash: &str) -> NarInfoResult {
         let up = &self.upstreams[i];
         let bad = |detail: String| UpstreamError::Unavailable {
-            upstream: up.name.clone(),
+            upstream: up.name().to_string(),
             detail,
         };
         let url = up
@@ -251,11 +251,11 @@ impl Proxy {
         }
         if self.policy.require_signatures && !self.policy.trusted_keys.verify(&info) {
             tracing::warn!(
-                upstream = %up.name,
+                upstream = %up.name(),
                 store_path = %info.store_path,
                 "narinfo has no valid signature by a trusted key; treating it as a miss"
             );
-            self.metrics.signature_failed(&up.name);
+            self.metrics.signature_failed(up.name());
             let names: Vec<&str> = info
                 .sigs
                 .iter()
@@ -263,7 +263,7 @@ impl Proxy {
                 .collect();
             return Ok(Lookup::Untrusted(format!(
                 "upstream `{}` has it, but no trusted key signed it (signed by: {}; trusted: {})",
-                up.name,
+                up.name(),
                 if names.is_empty() {
                     "nobody".to_string()
                 } else {
@@ -286,7 +286,7 @@ impl Proxy {
         let (partition, hash_owned, text_owned) =
             (self.partitions[i].clone(), hash.to_string(), text.clone());
         let nar = NarSource {
-            upstream: up.name.clone(),
+            upstream: up.name().to_string(),
             url: source.to_string(),
             expected: Expected::from_narinfo(&info),
         };
@@ -330,7 +330,7 @@ impl Proxy {
         let row = self.store.nar(key);
         let upstream = row
             .as_ref()
-            .and_then(|r| self.upstreams.iter().find(|u| u.name == r.source.upstream));
+            .and_then(|r| self.upstreams.iter().find(|u| u.name() == r.source.upstream));
         let (Some(row), Some(up)) = (row.as_ref(), upstream) else {
             return self.forward(key, method).await;
         };
@@ -459,7 +459,7 @@ impl Proxy {
                 self.store.count_verification_failure();
                 return NarAnswer::Unavailable(format!(
                     "upstream `{}` announced {sent} bytes, the narinfo promises {promised}",
-                    up.name
+                    up.name()
                 ));
             }
         }
@@ -467,7 +467,7 @@ impl Proxy {
         let (mut sink, stream) = match PassThrough::new(&self.store, expected, length) {
             Ok(pass) => pass,
             Err(reason) => {
-                tracing::warn!(upstream = %up.name, reason, "refusing a NAR that cannot be verified");
+                tracing::warn!(upstream = %up.name(), reason, "refusing a NAR that cannot be verified");
                 return NarAnswer::Unavailable(reason);
             }
         };

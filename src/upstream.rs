@@ -60,7 +60,7 @@ pub struct UpstreamHealth {
 }
 
 pub struct Upstream {
-    pub name: String,
+    name: String,
     /// The cache URL, always ending in `/` so relative paths join below it.
     base: Url,
     identity: Option<Arc<Identity>>,
@@ -95,6 +95,10 @@ impl Upstream {
                 ..Default::default()
             }),
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn identity_name(&self) -> Option<&str> {
