@@ -28,7 +28,48 @@ pub enum NarInfoAnswer {
     Missing,
     /// A miss because no upstream's narinfo carries a valid trusted signature.
     Untrusted(String),
+    Failed(Failure),
+}
+
+/// Why there is no answer; it decides the status Nix gets (the README's "What Nix is told").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The upstreams or identities could not be asked, or failed: worth asking again.
     Unavailable(String),
+    /// Every upstream that failed answered something unusable (a broken upstream).
+    Broken(String),
+}
+
+impl Failure {
+    pub fn reason(&self) -> &str {
+        match self {
+            Failure::Unavailable(reason) | Failure::Broken(reason) => reason,
+        }
+    }
+
+    /// The failure of several upstreams: broken only if every one of them was.
+    fn combine(failures: Vec<Failure>) -> Failure {
+        let broken = failures.iter().all(|f| matches!(f, Failure::Broken(_)));
+        let text = failures
+            .iter()
+            .map(Failure::reason)
+            .collect::<Vec<_>>()
+            .join("\n");
+        if broken {
+            Failure::Broken(text)
+        } else {
+            Failure::Unavailable(text)
+        }
+    }
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(e: UpstreamError) -> Failure {
+        match e {
+            UpstreamError::Broken { .. } => Failure::Broken(e.to_string()),
+            _ => Failure::Unavailable(e.to_string()),
+        }
+    }
 }
 
 pub enum Content {
@@ -55,7 +96,7 @@ impl Content {
 pub enum NarAnswer {
     Found(Content),
     Missing,
-    Unavailable(String),
+    Failed(Failure),
 }
 
 /// What one upstream said of a narinfo.
@@ -160,12 +201,12 @@ impl Proxy {
                         return NarInfoAnswer::Found(stale.text);
                     }
                     tracing::warn!(upstream = %up.name(), error = %e, "narinfo lookup failed");
-                    failures.push(e.to_string());
+                    failures.push(Failure::from(e));
                 }
             }
         }
         if !failures.is_empty() {
-            NarInfoAnswer::Unavailable(failures.join("\n"))
+            NarInfoAnswer::Failed(Failure::combine(failures))
         } else if !untrusted.is_empty() {
             NarInfoAnswer::Untrusted(untrusted.join("\n"))
         } else {
@@ -223,13 +264,16 @@ impl Proxy {
 
     async fn fetch_narinfo(&self, i: usize, hash: &str) -> NarInfoResult {
         let up = &self.upstreams[i];
-        let bad = |detail: String| UpstreamError::Unavailable {
+        let bad = |detail: String| UpstreamError::Broken {
             upstream: up.name().to_string(),
             detail,
         };
-        let url = up
-            .resolve(&format!("{hash}.narinfo"))
-            .ok_or_else(|| bad("cannot form the narinfo URL".into()))?;
+        let url =
+            up.resolve(&format!("{hash}.narinfo"))
+                .ok_or_else(|| UpstreamError::Unavailable {
+                    upstream: up.name().to_string(),
+                    detail: "cannot form the narinfo URL".into(),
+                })?;
         let response = match up.fetch(&url, Method::GET).await? {
             Answer::Found(response) => response,
             Answer::Missing => return Ok(Lookup::Missing),
@@ -240,7 +284,10 @@ impl Proxy {
             Duration::from_secs(30),
         )
         .await
-        .map_err(|e| bad(format!("narinfo {hash}: {e}")))?;
+        .map_err(|e| UpstreamError::Unavailable {
+            upstream: up.name().to_string(),
+            detail: format!("narinfo {hash}: {e}"),
+        })?;
         let info =
             NarInfo::parse(&body).map_err(|e| bad(format!("narinfo {hash} is malformed: {e}")))?;
         if info.hash_part() != hash {
@@ -328,9 +375,11 @@ impl Proxy {
     pub async fn nar(&self, key: &str, method: &Method) -> NarAnswer {
         let head = method == Method::HEAD;
         let row = self.store.nar(key);
-        let upstream = row
-            .as_ref()
-            .and_then(|r| self.upstreams.iter().find(|u| u.name() == r.source.upstream));
+        let upstream = row.as_ref().and_then(|r| {
+            self.upstreams
+                .iter()
+                .find(|u| u.name() == r.source.upstream)
+        });
         let (Some(row), Some(up)) = (row.as_ref(), upstream) else {
             return self.forward(key, method).await;
         };
@@ -344,7 +393,9 @@ impl Proxy {
         }
         self.metrics.cache_miss(Kind::nar);
         let Ok(source) = url::Url::parse(&row.source.url) else {
-            return NarAnswer::Unavailable(format!("index holds a bad URL for {key}"));
+            return NarAnswer::Failed(Failure::Unavailable(format!(
+                "index holds a bad URL for {key}"
+            )));
         };
         if head {
             return match up.fetch(&source, Method::HEAD).await {
@@ -352,7 +403,7 @@ impl Proxy {
                     content_length(&r).or(row.source.expected.file_len()),
                 )),
                 Ok(Answer::Missing) => NarAnswer::Missing,
-                Err(e) => NarAnswer::Unavailable(e.to_string()),
+                Err(e) => NarAnswer::Failed(e.into()),
             };
         }
         let mut reader = match self.store.fill(key, &row.source.expected) {
@@ -405,7 +456,7 @@ impl Proxy {
         match progress.state {
             FillState::Missing => NarAnswer::Missing,
             FillState::Failed(reason) if progress.written == 0 => {
-                NarAnswer::Unavailable(reason.to_string())
+                NarAnswer::Failed(Failure::Unavailable(reason.to_string()))
             }
             _ => NarAnswer::Found(Content::Filling(progress.length, reader)),
         }
@@ -424,20 +475,20 @@ impl Proxy {
                         return NarAnswer::Found(Content::Head(content_length(&r)))
                     }
                     Ok(Answer::Missing) => continue,
-                    Err(e) => failures.push(e.to_string()),
+                    Err(e) => failures.push(e.into()),
                 }
                 continue;
             }
             match self.pass_through(up, &url, None).await {
                 NarAnswer::Missing => continue,
-                NarAnswer::Unavailable(e) => failures.push(e),
+                NarAnswer::Failed(failure) => failures.push(failure),
                 found => return found,
             }
         }
         if failures.is_empty() {
             NarAnswer::Missing
         } else {
-            NarAnswer::Unavailable(failures.join("\n"))
+            NarAnswer::Failed(Failure::combine(failures))
         }
     }
 
@@ -450,17 +501,17 @@ impl Proxy {
         let response = match up.fetch(url, Method::GET).await {
             Ok(Answer::Found(response)) => response,
             Ok(Answer::Missing) => return NarAnswer::Missing,
-            Err(e) => return NarAnswer::Unavailable(e.to_string()),
+            Err(e) => return NarAnswer::Failed(e.into()),
         };
         let promised = expected.and_then(Expected::file_len);
         let sent = content_length(&response);
         if let (Some(promised), Some(sent)) = (promised, sent) {
             if promised != sent {
                 self.store.count_verification_failure();
-                return NarAnswer::Unavailable(format!(
+                return NarAnswer::Failed(Failure::Broken(format!(
                     "upstream `{}` announced {sent} bytes, the narinfo promises {promised}",
                     up.name()
-                ));
+                )));
             }
         }
         let length = promised.or(sent);
@@ -468,7 +519,7 @@ impl Proxy {
             Ok(pass) => pass,
             Err(reason) => {
                 tracing::warn!(upstream = %up.name(), reason, "refusing a NAR that cannot be verified");
-                return NarAnswer::Unavailable(reason);
+                return NarAnswer::Failed(Failure::Unavailable(reason));
             }
         };
         let metrics = self.metrics.clone();

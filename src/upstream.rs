@@ -49,6 +49,9 @@ pub enum UpstreamError {
     },
     #[error("upstream `{upstream}` is unavailable: {detail}")]
     Unavailable { upstream: String, detail: String },
+    /// It answered, but not with a valid answer (a malformed narinfo, one for another path).
+    #[error("upstream `{upstream}` answered something unusable: {detail}")]
+    Broken { upstream: String, detail: String },
 }
 
 #[derive(Default, Clone, serde::Serialize)]

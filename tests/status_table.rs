@@ -1,4 +1,4 @@
-//! The "What Nix is told" table of SPEC.md, row by row, against the upstream double.
+//! The README's "What Nix is told" table, row by row, against the upstream double.
 
 mod support;
 
@@ -429,4 +429,61 @@ async fn paths_that_do_not_parse_are_404_and_never_reach_a_file_or_the_upstream(
     let put = get(&format!("{}/nix-cache-info", s.sidecar.url), "PUT", &[]).await;
     assert_eq!(put.status, 405);
     assert!(s.upstream.requests().is_empty());
+}
+
+/// An upstream that answers a malformed narinfo, or one for another path, is broken: 502 (not
+/// a miss, and not "try later"); a broken upstream and a down one together are a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_narinfo_is_a_502_naming_the_upstream() {
+    let fx = fixture();
+    let hash = hash_part(&fx.top).to_string();
+    let other = hash_part(&fx.closure[0]).to_string();
+    let (h, o) = (hash.clone(), other.clone());
+    let broken = support::http::serve(move |req| {
+        let (hash, other) = (h.clone(), o.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            if path == format!("/{hash}.narinfo") {
+                support::http::respond(200, "StorePath: not a store path\nthis is not a narinfo")
+            } else if path.ends_with(".narinfo") {
+                // A well-formed narinfo, for another path.
+                support::http::respond(
+                    200,
+                    format!("StorePath: /nix/store/{other}-x\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\nNarSize: 1\n"),
+                )
+            } else {
+                support::http::respond(404, "")
+            }
+        }
+    })
+    .await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_addr = down.local_addr().unwrap();
+    drop(down);
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!("[[upstream]]\nname = \"broken\"\nurl = \"http://{broken}\"\n"),
+        &[],
+    );
+    let answer = get(&format!("{}/{hash}.narinfo", sidecar.url), "GET", &[]).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert!(
+        answer.text().contains("upstream `broken`"),
+        "{}",
+        answer.text()
+    );
+    let unknown = "0000000000000000000000000000000a";
+    let answer = get(&format!("{}/{unknown}.narinfo", sidecar.url), "GET", &[]).await;
+    assert_eq!(answer.status, 502, "for another path: {}", answer.text());
+    drop(sidecar);
+
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!("[[upstream]]\nname = \"broken\"\nurl = \"http://{broken}\"\n[[upstream]]\nname = \"down\"\nurl = \"http://{down_addr}\"\n"),
+        &[],
+    );
+    let answer = get(&format!("{}/{hash}.narinfo", sidecar.url), "GET", &[]).await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
 }

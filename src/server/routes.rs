@@ -10,7 +10,7 @@ use super::body::{self, Body};
 use super::sendfile::{self, FileBody, FollowBody, Segments};
 use super::Site;
 use crate::nix::request::{self, CachePath};
-use crate::proxy::{Content, NarAnswer, NarInfoAnswer};
+use crate::proxy::{Content, Failure, NarAnswer, NarInfoAnswer};
 use crate::status::Status;
 use crate::store::read::stream_file;
 
@@ -52,7 +52,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             NarInfoAnswer::Found(text) => typed(StatusCode::OK, "text/x-nix-narinfo", text),
             NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
             NarInfoAnswer::Untrusted(reason) => text(StatusCode::NOT_FOUND, format!("{reason}\n")),
-            NarInfoAnswer::Unavailable(reason) => unavailable(uri.path(), &reason),
+            NarInfoAnswer::Failed(failure) => failed(uri.path(), &failure),
         },
         Some(CachePath::Nar(key)) if request.version() < Version::HTTP_11 => {
             // Without a length or chunking, the end of an HTTP/1.0 body is the connection's
@@ -103,10 +103,21 @@ fn typed(status: StatusCode, content_type: &'static str, body: String) -> Respon
         .unwrap()
 }
 
-fn unavailable(path: &str, reason: &str) -> Response<Body> {
+/// The status of a failure: the one place it is decided (README, "What Nix is told").
+fn status_of(failure: &Failure) -> StatusCode {
+    match failure {
+        Failure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Failure::Broken(_) => StatusCode::BAD_GATEWAY,
+    }
+}
+
+fn failed(path: &str, failure: &Failure) -> Response<Body> {
     text(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("nix-sidecar cannot answer {path} now:\n{reason}\n"),
+        status_of(failure),
+        format!(
+            "nix-sidecar cannot answer {path} now:\n{}\n",
+            failure.reason()
+        ),
     )
 }
 
@@ -120,7 +131,7 @@ fn nar_response(
     let content = match answer {
         NarAnswer::Found(content) => content,
         NarAnswer::Missing => return text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
-        NarAnswer::Unavailable(reason) => return unavailable(path, &reason),
+        NarAnswer::Failed(failure) => return failed(path, &failure),
     };
     let builder = Response::builder()
         .header(header::CONTENT_TYPE, "application/x-nix-nar")

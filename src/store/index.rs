@@ -154,6 +154,15 @@ pub struct Index {
 
 pub type IndexError = String;
 
+/// Why the index could not be opened: the caller says which directory is in use.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the cache index is locked by another process")]
+    InUse,
+    #[error("{0}")]
+    Other(String),
+}
+
 fn err(e: impl std::fmt::Display) -> IndexError {
     format!("cache index: {e}")
 }
@@ -185,12 +194,12 @@ impl Index {
     /// Opens the index at `path`. One that cannot be read (corrupt, another format) is moved
     /// aside to `index.redb.broken` and started afresh; when no index file can be written at
     /// all (a full disk), the index lives in memory until the next start, and says so.
-    pub fn open(path: &Path) -> Result<Index, IndexError> {
+    pub fn open(path: &Path) -> Result<Index, OpenError> {
         let existed = path.exists();
         let error = match Index::with_db(Database::create(path), Some(path)) {
             Ok(index) => return Ok(index),
             Err(e) if matches!(*e, redb::Error::DatabaseAlreadyOpen) => {
-                return Err(err(redb::Error::DatabaseAlreadyOpen))
+                return Err(OpenError::InUse)
             }
             Err(e) => e,
         };
@@ -208,7 +217,7 @@ impl Index {
             path = %path.display(),
             "cannot write the cache index (disk full?): keeping it in memory until restart"
         );
-        Index::with_db(in_memory(), None).map_err(err)
+        Index::with_db(in_memory(), None).map_err(|e| OpenError::Other(err(e)))
     }
 
     fn with_db(

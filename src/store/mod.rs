@@ -141,12 +141,12 @@ impl Store {
             private_dir(&dir.join(sub))?;
         }
         let index_path = dir.join("index.redb");
-        let index = Index::open(&index_path).map_err(|e| {
-            if e.contains("already open") || e.contains("lock") {
-                format!("{e} (is another nix-sidecar using {}?)", dir.display())
-            } else {
-                e
-            }
+        let index = Index::open(&index_path).map_err(|e| match e {
+            index::OpenError::InUse => format!(
+                "{} is in use: another nix-sidecar (or a `cache` command) has it open",
+                dir.display()
+            ),
+            index::OpenError::Other(e) => e,
         })?;
         let _ = std::fs::set_permissions(&index_path, Permissions::from_mode(0o600));
         let store = Store(Arc::new(Inner {
