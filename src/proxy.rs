@@ -17,9 +17,8 @@ use crate::nix::narinfo::{self, NarInfo, TrustedKeys, MAX_NARINFO_BYTES};
 use crate::nix::request::{self, CachePath};
 use crate::store::buffers;
 use crate::store::check::Expected;
-use crate::store::fill::{
-    ByteStream, ChunkSink, FillReader, FillState, PassThrough, BODY_IDLE_TIMEOUT, CHUNK,
-};
+use crate::store::fill::{ChunkSink, FillReader, FillState, PassThrough, BODY_IDLE_TIMEOUT, CHUNK};
+use crate::store::read::ByteStream;
 use crate::store::{NarSource, NewNarInfo, Slot, Store};
 use crate::upstream::{Answer, Upstream, UpstreamError};
 

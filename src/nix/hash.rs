@@ -45,6 +45,28 @@ impl Sha256 {
     pub fn to_hex(&self) -> String {
         hex(&self.0)
     }
+
+    /// From 64 hexadecimal digits (the form the cache index keeps).
+    pub fn from_hex(text: &str) -> Option<Sha256> {
+        (text.len() == 64)
+            .then(|| decode_hex(text))
+            .flatten()
+            .and_then(|bytes| Some(Sha256(bytes.try_into().ok()?)))
+    }
+}
+
+/// Kept (in the cache index) as 64 hexadecimal digits.
+impl serde::Serialize for Sha256 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Sha256 {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Sha256, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Sha256::from_hex(&text).ok_or_else(|| serde::de::Error::custom("not a hex SHA-256"))
+    }
 }
 
 impl std::fmt::Debug for Sha256 {

@@ -10,7 +10,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Frame;
 
-use crate::store::fill::ByteStream;
+use crate::store::read::ByteStream;
 use prometheus_client::metrics::counter::Counter;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;

@@ -19,9 +19,9 @@ use crate::nix::narinfo::NarInfo;
 /// What the narinfo promised about a NAR file, as stored in the index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expected {
-    pub file_hash: Option<String>,
+    pub file_hash: Option<Sha256>,
     pub file_size: Option<u64>,
-    pub nar_hash: String,
+    pub nar_hash: Sha256,
     pub nar_size: u64,
     pub compression: String,
 }
@@ -29,9 +29,9 @@ pub struct Expected {
 impl Expected {
     pub fn from_narinfo(info: &NarInfo) -> Expected {
         Expected {
-            file_hash: info.file_hash.map(|h| h.to_hex()),
+            file_hash: info.file_hash,
             file_size: info.file_size,
-            nar_hash: info.nar_hash.to_hex(),
+            nar_hash: info.nar_hash,
             nar_size: info.nar_size,
             compression: info.compression.clone(),
         }
@@ -209,8 +209,8 @@ impl Verifier {
         Ok(())
     }
 
-    /// Ends the stream; returns the SHA-256 of the bytes as stored (hex).
-    pub async fn finish(self) -> Result<String, String> {
+    /// Ends the stream; returns the SHA-256 of the bytes as stored.
+    pub async fn finish(self) -> Result<Sha256, String> {
         let Verifier { chunks, shared, .. } = self;
         drop(chunks);
         tokio::task::spawn_blocking(move || {
@@ -254,17 +254,12 @@ pub fn check_nar(file: &mut impl std::io::Read, expected: &Expected) -> Result<(
 
 impl ContentCheck {
     fn new(expected: &Expected) -> Result<ContentCheck, String> {
-        let parse = |hex: &str| {
-            Sha256::parse(&format!("sha256:{hex}"))
-                .map(|h| h.0)
-                .ok_or_else(|| "index holds a malformed hash".to_string())
-        };
-        let nar_hash = parse(&expected.nar_hash)?;
+        let nar_hash = expected.nar_hash.0;
         // An uncompressed NAR is its own file: without a FileHash, NarHash and NarSize
         // check the bytes as they come, and one SHA-256 pass does it.
-        let promise = match expected.file_hash.as_deref() {
-            Some(hex) => Some(Promise {
-                sha256: parse(hex)?,
+        let promise = match expected.file_hash {
+            Some(file_hash) => Some(Promise {
+                sha256: file_hash.0,
                 hash_field: "FileHash",
                 size: expected.file_size,
                 size_field: "FileSize",
@@ -312,8 +307,8 @@ impl ContentCheck {
         Ok(())
     }
 
-    /// Checks the end of the stream; returns the SHA-256 of the bytes as stored (hex).
-    fn finish(mut self) -> Result<String, String> {
+    /// Checks the end of the stream; returns the SHA-256 of the bytes as stored.
+    fn finish(mut self) -> Result<Sha256, String> {
         let raw: [u8; 32] = self.raw.finalize().into();
         if let Some(promise) = self.promise {
             if let Some(size) = promise.size.filter(|size| self.raw_len != *size) {
@@ -342,7 +337,7 @@ impl ContentCheck {
                 return Err("NAR does not match NarHash".into());
             }
         }
-        Ok(Sha256(raw).to_hex())
+        Ok(Sha256(raw))
     }
 }
 
@@ -467,17 +462,17 @@ mod tests {
     use super::*;
 
     fn expected_for(nar: &[u8], file: &[u8], compression: &str, with_file_hash: bool) -> Expected {
-        let hex = |b: &[u8]| Sha256(Hasher::digest(b).into()).to_hex();
+        let sha = |b: &[u8]| Sha256(Hasher::digest(b).into());
         Expected {
-            file_hash: with_file_hash.then(|| hex(file)),
+            file_hash: with_file_hash.then(|| sha(file)),
             file_size: with_file_hash.then_some(file.len() as u64),
-            nar_hash: hex(nar),
+            nar_hash: sha(nar),
             nar_size: nar.len() as u64,
             compression: compression.into(),
         }
     }
 
-    fn run(expected: &Expected, file: &[u8]) -> Result<String, String> {
+    fn run(expected: &Expected, file: &[u8]) -> Result<Sha256, String> {
         let mut check = ContentCheck::new(expected)?;
         for chunk in file.chunks(7) {
             check.update(chunk)?;
@@ -543,7 +538,7 @@ mod tests {
         assert!(run(&e, b"abd").unwrap_err().contains("NarHash"));
         assert!(run(&e, b"ab").unwrap_err().contains("NarSize"));
         assert!(run(&e, b"abcd").unwrap_err().contains("NarSize"));
-        let sha256 = Sha256(Hasher::digest(b"abc").into()).to_hex();
+        let sha256 = Sha256(Hasher::digest(b"abc").into());
         assert_eq!(run(&e, b"abc").unwrap(), sha256);
     }
 

@@ -19,12 +19,12 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::check::{Expected, Verifier};
 use super::index::Blob;
+use super::read::read_at;
+use super::read::ByteStream;
 use super::Store;
 
 pub const CHUNK: usize = 256 * 1024;
 
-/// What readers receive: chunks, or an error that must abort the client's response.
-pub type ByteStream = mpsc::Receiver<std::io::Result<Bytes>>;
 /// What readers that read the file themselves receive, in order: file ranges they may read,
 /// or bytes that only memory has (a fill whose file could not be written).
 pub type PieceStream = mpsc::Receiver<std::io::Result<Piece>>;
@@ -123,7 +123,7 @@ impl Fill {
     fn read(&self, pos: u64, len: usize) -> std::io::Result<Bytes> {
         match self.piece(pos, len)? {
             Piece::Bytes(bytes) => Ok(bytes),
-            Piece::File { pos, len } => super::read::read_at(&self.file, pos, len),
+            Piece::File { pos, len } => read_at(&self.file, pos, len),
         }
     }
 
@@ -314,7 +314,7 @@ impl FillWriter {
         };
         let blob = Blob {
             size: written,
-            sha256,
+            sha256: sha256.to_hex(),
             last_access: super::unix_now(),
         };
         let reserved = self.reserved;

@@ -714,11 +714,11 @@ mod tests {
     use fill::ChunkSink;
 
     fn expected_for(bytes: &[u8]) -> Expected {
-        let hex = NixSha256(Sha256::digest(bytes).into()).to_hex();
+        let sha = NixSha256(Sha256::digest(bytes).into());
         Expected {
-            file_hash: Some(hex.clone()),
+            file_hash: Some(sha),
             file_size: Some(bytes.len() as u64),
-            nar_hash: hex,
+            nar_hash: sha,
             nar_size: bytes.len() as u64,
             compression: "none".into(),
         }

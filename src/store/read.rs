@@ -6,7 +6,8 @@ use std::fs::File;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::fill::ByteStream;
+/// What readers receive: chunks, or an error that must abort the client's response.
+pub type ByteStream = mpsc::Receiver<std::io::Result<Bytes>>;
 
 /// Chunk size for stored files: larger than a fill's, since the bytes are all there.
 const FILE_CHUNK: usize = 256 * 1024;
