@@ -32,22 +32,17 @@ fn nar_bytes(i: usize) -> Bytes {
 
 fn expected(i: usize) -> Expected {
     let bytes = nar_bytes(i);
-    let hex = NixSha256(Sha256::digest(&bytes).into()).to_hex();
+    let sha = NixSha256(Sha256::digest(&bytes).into());
     Expected {
-        file_hash: Some(hex.clone()),
+        file_hash: Some(sha),
         file_size: Some(bytes.len() as u64),
-        nar_hash: hex,
+        nar_hash: sha,
         nar_size: bytes.len() as u64,
         compression: "none".into(),
     }
 }
 
 fn narinfo(i: usize, hash: &str, nar_key: &str, e: &Expected) -> String {
-    let nix32 = |hex: &str| {
-        NixSha256::parse(&format!("sha256:{hex}"))
-            .unwrap()
-            .to_nix_string()
-    };
     let reference = base32::encode(&digest(&format!("ref {i}"))[..20]);
     let signature = base64_of(&[digest(&format!("sig {i}")), digest("sig")].concat());
     format!(
@@ -55,9 +50,9 @@ fn narinfo(i: usize, hash: &str, nar_key: &str, e: &Expected) -> String {
          FileHash: {}\nFileSize: {}\nNarHash: {}\nNarSize: {}\n\
          References: {hash}-synthetic-{i} {reference}-dependency\n\
          Deriver: {reference}-synthetic-{i}.drv\nSig: bench.example.org-1:{signature}\n",
-        nix32(e.file_hash.as_deref().unwrap()),
+        e.file_hash.unwrap().to_nix_string(),
         e.file_size.unwrap(),
-        nix32(&e.nar_hash),
+        e.nar_hash.to_nix_string(),
         e.nar_size,
     )
 }
