@@ -1,23 +1,24 @@
 //! What to answer Nix: the local cache first, then the upstreams in order, with the status
 //! mapping of the README's "What Nix is told" table (a miss only when every upstream said so; 503 with a reason
-//! otherwise; stale cache over an error).
+//! otherwise; stale cache over an error). The bytes themselves move in `download`.
+
+mod download;
+
+use download::content_length;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::Method;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use crate::metrics::{Kind, Metrics};
 use crate::nix::narinfo::{self, NarInfo, TrustedKeys, MAX_NARINFO_BYTES};
 use crate::nix::request::{self, CachePath};
-use crate::store::buffers;
 use crate::store::check::Expected;
-use crate::store::fill::{ChunkSink, FillReader, FillState, PassThrough, BODY_IDLE_TIMEOUT, CHUNK};
+use crate::store::fill::{FillReader, FillState, PassThrough};
 use crate::store::read::ByteStream;
 use crate::store::{NarSource, NewNarInfo, Slot, Store};
 use crate::upstream::{Answer, Upstream, UpstreamError};
@@ -407,32 +408,14 @@ impl Proxy {
         }
         let mut reader = match self.store.fill(key, &row.source.expected) {
             Slot::Join(reader) => reader,
-            Slot::Lead(mut writer, reader) => {
-                let metrics = self.metrics.clone();
-                let fetch = fetch_for_fill(up.clone(), source);
+            Slot::Lead(writer, reader) => {
                 // The fill runs on its own: clients that go away do not stop it.
-                let fut = async move {
-                    match fetch.await {
-                        Ok(Some(response)) => {
-                            if let Err(reason) = writer.start(content_length(&response)) {
-                                return writer.fail(&reason);
-                            }
-                            match copy_body(response.into_body(), &mut *writer).await {
-                                Ok(n) => {
-                                    metrics.fetched(n);
-                                    writer.finish().await
-                                }
-                                Err(reason) => {
-                                    metrics.upstream_body_failed();
-                                    writer.fail(&reason)
-                                }
-                            }
-                        }
-                        Ok(None) => writer.missing(),
-                        Err(reason) => writer.fail(&reason),
-                    }
-                };
-                tokio::spawn(fut);
+                tokio::spawn(download::fill(
+                    up.clone(),
+                    source,
+                    writer,
+                    self.metrics.clone(),
+                ));
                 reader
             }
             Slot::Stored(file, size) => return NarAnswer::Found(Content::File(file, size)),
@@ -514,146 +497,14 @@ impl Proxy {
             }
         }
         let length = promised.or(sent);
-        let (mut sink, stream) = match PassThrough::new(&self.store, expected, length) {
+        let (sink, stream) = match PassThrough::new(&self.store, expected, length) {
             Ok(pass) => pass,
             Err(reason) => {
                 tracing::warn!(upstream = %up.name(), reason, "refusing a NAR that cannot be verified");
                 return NarAnswer::Failed(Failure::Unavailable(reason));
             }
         };
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let outcome = copy_body(response.into_body(), &mut sink).await;
-            if let Ok(n) = outcome {
-                metrics.fetched(n);
-            }
-            sink.finish(outcome.map(|_| ())).await
-        });
+        tokio::spawn(download::pass_through(response, sink, self.metrics.clone()));
         NarAnswer::Found(Content::Stream(length, stream))
-    }
-}
-
-/// The upstream request of a fill, on its own so it can outlive the request that started it.
-async fn fetch_for_fill(
-    up: Arc<Upstream>,
-    source: url::Url,
-) -> Result<Option<http::Response<Incoming>>, String> {
-    match up.fetch(&source, Method::GET).await {
-        Ok(Answer::Found(response)) => Ok(Some(response)),
-        Ok(Answer::Missing) => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn content_length<B>(response: &http::Response<B>) -> Option<u64> {
-    response
-        .headers()
-        .get("content-length")?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
-/// The body's next frame if it is there already (`None`: not yet).
-#[allow(clippy::type_complexity)]
-fn ready_frame(
-    body: &mut Incoming,
-) -> Option<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match hyper::body::Body::poll_frame(std::pin::Pin::new(body), &mut cx) {
-        std::task::Poll::Ready(frame) => Some(frame),
-        std::task::Poll::Pending => None,
-    }
-}
-
-/// Copies an upstream body into a sink, giving up when it stalls. Returns the bytes copied.
-/// TLS hands over ~16 KiB frames; whatever is already there is gathered into one chunk (up to
-/// 256 KiB) so the sink hashes, writes and wakes its readers once per chunk, not per frame.
-/// A frame that comes alone (a slow upstream) goes on as it is: a gathering buffer per slow
-/// download made memory grow with the number of downloads.
-async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, String> {
-    let mut copied = 0u64;
-    let mut pending = Gathered::default();
-    loop {
-        // Take a frame that is ready now; before waiting for one, pass on what was gathered.
-        let frame = match ready_frame(&mut body) {
-            Some(frame) => frame,
-            None => {
-                if let Some(chunk) = pending.take() {
-                    sink.write(chunk).await?;
-                }
-                tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame())
-                    .await
-                    .map_err(|_| format!("upstream stalled for {}s", BODY_IDLE_TIMEOUT.as_secs()))?
-            }
-        };
-        match frame {
-            None => {
-                if let Some(chunk) = pending.take() {
-                    sink.write(chunk).await?;
-                }
-                return Ok(copied);
-            }
-            Some(Err(e)) => return Err(format!("upstream body failed: {e}")),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    copied += data.len() as u64;
-                    if let Some(full) = pending.add(data) {
-                        sink.write(full).await?;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Frames gathered into a chunk: one frame is kept as it is; a buffer is taken only once a
-/// second one arrives.
-#[derive(Default)]
-enum Gathered {
-    #[default]
-    Empty,
-    One(bytes::Bytes),
-    Many(Vec<u8>),
-}
-
-impl Gathered {
-    /// Adds a frame; returns a full chunk to pass on first, if adding it would overflow.
-    fn add(&mut self, data: bytes::Bytes) -> Option<bytes::Bytes> {
-        let len = self.len();
-        let full = (len > 0 && len + data.len() > CHUNK)
-            .then(|| self.take())
-            .flatten();
-        *self = match std::mem::take(self) {
-            Gathered::Empty => Gathered::One(data),
-            Gathered::One(first) => {
-                let mut buf = buffers::take(CHUNK);
-                buf.extend_from_slice(&first);
-                buf.extend_from_slice(&data);
-                Gathered::Many(buf)
-            }
-            Gathered::Many(mut buf) => {
-                buf.extend_from_slice(&data);
-                Gathered::Many(buf)
-            }
-        };
-        full
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Gathered::Empty => 0,
-            Gathered::One(b) => b.len(),
-            Gathered::Many(buf) => buf.len(),
-        }
-    }
-
-    fn take(&mut self) -> Option<bytes::Bytes> {
-        match std::mem::take(self) {
-            Gathered::Empty => None,
-            Gathered::One(b) => Some(b),
-            Gathered::Many(buf) => Some(buffers::freeze(buf)),
-        }
     }
 }
