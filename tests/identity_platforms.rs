@@ -113,7 +113,7 @@ async fn auto_picks_the_source_each_platform_offers_and_nix_pulls_through_it() {
             vec![("NIX_CACHE_ID_TOKEN", minted.clone())],
             "gitlab",
         ),
-        ("kubernetes", vec![], "file"),
+        ("kubernetes", vec![], "kubernetes"),
         (
             "spiffe",
             vec![("SPIFFE_ENDPOINT_SOCKET", api.endpoint())],
@@ -229,7 +229,7 @@ async fn auto_with_nothing_available_says_what_it_tried_and_picks_up_a_later_tok
     }
     assert_eq!(
         health(&sidecar).await["identities"]["id"]["provider"],
-        "auto: file"
+        "auto: kubernetes"
     );
 }
 

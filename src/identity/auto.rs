@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::Method;
 
 use super::{aws, azure, spiffe};
-use crate::config::{AutoKeys, Provider, KUBERNETES_TOKEN_PATH};
+use crate::config::{AutoKeys, AzureKeys, Provider, KUBERNETES_TOKEN_PATH};
 use crate::http::{Client, SmallCall};
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
@@ -28,7 +28,7 @@ pub async fn detect(keys: &AutoKeys, audience: &str, client: &Client) -> Result<
     if env("ACTIONS_ID_TOKEN_REQUEST_URL").is_some()
         && env("ACTIONS_ID_TOKEN_REQUEST_TOKEN").is_some()
     {
-        return Ok(Provider::GithubActions);
+        return Ok(Provider::GithubActions {});
     }
     tried.push("GitHub Actions (ACTIONS_ID_TOKEN_REQUEST_URL/_TOKEN not set)".to_string());
 
@@ -47,7 +47,7 @@ pub async fn detect(keys: &AutoKeys, audience: &str, client: &Client) -> Result<
         .clone()
         .unwrap_or_else(|| PathBuf::from(KUBERNETES_TOKEN_PATH));
     if token_path.is_file() {
-        return Ok(Provider::File {
+        return Ok(Provider::Kubernetes {
             path: token_path,
             refresh: Duration::from_secs(60),
         });
@@ -71,14 +71,16 @@ pub async fn detect(keys: &AutoKeys, audience: &str, client: &Client) -> Result<
         probe_azure_imds(client, &azure_host, audience),
         probe_aws_imds(client, aws_source.as_ref().is_ok_and(Option::is_some)),
     );
-    let azure = Provider::Azure {
-        select: keys.azure.clone(),
-    };
+    let azure = Provider::Azure(AzureKeys {
+        client_id: keys.client_id.clone(),
+        object_id: keys.object_id.clone(),
+        resource_id: keys.resource_id.clone(),
+    });
     let aws = Provider::Aws {
         region: keys.region.clone(),
     };
     match gcp {
-        Ok(()) => return Ok(Provider::Gcp),
+        Ok(()) => return Ok(Provider::Gcp {}),
         Err(why) => tried.push(format!("GCP ({why})")),
     }
     if !matches!(azure_host, azure::Host::Vm { .. }) {

@@ -71,14 +71,14 @@ impl Source {
                 }
                 Ok(RawToken::stored(Secret::new(value), None))
             }
-            Provider::File { path, refresh } => Ok(RawToken::stored(
-                read_token_file(path).await?,
-                Some(*refresh),
-            )),
-            Provider::GithubActions => github::fetch(&self.client, audience).await,
+            Provider::File { path, refresh } | Provider::Kubernetes { path, refresh } => Ok(
+                RawToken::stored(read_token_file(path).await?, Some(*refresh)),
+            ),
+            Provider::GithubActions {} => github::fetch(&self.client, audience).await,
             Provider::Gitlab { variable } => gitlab::fetch(&self.identity, variable),
-            Provider::Gcp => gcp::fetch(&self.client, audience.unwrap_or_default()).await,
-            Provider::Azure { select } => {
+            Provider::Gcp {} => gcp::fetch(&self.client, audience.unwrap_or_default()).await,
+            Provider::Azure(keys) => {
+                let select = keys.select();
                 azure::fetch(&self.client, audience.unwrap_or_default(), select.as_ref()).await
             }
             Provider::Spiffe { socket } => {
@@ -90,7 +90,7 @@ impl Source {
                     None => {
                         let provider =
                             auto::detect(keys, audience.unwrap_or_default(), &self.client).await?;
-                        tracing::info!(identity = %self.identity, provider = provider.name(), "provider `auto` chose its source");
+                        tracing::info!(identity = %self.identity, provider = %provider.name(), "provider `auto` chose its source");
                         let config = IdentityConfig {
                             name: self.identity.clone(),
                             provider,

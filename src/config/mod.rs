@@ -1,0 +1,486 @@
+//! The TOML configuration: schema, defaults and validation. Every error names the key.
+//!
+//! The file is read into `FileConfig` (serde, `deny_unknown_fields`, kebab-case), then checked
+//! and completed into `Config`, the only form the rest of the program sees.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::nix::narinfo::TrustedKeys;
+
+mod identity;
+mod render;
+mod units;
+mod upstream;
+
+pub use identity::{
+    AutoKeys, AzureKeys, ExchangeConfig, IdentityConfig, ManagedIdentity, Provider,
+    KUBERNETES_TOKEN_PATH,
+};
+pub use units::{format_size, parse_duration, parse_size};
+use upstream::FileUpstream;
+pub use upstream::{Auth, UpstreamConfig};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:37515";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<Vec<String>>,
+    allow_remote: Option<bool>,
+    allowed_uids: Option<Vec<u32>>,
+    cache_dir: Option<PathBuf>,
+    max_cache_size: Option<String>,
+    min_free_space: Option<String>,
+    narinfo_ttl: Option<String>,
+    negative_ttl: Option<String>,
+    priority: Option<u32>,
+    trusted_public_keys: Option<Vec<String>>,
+    require_signatures: Option<bool>,
+    shutdown_grace: Option<String>,
+    max_connections: Option<usize>,
+    #[serde(default)]
+    upstream: Vec<FileUpstream>,
+    #[serde(default)]
+    identity: BTreeMap<String, toml::Table>,
+}
+
+impl Config {
+    /// Warnings about token files that can be read now: one not made for its identity's
+    /// audience (see [`crate::identity::audience_mismatch`]).
+    pub fn token_file_warnings(&self) -> Vec<String> {
+        self.identities
+            .values()
+            .filter_map(|identity| {
+                let (Provider::File { path, .. } | Provider::Kubernetes { path, .. }) =
+                    &identity.provider
+                else {
+                    return None;
+                };
+                let text = std::fs::read_to_string(path).ok()?;
+                let claims = crate::identity::jwt::claims(text.trim()).ok()?;
+                crate::identity::audience_mismatch(identity, &claims)
+            })
+            .collect()
+    }
+}
+
+/// Whether a URL carries a user name or password (`https://:secret@host` has only the latter).
+fn has_userinfo(url: &Url) -> bool {
+    !url.username().is_empty() || url.password().is_some()
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    }
+}
+
+/// A URL without its query (it may carry a client secret), for output.
+fn url_text_for_log(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.query().is_some() {
+        shown.set_query(Some("[redacted]"));
+    }
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("");
+    shown.to_string()
+}
+
+/// The validated, complete configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub allow_remote: bool,
+    pub allowed_uids: Vec<u32>,
+    pub cache_dir: PathBuf,
+    pub max_cache_size: u64,
+    pub min_free_space: u64,
+    pub narinfo_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub priority: u32,
+    pub trusted_public_keys: Vec<String>,
+    pub require_signatures: bool,
+    /// How long in-flight responses may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub identities: BTreeMap<String, IdentityConfig>,
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Vec<String>,
+    pub upstreams: Vec<String>,
+    pub cache_dir: Option<PathBuf>,
+    /// Replaces `allowed-uids` when not empty.
+    pub allowed_uids: Vec<u32>,
+    /// `--identity PROVIDER`: the command-line upstreams use this provider ...
+    pub identity: Option<String>,
+    /// ... for this `--audience`.
+    pub audience: Option<String>,
+}
+
+/// The name of the identity `--identity` creates.
+pub const CLI_IDENTITY: &str = "cli";
+
+impl Config {
+    /// Loads `path` (if any), applies the overrides and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Config::from_file(file, overrides)
+    }
+
+    pub fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("config"),
+            message: e.to_string(),
+        })?;
+        Config::from_file(file, &Overrides::default())
+    }
+
+    fn from_file(mut file: FileConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
+        if !overrides.listen.is_empty() {
+            file.listen = Some(overrides.listen.clone());
+        }
+        if overrides.cache_dir.is_some() {
+            file.cache_dir = overrides.cache_dir.clone();
+        }
+        if !overrides.allowed_uids.is_empty() {
+            file.allowed_uids = Some(overrides.allowed_uids.clone());
+        }
+        if let Some(provider) = &overrides.identity {
+            if overrides.upstreams.is_empty() {
+                return Err(invalid(
+                    "--identity",
+                    "gives the command-line upstreams an identity: name at least one with --upstream",
+                ));
+            }
+            if file.identity.contains_key(CLI_IDENTITY) {
+                return Err(invalid(
+                    format!("identity.{CLI_IDENTITY}"),
+                    "is the name --identity uses; rename it in the file",
+                ));
+            }
+            let mut table = toml::Table::new();
+            table.insert("provider".into(), provider.clone().into());
+            if let Some(audience) = &overrides.audience {
+                table.insert("audience".into(), audience.clone().into());
+            }
+            file.identity.insert(CLI_IDENTITY.into(), table);
+        } else if overrides.audience.is_some() {
+            return Err(invalid(
+                "--audience",
+                "is the audience of --identity, which is not given",
+            ));
+        }
+        for (i, url) in overrides.upstreams.iter().enumerate() {
+            file.upstream.push(FileUpstream {
+                name: Some(format!("cli-{}", i + 1)),
+                url: Some(url.clone()),
+                preset: None,
+                identity: overrides
+                    .identity
+                    .as_ref()
+                    .map(|_| CLI_IDENTITY.to_string()),
+                ca_file: None,
+                auth: None,
+                username: None,
+                trusted_public_keys: None,
+                insecure_http: None,
+            });
+        }
+
+        let allow_remote = file.allow_remote.unwrap_or(false);
+        let listen = file
+            .listen
+            .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let key = format!("listen[{i}]");
+                let addr: SocketAddr = text
+                    .parse()
+                    .map_err(|_| invalid(&key, format!("`{text}` is not an address:port")))?;
+                if !addr.ip().is_loopback() && !allow_remote {
+                    return Err(invalid(
+                        key,
+                        format!("{addr} is not a loopback address; set allow-remote = true to listen on it"),
+                    ));
+                }
+                Ok(addr)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if listen.is_empty() {
+            return Err(invalid("listen", "needs at least one address"));
+        }
+
+        let trusted_public_keys = file.trusted_public_keys.unwrap_or_default();
+        TrustedKeys::parse(&trusted_public_keys)
+            .map_err(|e| invalid("trusted-public-keys", e.to_string()))?;
+
+        let mut identities = BTreeMap::new();
+        for (name, id) in file.identity {
+            let checked = identity::check(&name, id)?;
+            identities.insert(name, checked);
+        }
+
+        let mut upstreams: Vec<UpstreamConfig> = Vec::new();
+        let mut all_keys = trusted_public_keys.clone();
+        for (i, up) in file.upstream.into_iter().enumerate() {
+            let checked = upstream::check(i, up, &identities, &upstreams)?;
+            for k in &checked.trusted_public_keys {
+                if !all_keys.contains(k) {
+                    all_keys.push(k.clone());
+                }
+            }
+            upstreams.push(checked);
+        }
+
+        let size = |key: &str, value: Option<String>, default: u64| match value {
+            Some(text) => parse_size(&text).ok_or_else(|| {
+                invalid(
+                    key,
+                    format!("`{text}` is not a size such as \"20GiB\" or \"500MB\""),
+                )
+            }),
+            None => Ok(default),
+        };
+        let duration = |key: &str, value: Option<String>, default: Duration| match value {
+            Some(text) => parse_duration(&text).ok_or_else(|| {
+                invalid(
+                    key,
+                    format!("`{text}` is not a duration such as \"1h\" or \"30s\""),
+                )
+            }),
+            None => Ok(default),
+        };
+
+        Ok(Config {
+            listen,
+            allow_remote,
+            allowed_uids: file.allowed_uids.unwrap_or_default(),
+            cache_dir: file.cache_dir.unwrap_or_else(default_cache_dir),
+            max_cache_size: size("max-cache-size", file.max_cache_size, 20 << 30)?,
+            min_free_space: size("min-free-space", file.min_free_space, 2 << 30)?,
+            narinfo_ttl: duration("narinfo-ttl", file.narinfo_ttl, Duration::from_secs(3600))?,
+            negative_ttl: duration("negative-ttl", file.negative_ttl, Duration::from_secs(30))?,
+            priority: file.priority.unwrap_or(30),
+            require_signatures: file.require_signatures.unwrap_or(!all_keys.is_empty()),
+            max_connections: match file.max_connections {
+                Some(0) => return Err(invalid("max-connections", "must be at least 1")),
+                Some(n) => n,
+                None => 4096,
+            },
+            shutdown_grace: duration(
+                "shutdown-grace",
+                file.shutdown_grace,
+                Duration::from_secs(10),
+            )?,
+            trusted_public_keys: all_keys,
+            upstreams,
+            identities,
+        })
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    if crate::sys::euid() == 0 {
+        return PathBuf::from("/var/cache/nix-sidecar");
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("nix-sidecar")
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_those_of_the_spec() {
+        let c = Config::parse_str("").unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:37515".parse().unwrap()]);
+        assert_eq!(c.max_cache_size, 20 << 30);
+        assert_eq!(c.min_free_space, 2 << 30);
+        assert_eq!(c.narinfo_ttl, Duration::from_secs(3600));
+        assert_eq!(c.negative_ttl, Duration::from_secs(30));
+        assert_eq!(c.priority, 30);
+        assert!(!c.require_signatures);
+        assert!(c.upstreams.is_empty());
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse_str(
+            r#"
+listen = ["127.0.0.1:4000", "[::1]:4000"]
+max-cache-size = "1GiB"
+narinfo-ttl = "10m"
+trusted-public-keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+
+[[upstream]]
+name = "org"
+url = "https://cache.example.org/org-view"
+identity = "ci"
+
+[[upstream]]
+url = "https://cache.nixos.org"
+
+[identity.ci]
+provider = "kubernetes"
+audience = "https://cache.example.org"
+[identity.ci.exchange]
+url = "https://cache.example.org/token"
+scope = "cache:read"
+"#,
+        )
+        .unwrap();
+        assert!(
+            c.require_signatures,
+            "keys set: signatures required by default"
+        );
+        assert_eq!(c.upstreams[1].name, "upstream-2");
+        assert!(
+            matches!(&c.identities["ci"].provider, Provider::Kubernetes { path, .. } if path == Path::new(KUBERNETES_TOKEN_PATH))
+        );
+        let rendered = c.render();
+        assert!(rendered.contains("max-cache-size = \"1GiB\""), "{rendered}");
+        Config::parse_str(&rendered).expect("rendered config parses again");
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        assert!(err("bogus = 1").contains("bogus"));
+        assert!(err("listen = [\"0.0.0.0:1\"]").contains("listen[0]"));
+        assert!(err("max-cache-size = \"lots\"").contains("max-cache-size"));
+        assert!(err("narinfo-ttl = \"soon\"").contains("narinfo-ttl"));
+        assert!(err("trusted-public-keys = [\"x\"]").contains("trusted-public-keys"));
+        assert!(err("[[upstream]]\nurl = \"ftp://x\"").contains("upstream[0].url"));
+        assert!(err("[[upstream]]\nurl = \"https://:hunter2@x\"").contains("upstream[0].url"));
+        let e = err("[[upstream]]\nurl = \"https://x\"\nidentity = \"i\"\n[identity.i]\nprovider = \"static\"\nvariable = \"T\"\n[identity.i.exchange]\nurl = \"https://client:clientsecret@x/token\"");
+        assert!(
+            e.contains("exchange.url") && !e.contains("clientsecret"),
+            "{e}"
+        );
+        let plain = "[[upstream]]\nurl = \"http://cache.example\"\nidentity = \"i\"\n[identity.i]\nprovider = \"static\"\nvariable = \"T\"\n";
+        assert!(err(plain).contains("insecure-http"));
+        assert!(Config::parse_str(
+            &plain.replace("identity = ", "insecure-http = true\nidentity = ")
+        )
+        .is_ok());
+        assert!(Config::parse_str(&plain.replace("cache.example", "127.0.0.1:8080")).is_ok());
+        assert!(
+            err("[[upstream]]\nurl = \"https://x\"\nidentity = \"nope\"")
+                .contains("upstream[0].identity")
+        );
+        assert!(err("[[upstream]]\nurl = \"https://x\"\nfoo = 1").contains("foo"));
+        assert!(err("[identity.a]\nprovider = \"magic\"").contains("identity.a.provider"));
+        assert!(err("[identity.a]\nprovider = \"static\"").contains("identity.a.variable"));
+        assert!(
+            err("[identity.a]\nprovider = \"file\"\npath = \"/x\"\nvariable = \"V\"")
+                .contains("identity.a.variable")
+        );
+        assert!(err("[identity.a]\nprovider = \"file\"\npath = \"/x\"\nfoo = 1").contains("foo"));
+        assert!(err("[identity.a]\nprovider = \"gcp\"").contains("identity.a.audience"));
+        assert!(err("[identity.a]\nprovider = \"exec\"").contains("identity.a.command"));
+        assert!(
+            err("[identity.a]\nprovider = \"aws\"\naudience = \"x\"\npath = \"/p\"")
+                .contains("identity.a.path")
+        );
+    }
+
+    #[test]
+    fn presets_fill_url_auth_and_keys_and_can_be_overridden() {
+        let c = Config::parse_str(
+            "[[upstream]]\npreset = \"flakehub\"\n[[upstream]]\npreset = \"nixos\"",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].url.as_str(), "https://cache.flakehub.com/");
+        assert_eq!(
+            c.upstreams[0].auth,
+            Auth::Basic {
+                username: "flakehub".into()
+            }
+        );
+        assert_eq!(c.upstreams[1].auth, Auth::Bearer);
+        assert_eq!(c.upstreams[1].name, "nixos", "a preset names its upstream");
+        assert_eq!(
+            c.trusted_public_keys.len(),
+            9,
+            "eight FlakeHub keys and cache.nixos.org's"
+        );
+        assert!(c.require_signatures);
+        let c = Config::parse_str(
+            "[[upstream]]\npreset = \"nixos\"\nurl = \"https://mirror.test\"\ntrusted-public-keys = []",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].url.as_str(), "https://mirror.test/");
+        assert!(c.trusted_public_keys.is_empty());
+        assert!(err("[[upstream]]\npreset = \"other\"").contains("upstream[0].preset"));
+        assert!(err("[[upstream]]\nurl = \"https://x\"\nauth = \"basic\"")
+            .contains("upstream[0].username"));
+        assert!(err("[[upstream]]\nurl = \"https://x\"\nauth = \"digest\"")
+            .contains("upstream[0].auth"));
+        assert!(err("[[upstream]]\nname = \"x\"").contains("upstream[0].url"));
+        assert!(err("[identity.a]\nprovider = \"netrc\"").contains("identity.a.machine"));
+    }
+
+    #[test]
+    fn allow_remote_unlocks_other_addresses() {
+        let c = Config::parse_str("listen = [\"0.0.0.0:1\"]\nallow-remote = true").unwrap();
+        assert!(!c.listen[0].ip().is_loopback());
+    }
+}

@@ -1,0 +1,210 @@
+//! `[[upstream]]`: the caches, in order, with their presets, authentication and keys.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use url::Url;
+
+use super::{
+    has_userinfo, invalid, is_loopback_host, url_text_for_log, ConfigError, IdentityConfig,
+};
+use crate::nix::narinfo::TrustedKeys;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct FileUpstream {
+    pub(super) name: Option<String>,
+    pub(super) url: Option<String>,
+    pub(super) preset: Option<String>,
+    pub(super) identity: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) auth: Option<String>,
+    pub(super) username: Option<String>,
+    pub(super) trusted_public_keys: Option<Vec<String>>,
+    pub(super) insecure_http: Option<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: Url,
+    pub identity: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub auth: Auth,
+    /// Keys this upstream's narinfos are signed with (a preset's, or its own list); they join
+    /// the global `trusted-public-keys`.
+    pub trusted_public_keys: Vec<String>,
+    /// The token may go over plain http:// to a non-loopback host.
+    pub insecure_http: bool,
+}
+
+/// How the token is presented to an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// `Authorization: Bearer <token>` (Attic, most caches).
+    Bearer,
+    /// `Authorization: Basic base64(<username>:<token>)` (FlakeHub: username `flakehub`).
+    Basic { username: String },
+}
+
+/// Known upstreams: URL, Basic user (if they take the token as a Basic password) and signing
+/// keys, each overridable. One file for this and the NixOS module, which adds the keys to
+/// `nix.settings`.
+#[derive(Deserialize)]
+struct Preset {
+    url: String,
+    username: Option<String>,
+    keys: Vec<String>,
+}
+
+impl Preset {
+    fn auth(&self) -> Auth {
+        match &self.username {
+            Some(username) => Auth::Basic {
+                username: username.clone(),
+            },
+            None => Auth::Bearer,
+        }
+    }
+}
+
+fn preset(name: &str) -> Option<&'static Preset> {
+    static PRESETS: std::sync::LazyLock<BTreeMap<String, Preset>> =
+        std::sync::LazyLock::new(|| {
+            serde_json::from_str(include_str!("../../nixos-module/presets.json"))
+                .expect("nixos-module/presets.json is valid")
+        });
+    PRESETS.get(name)
+}
+
+/// Checks the `i`th `[[upstream]]` against the identities and the upstreams before it.
+pub(super) fn check(
+    i: usize,
+    up: FileUpstream,
+    identities: &BTreeMap<String, IdentityConfig>,
+    earlier: &[UpstreamConfig],
+) -> Result<UpstreamConfig, ConfigError> {
+    let key = |field: &str| format!("upstream[{i}].{field}");
+    let preset = match &up.preset {
+        Some(name) => Some(preset(name).ok_or_else(|| {
+            invalid(
+                key("preset"),
+                format!("`{name}` is not one of flakehub, nixos"),
+            )
+        })?),
+        None => None,
+    };
+    let url_text = match (&up.url, &preset) {
+        (Some(url), _) => url.clone(),
+        (None, Some(p)) => p.url.clone(),
+        (None, None) => return Err(invalid(key("url"), "is required (or set a preset)")),
+    };
+    let url = Url::parse(&url_text)
+        .map_err(|e| invalid(key("url"), format!("`{url_text}` is not a URL: {e}")))?;
+    let auth = match (up.auth.as_deref(), &up.username, &preset) {
+        (Some("bearer"), None, _) => Auth::Bearer,
+        (Some("basic"), Some(user), _) => Auth::Basic {
+            username: user.clone(),
+        },
+        (Some("basic"), None, Some(p)) => p.auth(),
+        (Some("basic"), None, None) => {
+            return Err(invalid(
+                key("username"),
+                "auth = \"basic\" needs a username (FlakeHub: \"flakehub\")",
+            ))
+        }
+        (Some("bearer"), Some(_), _) => {
+            return Err(invalid(
+                key("username"),
+                "is only used with auth = \"basic\"",
+            ))
+        }
+        (Some(other), _, _) => {
+            return Err(invalid(
+                key("auth"),
+                format!("`{other}` is not one of bearer, basic"),
+            ))
+        }
+        (None, Some(user), _) => Auth::Basic {
+            username: user.clone(),
+        },
+        (None, None, Some(p)) => p.auth(),
+        (None, None, None) => Auth::Bearer,
+    };
+    let upstream_keys = match (&up.trusted_public_keys, &preset) {
+        (Some(keys), _) => keys.clone(),
+        (None, Some(p)) => p.keys.clone(),
+        (None, None) => vec![],
+    };
+    TrustedKeys::parse(&upstream_keys)
+        .map_err(|e| invalid(key("trusted-public-keys"), e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(
+            key("url"),
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() || has_userinfo(&url) {
+        return Err(invalid(
+            key("url"),
+            "must not carry a query, fragment or credentials (identities supply the token)",
+        ));
+    }
+    let insecure_http = up.insecure_http.unwrap_or(false);
+    if up.identity.is_some() && url.scheme() == "http" && !is_loopback_host(&url) && !insecure_http
+    {
+        return Err(invalid(
+                key("url"),
+                "sends this machine's token over plain http:// to another host; use https:// (or set insecure-http = true)",
+            ));
+    }
+    if insecure_http {
+        tracing::warn!(upstream = %url_text_for_log(&url), "insecure-http: the token crosses the network unencrypted");
+    }
+    let name = up
+        .name
+        .or(up.preset.clone())
+        .unwrap_or_else(|| format!("upstream-{}", i + 1));
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+    {
+        return Err(invalid(
+            key("name"),
+            "use letters, digits, '-', '_' and '.'",
+        ));
+    }
+    if earlier.iter().any(|u| u.name == name) {
+        return Err(invalid(
+            key("name"),
+            format!("`{name}` names two upstreams"),
+        ));
+    }
+    if let Some(id) = &up.identity {
+        if !identities.contains_key(id) {
+            return Err(invalid(
+                key("identity"),
+                format!("no [identity.{id}] table"),
+            ));
+        }
+    }
+    if let Some(ca) = &up.ca_file {
+        if !ca.is_file() {
+            return Err(invalid(
+                key("ca-file"),
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+    }
+    Ok(UpstreamConfig {
+        name,
+        url,
+        identity: up.identity,
+        ca_file: up.ca_file,
+        auth,
+        trusted_public_keys: upstream_keys,
+        insecure_http,
+    })
+}
