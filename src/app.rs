@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::nix::narinfo::TrustedKeys;
-use crate::proxy::{partition, Policy, Proxy};
+use crate::proxy::{partition, Policy, Proxy, UpstreamEntry};
 use crate::server::{Options, Site};
 use crate::status::{CacheStatus, Status};
 use crate::store::{Limits, Store};
@@ -54,7 +54,11 @@ impl App {
                 client,
                 metrics.clone(),
             );
-            upstreams.push((Arc::new(upstream), partition(up)));
+            upstreams.push(UpstreamEntry {
+                upstream: Arc::new(upstream),
+                partition: partition(up),
+                prefetch_nars: up.prefetch_nars,
+            });
         }
         let store = Store::open(
             &config.cache_dir,
@@ -70,8 +74,9 @@ impl App {
             narinfo_ttl: config.narinfo_ttl,
             negative_ttl: config.negative_ttl,
             priority: config.priority,
+            lookahead: config.narinfo_lookahead,
         };
-        let upstream_list = upstreams.iter().map(|(u, _)| u.clone()).collect();
+        let upstream_list = upstreams.iter().map(|u| u.upstream.clone()).collect();
         let proxy = Proxy::new(upstreams, store.clone(), metrics.clone(), policy);
         Ok(App {
             proxy: Arc::new(proxy),

@@ -29,8 +29,9 @@ impl Setup {
         upstream.grant("machine-1", &fx.closure);
         let token = token.unwrap_or_else(|| issuer.mint("machine-1", AUD, 300, false));
         let dir = tempfile::tempdir().unwrap();
+        // One request, one answer: no lookahead fetching the references meanwhile.
         let config = format!(
-            "{extra}\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\nidentity = \"ci\"\n\n[identity.ci]\nprovider = \"static\"\nvariable = \"TEST_TOKEN\"\n",
+            "narinfo-lookahead = false\n{extra}\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\nidentity = \"ci\"\n\n[identity.ci]\nprovider = \"static\"\nvariable = \"TEST_TOKEN\"\n",
             upstream.url
         );
         let sidecar = Sidecar::start(dir.path(), &config, &[("TEST_TOKEN", &token)]);

@@ -62,6 +62,7 @@ struct FileConfig {
     priority: Option<u32>,
     trusted_public_keys: Option<Vec<String>>,
     require_signatures: Option<bool>,
+    narinfo_lookahead: Option<bool>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     #[serde(default)]
@@ -129,6 +130,8 @@ pub struct Config {
     pub priority: u32,
     pub trusted_public_keys: Vec<String>,
     pub require_signatures: bool,
+    /// Fetch the references of a narinfo fetched for Nix in the background.
+    pub narinfo_lookahead: bool,
     /// How long in-flight responses may finish after SIGTERM.
     pub shutdown_grace: Duration,
     /// Connections served at once; more wait in the kernel's accept queue.
@@ -230,6 +233,7 @@ impl Config {
                 username: None,
                 trusted_public_keys: None,
                 insecure_http: None,
+                prefetch_nars: None,
             });
         }
 
@@ -309,6 +313,7 @@ impl Config {
             negative_ttl: duration("negative-ttl", file.negative_ttl, Duration::from_secs(30))?,
             priority: file.priority.unwrap_or(30),
             require_signatures: file.require_signatures.unwrap_or(!all_keys.is_empty()),
+            narinfo_lookahead: file.narinfo_lookahead.unwrap_or(true),
             max_connections: match file.max_connections {
                 Some(0) => return Err(invalid("max-connections", "must be at least 1")),
                 Some(n) => n,

@@ -53,6 +53,7 @@ impl Config {
             list(self.trusted_public_keys.clone())
         );
         let _ = writeln!(out, "require-signatures = {}", self.require_signatures);
+        let _ = writeln!(out, "narinfo-lookahead = {}", self.narinfo_lookahead);
         let _ = writeln!(out, "max-connections = {}", self.max_connections);
         let _ = writeln!(
             out,
@@ -68,6 +69,9 @@ impl Config {
             );
             if let Some(id) = &up.identity {
                 let _ = writeln!(out, "identity = {}", toml_str(id));
+            }
+            if up.prefetch_nars {
+                let _ = writeln!(out, "prefetch-nars = true");
             }
             if up.insecure_http {
                 let _ = writeln!(out, "insecure-http = true");

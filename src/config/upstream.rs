@@ -23,6 +23,7 @@ pub(super) struct FileUpstream {
     pub(super) username: Option<String>,
     pub(super) trusted_public_keys: Option<Vec<String>>,
     pub(super) insecure_http: Option<bool>,
+    pub(super) prefetch_nars: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct UpstreamConfig {
     pub trusted_public_keys: Vec<String>,
     /// The token may go over plain http:// to a non-loopback host.
     pub insecure_http: bool,
+    /// Start the NAR download when one of its narinfos is served.
+    pub prefetch_nars: bool,
 }
 
 /// How the token is presented to an upstream.
@@ -206,5 +209,6 @@ pub(super) fn check(
         auth,
         trusted_public_keys: upstream_keys,
         insecure_http,
+        prefetch_nars: up.prefetch_nars.unwrap_or(false),
     })
 }

@@ -3,11 +3,15 @@
 //! otherwise; stale cache over an error). The bytes themselves move in `download`.
 
 mod download;
+mod lookahead;
 
 use download::content_length;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -109,6 +113,44 @@ enum Lookup {
 }
 
 type NarInfoResult = Result<Lookup, UpstreamError>;
+
+/// Where a narinfo came from: the cache (of upstream `i`) or upstream `i` just now.
+#[derive(Clone, Copy)]
+enum Source {
+    Cache(usize),
+    Upstream(usize),
+}
+
+/// Where one upstream stands in answering a narinfo request.
+enum Step<'a> {
+    /// Its narinfo is in the cache and fresh.
+    Cached(String),
+    /// It said it does not have it, a moment ago.
+    RecentMiss,
+    /// Being asked; a stale copy to fall back on if it fails.
+    Asking {
+        fetch: Pin<Box<dyn Future<Output = NarInfoResult> + Send + 'a>>,
+        stale: Option<String>,
+    },
+    Answered {
+        result: NarInfoResult,
+        stale: Option<String>,
+    },
+}
+
+impl Step<'_> {
+    /// Moves an answer that has come in from `Asking` to `Answered`.
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        if let Step::Asking { fetch, stale } = self {
+            if let Poll::Ready(result) = fetch.as_mut().poll(cx) {
+                *self = Step::Answered {
+                    result,
+                    stale: stale.take(),
+                };
+            }
+        }
+    }
+}
 const MAX_REMEMBERED_MISSES: usize = 100_000;
 /// Narinfo lookups in flight, by (upstream index, hash): latecomers share the first one's result.
 type Flights = Mutex<HashMap<(usize, String), Arc<OnceCell<NarInfoResult>>>>;
@@ -121,7 +163,21 @@ pub struct Policy {
     pub negative_ttl: Duration,
     /// `Priority:` of nix-cache-info.
     pub priority: u32,
+    /// Fetch the references of a narinfo fetched for Nix ahead of its asking.
+    pub lookahead: bool,
 }
+
+/// One upstream as the proxy uses it.
+pub struct UpstreamEntry {
+    pub upstream: Arc<Upstream>,
+    /// Its index partition (see [`partition`]).
+    pub partition: String,
+    /// Start the NAR download when its narinfo is served.
+    pub prefetch_nars: bool,
+}
+
+/// Narinfo requests in flight to one upstream at most (Nix's own and lookahead's).
+const NARINFO_REQUESTS_PER_UPSTREAM: usize = 32;
 
 pub struct Proxy {
     upstreams: Vec<Arc<Upstream>>,
@@ -132,6 +188,9 @@ pub struct Proxy {
     policy: Policy,
     misses: Mutex<HashMap<(usize, String), Instant>>,
     flights: Flights,
+    prefetch_nars: Vec<bool>,
+    narinfo_slots: Vec<tokio::sync::Semaphore>,
+    lookahead: Option<Arc<lookahead::Lookahead>>,
 }
 
 /// The index partition of an upstream's narinfos: one identity's view must not answer for
@@ -146,17 +205,22 @@ pub fn partition(up: &crate::config::UpstreamConfig) -> String {
 }
 
 impl Proxy {
-    /// `upstreams` in order, each with its index partition (see [`partition`]).
+    /// The upstreams in their order of precedence.
     pub fn new(
-        upstreams: Vec<(Arc<Upstream>, String)>,
+        upstreams: Vec<UpstreamEntry>,
         store: Store,
         metrics: Arc<Metrics>,
         policy: Policy,
     ) -> Proxy {
-        let (upstreams, partitions) = upstreams.into_iter().unzip();
         Proxy {
-            upstreams,
-            partitions,
+            partitions: upstreams.iter().map(|u| u.partition.clone()).collect(),
+            prefetch_nars: upstreams.iter().map(|u| u.prefetch_nars).collect(),
+            narinfo_slots: upstreams
+                .iter()
+                .map(|_| tokio::sync::Semaphore::new(NARINFO_REQUESTS_PER_UPSTREAM))
+                .collect(),
+            upstreams: upstreams.into_iter().map(|u| u.upstream).collect(),
+            lookahead: policy.lookahead.then(Arc::default),
             store,
             metrics,
             policy,
@@ -172,46 +236,117 @@ impl Proxy {
         )
     }
 
-    /// The narinfo for `hash`: the first upstream (in order) that has it wins.
-    pub async fn narinfo(&self, hash: &str) -> NarInfoAnswer {
-        let mut failures = Vec::new();
-        let mut untrusted = Vec::new();
-        for (i, up) in self.upstreams.iter().enumerate() {
+    /// The narinfo for `hash`: the first upstream (in order) that has it wins. When it came
+    /// from an upstream, its references are looked up ahead, in the background.
+    pub async fn narinfo(self: &Arc<Self>, hash: &str) -> NarInfoAnswer {
+        let (answer, source) = self.resolve(hash).await;
+        if let (NarInfoAnswer::Found(text), Some(source)) = (&answer, source) {
+            let (i, fetched) = match source {
+                Source::Cache(i) => (i, false),
+                Source::Upstream(i) => (i, true),
+            };
+            lookahead::after_serving(self, text, i, fetched);
+        }
+        answer
+    }
+
+    /// The answer for `hash`, and where a found one came from. Every upstream that must be asked is asked at once; their answers
+    /// are taken in the configured order, so a lower upstream's hit is used only once every
+    /// higher one has missed, and answers below the winner are dropped unread (their fetches
+    /// cancelled, or cached if they were done).
+    async fn resolve(&self, hash: &str) -> (NarInfoAnswer, Option<Source>) {
+        let mut steps: Vec<Step<'_>> = Vec::new();
+        for i in 0..self.upstreams.len() {
             let cached = match self.store.narinfo(&self.partitions[i], hash) {
                 Some(fresh) if fresh.age < self.policy.narinfo_ttl => {
-                    self.metrics.cache_hit(Kind::narinfo);
-                    return NarInfoAnswer::Found(fresh.text);
+                    // Nothing below this one can matter.
+                    steps.push(Step::Cached(fresh.text));
+                    break;
                 }
-                stale_or_none => stale_or_none,
+                stale_or_none => stale_or_none.map(|stale| stale.text),
             };
             if self.recent_miss(i, hash) {
+                steps.push(Step::RecentMiss);
                 continue;
             }
             self.metrics.cache_miss(Kind::narinfo);
-            match self.fetch_narinfo_once(i, hash).await {
-                Ok(Lookup::Found(text)) => return NarInfoAnswer::Found(text),
-                Ok(Lookup::Missing) => self.remember_miss(i, hash),
-                Ok(Lookup::Untrusted(reason)) => {
-                    self.remember_miss(i, hash);
-                    untrusted.push(reason);
-                }
-                Err(e) => {
-                    if let Some(stale) = cached {
-                        tracing::info!(upstream = %up.name(), error = %e, "serving a stale narinfo");
-                        return NarInfoAnswer::Found(stale.text);
-                    }
-                    tracing::warn!(upstream = %up.name(), error = %e, "narinfo lookup failed");
-                    failures.push(Failure::from(e));
-                }
+            steps.push(Step::Asking {
+                fetch: Box::pin(self.fetch_narinfo_once(i, hash)),
+                stale: cached,
+            });
+        }
+        let mut failures = Vec::new();
+        let mut untrusted = Vec::new();
+        let mut next = 0;
+        std::future::poll_fn(|cx| {
+            for step in steps.iter_mut().skip(next) {
+                step.poll(cx);
             }
-        }
-        if !failures.is_empty() {
-            NarInfoAnswer::Failed(Failure::combine(failures))
-        } else if !untrusted.is_empty() {
-            NarInfoAnswer::Untrusted(untrusted.join("\n"))
-        } else {
-            NarInfoAnswer::Missing
-        }
+            // Take the answers in order, as far as they are in.
+            while let Some(step) = steps.get_mut(next) {
+                let i = next;
+                let up = &self.upstreams[i];
+                match std::mem::replace(step, Step::RecentMiss) {
+                    Step::Cached(text) => {
+                        self.metrics.cache_hit(Kind::narinfo);
+                        return Poll::Ready((NarInfoAnswer::Found(text), Some(Source::Cache(i))));
+                    }
+                    Step::RecentMiss => {}
+                    asking @ Step::Asking { .. } => {
+                        *step = asking;
+                        return Poll::Pending;
+                    }
+                    Step::Answered { result, stale } => match result {
+                        Ok(Lookup::Found(text)) => {
+                            return Poll::Ready((
+                                NarInfoAnswer::Found(text),
+                                Some(Source::Upstream(i)),
+                            ))
+                        }
+                        Ok(Lookup::Missing) => self.remember_miss(i, hash),
+                        Ok(Lookup::Untrusted(reason)) => {
+                            self.remember_miss(i, hash);
+                            untrusted.push(reason);
+                        }
+                        Err(e) => {
+                            if let Some(stale) = stale {
+                                tracing::info!(upstream = %up.name(), error = %e, "serving a stale narinfo");
+                                return Poll::Ready((
+                                    NarInfoAnswer::Found(stale),
+                                    Some(Source::Cache(i)),
+                                ));
+                            }
+                            tracing::warn!(upstream = %up.name(), error = %e, "narinfo lookup failed");
+                            failures.push(Failure::from(e));
+                        }
+                    },
+                }
+                next += 1;
+            }
+            let answer = if !failures.is_empty() {
+                NarInfoAnswer::Failed(Failure::combine(std::mem::take(&mut failures)))
+            } else if !untrusted.is_empty() {
+                NarInfoAnswer::Untrusted(untrusted.join("\n"))
+            } else {
+                NarInfoAnswer::Missing
+            };
+            Poll::Ready((answer, None))
+        })
+        .await
+    }
+
+    /// Whether every upstream said a moment ago that it does not have `hash`.
+    fn missed_everywhere(&self, hash: &str) -> bool {
+        (0..self.upstreams.len()).all(|i| self.recent_miss(i, hash))
+    }
+
+    /// Whether some upstream's narinfo for `hash` is in the cache and fresh.
+    fn is_cached(&self, hash: &str) -> bool {
+        self.partitions.iter().any(|p| {
+            self.store
+                .narinfo(p, hash)
+                .is_some_and(|n| n.age < self.policy.narinfo_ttl)
+        })
     }
 
     /// Remembers a miss for `negative-ttl`. A flood of distinct misses (Nix asks for whole
@@ -274,6 +409,8 @@ impl Proxy {
                     upstream: up.name().to_string(),
                     detail: "cannot form the narinfo URL".into(),
                 })?;
+        // A slot for the whole request, body included; the semaphore is never closed.
+        let _slot = self.narinfo_slots[i].acquire().await;
         let response = match up.fetch(&url, Method::GET).await? {
             Answer::Found(response) => response,
             Answer::Missing => return Ok(Lookup::Missing),

@@ -1,0 +1,133 @@
+//! What happens after a narinfo is served: Nix will ask next for the narinfos of its
+//! references (it walks a closure level by level), so those are fetched now, in the
+//! background, and answered from the cache when Nix asks; and, for an upstream with
+//! `prefetch-nars`, the NAR's download starts before Nix asks for it.
+//!
+//! Bounded: at most [`BUDGET`] lookups for one narinfo Nix asked for, [`DEPTH`] levels below
+//! it; at most [`RUNNING`] lookups at once and [`QUEUED`] waiting in the whole daemon (more are
+//! not queued: Nix then asks for those itself); never for a narinfo that is cached, was missed
+//! a moment ago, or is being looked up already.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::Method;
+use tokio::sync::Semaphore;
+
+use super::{NarInfoAnswer, Proxy};
+use crate::nix::narinfo::NarInfo;
+
+/// Lookups running at once (per daemon; upstream requests are bounded per upstream too).
+const RUNNING: usize = 8;
+/// Lookups waiting for a slot, in the whole daemon; more are dropped.
+const QUEUED: usize = 1024;
+/// Lookups made for one narinfo Nix asked for, all levels together.
+const BUDGET: usize = 256;
+/// Levels of references below the narinfo Nix asked for.
+const DEPTH: u32 = 3;
+/// Hashes remembered as looked up; the set is cleared when it reaches this size.
+const REMEMBERED: usize = 100_000;
+
+pub struct Lookahead {
+    running: Semaphore,
+    queued: AtomicUsize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl Default for Lookahead {
+    fn default() -> Lookahead {
+        Lookahead {
+            running: Semaphore::new(RUNNING),
+            queued: AtomicUsize::new(0),
+            seen: Mutex::default(),
+        }
+    }
+}
+
+/// After `text` was served to Nix: the NAR download if its upstream (`upstream`, an index)
+/// prefetches NARs; the references' narinfos if it was just fetched from upstream.
+pub(super) fn after_serving(proxy: &Arc<Proxy>, text: &str, upstream: usize, fetched: bool) {
+    if proxy.prefetch_nars.get(upstream).copied().unwrap_or(false) {
+        prefetch_nar(proxy, text);
+    }
+    if fetched {
+        look_ahead(proxy, text, DEPTH, &Arc::new(AtomicUsize::new(BUDGET)));
+    }
+}
+
+/// Starts the NAR's fill (a no-op when it is stored or being filled).
+fn prefetch_nar(proxy: &Arc<Proxy>, text: &str) {
+    let Some(key) = text.lines().find_map(|l| l.strip_prefix("URL: ")) else {
+        return;
+    };
+    if proxy.store.nar(key).is_some_and(|row| row.blob.is_some()) {
+        return;
+    }
+    let (proxy, key) = (proxy.clone(), key.to_string());
+    tokio::spawn(async move {
+        // The fill runs on its own; the reader handed back is not needed.
+        drop(proxy.nar(&key, &Method::GET).await);
+    });
+}
+
+/// Looks up `text`'s references, taking one unit of `budget` for each.
+fn look_ahead(proxy: &Arc<Proxy>, text: &str, depth: u32, budget: &Arc<AtomicUsize>) {
+    let Some(lookahead) = proxy.lookahead.clone() else {
+        return;
+    };
+    if depth == 0 {
+        return;
+    }
+    let Ok(info) = NarInfo::parse(text.as_bytes()) else {
+        return;
+    };
+    let own = info.hash_part().to_string();
+    for reference in &info.references {
+        let Some(hash) = reference.get(..32).filter(|h| *h != own) else {
+            continue;
+        };
+        if proxy.is_cached(hash) || proxy.missed_everywhere(hash) {
+            continue;
+        }
+        {
+            let mut seen = lookahead.seen.lock().unwrap();
+            if seen.len() >= REMEMBERED {
+                seen.clear();
+            }
+            if !seen.insert(hash.to_string()) {
+                continue;
+            }
+        }
+        let spent = budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_err();
+        if spent || lookahead.queued.fetch_add(1, Ordering::SeqCst) >= QUEUED {
+            if !spent {
+                lookahead.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            lookahead.seen.lock().unwrap().remove(hash);
+            return;
+        }
+        let (proxy, lookahead, hash, budget) = (
+            proxy.clone(),
+            lookahead.clone(),
+            hash.to_string(),
+            budget.clone(),
+        );
+        tokio::spawn(async move {
+            let permit = lookahead.running.acquire().await;
+            let (answer, source) = proxy.resolve(&hash).await;
+            drop(permit);
+            lookahead.queued.fetch_sub(1, Ordering::SeqCst);
+            lookahead.seen.lock().unwrap().remove(&hash);
+            if let (NarInfoAnswer::Found(text), Some(super::Source::Upstream(_))) =
+                (&answer, source)
+            {
+                look_ahead(&proxy, text, depth - 1, &budget);
+            }
+        });
+    }
+}
