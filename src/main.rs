@@ -178,7 +178,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         Command::CheckConfig(flags) => {
             let config = flags.load()?;
             print!("{}", config.render());
-            for warning in config.token_file_warnings() {
+            for warning in nix_sidecar::identity::token_file_warnings(config.identities.values()) {
                 eprintln!("warning: {warning}");
             }
             Ok(ExitCode::SUCCESS)

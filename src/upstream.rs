@@ -18,6 +18,7 @@ use crate::config::Auth;
 use crate::http::{display_url, read_limited, snippet, Client};
 use crate::identity::{Identity, IdentityError, Token};
 use crate::metrics::Metrics;
+pub use crate::status::UpstreamHealth;
 
 /// Attempts for one request on 5xx, 429, timeouts and connection errors.
 const ATTEMPTS: u32 = 3;
@@ -52,14 +53,6 @@ pub enum UpstreamError {
     /// It answered, but not with a valid answer (a malformed narinfo, one for another path).
     #[error("upstream `{upstream}` answered something unusable: {detail}")]
     Broken { upstream: String, detail: String },
-}
-
-#[derive(Default, Clone, serde::Serialize)]
-pub struct UpstreamHealth {
-    pub healthy: bool,
-    pub last_success: Option<u64>,
-    pub last_failure: Option<u64>,
-    pub last_error: Option<String>,
 }
 
 pub struct Upstream {

@@ -13,6 +13,8 @@ use super::units::refresh_interval;
 use super::{has_userinfo, invalid, ConfigError};
 
 pub const KUBERNETES_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// Where Determinate Nix keeps the netrc its login writes.
+pub const DEFAULT_NETRC_PATH: &str = "/nix/var/determinate/netrc";
 
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
@@ -167,7 +169,7 @@ fn kubernetes_token_path() -> PathBuf {
 }
 
 fn netrc_path() -> PathBuf {
-    PathBuf::from(crate::identity::netrc::DEFAULT_PATH)
+    PathBuf::from(DEFAULT_NETRC_PATH)
 }
 
 /// As the AWS SDKs: `AWS_REGION`, `AWS_DEFAULT_REGION`, then us-east-1 (a configured

@@ -20,7 +20,7 @@ mod upstream;
 
 pub use identity::{
     AutoKeys, AzureKeys, ExchangeConfig, IdentityConfig, ManagedIdentity, Provider,
-    KUBERNETES_TOKEN_PATH,
+    DEFAULT_NETRC_PATH, KUBERNETES_TOKEN_PATH,
 };
 pub use units::{format_size, parse_duration, parse_size};
 use upstream::FileUpstream;
@@ -69,26 +69,6 @@ struct FileConfig {
     upstream: Vec<FileUpstream>,
     #[serde(default)]
     identity: BTreeMap<String, toml::Table>,
-}
-
-impl Config {
-    /// Warnings about token files that can be read now: one not made for its identity's
-    /// audience (see [`crate::identity::audience_mismatch`]).
-    pub fn token_file_warnings(&self) -> Vec<String> {
-        self.identities
-            .values()
-            .filter_map(|identity| {
-                let (Provider::File { path, .. } | Provider::Kubernetes { path, .. }) =
-                    &identity.provider
-                else {
-                    return None;
-                };
-                let text = std::fs::read_to_string(path).ok()?;
-                let claims = crate::identity::jwt::claims(text.trim()).ok()?;
-                crate::identity::audience_mismatch(identity, &claims)
-            })
-            .collect()
-    }
 }
 
 /// Whether a URL carries a user name or password (`https://:secret@host` has only the latter).

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::IdentityConfig;
 use crate::http::Client;
 use crate::secret::Secret;
+pub use crate::status::IdentityHealth;
 use exchange::Exchange;
 use sources::Source;
 
@@ -95,20 +96,6 @@ pub struct IdentityError {
     pub reason: String,
 }
 
-/// One line of `/_sidecar/health`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct IdentityHealth {
-    /// The provider; for `auto`, with the source it picked (`auto: gcp`).
-    pub provider: String,
-    pub healthy: bool,
-    pub token_seconds_left: Option<u64>,
-    pub last_success: Option<u64>,
-    pub last_failure: Option<u64>,
-    pub last_error: Option<String>,
-    pub refreshes: u64,
-    pub failures: u64,
-}
-
 #[derive(Default)]
 struct State {
     current: Option<Token>,
@@ -135,6 +122,27 @@ pub fn audience_mismatch(config: &IdentityConfig, claims: &jwt::Claims) -> Optio
         "identity `{}`: the token's aud is {:?}, which does not contain the configured audience `{wanted}` (for Kubernetes: set `path` to a projected token made for it)",
         config.name, claims.aud
     ))
+}
+
+/// Warnings about the token files of `identities` that can be read now: one not made for its
+/// identity's audience (see [`audience_mismatch`]).
+pub fn token_file_warnings<'a>(
+    identities: impl IntoIterator<Item = &'a IdentityConfig>,
+) -> Vec<String> {
+    use crate::config::Provider;
+    identities
+        .into_iter()
+        .filter_map(|identity| {
+            let (Provider::File { path, .. } | Provider::Kubernetes { path, .. }) =
+                &identity.provider
+            else {
+                return None;
+            };
+            let text = std::fs::read_to_string(path).ok()?;
+            let claims = jwt::claims(text.trim()).ok()?;
+            audience_mismatch(identity, &claims)
+        })
+        .collect()
 }
 
 pub struct Identity {

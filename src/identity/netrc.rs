@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::secret::Secret;
 
-pub const DEFAULT_PATH: &str = "/nix/var/determinate/netrc";
+pub use crate::config::DEFAULT_NETRC_PATH as DEFAULT_PATH;
 const MAX_FILE: u64 = 256 * 1024;
 
 pub async fn fetch(path: &Path, machine: &str) -> Result<Secret, String> {
