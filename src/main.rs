@@ -2,6 +2,9 @@
 
 #![forbid(unsafe_code)]
 
+#[path = "cli/prefetch.rs"]
+mod prefetch_cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -48,6 +51,18 @@ enum Command {
         /// Also print the token itself.
         #[arg(long)]
         raw: bool,
+    },
+    /// Have the running daemon fetch the closures of store paths into its cache (verified),
+    /// e.g. before a deploy; exit 1 listing what was unavailable.
+    Prefetch {
+        #[arg(long, env = "NIX_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+        /// The daemon's URL [default: http://<the config's first listen address>].
+        #[arg(long)]
+        url: Option<String>,
+        /// Store paths (`/nix/store/<hash>-<name>`), their basenames or hashes.
+        #[arg(required = true)]
+        paths: Vec<String>,
     },
     /// Inspect or maintain the local cache (stop the daemon first: the index is exclusive).
     Cache {
@@ -188,6 +203,17 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             upstream,
             raw,
         } => token(config, upstream, raw).await,
+        Command::Prefetch { config, url, paths } => {
+            let base = match url {
+                Some(url) => url,
+                None => {
+                    let config = Config::load(config.as_deref(), &Overrides::default())
+                        .map_err(|e| e.to_string())?;
+                    format!("http://{}", config.listen[0])
+                }
+            };
+            prefetch_cli::run(&base, &paths).await
+        }
         Command::Cache {
             action,
             config,

@@ -15,6 +15,8 @@ pub enum CachePath {
     Forwarded(String),
     Health,
     Metrics,
+    /// `POST /_sidecar/prefetch`.
+    Prefetch,
 }
 
 const MAX_PATH: usize = 1024;
@@ -30,6 +32,7 @@ pub fn parse(path: &str, query: Option<&str>) -> Option<CachePath> {
         "nix-cache-info" => return no_query(CachePath::CacheInfo),
         "_sidecar/health" => return Some(CachePath::Health),
         "_sidecar/metrics" => return Some(CachePath::Metrics),
+        "_sidecar/prefetch" => return no_query(CachePath::Prefetch),
         _ => {}
     }
     if let Some(hash) = rel.strip_suffix(".narinfo") {

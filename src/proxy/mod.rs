@@ -4,6 +4,7 @@
 
 mod download;
 mod lookahead;
+pub mod prefetch;
 
 use download::content_length;
 

@@ -10,7 +10,7 @@ use super::body::{self, Body};
 use super::sendfile::{self, FileBody, FollowBody, Segments};
 use super::Site;
 use crate::nix::request::{self, CachePath};
-use crate::proxy::{Content, Failure, NarAnswer, NarInfoAnswer};
+use crate::proxy::{prefetch, Content, Failure, NarAnswer, NarInfoAnswer};
 use crate::status::Status;
 use crate::store::read::stream_file;
 
@@ -27,17 +27,23 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         Some(CachePath::Forwarded(_)) => "forwarded",
         Some(CachePath::Health) => "health",
         Some(CachePath::Metrics) => "metrics",
+        Some(CachePath::Prefetch) => "prefetch",
+    };
+    let allowed = match route {
+        Some(CachePath::Prefetch) => "POST",
+        _ => "GET, HEAD",
     };
     let response = match route {
-        _ if method != Method::GET && method != Method::HEAD => {
+        _ if !allowed.split(", ").any(|m| m == method.as_str()) => {
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "nix-sidecar is a read-only binary cache\n",
             );
             r.headers_mut()
-                .insert(header::ALLOW, "GET, HEAD".parse().unwrap());
+                .insert(header::ALLOW, allowed.parse().unwrap());
             r
         }
+        Some(CachePath::Prefetch) => prefetch(site, request).await,
         None => text(StatusCode::NOT_FOUND, "not a binary cache path\n"),
         Some(CachePath::CacheInfo) => {
             typed(StatusCode::OK, "text/x-nix-cache-info", proxy.cache_info())
@@ -100,6 +106,62 @@ fn typed(status: StatusCode, content_type: &'static str, body: String) -> Respon
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, body.len())
         .body(body::full(body))
+        .unwrap()
+}
+
+/// `POST /_sidecar/prefetch` with `{"paths": [...]}`: starts prefetching their closures and
+/// answers with their progress, one JSON object per line (at least every half second), the
+/// last with `"done": true`. A client that goes away does not stop the prefetch.
+async fn prefetch(site: &Site, request: Request<Incoming>) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    struct Ask {
+        paths: Vec<String>,
+    }
+    let usage = "expected a JSON body {\"paths\": [\"/nix/store/...\"]}\n";
+    let body = match crate::http::read_limited(
+        request.into_body(),
+        1 << 20,
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let Ok(ask) = serde_json::from_slice::<Ask>(&body) else {
+        return text(StatusCode::BAD_REQUEST, usage);
+    };
+    let (hashes, bad): (Vec<_>, Vec<_>) = ask
+        .paths
+        .iter()
+        .map(|p| (p, prefetch::hash_of(p)))
+        .partition(|(_, h)| h.is_some());
+    if ask.paths.is_empty() || !bad.is_empty() {
+        let bad: Vec<&str> = bad.iter().map(|(p, _)| p.as_str()).collect();
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("not store paths: {}\n{usage}", bad.join(", ")),
+        );
+    }
+    let hashes = hashes.into_iter().filter_map(|(_, h)| h).collect();
+    let mut progress = prefetch::start(site.answers.clone(), hashes);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let now = progress.borrow_and_update().clone();
+            let mut line = serde_json::to_vec(&now).unwrap_or_default();
+            line.push(b'\n');
+            if tx.send(Ok(bytes::Bytes::from(line))).await.is_err() || now.done {
+                return;
+            }
+            let half_a_second = std::time::Duration::from_millis(500);
+            let _ = tokio::time::timeout(half_a_second, progress.wait_for(|p| p.done)).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(body::stream(rx, Default::default()))
         .unwrap()
 }
 

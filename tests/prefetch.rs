@@ -1,0 +1,115 @@
+//! `nix-sidecar prefetch` and `POST /_sidecar/prefetch`: a closure staged before a deploy is
+//! there when the upstream is not.
+
+mod support;
+
+use std::process::Command;
+
+use support::http::get;
+use support::nix::{fixture, in_store, substitute};
+use support::sidecar::Sidecar;
+use support::upstream::{Fault, Target, UpstreamDouble};
+
+fn prefetch(sidecar: &Sidecar, paths: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["prefetch", "--url", &sidecar.url])
+        .args(paths)
+        .output()
+        .unwrap()
+}
+
+/// After `nix-sidecar prefetch ROOT` the upstream goes down, and real Nix still copies the
+/// whole closure through the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetched_closure_is_copied_by_nix_while_the_upstream_is_down() {
+    let fx = fixture();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "trusted-public-keys = [\"{}\"]\nnarinfo-lookahead = false\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
+            fx.public_key, upstream.url
+        ),
+        &[],
+    );
+    let top = fx.top.clone();
+    let out = tokio::task::spawn_blocking({
+        let url = sidecar.url.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+                .args(["prefetch", "--url", &url, &top])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}\n{}", sidecar.logs());
+    let n = fx.closure.len();
+    assert!(
+        stdout.contains(&format!("prefetch: {n}/{n} paths")),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("prefetch: "),
+        "plain progress lines off a terminal: {stderr}"
+    );
+    assert_eq!(
+        upstream.count("nar/"),
+        n,
+        "one download per NAR of the closure"
+    );
+
+    upstream.fault(Target::Any, Fault::Status(503), None);
+    let (url, pk, top, client) = (
+        sidecar.url.clone(),
+        fx.public_key.clone(),
+        fx.top.clone(),
+        dir.path().join("client"),
+    );
+    let c = client.clone();
+    let copied = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &c))
+        .await
+        .unwrap();
+    assert!(
+        copied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    assert!(fx.closure.iter().all(|p| in_store(&client, p)));
+}
+
+/// A path no upstream has makes prefetch exit 1 naming it; a malformed request is a 400 and
+/// anything but POST a 405.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_path_is_named_and_exits_1() {
+    let fx = fixture();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!("[[upstream]]\nname = \"u\"\nurl = \"{}\"\n", upstream.url),
+        &[],
+    );
+    let missing = "/nix/store/00000000000000000000000000000abc-missing";
+    let s = &sidecar;
+    let out = tokio::task::block_in_place(|| prefetch(s, &[missing]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("unavailable: 00000000000000000000000000000abc: not in any upstream's view"),
+        "{stderr}"
+    );
+    let out = tokio::task::block_in_place(|| prefetch(s, &["not-a-store-path"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("400"), "{stderr}");
+    let got = get(&format!("{}/_sidecar/prefetch", sidecar.url), "GET", &[]).await;
+    assert_eq!(got.status, 405);
+    assert_eq!(got.headers["allow"], "POST");
+}
