@@ -60,9 +60,21 @@ enum Command {
         /// The daemon's URL [default: http://<the config's first listen address>].
         #[arg(long)]
         url: Option<String>,
+        /// Keep them from eviction: `--pin` until `nix-sidecar unpin`, `--pin=2h` for a while
+        /// (`min-free-space` still wins).
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "forever")]
+        pin: Option<String>,
         /// Store paths (`/nix/store/<hash>-<name>`), their basenames or hashes.
         #[arg(required = true)]
         paths: Vec<String>,
+    },
+    /// Let every NAR pinned by `prefetch --pin` be evicted again.
+    Unpin {
+        #[arg(long, env = "NIX_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+        /// The daemon's URL [default: http://<the config's first listen address>].
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Inspect or maintain the local cache (stop the daemon first: the index is exclusive).
     Cache {
@@ -203,17 +215,13 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             upstream,
             raw,
         } => token(config, upstream, raw).await,
-        Command::Prefetch { config, url, paths } => {
-            let base = match url {
-                Some(url) => url,
-                None => {
-                    let config = Config::load(config.as_deref(), &Overrides::default())
-                        .map_err(|e| e.to_string())?;
-                    format!("http://{}", config.listen[0])
-                }
-            };
-            prefetch_cli::run(&base, &paths).await
-        }
+        Command::Prefetch {
+            config,
+            url,
+            pin,
+            paths,
+        } => prefetch_cli::run(&daemon_url(config, url)?, &paths, pin.as_deref()).await,
+        Command::Unpin { config, url } => prefetch_cli::unpin(&daemon_url(config, url)?).await,
         Command::Cache {
             action,
             config,
@@ -252,6 +260,18 @@ async fn serve(config: Config) -> Result<(), String> {
     })
     .await;
     Ok(())
+}
+
+/// The running daemon's URL: given, or from the configuration's first listen address.
+fn daemon_url(config: Option<PathBuf>, url: Option<String>) -> Result<String, String> {
+    match url {
+        Some(url) => Ok(url),
+        None => {
+            let config = Config::load(config.as_deref(), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            Ok(format!("http://{}", config.listen[0]))
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -346,6 +366,7 @@ fn cache(config: Config, action: CacheAction) -> Result<ExitCode, String> {
             println!("stored files: {}", s.stored_files);
             let size = |bytes: u64| format!("{} ({bytes} bytes)", config::format_size(bytes));
             println!("stored: {}", size(s.stored_bytes));
+            println!("pinned: {}", size(s.pinned_bytes));
             println!("max size: {}", size(s.max_size));
             println!("free space: {}", size(s.free_space));
             Ok(ExitCode::SUCCESS)

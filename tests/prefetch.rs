@@ -113,3 +113,78 @@ async fn an_unavailable_path_is_named_and_exits_1() {
     assert_eq!(got.status, 405);
     assert_eq!(got.headers["allow"], "POST");
 }
+
+/// `prefetch --pin` keeps a closure through an eviction pass that removes everything else
+/// (`cache gc --max-size 0`), `cache stats` shows the pinned bytes, and `unpin` lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_nars_survive_an_eviction_pass_until_unpinned() {
+    let fx = fixture();
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "narinfo-lookahead = false\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
+            upstream.url
+        ),
+        &[],
+    );
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let (url, top, outside) = (sidecar.url.clone(), fx.top.clone(), fx.outside.clone());
+    let out = tokio::task::block_in_place(|| cli(&["prefetch", "--url", &url, &top]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::task::block_in_place(|| cli(&["prefetch", "--pin", "--url", &url, &outside]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sidecar.stop();
+
+    let cache = sidecar.cache_dir();
+    let cache = cache.to_str().unwrap();
+    let gc = cli(&["cache", "gc", "--max-size", "0", "--cache-dir", cache]);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    let stats =
+        String::from_utf8_lossy(&cli(&["cache", "stats", "--cache-dir", cache]).stdout).to_string();
+    let bytes = |label: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .and_then(|rest| rest.split('(').nth(1)?.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{label} in {stats}"))
+    };
+    assert!(bytes("pinned: ") > 0, "{stats}");
+    assert_eq!(
+        bytes("stored: "),
+        bytes("pinned: "),
+        "only pinned files are left: {stats}"
+    );
+
+    sidecar.restart();
+    let url = sidecar.url.clone();
+    let out = tokio::task::block_in_place(|| cli(&["unpin", "--url", &url]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"unpinned\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sidecar.stop();
+    cli(&["cache", "gc", "--max-size", "0", "--cache-dir", cache]);
+    let stats =
+        String::from_utf8_lossy(&cli(&["cache", "stats", "--cache-dir", cache]).stdout).to_string();
+    assert!(stats.contains("stored: 0B (0 bytes)"), "{stats}");
+}

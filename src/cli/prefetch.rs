@@ -14,10 +14,10 @@ use nix_sidecar::proxy::prefetch::Progress;
 /// The daemon sends a line at least every half second; this long without one is a failure.
 const SILENCE: Duration = Duration::from_secs(60);
 
-pub async fn run(base: &str, paths: &[String]) -> Result<ExitCode, String> {
+/// POSTs `body` to the daemon's `path`; its answer's body, if it is a success.
+async fn post(base: &str, path: &str, body: String) -> Result<hyper::body::Incoming, String> {
     let client = nix_sidecar::http::client(None)?;
-    let url = format!("{}/_sidecar/prefetch", base.trim_end_matches('/'));
-    let body = serde_json::json!({ "paths": paths }).to_string();
+    let url = format!("{}{path}", base.trim_end_matches('/'));
     let request = http::Request::post(&url)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
@@ -27,7 +27,7 @@ pub async fn run(base: &str, paths: &[String]) -> Result<ExitCode, String> {
         .await
         .map_err(|e| format!("cannot reach the daemon at {base}: {e}"))?;
     let status = response.status();
-    let mut body = response.into_body();
+    let body = response.into_body();
     if !status.is_success() {
         let text = nix_sidecar::http::read_limited(body, 64 * 1024, SILENCE)
             .await
@@ -37,6 +37,19 @@ pub async fn run(base: &str, paths: &[String]) -> Result<ExitCode, String> {
             String::from_utf8_lossy(&text).trim()
         ));
     }
+    Ok(body)
+}
+
+pub async fn unpin(base: &str) -> Result<ExitCode, String> {
+    let body = post(base, "/_sidecar/unpin", String::new()).await?;
+    let text = nix_sidecar::http::read_limited(body, 64 * 1024, SILENCE).await?;
+    println!("{}", String::from_utf8_lossy(&text).trim());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run(base: &str, paths: &[String], pin: Option<&str>) -> Result<ExitCode, String> {
+    let ask = serde_json::json!({ "paths": paths, "pin": pin }).to_string();
+    let mut body = post(base, "/_sidecar/prefetch", ask).await?;
     let show = Show::new();
     let mut pending = Vec::new();
     let mut last = Progress::default();

@@ -17,6 +17,8 @@ pub enum CachePath {
     Metrics,
     /// `POST /_sidecar/prefetch`.
     Prefetch,
+    /// `POST /_sidecar/unpin`.
+    Unpin,
 }
 
 const MAX_PATH: usize = 1024;
@@ -33,6 +35,7 @@ pub fn parse(path: &str, query: Option<&str>) -> Option<CachePath> {
         "_sidecar/health" => return Some(CachePath::Health),
         "_sidecar/metrics" => return Some(CachePath::Metrics),
         "_sidecar/prefetch" => return no_query(CachePath::Prefetch),
+        "_sidecar/unpin" => return no_query(CachePath::Unpin),
         _ => {}
     }
     if let Some(hash) = rel.strip_suffix(".narinfo") {

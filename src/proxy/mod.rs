@@ -230,6 +230,11 @@ impl Proxy {
         }
     }
 
+    /// Lets every pinned NAR be evicted again; how many pins there were.
+    pub fn unpin_all(&self) -> Result<u64, String> {
+        self.store.unpin(None)
+    }
+
     pub fn cache_info(&self) -> String {
         format!(
             "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {}\n",

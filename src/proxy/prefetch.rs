@@ -42,13 +42,18 @@ pub fn hash_of(path: &str) -> Option<String> {
     valid.then(|| hash.to_string())
 }
 
-/// Starts prefetching the closures of `roots` (store path hashes); its progress.
-pub fn start(proxy: Arc<Proxy>, roots: Vec<String>) -> watch::Receiver<Progress> {
+/// Starts prefetching the closures of `roots` (store path hashes), pinning every NAR stored
+/// until `pin_until` (unix seconds) if given; its progress.
+pub fn start(
+    proxy: Arc<Proxy>,
+    roots: Vec<String>,
+    pin_until: Option<u64>,
+) -> watch::Receiver<Progress> {
     let (tx, rx) = watch::channel(Progress {
         paths_total: roots.len() as u64,
         ..Progress::default()
     });
-    tokio::spawn(walk(proxy, roots, tx));
+    tokio::spawn(walk(proxy, roots, pin_until, tx));
     rx
 }
 
@@ -60,14 +65,19 @@ struct Outcome {
     failure: Option<Unavailable>,
 }
 
-async fn walk(proxy: Arc<Proxy>, roots: Vec<String>, tx: watch::Sender<Progress>) {
+async fn walk(
+    proxy: Arc<Proxy>,
+    roots: Vec<String>,
+    pin_until: Option<u64>,
+    tx: watch::Sender<Progress>,
+) {
     let mut seen: HashSet<String> = roots.iter().cloned().collect();
     let mut queue: VecDeque<String> = seen.iter().cloned().collect();
     let mut running = tokio::task::JoinSet::new();
     loop {
         while running.len() < AT_ONCE {
             let Some(hash) = queue.pop_front() else { break };
-            running.spawn(one(proxy.clone(), hash));
+            running.spawn(one(proxy.clone(), hash, pin_until));
         }
         let Some(joined) = running.join_next().await else {
             break;
@@ -100,7 +110,7 @@ async fn walk(proxy: Arc<Proxy>, roots: Vec<String>, tx: watch::Sender<Progress>
     tx.send_modify(|p| p.done = true);
 }
 
-async fn one(proxy: Arc<Proxy>, hash: String) -> Outcome {
+async fn one(proxy: Arc<Proxy>, hash: String, pin_until: Option<u64>) -> Outcome {
     let failed = |path: &str, reason: String| Outcome {
         hash: hash.clone(),
         references: vec![],
@@ -146,6 +156,10 @@ async fn one(proxy: Arc<Proxy>, hash: String) -> Outcome {
         NarAnswer::Missing => Err("its NAR is missing upstream".into()),
         NarAnswer::Failed(failure) => Err(failure.reason().to_string()),
     };
+    let stored = stored.and_then(|()| match pin_until {
+        Some(until) => proxy.store.pin(std::slice::from_ref(&info.url), until),
+        None => Ok(()),
+    });
     match stored {
         Ok(()) => Outcome {
             hash: hash.clone(),

@@ -28,9 +28,10 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         Some(CachePath::Health) => "health",
         Some(CachePath::Metrics) => "metrics",
         Some(CachePath::Prefetch) => "prefetch",
+        Some(CachePath::Unpin) => "unpin",
     };
     let allowed = match route {
-        Some(CachePath::Prefetch) => "POST",
+        Some(CachePath::Prefetch | CachePath::Unpin) => "POST",
         _ => "GET, HEAD",
     };
     let response = match route {
@@ -44,6 +45,14 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             r
         }
         Some(CachePath::Prefetch) => prefetch(site, request).await,
+        Some(CachePath::Unpin) => match site.answers.unpin_all() {
+            Ok(n) => typed(
+                StatusCode::OK,
+                "application/json",
+                format!("{{\"unpinned\": {n}}}\n"),
+            ),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
         None => text(StatusCode::NOT_FOUND, "not a binary cache path\n"),
         Some(CachePath::CacheInfo) => {
             typed(StatusCode::OK, "text/x-nix-cache-info", proxy.cache_info())
@@ -116,6 +125,8 @@ async fn prefetch(site: &Site, request: Request<Incoming>) -> Response<Body> {
     #[derive(serde::Deserialize)]
     struct Ask {
         paths: Vec<String>,
+        /// `"forever"` (until unpinned) or a duration such as `"2h"`.
+        pin: Option<String>,
     }
     let usage = "expected a JSON body {\"paths\": [\"/nix/store/...\"]}\n";
     let body = match crate::http::read_limited(
@@ -143,8 +154,21 @@ async fn prefetch(site: &Site, request: Request<Incoming>) -> Response<Body> {
             format!("not store paths: {}\n{usage}", bad.join(", ")),
         );
     }
+    let pin_until = match ask.pin.as_deref() {
+        None => None,
+        Some("forever") => Some(u64::MAX),
+        Some(spec) => match crate::config::parse_duration(spec) {
+            Some(d) => Some(crate::clock::unix_now().saturating_add(d.as_secs())),
+            None => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("pin: `{spec}` is not \"forever\" or a duration such as \"2h\"\n"),
+                )
+            }
+        },
+    };
     let hashes = hashes.into_iter().filter_map(|(_, h)| h).collect();
-    let mut progress = prefetch::start(site.answers.clone(), hashes);
+    let mut progress = prefetch::start(site.answers.clone(), hashes, pin_until);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         loop {

@@ -32,6 +32,8 @@ use super::check::Expected;
 const NARINFOS: TableDefinition<&str, &[u8]> = TableDefinition::new("narinfo");
 const NARS: TableDefinition<&str, &[u8]> = TableDefinition::new("nar");
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blob");
+/// Pinned NAR keys and until when (unix seconds; `u64::MAX`: until unpinned).
+const PINS: TableDefinition<&str, u64> = TableDefinition::new("pin");
 /// Tables of earlier versions, dropped at open (their files become leftovers).
 const RETIRED: [&str; 2] = ["narinfos", "nars"];
 
@@ -485,6 +487,57 @@ impl Index {
         Ok(out)
     }
 
+    /// Pins `keys` until `until` (a later pin of a key wins over an earlier, shorter one).
+    pub fn pin(&self, keys: &[String], until: u64) -> Result<(), IndexError> {
+        let txn = self.begin_write()?;
+        {
+            let mut pins = txn.open_table(PINS).map_err(err)?;
+            for key in keys {
+                let old = pins.get(key.as_str()).map_err(err)?.map(|v| v.value());
+                pins.insert(key.as_str(), until.max(old.unwrap_or(0)))
+                    .map_err(err)?;
+            }
+        }
+        self.commit_lazily(txn)
+    }
+
+    /// Every pin: NAR key and until when.
+    pub fn pins(&self) -> Result<Vec<(String, u64)>, IndexError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(PINS).map_err(err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Removes pins: `keys`, or all of them when `keys` is None; how many went.
+    pub fn unpin(&self, keys: Option<&[String]>) -> Result<u64, IndexError> {
+        let txn = self.begin_write()?;
+        let removed = {
+            let mut pins = txn.open_table(PINS).map_err(err)?;
+            let keys: Vec<String> = match keys {
+                Some(keys) => keys.to_vec(),
+                None => {
+                    let mut all = Vec::new();
+                    for item in pins.iter().map_err(err)? {
+                        all.push(item.map_err(err)?.0.value().to_string());
+                    }
+                    all
+                }
+            };
+            let mut removed = 0;
+            for key in &keys {
+                removed += u64::from(pins.remove(key.as_str()).map_err(err)?.is_some());
+            }
+            removed
+        };
+        self.commit_lazily(txn)?;
+        Ok(removed)
+    }
+
     /// Narinfos, NARs and stored files known.
     pub fn counts(&self) -> Result<(u64, u64, u64), IndexError> {
         let txn = self.begin_read()?;
@@ -575,6 +628,7 @@ fn prepare_tables(db: &Database) -> Result<(), Box<redb::Error>> {
     for table in [NARINFOS, NARS, BLOBS] {
         txn.open_table(table).map_err(|e| boxed(e.into()))?;
     }
+    txn.open_table(PINS).map_err(|e| boxed(e.into()))?;
     txn.commit().map_err(|e| boxed(e.into()))
 }
 

@@ -118,6 +118,8 @@ pub struct Stats {
     pub nars: u64,
     pub stored_files: u64,
     pub stored_bytes: u64,
+    /// Bytes of stored files pinned now.
+    pub pinned_bytes: u64,
     pub max_size: u64,
     pub free_space: u64,
 }
@@ -560,10 +562,22 @@ impl Store {
             Err(e) => return tracing::warn!(error = %e, "eviction could not read the index"),
         };
         rows.sort_by_key(|(_, blob)| blob.last_access);
+        // Pinned files are kept over max-cache-size, never over the disk's floor.
+        let pinned = self.pinned();
+        let below_floor = |store: &Store| {
+            free_space(&store.0.dir)
+                .is_some_and(|free| free < limits.min_free.saturating_add(incoming))
+        };
         let mut evicted = Vec::new();
         for (key, _) in rows {
             if !over(self) {
                 break;
+            }
+            if pinned.contains(&key) {
+                if !below_floor(self) {
+                    continue;
+                }
+                tracing::warn!(nar = %key, min_free = limits.min_free, "evicting a pinned NAR: the disk is below min-free-space");
             }
             // Only a row this call removed counts: the NAR checker may have dropped it since
             // the scan.
@@ -577,6 +591,30 @@ impl Store {
         }
     }
 
+    /// Keeps `keys` (NAR keys) from eviction until `until` (unix seconds; `u64::MAX`: until
+    /// unpinned), except to keep `min-free-space` free.
+    pub fn pin(&self, keys: &[String], until: u64) -> Result<(), String> {
+        self.0.index.pin(keys, until)
+    }
+
+    /// Removes the pins of `keys`, or all pins; how many there were.
+    pub fn unpin(&self, keys: Option<&[String]>) -> Result<u64, String> {
+        self.0.index.unpin(keys)
+    }
+
+    /// The NAR keys pinned now.
+    fn pinned(&self) -> std::collections::HashSet<String> {
+        let now = unix_now();
+        self.0
+            .index
+            .pins()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, until)| *until > now)
+            .map(|(key, _)| key)
+            .collect()
+    }
+
     pub fn flush_access_times(&self) {
         let touched: Vec<(String, u64)> = self.0.touched.lock().unwrap().drain().collect();
         if let Err(e) = self.0.index.touch(&touched) {
@@ -586,7 +624,18 @@ impl Store {
 
     pub fn stats(&self) -> Stats {
         let (narinfos, nars, stored_files) = self.0.index.counts().unwrap_or_default();
+        let pinned = self.pinned();
+        let pinned_bytes = self
+            .0
+            .index
+            .blobs()
+            .unwrap_or_default()
+            .iter()
+            .filter(|(key, _)| pinned.contains(key))
+            .map(|(_, blob)| blob.size)
+            .sum();
         Stats {
+            pinned_bytes,
             narinfos,
             nars,
             stored_files,
@@ -777,6 +826,71 @@ mod tests {
             let mode = file.unwrap().metadata().unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "stored NARs are private");
         }
+    }
+
+    /// Stores `bytes` under `key` through a fill, as a download would.
+    async fn store_file(store: &Store, key: &str, bytes: &'static [u8]) {
+        let expected = expected_for(bytes);
+        store.put_narinfos(&[NewNarInfo::new(
+            "p",
+            key,
+            "text",
+            key,
+            source(expected.clone()),
+        )]);
+        let Slot::Lead(mut writer, _reader) = store.fill(key, &expected) else {
+            panic!("first fill leads");
+        };
+        writer.start(Some(bytes.len() as u64)).unwrap();
+        writer.write(Bytes::from_static(bytes)).await.unwrap();
+        writer.finish().await;
+    }
+
+    /// A pinned file outlives an eviction pass that takes every other file, except when the
+    /// disk is below `min-free-space`; an expired pin is no pin; unpin lets it go.
+    #[tokio::test]
+    async fn pins_keep_files_over_max_size_but_not_below_the_disk_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let roomy = Limits {
+            max_size: 1 << 30,
+            min_free: 0,
+        };
+        let store = Store::open(dir.path(), roomy).unwrap();
+        store_file(&store, "nar/a.nar", b"pinned").await;
+        store_file(&store, "nar/b.nar", b"loose").await;
+        store_file(&store, "nar/c.nar", b"expired").await;
+        store.pin(&["nar/a.nar".into()], u64::MAX).unwrap();
+        store.pin(&["nar/c.nar".into()], 1).unwrap();
+        assert_eq!(store.stats().pinned_bytes, 6);
+        drop(store);
+
+        let none = Limits {
+            max_size: 0,
+            min_free: 0,
+        };
+        let store = Store::open(dir.path(), none).unwrap();
+        store.enforce_limits(0);
+        assert_eq!(store.size(), 6, "only the pinned file is left");
+        assert!(store.stored("nar/a.nar").is_some());
+        drop(store);
+
+        let floor = Limits {
+            max_size: 0,
+            min_free: u64::MAX / 2,
+        };
+        let store = Store::open(dir.path(), floor).unwrap();
+        store.enforce_limits(0);
+        assert_eq!(store.size(), 0, "below the floor, pins give way");
+        drop(store);
+
+        let store = Store::open(dir.path(), roomy).unwrap();
+        store_file(&store, "nar/d.nar", b"again").await;
+        store.pin(&["nar/d.nar".into()], u64::MAX).unwrap();
+        assert_eq!(store.unpin(None).unwrap(), 3, "a, c and d were pinned");
+        drop(store);
+        let store = Store::open(dir.path(), none).unwrap();
+        store.enforce_limits(0);
+        assert_eq!(store.size(), 0);
     }
 
     #[tokio::test]
