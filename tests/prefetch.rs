@@ -10,12 +10,30 @@ use support::nix::{fixture, in_store, substitute};
 use support::sidecar::Sidecar;
 use support::upstream::{Fault, Target, UpstreamDouble};
 
-fn prefetch(sidecar: &Sidecar, paths: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
-        .args(["prefetch", "--url", &sidecar.url])
-        .args(paths)
-        .output()
-        .unwrap()
+/// Runs `nix-sidecar ARGS` (off the async workers: it blocks until done).
+fn cli(args: &[&str]) -> std::process::Output {
+    tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+}
+
+/// The fixture's cache behind an anonymous upstream double, and a daemon in front of it
+/// (lookahead off: the tests count the upstream's requests) with `extra` configuration.
+async fn setup(extra: &str) -> (UpstreamDouble, tempfile::TempDir, Sidecar) {
+    let upstream = UpstreamDouble::start(fixture().cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "{extra}\nnarinfo-lookahead = false\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
+            upstream.url
+        ),
+        &[],
+    );
+    (upstream, dir, sidecar)
 }
 
 /// After `nix-sidecar prefetch ROOT` the upstream goes down, and real Nix still copies the
@@ -23,28 +41,9 @@ fn prefetch(sidecar: &Sidecar, paths: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetched_closure_is_copied_by_nix_while_the_upstream_is_down() {
     let fx = fixture();
-    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = Sidecar::start(
-        dir.path(),
-        &format!(
-            "trusted-public-keys = [\"{}\"]\nnarinfo-lookahead = false\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
-            fx.public_key, upstream.url
-        ),
-        &[],
-    );
-    let top = fx.top.clone();
-    let out = tokio::task::spawn_blocking({
-        let url = sidecar.url.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
-                .args(["prefetch", "--url", &url, &top])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let keys = format!("trusted-public-keys = [\"{}\"]", fx.public_key);
+    let (upstream, dir, sidecar) = setup(&keys).await;
+    let out = cli(&["prefetch", "--url", &sidecar.url, &fx.top]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -88,17 +87,10 @@ async fn a_prefetched_closure_is_copied_by_nix_while_the_upstream_is_down() {
 /// anything but POST a 405.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unavailable_path_is_named_and_exits_1() {
-    let fx = fixture();
-    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = Sidecar::start(
-        dir.path(),
-        &format!("[[upstream]]\nname = \"u\"\nurl = \"{}\"\n", upstream.url),
-        &[],
-    );
+    let (_upstream, _dir, sidecar) = setup("").await;
+    let url = sidecar.url.as_str();
     let missing = "/nix/store/00000000000000000000000000000abc-missing";
-    let s = &sidecar;
-    let out = tokio::task::block_in_place(|| prefetch(s, &[missing]));
+    let out = cli(&["prefetch", "--url", url, missing]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -106,7 +98,7 @@ async fn an_unavailable_path_is_named_and_exits_1() {
             .contains("unavailable: 00000000000000000000000000000abc: not in any upstream's view"),
         "{stderr}"
     );
-    let out = tokio::task::block_in_place(|| prefetch(s, &["not-a-store-path"]));
+    let out = cli(&["prefetch", "--url", url, "not-a-store-path"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("400"), "{stderr}");
     let got = get(&format!("{}/_sidecar/prefetch", sidecar.url), "GET", &[]).await;
@@ -119,30 +111,15 @@ async fn an_unavailable_path_is_named_and_exits_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_nars_survive_an_eviction_pass_until_unpinned() {
     let fx = fixture();
-    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut sidecar = Sidecar::start(
-        dir.path(),
-        &format!(
-            "narinfo-lookahead = false\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
-            upstream.url
-        ),
-        &[],
-    );
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let (url, top, outside) = (sidecar.url.clone(), fx.top.clone(), fx.outside.clone());
-    let out = tokio::task::block_in_place(|| cli(&["prefetch", "--url", &url, &top]));
+    let (_upstream, _dir, mut sidecar) = setup("").await;
+    let url = sidecar.url.clone();
+    let out = cli(&["prefetch", "--url", &url, &fx.top]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = tokio::task::block_in_place(|| cli(&["prefetch", "--pin", "--url", &url, &outside]));
+    let out = cli(&["prefetch", "--pin", "--url", &url, &fx.outside]);
     assert!(
         out.status.success(),
         "{}",
@@ -176,7 +153,7 @@ async fn pinned_nars_survive_an_eviction_pass_until_unpinned() {
 
     sidecar.restart();
     let url = sidecar.url.clone();
-    let out = tokio::task::block_in_place(|| cli(&["unpin", "--url", &url]));
+    let out = cli(&["unpin", "--url", &url]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("\"unpinned\""),
         "{}",
