@@ -10,7 +10,7 @@ upstream (the community recipe: cache lock on), and nix-sidecar in front of the 
 scenario runs several rounds alternating the contestants and prints medians and ratios.
 Machines here are shared and noisy: read the ratios, not the absolute numbers.
 """
-import hashlib, os, resource, shutil, signal, statistics, subprocess, sys, tempfile, time, urllib.request
+import hashlib, os, resource, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -18,6 +18,9 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 BIG = int(os.environ.get("BENCH_BIG_MIB", "1024")) << 20
 SMALL_NARINFOS = 1000
 WAN_RATE_MIB = int(os.environ.get("BENCH_WAN_MIB", "50"))
+# Scenario 9: the round trip added to every request, and each upstream's rate per connection.
+WAN_DELAY_S = int(os.environ.get("BENCH_WAN_DELAY_MS", "40")) / 1000
+WAN_UPSTREAM_MIB = int(os.environ.get("BENCH_WAN_UPSTREAM_MIB", "100"))
 
 
 def nixbase32(data: bytes) -> str:
@@ -73,7 +76,7 @@ class Bench:
         self.work = work
         self.cache = os.path.join(work, "cache")
         self.procs = []
-        self.ports = {k: free_port() for k in ["upstream", "static", "proxy", "sidecar"]}
+        self.ports = {k: free_port() for k in ["upstream", "static", "proxy", "sidecar", "wan-a", "wan-b"]}
 
     def url(self, who: str, path: str) -> str:
         scheme = "https" if who == "upstream" else "http"
@@ -118,6 +121,8 @@ http {{
     location /slow/ {{ alias {self.cache}/; limit_rate 1m; }}
   }}
   server {{ listen 127.0.0.1:{p['static']}; root {self.cache}; }}
+  server {{ listen 127.0.0.1:{p['wan-a']}; root {self.work}/wan-a; limit_rate {WAN_UPSTREAM_MIB}m; }}
+  server {{ listen 127.0.0.1:{p['wan-b']}; root {self.work}/wan-b; limit_rate {WAN_UPSTREAM_MIB}m; }}
   server {{
     listen 127.0.0.1:{p['proxy']};
     location / {{
@@ -459,6 +464,162 @@ def real_nix(b: Bench, results: list):
         print(f"# CPU s per {label} copy: " + ", ".join(f"{who} {part(runs, who):.2f}" for who in ["nix", "nginx", "nix-sidecar"]))
 
 
+class DelayingProxy:
+    """The WAN of scenario 9, in user space: an HTTP/1.1 relay in front of one of nginx's
+    servers that holds every request for WAN_DELAY_S before passing it on (one round trip to a
+    distant cache), keep-alive included. The rate per connection is nginx's `limit_rate`."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.relay, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def head(sock, buf: bytes):
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                return None, b""
+            buf += data
+        end = buf.index(b"\r\n\r\n") + 4
+        return buf[:end], buf[end:]
+
+    def relay(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        pending = b""
+        try:
+            while True:
+                request, pending = self.head(client, pending)
+                if request is None:
+                    return
+                time.sleep(WAN_DELAY_S)
+                upstream.sendall(request)
+                response, body = self.head(upstream, b"")
+                if response is None:
+                    return
+                client.sendall(response)
+                lines = response.decode("latin-1").split("\r\n")
+                status = int(lines[0].split()[1])
+                length = next((int(l.split(":", 1)[1]) for l in lines if l.lower().startswith("content-length:")), 0)
+                if request.startswith(b"HEAD") or status in (204, 304):
+                    length = 0
+                left = length - len(body)
+                client.sendall(body[:length])
+                while left > 0:
+                    data = upstream.recv(min(left, 1 << 20))
+                    if not data:
+                        return
+                    client.sendall(data)
+                    left -= len(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+
+def split_closure(b: Bench, top: str) -> None:
+    """Puts the closure's narinfos and NARs, alternately, into the caches of the two WAN
+    upstreams (each path in exactly one of them)."""
+    home = os.path.join(b.work, "nix-home")
+    paths = sorted(nix(["nix-store", "-qR", top], home).split())
+    for name in ["wan-a", "wan-b"]:
+        os.makedirs(os.path.join(b.work, name, "nar"), exist_ok=True)
+        with open(os.path.join(b.work, name, "nix-cache-info"), "w") as f:
+            f.write("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n")
+    for i, path in enumerate(paths):
+        dest = os.path.join(b.work, "wan-a" if i % 2 == 0 else "wan-b")
+        h = os.path.basename(path)[:32]
+        narinfo = os.path.join(b.cache, f"{h}.narinfo")
+        with open(narinfo) as f:
+            url = next(l.split(": ", 1)[1].strip() for l in f if l.startswith("URL: "))
+        for rel in [f"{h}.narinfo", url]:
+            target = os.path.join(dest, rel)
+            if not os.path.exists(target):
+                os.link(os.path.join(b.cache, rel), target)
+
+
+def nix_seconds(args: list, work: str, cacert: str = None) -> float:
+    """A Nix command run against an empty store (removed afterwards); its wall time."""
+    home = tempfile.mkdtemp(dir=work, prefix="nix-client-")
+    started = time.monotonic()
+    nix(args + ["--store", os.path.join(home, "store")], home, cacert)
+    seconds = time.monotonic() - started
+    subprocess.run(["chmod", "-R", "u+w", home], check=True)
+    shutil.rmtree(home)
+    return seconds
+
+
+def wan(b: Bench, results: list):
+    """9. Two upstreams behind a WAN (WAN_DELAY_S per request, WAN_UPSTREAM_MIB per
+    connection), the closure split between them: Nix with both as substituters against Nix
+    through a cold nix-sidecar (racing, lookahead), for a closure walk (`nix-store --realise
+    --dry-run`: narinfos only) and a real copy (`nix-store --realise`); then a copy after
+    `nix-sidecar prefetch` against one from a warm cache."""
+    print(f"# WAN: {WAN_DELAY_S * 1000:.0f} ms per request, {WAN_UPSTREAM_MIB} MiB/s per connection, two upstreams", flush=True)
+    top, public_key = nix_closure(b)
+    split_closure(b, top)
+    proxies = [DelayingProxy(b.ports[name]) for name in ["wan-a", "wan-b"]]
+    direct_subs = " ".join(f"http://127.0.0.1:{p.port}" for p in proxies)
+    sidecar_subs = b.url("sidecar", "").rstrip("/")
+    config = os.path.join(b.work, "wan-sidecar.toml")
+
+    def start_sidecar():
+        b.stop_sidecar()
+        cache_dir = os.path.join(b.work, "wan-sidecar-cache")
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        with open(config, "w") as f:
+            f.write(f'listen = ["127.0.0.1:{b.ports["sidecar"]}"]\ncache-dir = "{cache_dir}"\n'
+                    f'min-free-space = "1GiB"\nmax-cache-size = "50GiB"\n')
+            for i, p in enumerate(proxies):
+                f.write(f'[[upstream]]\nname = "wan-{i}"\nurl = "http://127.0.0.1:{p.port}"\n')
+        log = open(os.path.join(b.work, "sidecar.log"), "a")
+        b.sidecar = subprocess.Popen([os.path.join(ROOT, "target/release/nix-sidecar"), "serve", "--config", config],
+                                     stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "NIX_SIDECAR_LOG": "warn"})
+        for _ in range(3000):
+            try:
+                urllib.request.urlopen(b.url("sidecar", "nix-cache-info"), timeout=1).read()
+                return
+            except Exception:
+                time.sleep(0.01)
+        raise SystemExit("nix-sidecar did not start")
+
+    def realise(subs: str, dry: bool) -> float:
+        args = ["nix-store", "--realise", top, "--option", "substituters", subs,
+                "--option", "trusted-public-keys", public_key]
+        return nix_seconds(args + (["--dry-run"] if dry else []), b.work)
+
+    walk_direct, walk_sidecar, copy_direct, copy_sidecar, prefetched, warm = [], [], [], [], [], []
+    for _ in range(max(3, ROUNDS // 2)):
+        walk_direct.append(realise(direct_subs, True))
+        start_sidecar()
+        walk_sidecar.append(realise(sidecar_subs, True))
+        copy_direct.append(realise(direct_subs, False))
+        start_sidecar()
+        copy_sidecar.append(realise(sidecar_subs, False))
+        warm.append(realise(sidecar_subs, False))
+        start_sidecar()
+        subprocess.run([os.path.join(ROOT, "target/release/nix-sidecar"), "prefetch", "--url", sidecar_subs, top],
+                       check=True, capture_output=True)
+        prefetched.append(realise(sidecar_subs, False))
+    b.stop_sidecar()
+    for p in proxies:
+        p.listener.close()
+    n = len(nix(["nix-store", "-qR", top], os.path.join(b.work, "nix-home")).split())
+    results.append((f"9. WAN, closure walk ({n} paths, narinfos only), s", median(walk_sidecar), "Nix, both upstreams direct", median(walk_direct), "<= 0.6"))
+    results.append((f"9b. WAN, cold copy ({n} paths, {NIX_MIB} MiB), s", median(copy_sidecar), "Nix, both upstreams direct", median(copy_direct), "<= 0.9"))
+    results.append((f"9c. WAN, copy after `nix-sidecar prefetch`, s", median(prefetched), "copy from a warm nix-sidecar", median(warm), "<= 1.15"))
+
+
 class CpuMeter:
     """CPU seconds (user + system) that Nix (our children), nginx's workers and nix-sidecar
     take between entering and leaving the block."""
@@ -536,7 +697,7 @@ def big_index(b: Bench, results: list):
 
 
 SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "6": real_nix,
-             "7": big_index, "8": crowd_cold}
+             "7": big_index, "8": crowd_cold, "9": wan}
 
 
 def main():
