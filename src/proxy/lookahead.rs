@@ -18,8 +18,10 @@ use tokio::sync::Semaphore;
 use super::{NarInfoAnswer, Proxy};
 use crate::nix::narinfo::NarInfo;
 
-/// Lookups running at once (per daemon; upstream requests are bounded per upstream too).
-const RUNNING: usize = 8;
+/// Lookups running at once in the daemon: as many as Nix's own narinfo requests (its
+/// `http-connections` is 25), since each waits a round trip to a distant cache; upstream
+/// requests are bounded per upstream too.
+const RUNNING: usize = 32;
 /// Lookups waiting for a slot, in the whole daemon; more are dropped.
 const QUEUED: usize = 1024;
 /// Lookups made for one narinfo Nix asked for, all levels together.
