@@ -254,8 +254,8 @@ async fn lookahead_stays_within_its_budget_on_a_2000_path_closure() {
     up.settle().await;
     let fetched = up.total() - 1;
     assert!(
-        (1..=256).contains(&fetched),
-        "{fetched} references looked up ahead (budget 256)"
+        (1..=1024).contains(&fetched),
+        "{fetched} references looked up ahead (budget 1024)"
     );
     assert_eq!(ask(&sidecar, &node(1999)).await.0, 200);
     let distinct: std::collections::HashSet<String> = up

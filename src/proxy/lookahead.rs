@@ -23,9 +23,10 @@ use crate::nix::narinfo::NarInfo;
 /// requests are bounded per upstream too.
 const RUNNING: usize = 32;
 /// Lookups waiting for a slot, in the whole daemon; more are dropped.
-const QUEUED: usize = 1024;
-/// Lookups made for one narinfo Nix asked for, all levels together.
-const BUDGET: usize = 256;
+const QUEUED: usize = 4096;
+/// Lookups made for one narinfo Nix asked for, all levels together: enough for the direct
+/// references of a wide closure's root (Nix asks for all of them next), not for a runaway.
+const BUDGET: usize = 1024;
 /// Levels of references below the narinfo Nix asked for.
 const DEPTH: u32 = 3;
 /// Hashes remembered as looked up; the set is cleared when it reaches this size.
