@@ -846,6 +846,18 @@ mod tests {
         writer.finish().await;
     }
 
+    /// Drops `store` once the background work a fill leaves behind (the eviction pass after a
+    /// commit) has let go of it, so the directory can be opened again at once.
+    async fn close(store: Store) {
+        for _ in 0..500 {
+            if Arc::strong_count(&store.0) == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the store is still held by a background task");
+    }
+
     /// A pinned file outlives an eviction pass that takes every other file, except when the
     /// disk is below `min-free-space`; an expired pin is no pin; unpin lets it go.
     #[tokio::test]
@@ -862,7 +874,7 @@ mod tests {
         store.pin(&["nar/a.nar".into()], u64::MAX).unwrap();
         store.pin(&["nar/c.nar".into()], 1).unwrap();
         assert_eq!(store.stats().pinned_bytes, 6);
-        drop(store);
+        close(store).await;
 
         let none = Limits {
             max_size: 0,
@@ -872,7 +884,7 @@ mod tests {
         store.enforce_limits(0);
         assert_eq!(store.size(), 6, "only the pinned file is left");
         assert!(store.stored("nar/a.nar").is_some());
-        drop(store);
+        close(store).await;
 
         let floor = Limits {
             max_size: 0,
@@ -881,13 +893,13 @@ mod tests {
         let store = Store::open(dir.path(), floor).unwrap();
         store.enforce_limits(0);
         assert_eq!(store.size(), 0, "below the floor, pins give way");
-        drop(store);
+        close(store).await;
 
         let store = Store::open(dir.path(), roomy).unwrap();
         store_file(&store, "nar/d.nar", b"again").await;
         store.pin(&["nar/d.nar".into()], u64::MAX).unwrap();
         assert_eq!(store.unpin(None).unwrap(), 3, "a, c and d were pinned");
-        drop(store);
+        close(store).await;
         let store = Store::open(dir.path(), none).unwrap();
         store.enforce_limits(0);
         assert_eq!(store.size(), 0);
