@@ -11,6 +11,8 @@ use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::nix::narinfo::TrustedKeys;
 use crate::proxy::{partition, Policy, Proxy, UpstreamEntry};
+use crate::push::target::Target;
+use crate::push::Pusher;
 use crate::server::{Options, Site};
 use crate::status::{CacheStatus, Status};
 use crate::store::{Limits, Store};
@@ -21,6 +23,7 @@ pub struct App {
     identities: Vec<Arc<Identity>>,
     upstreams: Vec<Arc<Upstream>>,
     store: Store,
+    pusher: Option<Arc<Pusher>>,
     metrics: Arc<Metrics>,
     options: Options,
 }
@@ -76,6 +79,9 @@ impl App {
             priority: config.priority,
             lookahead: config.narinfo_lookahead,
         };
+        let pusher = push_targets(config, &identities)?
+            .map(|(targets, partition)| Pusher::open(targets, store.clone(), partition))
+            .transpose()?;
         let upstream_list = upstreams.iter().map(|u| u.upstream.clone()).collect();
         let proxy = Proxy::new(upstreams, store.clone(), metrics.clone(), policy);
         Ok(App {
@@ -83,6 +89,7 @@ impl App {
             identities,
             upstreams: upstream_list,
             store,
+            pusher,
             metrics,
             options: Options {
                 grace: config.shutdown_grace,
@@ -104,22 +111,74 @@ impl App {
         for identity in &self.identities {
             tokio::spawn(identity.clone().keep_fresh());
         }
-        let (identities, upstreams, store) = (
+        let (stop_pushing, pushing_stopped) = tokio::sync::oneshot::channel::<()>();
+        let pushing = self.pusher.clone().map(|pusher| {
+            tokio::spawn(pusher.run(async {
+                let _ = pushing_stopped.await;
+            }))
+        });
+        let (identities, upstreams, store, pusher) = (
             self.identities.clone(),
             self.upstreams.clone(),
             self.store.clone(),
+            self.pusher.clone(),
         );
-        let status = move || snapshot(&identities, &upstreams, &store);
-        let site = Site::new(self.proxy.clone(), self.metrics.clone(), status);
+        let status = move || snapshot(&identities, &upstreams, &store, pusher.as_deref());
+        let site = Site::new(
+            self.proxy.clone(),
+            self.pusher.clone(),
+            self.metrics.clone(),
+            status,
+        );
         let deadline =
             crate::server::serve(listeners, Arc::new(site), self.options, shutdown).await;
+        // Uploads in flight stop here; their paths stay queued on disk.
+        drop(stop_pushing);
+        if let Some(pushing) = pushing {
+            let _ = pushing.await;
+        }
         // Downloads whose clients are gone may still be finishing into the cache.
         self.store.settle(deadline).await;
         self.store.flush_access_times();
     }
 }
 
-fn snapshot(identities: &[Arc<Identity>], upstreams: &[Arc<Upstream>], store: &Store) -> Status {
+/// The upstreams that take pushes, as upload targets, and the cache partition pushed paths
+/// are recorded under; `None` when no upstream takes pushes.
+#[allow(clippy::type_complexity)]
+fn push_targets(
+    config: &Config,
+    identities: &[Arc<Identity>],
+) -> Result<Option<(Vec<Arc<Target>>, String)>, String> {
+    let mut targets = Vec::new();
+    let mut partition_of_first = None;
+    for up in &config.upstreams {
+        let Some(push) = &up.push else { continue };
+        let client = crate::http::client_for(up.ca_file.as_deref())
+            .map_err(|e| format!("upstream `{}`: {e}", up.name))?;
+        let identity = push
+            .identity
+            .as_ref()
+            .and_then(|name| identities.iter().find(|i| i.name() == name).cloned());
+        partition_of_first.get_or_insert_with(|| partition(up));
+        targets.push(Arc::new(Target::new(
+            &up.name,
+            &up.url,
+            push.clone(),
+            identity,
+            up.auth.clone(),
+            client,
+        )));
+    }
+    Ok(partition_of_first.map(|p| (targets, p)))
+}
+
+fn snapshot(
+    identities: &[Arc<Identity>],
+    upstreams: &[Arc<Upstream>],
+    store: &Store,
+    pusher: Option<&Pusher>,
+) -> Status {
     Status {
         upstreams: upstreams
             .iter()
@@ -134,5 +193,6 @@ fn snapshot(identities: &[Arc<Identity>], upstreams: &[Arc<Upstream>], store: &S
             evictions: store.evictions(),
             verification_failures: store.verification_failures(),
         },
+        push: pusher.map(Pusher::status),
     }
 }

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod metrics;
 pub mod nix;
 pub mod proxy;
+pub mod push;
 pub mod secret;
 pub mod server;
 pub mod status;

@@ -2,8 +2,11 @@
 
 #![forbid(unsafe_code)]
 
-#[path = "cli/prefetch.rs"]
-mod prefetch_cli;
+mod cli {
+    pub mod daemon;
+    pub mod prefetch;
+    pub mod push;
+}
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +69,21 @@ enum Command {
         pin: Option<String>,
         /// Store paths (`/nix/store/<hash>-<name>`), their basenames or hashes.
         #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Queue store paths (with their closures) for upload to the upstreams that take pushes.
+    /// Without PATH, reads `$OUT_PATHS` (as a `post-build-hook`).
+    Push {
+        #[arg(long, env = "NIX_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+        /// The daemon's URL [default: http://<the config's first listen address>].
+        #[arg(long)]
+        url: Option<String>,
+        /// Wait until every path is uploaded or failed for good; print a summary; exit 1 if
+        /// any failed. With no PATH (and no `$OUT_PATHS`), waits for the whole queue.
+        #[arg(long)]
+        wait: bool,
+        /// Store paths (`/nix/store/<hash>-<name>`).
         paths: Vec<String>,
     },
     /// Let every NAR pinned by `prefetch --pin` be evicted again.
@@ -220,8 +238,14 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             url,
             pin,
             paths,
-        } => prefetch_cli::run(&daemon_url(config, url)?, &paths, pin.as_deref()).await,
-        Command::Unpin { config, url } => prefetch_cli::unpin(&daemon_url(config, url)?).await,
+        } => cli::prefetch::run(&daemon_url(config, url)?, &paths, pin.as_deref()).await,
+        Command::Push {
+            config,
+            url,
+            wait,
+            paths,
+        } => cli::push::run(&daemon_url(config, url)?, paths, wait).await,
+        Command::Unpin { config, url } => cli::prefetch::unpin(&daemon_url(config, url)?).await,
         Command::Cache {
             action,
             config,

@@ -222,6 +222,28 @@ impl Metrics {
             "Downloads whose bytes did not match their narinfo",
             ConstCounter::new(status.cache.verification_failures),
         );
+        if let Some(push) = &status.push {
+            now.register(
+                "push_queue_paths",
+                "Paths waiting for upload or being uploaded (one per upstream)",
+                ConstGauge::new(push.queued as i64),
+            );
+            now.register(
+                "push_uploaded",
+                "Paths uploaded since start",
+                ConstCounter::new(push.uploaded),
+            );
+            now.register(
+                "push_failures",
+                "Failed upload attempts since start (retried or for good)",
+                ConstCounter::new(push.failures),
+            );
+            now.register(
+                "push_bytes",
+                "Bytes uploaded since start",
+                ConstCounter::new(push.bytes),
+            );
+        }
         let left = Family::<IdentityLabel, Gauge>::default();
         let refreshes = Family::<IdentityLabel, Counter>::default();
         let failures = Family::<IdentityLabel, Counter>::default();

@@ -7,6 +7,29 @@ pub struct Status {
     pub upstreams: Vec<(String, UpstreamHealth)>,
     pub identities: Vec<(String, IdentityHealth)>,
     pub cache: CacheStatus,
+    /// The upload queue, when some upstream takes pushes.
+    pub push: Option<PushStatus>,
+}
+
+/// The upload queue: `push` in `/_sidecar/health`, `push_*` metrics.
+#[derive(Default, Clone, serde::Serialize)]
+pub struct PushStatus {
+    /// Paths waiting or being uploaded (one per upstream they go to).
+    pub queued: u64,
+    pub uploading: u64,
+    /// Since the daemon started.
+    pub uploaded: u64,
+    pub failures: u64,
+    pub bytes: u64,
+    /// Paths that failed for good, until they are pushed again.
+    pub failed: Vec<FailedPush>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailedPush {
+    pub path: String,
+    pub upstream: String,
+    pub reason: String,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -17,10 +40,11 @@ pub struct CacheStatus {
 }
 
 impl Status {
-    /// Healthy when every identity and every upstream is.
+    /// Healthy when every identity and every upstream is, and no push has failed for good.
     pub fn healthy(&self) -> bool {
         self.identities.iter().all(|(_, h)| h.healthy)
             && self.upstreams.iter().all(|(_, h)| h.healthy)
+            && self.push.as_ref().is_none_or(|p| p.failed.is_empty())
     }
 }
 

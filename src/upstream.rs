@@ -290,18 +290,7 @@ impl Upstream {
                     concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
                 );
             if let (true, Some(token)) = (same_origin, token) {
-                let value = match &self.auth {
-                    Auth::Bearer => format!("Bearer {}", token.secret.expose()),
-                    Auth::Basic { username } => format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD
-                            .encode(format!("{username}:{}", token.secret.expose()))
-                    ),
-                };
-                let mut value = http::HeaderValue::from_str(&value)
-                    .map_err(|_| "the token is not a valid header value".to_string())?;
-                value.set_sensitive(true);
-                request = request.header("authorization", value);
+                request = request.header("authorization", authorization(&self.auth, token)?);
             }
             let request = request
                 .body(Full::new(Bytes::new()))
@@ -349,7 +338,23 @@ impl Upstream {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The `Authorization` value presenting `token` as `auth` says (marked sensitive: never logged).
+pub fn authorization(auth: &Auth, token: &Token) -> Result<http::HeaderValue, String> {
+    let value = match auth {
+        Auth::Bearer => format!("Bearer {}", token.secret.expose()),
+        Auth::Basic { username } => format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("{username}:{}", token.secret.expose()))
+        ),
+    };
+    let mut value = http::HeaderValue::from_str(&value)
+        .map_err(|_| "the token is not a valid header value".to_string())?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -4,41 +4,10 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use super::daemon::{post, read_lines, SILENCE};
 use nix_sidecar::config::format_size;
 use nix_sidecar::proxy::prefetch::Progress;
-
-/// The daemon sends a line at least every half second; this long without one is a failure.
-const SILENCE: Duration = Duration::from_secs(60);
-
-/// POSTs `body` to the daemon's `path`; its answer's body, if it is a success.
-async fn post(base: &str, path: &str, body: String) -> Result<hyper::body::Incoming, String> {
-    let client = nix_sidecar::http::client(None)?;
-    let url = format!("{}{path}", base.trim_end_matches('/'));
-    let request = http::Request::post(&url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| format!("cannot reach the daemon at {base}: {e}"))?;
-    let status = response.status();
-    let body = response.into_body();
-    if !status.is_success() {
-        let text = nix_sidecar::http::read_limited(body, 64 * 1024, SILENCE)
-            .await
-            .unwrap_or_default();
-        return Err(format!(
-            "the daemon answered {status}: {}",
-            String::from_utf8_lossy(&text).trim()
-        ));
-    }
-    Ok(body)
-}
 
 pub async fn unpin(base: &str) -> Result<ExitCode, String> {
     let body = post(base, "/_sidecar/unpin", String::new()).await?;
@@ -49,29 +18,15 @@ pub async fn unpin(base: &str) -> Result<ExitCode, String> {
 
 pub async fn run(base: &str, paths: &[String], pin: Option<&str>) -> Result<ExitCode, String> {
     let ask = serde_json::json!({ "paths": paths, "pin": pin }).to_string();
-    let mut body = post(base, "/_sidecar/prefetch", ask).await?;
+    let body = post(base, "/_sidecar/prefetch", ask).await?;
     let show = Show::new();
-    let mut pending = Vec::new();
     let mut last = Progress::default();
-    while !last.done {
-        let frame = tokio::time::timeout(SILENCE, body.frame())
-            .await
-            .map_err(|_| "the daemon stopped reporting progress".to_string())?;
-        let Some(frame) = frame else {
-            return Err("the daemon ended the prefetch before it was done".into());
-        };
-        let frame = frame.map_err(|e| format!("reading the progress: {e}"))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        pending.extend_from_slice(&data);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            last = serde_json::from_slice(&line)
-                .map_err(|e| format!("the daemon sent unreadable progress: {e}"))?;
-            show.update(&last);
-        }
-    }
+    read_lines(body, |progress: Progress| {
+        show.update(&progress);
+        last = progress;
+        last.done
+    })
+    .await?;
     show.finish(&last);
     for missing in &last.unavailable {
         eprintln!("unavailable: {}: {}", missing.path, missing.reason);

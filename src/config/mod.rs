@@ -14,6 +14,7 @@ use url::Url;
 use crate::nix::narinfo::TrustedKeys;
 
 mod identity;
+mod push;
 mod render;
 mod units;
 mod upstream;
@@ -22,6 +23,7 @@ pub use identity::{
     AutoKeys, AzureKeys, ExchangeConfig, IdentityConfig, ManagedIdentity, Provider,
     DEFAULT_NETRC_PATH, KUBERNETES_TOKEN_PATH,
 };
+pub use push::{PushConfig, PushProtocol};
 pub use units::{format_size, parse_duration, parse_size};
 use upstream::FileUpstream;
 pub use upstream::{Auth, UpstreamConfig};
@@ -208,12 +210,7 @@ impl Config {
                     .identity
                     .as_ref()
                     .map(|_| CLI_IDENTITY.to_string()),
-                ca_file: None,
-                auth: None,
-                username: None,
-                trusted_public_keys: None,
-                insecure_http: None,
-                prefetch_nars: None,
+                ..FileUpstream::default()
             });
         }
 

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{format_size, toml_str, url_text_for_log, Auth, Config};
+use super::{format_size, toml_str, url_text_for_log, Auth, Config, PushProtocol};
 
 impl Config {
     /// The effective configuration as TOML. It holds no secret: tokens only ever come from
@@ -81,6 +81,28 @@ impl Config {
             }
             if let Some(ca) = &up.ca_file {
                 let _ = writeln!(out, "ca-file = {}", toml_str(&ca.display().to_string()));
+            }
+            if let Some(push) = &up.push {
+                let kind = match &push.protocol {
+                    PushProtocol::Attic { cache, .. } => {
+                        let _ = writeln!(out, "push-cache = {}", toml_str(cache));
+                        "attic"
+                    }
+                    PushProtocol::FlakeHub { api, project } => {
+                        let _ = writeln!(out, "flakehub-api = {}", toml_str(api.as_str()));
+                        if let Some(project) = project {
+                            let _ = writeln!(out, "flakehub-project = {}", toml_str(project));
+                        }
+                        "flakehub"
+                    }
+                    PushProtocol::Http => "http",
+                };
+                let _ = writeln!(out, "push = \"{kind}\"");
+                let _ = writeln!(out, "push-skip-keys = {}", list(push.skip_keys.clone()));
+                let _ = writeln!(out, "push-uids = {:?}", push.uids);
+                if let Some(id) = &push.identity {
+                    let _ = writeln!(out, "push-identity = {}", toml_str(id));
+                }
             }
         }
         for (name, id) in &self.identities {

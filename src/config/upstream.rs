@@ -11,7 +11,7 @@ use super::{
 };
 use crate::nix::narinfo::TrustedKeys;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(super) struct FileUpstream {
     pub(super) name: Option<String>,
@@ -24,6 +24,13 @@ pub(super) struct FileUpstream {
     pub(super) trusted_public_keys: Option<Vec<String>>,
     pub(super) insecure_http: Option<bool>,
     pub(super) prefetch_nars: Option<bool>,
+    pub(super) push: Option<String>,
+    pub(super) push_skip_keys: Option<Vec<String>>,
+    pub(super) push_uids: Option<Vec<u32>>,
+    pub(super) push_identity: Option<String>,
+    pub(super) push_cache: Option<String>,
+    pub(super) flakehub_api: Option<String>,
+    pub(super) flakehub_project: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +47,8 @@ pub struct UpstreamConfig {
     pub insecure_http: bool,
     /// Start the NAR download when one of its narinfos is served.
     pub prefetch_nars: bool,
+    /// Uploads go here too (`push = ...`).
+    pub push: Option<super::PushConfig>,
 }
 
 /// How the token is presented to an upstream.
@@ -165,6 +174,7 @@ pub(super) fn check(
     if insecure_http {
         tracing::warn!(upstream = %url_text_for_log(&url), "insecure-http: the token crosses the network unencrypted");
     }
+    let push = super::push::check(i, &up, &url, identities)?;
     let name = up
         .name
         .or(up.preset.clone())
@@ -210,5 +220,6 @@ pub(super) fn check(
         trusted_public_keys: upstream_keys,
         insecure_http,
         prefetch_nars: up.prefetch_nars.unwrap_or(false),
+        push,
     })
 }

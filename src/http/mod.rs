@@ -15,12 +15,26 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 pub type Body = Full<Bytes>;
-pub type Client = hyper_util::client::legacy::Client<HttpsConnector<egress::Egress>, Body>;
+pub type Client = ClientFor<Body>;
+/// A client whose requests carry bodies of type `B`.
+pub type ClientFor<B> = hyper_util::client::legacy::Client<HttpsConnector<egress::Egress>, B>;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a client trusting the system roots and, if given, the certificates in `extra_ca`.
 pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
+    client_for(extra_ca)
+}
+
+/// The same client, for request bodies of type `B` (uploads stream theirs).
+pub fn client_for<B>(
+    extra_ca: Option<&Path>,
+) -> Result<ClientFor<B>, String>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         // A broken system certificate should not stop the daemon; it just is not trusted.

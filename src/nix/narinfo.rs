@@ -151,11 +151,19 @@ pub fn is_store_basename(name: &str) -> bool {
         && b[33] != b'.'
 }
 
-fn is_store_path(path: &str) -> bool {
+pub fn is_store_path(path: &str) -> bool {
     match path.rsplit_once('/') {
         Some((dir, base)) => dir.starts_with('/') && is_store_basename(base),
         None => false,
     }
+}
+
+/// The value of a single-valued field (`Deriver`, `CA`, ...) of narinfo text.
+pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(": "))
+    })
 }
 
 /// Replaces the value of the `URL:` line, keeping every other byte as it was (signatures do

@@ -19,6 +19,8 @@ pub enum CachePath {
     Prefetch,
     /// `POST /_sidecar/unpin`.
     Unpin,
+    /// `POST /_sidecar/push`.
+    Push,
 }
 
 const MAX_PATH: usize = 1024;
@@ -36,6 +38,7 @@ pub fn parse(path: &str, query: Option<&str>) -> Option<CachePath> {
         "_sidecar/metrics" => return Some(CachePath::Metrics),
         "_sidecar/prefetch" => return no_query(CachePath::Prefetch),
         "_sidecar/unpin" => return no_query(CachePath::Unpin),
+        "_sidecar/push" => return no_query(CachePath::Push),
         _ => {}
     }
     if let Some(hash) = rel.strip_suffix(".narinfo") {

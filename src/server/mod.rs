@@ -9,6 +9,7 @@ pub mod body;
 mod host;
 mod idle;
 mod peer;
+mod push;
 pub mod routes;
 mod sendfile;
 
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::push::Pusher;
 use crate::status::Status;
 
 /// For request headers, and for a connection on which nothing moves either way.
@@ -58,6 +60,8 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
 /// and metrics (a snapshot taken per request).
 pub struct Site {
     answers: Arc<Proxy>,
+    /// Takes uploads when some upstream does.
+    pusher: Option<Arc<Pusher>>,
     metrics: Arc<Metrics>,
     status: Box<dyn Fn() -> Status + Send + Sync>,
 }
@@ -65,14 +69,33 @@ pub struct Site {
 impl Site {
     pub fn new(
         answers: Arc<Proxy>,
+        pusher: Option<Arc<Pusher>>,
         metrics: Arc<Metrics>,
         status: impl Fn() -> Status + Send + Sync + 'static,
     ) -> Site {
         Site {
             answers,
+            pusher,
             metrics,
             status: Box::new(status),
         }
+    }
+}
+
+/// The two ends of a request's connection: who may push is decided by the peer's uid.
+#[derive(Clone, Copy)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl Peer {
+    /// The uid owning the client's socket (read off the async threads: the table can be large).
+    pub async fn uid(self) -> Option<u32> {
+        tokio::task::spawn_blocking(move || peer::uid_of(self.remote, self.local))
+            .await
+            .ok()
+            .flatten()
     }
 }
 
@@ -142,6 +165,7 @@ pub async fn serve(
                         let segments = segments.clone();
                         service_fn(move |mut request: Request<Incoming>| {
                             request.extensions_mut().insert(segments.clone());
+                            request.extensions_mut().insert(Peer { remote: peer, local });
                             let site = site.clone();
                             async move {
                                 let answer = match host::refusal(&request, local) {

@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 
 use super::body::{self, Body};
 use super::sendfile::{self, FileBody, FollowBody, Segments};
-use super::Site;
+use super::{push, Site};
 use crate::nix::request::{self, CachePath};
 use crate::proxy::{prefetch, Content, Failure, NarAnswer, NarInfoAnswer};
 use crate::status::Status;
@@ -29,9 +29,11 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         Some(CachePath::Metrics) => "metrics",
         Some(CachePath::Prefetch) => "prefetch",
         Some(CachePath::Unpin) => "unpin",
+        Some(CachePath::Push) => "push",
     };
-    let allowed = match route {
-        Some(CachePath::Prefetch | CachePath::Unpin) => "POST",
+    let allowed = match (&route, &site.pusher) {
+        (Some(CachePath::Prefetch | CachePath::Unpin | CachePath::Push), _) => "POST",
+        (Some(CachePath::NarInfo(_) | CachePath::Nar(_)), Some(_)) => "GET, HEAD, PUT",
         _ => "GET, HEAD",
     };
     let response = match route {
@@ -45,6 +47,28 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             r
         }
         Some(CachePath::Prefetch) => prefetch(site, request).await,
+        Some(CachePath::Push) => match &site.pusher {
+            Some(pusher) => push::request(pusher, request).await,
+            None => text(StatusCode::NOT_FOUND, "no upstream takes pushes (push = ...)\n"),
+        },
+        Some(CachePath::NarInfo(hash)) if method == Method::PUT => {
+            let pusher = site.pusher.as_ref().expect("PUT is allowed only with a pusher");
+            push::narinfo(pusher, &hash, request).await
+        }
+        Some(CachePath::Nar(key)) if method == Method::PUT => {
+            let pusher = site.pusher.as_ref().expect("PUT is allowed only with a pusher");
+            push::nar(pusher, &key, request).await
+        }
+        // Nix asks before uploading a NAR: only one it gave us counts as there.
+        Some(CachePath::Nar(key)) if method == Method::HEAD && site.pusher.is_some() => {
+            let pusher = site.pusher.as_ref().expect("checked");
+            let staged = key.strip_prefix("nar/").is_some_and(|f| pusher.has_nar(f));
+            if staged {
+                text(StatusCode::OK, "")
+            } else {
+                text(StatusCode::NOT_FOUND, "not uploaded\n")
+            }
+        }
         Some(CachePath::Unpin) => match site.answers.unpin_all() {
             Ok(n) => typed(
                 StatusCode::OK,
@@ -105,11 +129,11 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
     response
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+pub(super) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     typed(status, "text/plain; charset=utf-8", body.into())
 }
 
-fn typed(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+pub(super) fn typed(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)

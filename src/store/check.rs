@@ -341,7 +341,12 @@ impl ContentCheck {
     }
 }
 
-fn decoder(compression: &str, sink: NarSink) -> Result<Box<dyn Write + Send>, String> {
+/// A writer that decompresses what it is given into `sink`. `flush` ends the stream: it
+/// fails if the stream was cut short.
+pub fn decoder<W: Write + Send + 'static>(
+    compression: &str,
+    sink: W,
+) -> Result<Box<dyn Write + Send>, String> {
     Ok(match compression {
         "none" | "" => Box::new(sink),
         "xz" => Box::new(FinishOnDrop(Some(xz2::write::XzDecoder::new(sink)))),
@@ -396,14 +401,14 @@ impl<W: Write> Finish for xz2::write::XzDecoder<W> {
 
 /// bzip2 through its low-level API: `bzip2::write::BzDecoder` spins forever when dropped
 /// after a truncated stream, and truncated streams are exactly what lying upstreams send.
-struct BzipWriter {
+struct BzipWriter<W> {
     state: bzip2::Decompress,
     out: Vec<u8>,
-    sink: NarSink,
+    sink: W,
     ended: bool,
 }
 
-impl Write for BzipWriter {
+impl<W: Write> Write for BzipWriter<W> {
     fn write(&mut self, mut buf: &[u8]) -> std::io::Result<usize> {
         let total = buf.len();
         loop {

@@ -707,7 +707,7 @@ impl Store {
 /// unit's `UMask`, 0755 would let every local user read the NARs that `allowed-uids` guards.
 /// A symlink in its place is replaced by a directory, never followed: start-up deletes what
 /// it finds in `tmp/` and `nars/`.
-fn private_dir(dir: &Path) -> Result<(), String> {
+pub fn private_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::DirBuilderExt;
     let shown = dir.display();
     if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {

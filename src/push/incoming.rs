@@ -1,0 +1,204 @@
+//! `nix copy --to http://127.0.0.1:37515`: Nix uploads each NAR file (`PUT /nar/<file>`),
+//! then its narinfo (`PUT /<hash>.narinfo`). The file is kept in the staging directory as it
+//! comes; the narinfo is checked against it (FileHash/FileSize of the file, NarHash/NarSize
+//! of the NAR inside), the NAR joins the local cache (so local pulls hit at once), and the
+//! path is queued. Nix hears 200 only once the queue has it on disk.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256 as Hasher};
+use std::io::Read;
+
+use super::info::PathInfo;
+use super::queue::Origin;
+use super::Pusher;
+use crate::nix::narinfo::{NarInfo, MAX_NARINFO_BYTES};
+use crate::nix::request::is_file_name;
+use crate::store::check::{check_nar, Expected};
+use crate::store::fill::ChunkSink;
+use crate::store::{NarSource, NewNarInfo, Slot};
+
+pub type Refusal = (StatusCode, String);
+
+fn bad(reason: impl Into<String>) -> Refusal {
+    (StatusCode::BAD_REQUEST, reason.into())
+}
+
+fn internal(reason: impl Into<String>) -> Refusal {
+    (StatusCode::INTERNAL_SERVER_ERROR, reason.into())
+}
+
+impl Pusher {
+    /// Whether Nix need not upload `nar/<file>`: it is staged already.
+    pub fn has_nar(&self, file: &str) -> bool {
+        is_file_name(file) && self.staging.join(file).is_file()
+    }
+
+    /// Keeps the body of `PUT /nar/<file>` in the staging directory.
+    pub async fn put_nar(&self, file: &str, mut body: hyper::body::Incoming) -> Result<(), Refusal> {
+        if !is_file_name(file) {
+            return Err(bad("not a NAR file name"));
+        }
+        let tmp = self
+            .staging
+            .join(format!(".tmp-{}-{file}", fastrand::u64(..)));
+        let mut out = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+        let result: Result<(), Refusal> = async {
+            use tokio::io::AsyncWriteExt;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| bad(format!("the upload broke off: {e}")))?;
+                if let Ok(data) = frame.into_data() {
+                    out.write_all(&data)
+                        .await
+                        .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+                }
+            }
+            out.sync_all()
+                .await
+                .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+            tokio::fs::rename(&tmp, self.staging.join(file))
+                .await
+                .map_err(|e| internal(format!("cannot stage the upload: {e}")))
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    /// Checks the narinfo of `PUT /<hash>.narinfo` against the staged NAR, caches both and
+    /// queues the path for `targets`.
+    pub async fn put_narinfo(
+        &self,
+        hash: &str,
+        body: hyper::body::Incoming,
+        targets: &[std::sync::Arc<super::Target>],
+    ) -> Result<(), Refusal> {
+        let text = crate::http::read_limited(
+            body,
+            MAX_NARINFO_BYTES,
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .map_err(bad)?;
+        let text = String::from_utf8(text.to_vec()).map_err(|_| bad("the narinfo is not UTF-8"))?;
+        let info = NarInfo::parse(text.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        if info.hash_part() != hash {
+            return Err(bad(format!(
+                "the narinfo is for {}, not {hash}",
+                info.store_path
+            )));
+        }
+        let file = info
+            .url
+            .strip_prefix("nar/")
+            .filter(|f| is_file_name(f))
+            .ok_or_else(|| bad(format!("URL `{}` is not nar/<file>", info.url)))?
+            .to_string();
+        let staged = self.staging.join(&file);
+        if !staged.is_file() {
+            return Err(bad(format!(
+                "{} was not uploaded before its narinfo (PUT /nar/{file} first)",
+                info.url
+            )));
+        }
+        let expected = Expected::from_narinfo(&info);
+        let checked = {
+            let (staged, expected) = (staged.clone(), expected.clone());
+            tokio::task::spawn_blocking(move || check_staged(&staged, &expected))
+                .await
+                .map_err(|e| internal(e.to_string()))?
+        };
+        if let Err(reason) = checked {
+            let _ = std::fs::remove_file(&staged);
+            return Err(bad(format!(
+                "{} does not match this narinfo: {reason}",
+                info.url
+            )));
+        }
+        self.cache_locally(hash, &text, &info, &file, &staged, &expected)
+            .await;
+        let path = PathInfo::from_narinfo(&info, &text);
+        let origin = Origin::Staged {
+            file,
+            compression: info.compression.clone(),
+            narinfo: text,
+        };
+        self.enqueue(targets, vec![(path, origin)])
+            .await
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    /// Records the narinfo and stores the NAR in the local cache, as if pulled. A failure
+    /// here costs a later local pull a download, nothing more: it is logged, not refused.
+    async fn cache_locally(
+        &self,
+        hash: &str,
+        text: &str,
+        info: &NarInfo,
+        file: &str,
+        staged: &Path,
+        expected: &Expected,
+    ) {
+        let key = format!("nar/{file}");
+        let source = NarSource {
+            upstream: self.targets[0].name.clone(),
+            url: key.clone(),
+            expected: expected.clone(),
+        };
+        self.store
+            .put_narinfos(&[NewNarInfo::new(&self.partition, hash, text, &key, source)]);
+        let Slot::Lead(mut writer, _reader) = self.store.fill(&key, expected) else {
+            return; // stored already, or being stored, or no room
+        };
+        let Ok(mut from) = std::fs::File::open(staged) else {
+            return writer.fail("the staged upload vanished");
+        };
+        let _ = writer.start(expected.file_len().or(info.file_size));
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Err(e) = writer.write(Bytes::copy_from_slice(&buf[..n])).await {
+                        tracing::warn!(nar = %key, error = %e, "could not cache a pushed NAR");
+                        return;
+                    }
+                }
+                Err(e) => return writer.fail(&format!("reading the staged upload: {e}")),
+            }
+        }
+        writer.finish().await;
+    }
+}
+
+/// FileHash/FileSize of the file as uploaded, then NarHash/NarSize of the NAR inside.
+fn check_staged(path: &Path, expected: &Expected) -> Result<(), String> {
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let (mut hasher, mut len, mut buf) = (Hasher::new(), 0u64, vec![0u8; 256 * 1024]);
+    loop {
+        let n = file.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        len += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    if let Some(size) = expected.file_size.filter(|s| *s != len) {
+        return Err(format!("it is {len} bytes, FileSize says {size}"));
+    }
+    let sha: [u8; 32] = hasher.finalize().into();
+    if expected.file_hash.is_some_and(|h| h.0 != sha) {
+        return Err("its SHA-256 is not FileHash".into());
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    check_nar(&mut file, expected)?;
+    Ok(())
+}

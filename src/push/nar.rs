@@ -1,0 +1,208 @@
+//! NAR bytes on their way up: read from the local Nix store (`nix-store --dump`) or from a
+//! file Nix uploaded (decompressed when the protocol wants the NAR itself), checked against
+//! NarHash/NarSize as they go, and handed to the HTTP client as a streaming body of known
+//! length. A mismatch ends the body with an error, so the upload is cut short and can never
+//! be taken for complete.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use sha2::{Digest, Sha256 as Hasher};
+use tokio::sync::mpsc;
+
+use super::info::PathInfo;
+
+const CHUNK: usize = 256 * 1024;
+
+/// A request body fed by a producer thread, announcing its exact length.
+pub struct UploadBody {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    len: u64,
+}
+
+impl Body for UploadBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|r| r.map(Frame::data)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len)
+    }
+}
+
+impl UploadBody {
+    pub fn full(bytes: Bytes) -> UploadBody {
+        let (tx, rx) = mpsc::channel(1);
+        let len = bytes.len() as u64;
+        let _ = tx.try_send(Ok(bytes));
+        UploadBody { rx, len }
+    }
+}
+
+/// Where the bytes come from, and in what form they go.
+pub enum Feed {
+    /// `nix-store --dump <path>`: the NAR itself.
+    Store(String),
+    /// A stored file; `compression` says how to get the NAR out of it, or `None` to send the
+    /// file as it is (it was checked against its FileHash when it arrived).
+    File {
+        path: PathBuf,
+        compression: Option<String>,
+    },
+}
+
+/// The body for `source`, preceded by `preamble`: `preamble.len() + len` bytes, where `len`
+/// is NarSize (or the file's size when it goes as it is).
+pub fn body(source: Feed, info: &PathInfo, preamble: Bytes, len: u64) -> UploadBody {
+    let (tx, rx) = mpsc::channel(8);
+    let total = preamble.len() as u64 + len;
+    if !preamble.is_empty() {
+        let _ = tx.try_send(Ok(preamble));
+    }
+    let expected = info.clone();
+    tokio::task::spawn_blocking(move || {
+        let state = Arc::new(Mutex::new((Hasher::new(), 0u64)));
+        let out = Out {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+            state: state.clone(),
+            limit: expected.nar_size,
+        };
+        let (checked, result) = match source {
+            Feed::Store(path) => (true, dump(&path, out)),
+            Feed::File {
+                path,
+                compression: Some(compression),
+            } => (true, decompress(&path, &compression, out)),
+            Feed::File {
+                path,
+                compression: None,
+            } => (false, copy_file(&path, out)),
+        };
+        let result = result.and_then(|()| {
+            let (hasher, len) = std::mem::take(&mut *state.lock().unwrap());
+            let hash: [u8; 32] = hasher.finalize().into();
+            if !checked {
+                Ok(())
+            } else if len != expected.nar_size {
+                Err(format!("the NAR is {len} bytes, NarSize says {}", expected.nar_size))
+            } else if hash != expected.nar_hash.0 {
+                Err("the NAR does not match its NarHash".into())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(reason) = result {
+            tracing::warn!(path = %expected.store_path, %reason, "upload cut short");
+            let _ = tx.blocking_send(Err(std::io::Error::other(reason)));
+        }
+    });
+    UploadBody { rx, len: total }
+}
+
+fn dump(path: &str, mut out: Out) -> Result<(), String> {
+    let mut child = std::process::Command::new("nix-store")
+        .args(["--dump", path])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run nix-store --dump: {e}"))?;
+    let copied = std::io::copy(&mut child.stdout.take().expect("piped"), &mut out)
+        .and_then(|_| out.flush());
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("nix-store --dump: {e}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!("nix-store --dump {path} failed: {}", stderr.trim()));
+    }
+    copied.map(drop).map_err(|e| format!("reading {path}: {e}"))
+}
+
+fn decompress(path: &std::path::Path, compression: &str, out: Out) -> Result<(), String> {
+    let mut file =
+        std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let mut decoder = crate::store::check::decoder(compression, out)?;
+    std::io::copy(&mut file, &mut decoder)
+        .and_then(|_| decoder.flush())
+        .map(drop)
+        .map_err(|e| format!("decompressing {}: {e}", path.display()))
+}
+
+fn copy_file(path: &std::path::Path, mut out: Out) -> Result<(), String> {
+    let mut file =
+        std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    out.limit = u64::MAX;
+    let mut buf = vec![0; CHUNK];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        if n == 0 {
+            return out.flush().map_err(|e| e.to_string());
+        }
+        out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+    }
+}
+
+/// Gathers bytes into chunks for the body, hashing and counting them.
+struct Out {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+    state: Arc<Mutex<(Hasher, u64)>>,
+    limit: u64,
+}
+
+impl Write for Out {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        {
+            let mut state = self.state.lock().unwrap();
+            state.1 += data.len() as u64;
+            if state.1 > self.limit {
+                return Err(std::io::Error::other("the NAR is longer than NarSize"));
+            }
+            state.0.update(data);
+        }
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+impl Out {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::other("the upload was abandoned"))
+    }
+}
+
+impl Drop for Out {
+    fn drop(&mut self) {
+        let _ = self.send();
+    }
+}

@@ -1,0 +1,333 @@
+//! One upstream as an upload target, in its protocol (docs/push.md): Attic's API, FlakeHub
+//! (a project lookup, then Attic's API), or a plain Nix HTTP cache. Answers are reduced to
+//! what the queue decides on: done, try again later, or failed for good.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use url::Url;
+
+use super::info::PathInfo;
+use super::nar::{self, Feed, UploadBody};
+use super::queue::{Entry, Origin};
+use crate::config::{Auth, PushConfig, PushProtocol};
+use crate::http::{display_url, read_limited, snippet};
+use crate::identity::{Identity, Token};
+use crate::upstream::{authorization, error_chain};
+
+pub type UploadClient = crate::http::ClientFor<UploadBody>;
+
+/// Attic's client sends the path's info in a header up to this size, as a preamble beyond.
+const HEADER_INFO_LIMIT: usize = 4096;
+/// Answers to small requests (missing paths, a narinfo probe) must come within this.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Paths asked about in one get-missing-paths call.
+pub const MISSING_BATCH: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushError {
+    /// Worth trying again later (5xx, 429, a timeout, a refused connection, a 401 after a
+    /// fresh token).
+    Retry(String),
+    /// Trying again will not help (403: this identity may not push here).
+    Fatal(String),
+}
+
+pub struct Target {
+    pub name: String,
+    pub config: PushConfig,
+    /// The upstream's URL, ending in `/`.
+    base: Url,
+    identity: Option<Arc<Identity>>,
+    /// How a plain HTTP cache takes the token (Attic's API always takes a Bearer token).
+    auth: Auth,
+    client: UploadClient,
+    /// FlakeHub's cache name, looked up once.
+    flakehub_cache: tokio::sync::Mutex<Option<String>>,
+}
+
+impl Target {
+    pub fn new(
+        name: &str,
+        url: &Url,
+        config: PushConfig,
+        identity: Option<Arc<Identity>>,
+        auth: Auth,
+        client: UploadClient,
+    ) -> Target {
+        Target {
+            name: name.to_string(),
+            config,
+            base: with_slash(url),
+            identity,
+            auth,
+            client,
+            flakehub_cache: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Which of `paths` the upstream does not have yet (their hashes).
+    pub async fn missing(&self, paths: &[&PathInfo]) -> Result<HashSet<String>, PushError> {
+        match &self.config.protocol {
+            PushProtocol::Http => {
+                let mut missing = HashSet::new();
+                for info in paths {
+                    let url = self.join(&self.base, &format!("{}.narinfo", info.hash()))?;
+                    let response = self
+                        .send(Method::GET, &url, &self.auth, &[], || UploadBody::full(Bytes::new()), true)
+                        .await?;
+                    if response.status() == StatusCode::NOT_FOUND {
+                        missing.insert(info.hash().to_string());
+                    }
+                }
+                Ok(missing)
+            }
+            _ => {
+                let (server, cache) = self.attic().await?;
+                let url = self.join(&server, "_api/v1/get-missing-paths")?;
+                let hashes: Vec<&str> = paths.iter().map(|p| p.hash()).collect();
+                let body = serde_json::json!({"cache": cache, "store_path_hashes": hashes});
+                let body = Bytes::from(body.to_string());
+                let json = [(http::header::CONTENT_TYPE, "application/json".to_string())];
+                let response = self
+                    .send(Method::POST, &url, &Auth::Bearer, &json, || UploadBody::full(body.clone()), false)
+                    .await?;
+                #[derive(serde::Deserialize)]
+                struct Missing {
+                    missing_paths: Vec<String>,
+                }
+                let answer = read_limited(response.into_body(), 16 << 20, ANSWER_TIMEOUT)
+                    .await
+                    .map_err(PushError::Retry)?;
+                let missing: Missing = serde_json::from_slice(&answer).map_err(|e| {
+                    PushError::Retry(format!("get-missing-paths answered something unusable: {e}"))
+                })?;
+                Ok(missing.missing_paths.into_iter().collect())
+            }
+        }
+    }
+
+    /// Uploads one path; the bytes sent.
+    pub async fn upload(&self, entry: &Entry, staging: &Path) -> Result<u64, PushError> {
+        let info = &entry.info;
+        match &self.config.protocol {
+            PushProtocol::Http => self.upload_http(entry, staging).await,
+            _ => {
+                let (server, cache) = self.attic().await?;
+                let url = self.join(&server, "_api/v1/upload-path")?;
+                let json = info.attic_json(&cache).to_string();
+                let mut headers = vec![(
+                    http::header::CONTENT_TYPE,
+                    "application/octet-stream".to_string(),
+                )];
+                let preamble = if json.len() < HEADER_INFO_LIMIT {
+                    headers.push((http::HeaderName::from_static("x-attic-nar-info"), json));
+                    Bytes::new()
+                } else {
+                    headers.push((
+                        http::HeaderName::from_static("x-attic-nar-info-preamble-size"),
+                        json.len().to_string(),
+                    ));
+                    Bytes::from(json)
+                };
+                let feed = || match &entry.origin {
+                    Origin::Store => Feed::Store(info.store_path.clone()),
+                    Origin::Staged {
+                        file, compression, ..
+                    } => Feed::File {
+                        path: staging.join(file),
+                        compression: Some(compression.clone()),
+                    },
+                };
+                let make = || nar::body(feed(), info, preamble.clone(), info.nar_size);
+                self.send(Method::PUT, &url, &Auth::Bearer, &headers, make, false)
+                    .await?;
+                Ok(preamble.len() as u64 + info.nar_size)
+            }
+        }
+    }
+
+    /// `PUT nar/<file>`, then `PUT <hash>.narinfo`, as `nix copy --to` does.
+    async fn upload_http(&self, entry: &Entry, staging: &Path) -> Result<u64, PushError> {
+        let info = &entry.info;
+        let (nar_url, narinfo, file, size) = match &entry.origin {
+            Origin::Staged { file, narinfo, .. } => {
+                let path = staging.join(file);
+                let size = std::fs::metadata(&path)
+                    .map_err(|e| PushError::Fatal(format!("the uploaded NAR is gone: {e}")))?
+                    .len();
+                (format!("nar/{file}"), narinfo.clone(), Some(path), size)
+            }
+            Origin::Store => {
+                let url = format!("nar/{}.nar", crate::nix::base32::encode(&info.nar_hash.0));
+                let text = info.narinfo_uncompressed(&url);
+                (url, text, None, info.nar_size)
+            }
+        };
+        let feed = || match &file {
+            Some(path) => Feed::File {
+                path: path.clone(),
+                compression: None,
+            },
+            None => Feed::Store(info.store_path.clone()),
+        };
+        let nar_type = [(http::header::CONTENT_TYPE, "application/x-nix-nar".to_string())];
+        let url = self.join(&self.base, &nar_url)?;
+        let make = || nar::body(feed(), info, Bytes::new(), size);
+        self.send(Method::PUT, &url, &self.auth, &nar_type, make, false)
+            .await?;
+        let url = self.join(&self.base, &format!("{}.narinfo", info.hash()))?;
+        let text_type = [(http::header::CONTENT_TYPE, "text/x-nix-narinfo".to_string())];
+        let narinfo = Bytes::from(narinfo);
+        self.send(Method::PUT, &url, &self.auth, &text_type, || UploadBody::full(narinfo.clone()), false)
+            .await?;
+        Ok(size + narinfo.len() as u64)
+    }
+
+    /// Attic's server root and cache name (FlakeHub's looked up on first use).
+    async fn attic(&self) -> Result<(Url, String), PushError> {
+        match &self.config.protocol {
+            PushProtocol::Attic { server, cache } => Ok((with_slash(server), cache.clone())),
+            PushProtocol::FlakeHub { api, project } => {
+                let mut known = self.flakehub_cache.lock().await;
+                if let Some(cache) = known.as_ref() {
+                    return Ok((self.base.clone(), cache.clone()));
+                }
+                let path = match project {
+                    Some(project) => format!("project/{project}"),
+                    None => "project".to_string(),
+                };
+                let url = self.join(&with_slash(api), &path)?;
+                let basic = Auth::Basic {
+                    username: "flakehub".into(),
+                };
+                let response = self
+                    .send(Method::GET, &url, &basic, &[], || UploadBody::full(Bytes::new()), false)
+                    .await?;
+                #[derive(serde::Deserialize)]
+                struct Project {
+                    organization_uuid_v7: String,
+                    project_uuid_v7: String,
+                }
+                let body = read_limited(response.into_body(), 1 << 20, ANSWER_TIMEOUT)
+                    .await
+                    .map_err(PushError::Retry)?;
+                let project: Project = serde_json::from_slice(&body).map_err(|e| {
+                    PushError::Fatal(format!("FlakeHub's project lookup answered something unusable: {e}"))
+                })?;
+                let cache = format!("{}:{}", project.organization_uuid_v7, project.project_uuid_v7);
+                *known = Some(cache.clone());
+                Ok((self.base.clone(), cache))
+            }
+            PushProtocol::Http => unreachable!("plain HTTP caches have no Attic API"),
+        }
+    }
+
+    fn join(&self, base: &Url, rel: &str) -> Result<Url, PushError> {
+        base.join(rel)
+            .map_err(|e| PushError::Fatal(format!("cannot make a URL of {rel}: {e}")))
+    }
+
+    /// One request with the push identity's token; a 401 gets one fresh token and one more
+    /// try (`make_body` is called again). `missing_ok`: a 404 is an answer, not a failure.
+    async fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        auth: &Auth,
+        headers: &[(http::HeaderName, String)],
+        make_body: impl Fn() -> UploadBody,
+        missing_ok: bool,
+    ) -> Result<Response<Incoming>, PushError> {
+        let mut fresh_token = false;
+        loop {
+            let token = self.token().await?;
+            let body = make_body();
+            let mut request = Request::builder()
+                .method(method.clone())
+                .uri(url.as_str())
+                .header(
+                    http::header::USER_AGENT,
+                    concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
+                )
+                .header(http::header::CONTENT_LENGTH, hyper::body::Body::size_hint(&body).lower());
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            if let Some(token) = &token {
+                request = request.header(
+                    http::header::AUTHORIZATION,
+                    authorization(auth, token).map_err(PushError::Fatal)?,
+                );
+            }
+            let request = request
+                .body(body)
+                .map_err(|e| PushError::Fatal(format!("cannot build the request: {e}")))?;
+            let response = self.client.request(request).await.map_err(|e| {
+                PushError::Retry(format!("{} {}: {}", method, display_url(url), error_chain(&e)))
+            })?;
+            let status = response.status();
+            if status.is_success() || (missing_ok && status == StatusCode::NOT_FOUND) {
+                return Ok(response);
+            }
+            if status == StatusCode::UNAUTHORIZED && !fresh_token {
+                if let (Some(identity), Some(token)) = (&self.identity, &token) {
+                    identity.invalidate(token.generation);
+                    fresh_token = true;
+                    continue;
+                }
+            }
+            let said = read_limited(response.into_body(), 4096, Duration::from_secs(5))
+                .await
+                .unwrap_or_default();
+            let said = match &token {
+                Some(token) => token.secret.scrub(&String::from_utf8_lossy(&said)),
+                None => String::from_utf8_lossy(&said).into_owned(),
+            };
+            let what = format!(
+                "{method} {} answered HTTP {}: {}",
+                display_url(url),
+                status.as_u16(),
+                snippet(said.as_bytes())
+            );
+            return Err(match status {
+                StatusCode::UNAUTHORIZED => PushError::Retry(format!("{what} (after a fresh token)")),
+                StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => PushError::Fatal(format!(
+                    "{what} (this identity may not push to upstream `{}`)",
+                    self.name
+                )),
+                s if s.is_server_error()
+                    || s == StatusCode::TOO_MANY_REQUESTS
+                    || s == StatusCode::REQUEST_TIMEOUT =>
+                {
+                    PushError::Retry(what)
+                }
+                _ => PushError::Fatal(what),
+            });
+        }
+    }
+
+    async fn token(&self) -> Result<Option<Token>, PushError> {
+        match &self.identity {
+            Some(identity) => identity
+                .token()
+                .await
+                .map(Some)
+                .map_err(|e| PushError::Retry(format!("no token for upstream `{}`: {e}", self.name))),
+            None => Ok(None),
+        }
+    }
+}
+
+fn with_slash(url: &Url) -> Url {
+    let mut url = url.clone();
+    if !url.path().ends_with('/') {
+        url.set_path(&format!("{}/", url.path()));
+    }
+    url
+}

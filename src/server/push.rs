@@ -1,0 +1,147 @@
+//! The listener's push routes: `PUT /nar/<file>` and `PUT /<hash>.narinfo` (`nix copy --to`)
+//! and `POST /_sidecar/push` (`nix-sidecar push`). Only peers whose uid is in an upstream's
+//! `push-uids` get through; they push to those upstreams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::{self, Body};
+use super::routes::{text, typed};
+use super::Peer;
+use crate::push::queue::Origin;
+use crate::push::target::Target;
+use crate::push::Pusher;
+
+/// The upstreams this request's peer may push to, or the 403 that says why none.
+async fn allowed(
+    pusher: &Pusher,
+    request: &Request<Incoming>,
+) -> Result<Vec<Arc<Target>>, Response<Body>> {
+    let uid = match request.extensions().get::<Peer>() {
+        Some(peer) => peer.uid().await,
+        None => None,
+    };
+    pusher.targets_for(uid).map_err(|reason| {
+        tracing::warn!(?uid, "push refused: {reason}");
+        text(StatusCode::FORBIDDEN, format!("{reason}\n"))
+    })
+}
+
+fn refused((status, reason): (StatusCode, String)) -> Response<Body> {
+    text(status, format!("{reason}\n"))
+}
+
+pub async fn nar(pusher: &Pusher, key: &str, request: Request<Incoming>) -> Response<Body> {
+    if let Err(refusal) = allowed(pusher, &request).await {
+        return refusal;
+    }
+    let Some(file) = key.strip_prefix("nar/").filter(|f| !f.contains('?')) else {
+        return text(StatusCode::BAD_REQUEST, "PUT /nar/<file> takes no query\n");
+    };
+    match pusher.put_nar(file, request.into_body()).await {
+        Ok(()) => text(StatusCode::OK, ""),
+        Err(refusal) => refused(refusal),
+    }
+}
+
+pub async fn narinfo(pusher: &Pusher, hash: &str, request: Request<Incoming>) -> Response<Body> {
+    let targets = match allowed(pusher, &request).await {
+        Ok(targets) => targets,
+        Err(refusal) => return refusal,
+    };
+    match pusher
+        .put_narinfo(hash, request.into_body(), &targets)
+        .await
+    {
+        Ok(()) => text(StatusCode::OK, ""),
+        Err(refusal) => refused(refusal),
+    }
+}
+
+/// `POST /_sidecar/push` with `{"paths": [...], "wait": bool}`: queues the closures of the
+/// paths (read from the local Nix store). Without `wait`, answers at once how many entries
+/// were queued. With it, answers a line of JSON every few seconds while they upload (so
+/// the connection never looks idle) and a last one with `"done": true` and the summary;
+/// with `wait` and no paths, waits for everything queued.
+pub async fn request(pusher: &Arc<Pusher>, request: Request<Incoming>) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    struct Ask {
+        #[serde(default)]
+        paths: Vec<String>,
+        #[serde(default)]
+        wait: bool,
+    }
+    let usage = "expected a JSON body {\"paths\": [\"/nix/store/...\"], \"wait\": false}\n";
+    let targets = match allowed(pusher, &request).await {
+        Ok(targets) => targets,
+        Err(refusal) => return refusal,
+    };
+    let body = match crate::http::read_limited(request.into_body(), 1 << 20, Duration::from_secs(30)).await {
+        Ok(body) => body,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let Ok(ask) = serde_json::from_slice::<Ask>(&body) else {
+        return text(StatusCode::BAD_REQUEST, usage);
+    };
+    let bad: Vec<&str> = ask
+        .paths
+        .iter()
+        .filter(|p| !crate::nix::narinfo::is_store_path(p))
+        .map(String::as_str)
+        .collect();
+    if !bad.is_empty() || (ask.paths.is_empty() && !ask.wait) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("not store paths: {}\n{usage}", bad.join(", ")),
+        );
+    }
+    let keys = if ask.paths.is_empty() {
+        None
+    } else {
+        let infos = match crate::push::local::closure(&ask.paths).await {
+            Ok(infos) => infos,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        };
+        let paths = infos.into_iter().map(|i| (i, Origin::Store)).collect();
+        match pusher.enqueue(&targets, paths).await {
+            Ok(keys) => Some(keys),
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
+    };
+    if !ask.wait {
+        let queued = keys.map_or(0, |k| k.len());
+        return typed(
+            StatusCode::ACCEPTED,
+            "application/json",
+            format!("{{\"queued\": {queued}}}\n"),
+        );
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let pusher = pusher.clone();
+    tokio::spawn(async move {
+        let waiting = pusher.wait(keys);
+        tokio::pin!(waiting);
+        loop {
+            let tick = tokio::time::sleep(Duration::from_secs(5));
+            let line = tokio::select! {
+                summary = &mut waiting => {
+                    let line = serde_json::json!({"done": true, "summary": summary});
+                    let _ = tx.send(Ok(bytes::Bytes::from(format!("{line}\n")))).await;
+                    return;
+                }
+                _ = tick => serde_json::json!({"done": false, "queued": pusher.status().queued}),
+            };
+            if tx.send(Ok(bytes::Bytes::from(format!("{line}\n")))).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(body::stream(rx, Default::default()))
+        .unwrap()
+}
