@@ -59,14 +59,21 @@ pub(super) fn check(
     };
     let only_for = |field: &str, set: bool, protocol: &str| {
         if set && kind != protocol {
-            Err(invalid(key(field), format!("is only used with push = \"{protocol}\"")))
+            Err(invalid(
+                key(field),
+                format!("is only used with push = \"{protocol}\""),
+            ))
         } else {
             Ok(())
         }
     };
     only_for("push-cache", up.push_cache.is_some(), "attic")?;
     only_for("flakehub-api", up.flakehub_api.is_some(), "flakehub")?;
-    only_for("flakehub-project", up.flakehub_project.is_some(), "flakehub")?;
+    only_for(
+        "flakehub-project",
+        up.flakehub_project.is_some(),
+        "flakehub",
+    )?;
     let protocol = match kind {
         "attic" => {
             // The API is at the server's root: the URL without its last segment (the cache).
@@ -98,7 +105,12 @@ pub(super) fn check(
             let api = Url::parse(text)
                 .ok()
                 .filter(|u| matches!(u.scheme(), "http" | "https"))
-                .ok_or_else(|| invalid(key("flakehub-api"), format!("`{text}` is not an http(s) URL")))?;
+                .ok_or_else(|| {
+                    invalid(
+                        key("flakehub-api"),
+                        format!("`{text}` is not an http(s) URL"),
+                    )
+                })?;
             if let Some(project) = &up.flakehub_project {
                 if project.split('/').count() != 2 || project.split('/').any(str::is_empty) {
                     return Err(invalid(key("flakehub-project"), "is `owner/flake`"));
@@ -119,7 +131,10 @@ pub(super) fn check(
     };
     let identity = match &up.push_identity {
         Some(id) if !identities.contains_key(id) => {
-            return Err(invalid(key("push-identity"), format!("no [identity.{id}] table")))
+            return Err(invalid(
+                key("push-identity"),
+                format!("no [identity.{id}] table"),
+            ))
         }
         Some(id) => Some(id.clone()),
         None => up.identity.clone(),

@@ -27,9 +27,7 @@ pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
 }
 
 /// The same client, for request bodies of type `B` (uploads stream theirs).
-pub fn client_for<B>(
-    extra_ca: Option<&Path>,
-) -> Result<ClientFor<B>, String>
+pub fn client_for<B>(extra_ca: Option<&Path>) -> Result<ClientFor<B>, String>
 where
     B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,

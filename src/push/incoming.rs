@@ -38,7 +38,11 @@ impl Pusher {
     }
 
     /// Keeps the body of `PUT /nar/<file>` in the staging directory.
-    pub async fn put_nar(&self, file: &str, mut body: hyper::body::Incoming) -> Result<(), Refusal> {
+    pub async fn put_nar(
+        &self,
+        file: &str,
+        mut body: hyper::body::Incoming,
+    ) -> Result<(), Refusal> {
         if !is_file_name(file) {
             return Err(bad("not a NAR file name"));
         }
@@ -80,13 +84,10 @@ impl Pusher {
         body: hyper::body::Incoming,
         targets: &[std::sync::Arc<super::Target>],
     ) -> Result<(), Refusal> {
-        let text = crate::http::read_limited(
-            body,
-            MAX_NARINFO_BYTES,
-            std::time::Duration::from_secs(30),
-        )
-        .await
-        .map_err(bad)?;
+        let text =
+            crate::http::read_limited(body, MAX_NARINFO_BYTES, std::time::Duration::from_secs(30))
+                .await
+                .map_err(bad)?;
         let text = String::from_utf8(text.to_vec()).map_err(|_| bad("the narinfo is not UTF-8"))?;
         let info = NarInfo::parse(text.as_bytes()).map_err(|e| bad(e.to_string()))?;
         if info.hash_part() != hash {

@@ -171,7 +171,10 @@ mod tests {
         );
         let old = parse_path_info_json(old.as_bytes()).unwrap();
         assert_eq!(old[0].references, [&A[11..], &B[11..]]);
-        assert_eq!(old[0].deriver.as_deref(), Some("2c2jys1ybdr4l3fjvfib5j5l0k3g5aky-a.drv"));
+        assert_eq!(
+            old[0].deriver.as_deref(),
+            Some("2c2jys1ybdr4l3fjvfib5j5l0k3g5aky-a.drv")
+        );
         assert_eq!(old[0].signed_by(&["k-1".into()]), Some("k-1"));
         let new = parse_path_info_json(new.as_bytes()).unwrap();
         assert_eq!(new.len(), 1, "the invalid path is left out");

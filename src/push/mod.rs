@@ -207,7 +207,8 @@ impl Pusher {
     /// being uploaded; what became of them.
     pub async fn wait(&self, keys: Option<Vec<String>>) -> Summary {
         let mut changed = self.changed.subscribe();
-        let keys = keys.unwrap_or_else(|| self.state.lock().unwrap().live.keys().cloned().collect());
+        let keys =
+            keys.unwrap_or_else(|| self.state.lock().unwrap().live.keys().cloned().collect());
         loop {
             changed.borrow_and_update();
             {
@@ -239,7 +240,11 @@ impl Pusher {
     pub fn status(&self) -> PushStatus {
         let state = self.state.lock().unwrap();
         PushStatus {
-            queued: state.live.values().filter(|l| l.entry.failed.is_none()).count() as u64,
+            queued: state
+                .live
+                .values()
+                .filter(|l| l.entry.failed.is_none())
+                .count() as u64,
             uploading: state.live.values().filter(|l| l.running).count() as u64,
             uploaded: self.counters.uploaded.load(Ordering::Relaxed),
             failures: self.counters.failures.load(Ordering::Relaxed),
@@ -340,13 +345,17 @@ impl Pusher {
             }
             let mut blocked = false;
             for reference in &live.entry.info.references {
-                let ref_key = queue::key(&live.entry.upstream, &reference[..32.min(reference.len())]);
+                let ref_key =
+                    queue::key(&live.entry.upstream, &reference[..32.min(reference.len())]);
                 if ref_key == key {
                     continue;
                 }
                 match state.live.get(&ref_key) {
                     Some(r) if r.entry.failed.is_some() => {
-                        doomed.push((key.clone(), format!("its reference {reference} could not be uploaded")));
+                        doomed.push((
+                            key.clone(),
+                            format!("its reference {reference} could not be uploaded"),
+                        ));
                         blocked = true;
                         break;
                     }
@@ -429,7 +438,14 @@ impl Pusher {
     }
 
     async fn upload(self: Arc<Self>, target: Arc<Target>, key: String) {
-        let Some(entry) = self.state.lock().unwrap().live.get(&key).map(|l| l.entry.clone()) else {
+        let Some(entry) = self
+            .state
+            .lock()
+            .unwrap()
+            .live
+            .get(&key)
+            .map(|l| l.entry.clone())
+        else {
             return;
         };
         let started = Instant::now();
@@ -459,7 +475,12 @@ impl Pusher {
                 Origin::Staged { file, .. } => Some(file),
                 Origin::Store => None,
             })
-            .filter(|file| !state.live.values().any(|l| staged_file(&l.entry) == Some(file)))
+            .filter(|file| {
+                !state
+                    .live
+                    .values()
+                    .any(|l| staged_file(&l.entry) == Some(file))
+            })
         };
         if let Some(file) = file {
             let _ = std::fs::remove_file(self.staging.join(file));
@@ -476,7 +497,9 @@ impl Pusher {
             PushError::Retry(reason) => reason,
         };
         let mut state = self.state.lock().unwrap();
-        let Some(live) = state.live.get_mut(key) else { return };
+        let Some(live) = state.live.get_mut(key) else {
+            return;
+        };
         live.attempts += 1;
         live.running = false;
         if live.attempts >= MAX_ATTEMPTS {
@@ -495,7 +518,9 @@ impl Pusher {
 
     fn fail_for_good(&self, key: &str, reason: &str) {
         let mut state = self.state.lock().unwrap();
-        let Some(live) = state.live.get_mut(key) else { return };
+        let Some(live) = state.live.get_mut(key) else {
+            return;
+        };
         tracing::error!(path = %live.entry.info.store_path, upstream = %live.entry.upstream, %reason, "upload failed for good");
         live.entry.failed = Some(reason.to_string());
         live.running = false;
@@ -515,7 +540,9 @@ impl Pusher {
             .values()
             .filter_map(|l| staged_file(&l.entry).map(String::as_str))
             .collect();
-        let Ok(dir) = std::fs::read_dir(&self.staging) else { return };
+        let Ok(dir) = std::fs::read_dir(&self.staging) else {
+            return;
+        };
         for file in dir.flatten() {
             let name = file.file_name().to_string_lossy().into_owned();
             if !needed.contains(name.as_str()) {

@@ -98,7 +98,10 @@ pub fn body(source: Feed, info: &PathInfo, preamble: Bytes, len: u64) -> UploadB
             if !checked {
                 Ok(())
             } else if len != expected.nar_size {
-                Err(format!("the NAR is {len} bytes, NarSize says {}", expected.nar_size))
+                Err(format!(
+                    "the NAR is {len} bytes, NarSize says {}",
+                    expected.nar_size
+                ))
             } else if hash != expected.nar_hash.0 {
                 Err("the NAR does not match its NarHash".into())
             } else {
@@ -121,8 +124,8 @@ fn dump(path: &str, mut out: Out) -> Result<(), String> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run nix-store --dump: {e}"))?;
-    let copied = std::io::copy(&mut child.stdout.take().expect("piped"), &mut out)
-        .and_then(|_| out.flush());
+    let copied =
+        std::io::copy(&mut child.stdout.take().expect("piped"), &mut out).and_then(|_| out.flush());
     let output = child
         .wait_with_output()
         .map_err(|e| format!("nix-store --dump: {e}"))?;

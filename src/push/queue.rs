@@ -81,7 +81,9 @@ impl Queue {
             let (k, v) = row.map_err(err)?;
             match serde_json::from_slice::<Entry>(v.value()) {
                 Ok(entry) => out.push(entry),
-                Err(e) => tracing::warn!(key = k.value(), error = %e, "unreadable push queue row left alone"),
+                Err(e) => {
+                    tracing::warn!(key = k.value(), error = %e, "unreadable push queue row left alone")
+                }
             }
         }
         out.sort_by_key(|e| e.seq);
@@ -199,7 +201,11 @@ mod tests {
         assert_eq!(all[0].failed.as_deref(), Some("HTTP 403"));
         let again = queue.add(vec![entry("up", b), entry("up", a)]).unwrap();
         assert_eq!(again[0].seq, 2, "b was waiting: it keeps its place");
-        assert_eq!((again[1].seq, again[1].failed.as_deref()), (3, None), "a is queued again");
+        assert_eq!(
+            (again[1].seq, again[1].failed.as_deref()),
+            (3, None),
+            "a is queued again"
+        );
         queue.remove(&key("up", b)).unwrap();
         assert_eq!(queue.all().unwrap().len(), 1);
     }

@@ -79,7 +79,14 @@ impl Target {
                 for info in paths {
                     let url = self.join(&self.base, &format!("{}.narinfo", info.hash()))?;
                     let response = self
-                        .send(Method::GET, &url, &self.auth, &[], || UploadBody::full(Bytes::new()), true)
+                        .send(
+                            Method::GET,
+                            &url,
+                            &self.auth,
+                            &[],
+                            || UploadBody::full(Bytes::new()),
+                            true,
+                        )
                         .await?;
                     if response.status() == StatusCode::NOT_FOUND {
                         missing.insert(info.hash().to_string());
@@ -95,7 +102,14 @@ impl Target {
                 let body = Bytes::from(body.to_string());
                 let json = [(http::header::CONTENT_TYPE, "application/json".to_string())];
                 let response = self
-                    .send(Method::POST, &url, &Auth::Bearer, &json, || UploadBody::full(body.clone()), false)
+                    .send(
+                        Method::POST,
+                        &url,
+                        &Auth::Bearer,
+                        &json,
+                        || UploadBody::full(body.clone()),
+                        false,
+                    )
                     .await?;
                 #[derive(serde::Deserialize)]
                 struct Missing {
@@ -105,7 +119,9 @@ impl Target {
                     .await
                     .map_err(PushError::Retry)?;
                 let missing: Missing = serde_json::from_slice(&answer).map_err(|e| {
-                    PushError::Retry(format!("get-missing-paths answered something unusable: {e}"))
+                    PushError::Retry(format!(
+                        "get-missing-paths answered something unusable: {e}"
+                    ))
                 })?;
                 Ok(missing.missing_paths.into_iter().collect())
             }
@@ -176,7 +192,10 @@ impl Target {
             },
             None => Feed::Store(info.store_path.clone()),
         };
-        let nar_type = [(http::header::CONTENT_TYPE, "application/x-nix-nar".to_string())];
+        let nar_type = [(
+            http::header::CONTENT_TYPE,
+            "application/x-nix-nar".to_string(),
+        )];
         let url = self.join(&self.base, &nar_url)?;
         let make = || nar::body(feed(), info, Bytes::new(), size);
         self.send(Method::PUT, &url, &self.auth, &nar_type, make, false)
@@ -184,8 +203,15 @@ impl Target {
         let url = self.join(&self.base, &format!("{}.narinfo", info.hash()))?;
         let text_type = [(http::header::CONTENT_TYPE, "text/x-nix-narinfo".to_string())];
         let narinfo = Bytes::from(narinfo);
-        self.send(Method::PUT, &url, &self.auth, &text_type, || UploadBody::full(narinfo.clone()), false)
-            .await?;
+        self.send(
+            Method::PUT,
+            &url,
+            &self.auth,
+            &text_type,
+            || UploadBody::full(narinfo.clone()),
+            false,
+        )
+        .await?;
         Ok(size + narinfo.len() as u64)
     }
 
@@ -207,7 +233,14 @@ impl Target {
                     username: "flakehub".into(),
                 };
                 let response = self
-                    .send(Method::GET, &url, &basic, &[], || UploadBody::full(Bytes::new()), false)
+                    .send(
+                        Method::GET,
+                        &url,
+                        &basic,
+                        &[],
+                        || UploadBody::full(Bytes::new()),
+                        false,
+                    )
                     .await?;
                 #[derive(serde::Deserialize)]
                 struct Project {
@@ -218,9 +251,14 @@ impl Target {
                     .await
                     .map_err(PushError::Retry)?;
                 let project: Project = serde_json::from_slice(&body).map_err(|e| {
-                    PushError::Fatal(format!("FlakeHub's project lookup answered something unusable: {e}"))
+                    PushError::Fatal(format!(
+                        "FlakeHub's project lookup answered something unusable: {e}"
+                    ))
                 })?;
-                let cache = format!("{}:{}", project.organization_uuid_v7, project.project_uuid_v7);
+                let cache = format!(
+                    "{}:{}",
+                    project.organization_uuid_v7, project.project_uuid_v7
+                );
                 *known = Some(cache.clone());
                 Ok((self.base.clone(), cache))
             }
@@ -255,7 +293,10 @@ impl Target {
                     http::header::USER_AGENT,
                     concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
                 )
-                .header(http::header::CONTENT_LENGTH, hyper::body::Body::size_hint(&body).lower());
+                .header(
+                    http::header::CONTENT_LENGTH,
+                    hyper::body::Body::size_hint(&body).lower(),
+                );
             for (name, value) in headers {
                 request = request.header(name, value);
             }
@@ -269,7 +310,12 @@ impl Target {
                 .body(body)
                 .map_err(|e| PushError::Fatal(format!("cannot build the request: {e}")))?;
             let response = self.client.request(request).await.map_err(|e| {
-                PushError::Retry(format!("{} {}: {}", method, display_url(url), error_chain(&e)))
+                PushError::Retry(format!(
+                    "{} {}: {}",
+                    method,
+                    display_url(url),
+                    error_chain(&e)
+                ))
             })?;
             let status = response.status();
             if status.is_success() || (missing_ok && status == StatusCode::NOT_FOUND) {
@@ -296,7 +342,9 @@ impl Target {
                 snippet(said.as_bytes())
             );
             return Err(match status {
-                StatusCode::UNAUTHORIZED => PushError::Retry(format!("{what} (after a fresh token)")),
+                StatusCode::UNAUTHORIZED => {
+                    PushError::Retry(format!("{what} (after a fresh token)"))
+                }
                 StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => PushError::Fatal(format!(
                     "{what} (this identity may not push to upstream `{}`)",
                     self.name
@@ -314,11 +362,9 @@ impl Target {
 
     async fn token(&self) -> Result<Option<Token>, PushError> {
         match &self.identity {
-            Some(identity) => identity
-                .token()
-                .await
-                .map(Some)
-                .map_err(|e| PushError::Retry(format!("no token for upstream `{}`: {e}", self.name))),
+            Some(identity) => identity.token().await.map(Some).map_err(|e| {
+                PushError::Retry(format!("no token for upstream `{}`: {e}", self.name))
+            }),
             None => Ok(None),
         }
     }

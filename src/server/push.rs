@@ -79,7 +79,13 @@ pub async fn request(pusher: &Arc<Pusher>, request: Request<Incoming>) -> Respon
         Ok(targets) => targets,
         Err(refusal) => return refusal,
     };
-    let body = match crate::http::read_limited(request.into_body(), 1 << 20, Duration::from_secs(30)).await {
+    let body = match crate::http::read_limited(
+        request.into_body(),
+        1 << 20,
+        Duration::from_secs(30),
+    )
+    .await
+    {
         Ok(body) => body,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
@@ -134,7 +140,11 @@ pub async fn request(pusher: &Arc<Pusher>, request: Request<Incoming>) -> Respon
                 }
                 _ = tick => serde_json::json!({"done": false, "queued": pusher.status().queued}),
             };
-            if tx.send(Ok(bytes::Bytes::from(format!("{line}\n")))).await.is_err() {
+            if tx
+                .send(Ok(bytes::Bytes::from(format!("{line}\n"))))
+                .await
+                .is_err()
+            {
                 return;
             }
         }

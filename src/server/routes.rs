@@ -49,14 +49,23 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         Some(CachePath::Prefetch) => prefetch(site, request).await,
         Some(CachePath::Push) => match &site.pusher {
             Some(pusher) => push::request(pusher, request).await,
-            None => text(StatusCode::NOT_FOUND, "no upstream takes pushes (push = ...)\n"),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no upstream takes pushes (push = ...)\n",
+            ),
         },
         Some(CachePath::NarInfo(hash)) if method == Method::PUT => {
-            let pusher = site.pusher.as_ref().expect("PUT is allowed only with a pusher");
+            let pusher = site
+                .pusher
+                .as_ref()
+                .expect("PUT is allowed only with a pusher");
             push::narinfo(pusher, &hash, request).await
         }
         Some(CachePath::Nar(key)) if method == Method::PUT => {
-            let pusher = site.pusher.as_ref().expect("PUT is allowed only with a pusher");
+            let pusher = site
+                .pusher
+                .as_ref()
+                .expect("PUT is allowed only with a pusher");
             push::nar(pusher, &key, request).await
         }
         // Nix asks before uploading a NAR: only one it gave us counts as there.
@@ -133,7 +142,11 @@ pub(super) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body
     typed(status, "text/plain; charset=utf-8", body.into())
 }
 
-pub(super) fn typed(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+pub(super) fn typed(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
@@ -351,12 +364,15 @@ fn health(status: &Status) -> Response<Body> {
         .map(|(name, h)| (name.clone(), serde_json::to_value(h).unwrap()))
         .collect();
     let healthy = status.healthy();
-    let stats = serde_json::json!({
+    let mut stats = serde_json::json!({
         "status": if healthy { "ok" } else { "degraded" },
         "upstreams": upstreams,
         "identities": identities,
         "cache": { "stored_bytes": status.cache.stored_bytes },
     });
+    if let Some(push) = &status.push {
+        stats["push"] = serde_json::to_value(push).unwrap_or_default();
+    }
     let code = if healthy {
         StatusCode::OK
     } else {

@@ -2,6 +2,7 @@
 //! 127.0.0.1 only, on ephemeral ports.
 #![allow(dead_code)]
 
+pub mod attic;
 pub mod cloud;
 pub mod http;
 pub mod issuer;

@@ -91,7 +91,7 @@ in [ c outside ]
 }
 
 /// Builds a Nix expression (written to `home/file`) and returns nix-build's output paths.
-fn build_expr(home: &Path, file: &str, expr: &str) -> String {
+pub fn build_expr(home: &Path, file: &str, expr: &str) -> String {
     let expr_file = home.join(file);
     std::fs::write(&expr_file, expr).unwrap();
     ok(
@@ -224,4 +224,34 @@ builtins.genList (i: builtins.derivation {{
         closure: paths,
         _dir: dir,
     }
+}
+
+/// `count` leaves of about `lines` * 6 bytes each and a root that refers to all of them,
+/// built into the local store (no binary cache). Returns the root and the leaves.
+pub fn build_fan(count: usize, lines: u32, home: &Path) -> (String, Vec<String>) {
+    let expr = format!(
+        r#"
+let
+  leaves = builtins.genList (i: builtins.derivation {{
+    name = "sidecar-push-leaf-${{toString i}}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "/usr/bin/seq ${{toString i}} {lines} > $out" ];
+  }}) {count};
+in builtins.derivation {{
+  name = "sidecar-push-root";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo ${{builtins.concatStringsSep " " leaves}} > $out" ];
+}}
+"#
+    );
+    let root = build_expr(home, "fan.nix", &expr).trim().to_string();
+    let closure: Vec<String> = ok(nix(&["nix-store", "-qR", &root], home), "nix-store -qR")
+        .lines()
+        .filter(|p| *p != root)
+        .map(str::to_string)
+        .collect();
+    assert_eq!(closure.len(), count);
+    (root, closure)
 }

@@ -1,0 +1,637 @@
+//! Push (SPEC.md "Push", docs/push.md): real Nix copies to the sidecar, `nix-sidecar push`
+//! reads the local store, and the Attic-like double checks every byte it is sent.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::attic::{self, Attic};
+use support::http::get;
+use support::nix::{build_fan, fixture, in_store, nix, substitute};
+use support::sidecar::Sidecar;
+use support::upstream::hash_part;
+
+const CACHE: &str = "org-ci";
+
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn write_token(dir: &Path, name: &str, token: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, token).unwrap();
+    path.display().to_string()
+}
+
+/// A sidecar whose upstream `org` is the double's cache `cache`, read and pushed with the
+/// token in `token_file`; `extra` goes into the `[[upstream]]` table.
+fn sidecar(dir: &Path, attic: &Attic, url: &str, token_file: &str, extra: &str) -> Sidecar {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = format!(
+        "trusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{url}\"\nidentity = \"ci\"\n{extra}\n[identity.ci]\nprovider = \"file\"\npath = \"{token_file}\"\n",
+        attic.public_key()
+    );
+    Sidecar::start(dir, &config, &[])
+}
+
+/// `nix-sidecar push --url <sidecar> ARGS`.
+fn push_cli(sidecar: &Sidecar, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["push", "--url", &sidecar.url])
+        .args(args)
+        .env_remove("OUT_PATHS")
+        .output()
+        .unwrap()
+}
+
+fn nix_copy_to(sidecar: &Sidecar, query: &str, paths: &[&str], home: &Path) -> Output {
+    let to = format!("{}?{query}", sidecar.url);
+    let mut args = vec!["nix", "copy", "--to", to.as_str()];
+    args.extend_from_slice(paths);
+    nix(&args, home)
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nix_copy_to_the_sidecar_then_a_pull_only_sidecar_substitutes_it_from_attic() {
+    let fx = fixture();
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let push_token = write_token(
+        dir.path(),
+        "push.jwt",
+        &attic::token("ci", &[(CACHE, "rw")], 3600),
+    );
+    let pull_token = write_token(
+        dir.path(),
+        "pull.jwt",
+        &attic::token("fleet", &[("org-*", "r")], 3600),
+    );
+    let url = format!("{}/{CACHE}", attic.url);
+    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
+    let builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &url,
+        &push_token,
+        &extra,
+    );
+
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let copied = nix_copy_to(&builder, "compression=xz", &[&fx.top], &home);
+    assert!(
+        copied.status.success(),
+        "{}\n{}",
+        text(&copied),
+        builder.logs()
+    );
+    // The copy returned once the paths were queued; the uploads may still be running.
+    let waited = push_cli(&builder, &["--wait"]);
+    assert!(
+        waited.status.success(),
+        "{}\n{}",
+        text(&waited),
+        builder.logs()
+    );
+    for path in &fx.closure {
+        assert_eq!(attic.accepted(hash_part(path)), 1, "{path} uploaded once");
+        assert!(attic.holds(CACHE, hash_part(path)));
+    }
+    assert!(attic.record.lock().unwrap().rejected.is_empty());
+
+    // The builder's own pulls are local now: no narinfo or NAR request goes upstream.
+    let before = attic.count("GET", ".narinfo") + attic.count("GET", "/nar/");
+    let info = builder.narinfo(&fx.top).await;
+    assert_eq!(info.status, 200);
+    let nar_url = info
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_string))
+        .unwrap();
+    let nar = get(&format!("{}/{nar_url}", builder.url), "GET", &[]).await;
+    assert_eq!(nar.status, 200);
+    assert_eq!(
+        attic.count("GET", ".narinfo") + attic.count("GET", "/nar/"),
+        before
+    );
+
+    // A fleet machine with a pull-only token substitutes the closure from the double.
+    let fleet = sidecar(&dir.path().join("fleet"), &attic, &url, &pull_token, "");
+    let client = dir.path().join("client");
+    let (fleet_url, key, top, d) = (
+        fleet.url.clone(),
+        attic.public_key(),
+        fx.top.clone(),
+        client.clone(),
+    );
+    let out = tokio::task::spawn_blocking(move || substitute(&fleet_url, &key, &[&top], &d))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    for path in &fx.closure {
+        assert!(in_store(&client, path));
+        let copy = client.join("dst-store").join(path.trim_start_matches('/'));
+        let diff = Command::new("diff")
+            .arg("-r")
+            .arg(path)
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert!(diff.status.success(), "{path} differs: {}", text(&diff));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_uploads_are_refused_with_a_reason_by_the_sidecar_and_by_the_double() {
+    let fx = fixture();
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = attic::token("ci", &[(CACHE, "rw")], 3600);
+    let token_file = write_token(dir.path(), "push.jwt", &token);
+    let url = format!("{}/{CACHE}", attic.url);
+    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
+    let builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &url,
+        &token_file,
+        &extra,
+    );
+
+    // A narinfo whose NAR never came.
+    let a = &fx.closure.iter().find(|p| p.ends_with("-a")).unwrap();
+    let (hash, narinfo) = cached_narinfo(&fx.cache, a);
+    let answer = put(
+        &format!("{}/{hash}.narinfo", builder.url),
+        narinfo.clone().into_bytes(),
+    )
+    .await;
+    assert_eq!(answer.0, 400);
+    assert!(
+        answer.1.contains("was not uploaded before its narinfo"),
+        "{}",
+        answer.1
+    );
+
+    // A NAR, then a narinfo that promises other bytes.
+    let nar_url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    let bytes = std::fs::read(fx.cache.join(&nar_url)).unwrap();
+    assert_eq!(
+        put_status(&format!("{}/{nar_url}", builder.url), bytes.clone()).await,
+        200
+    );
+    let lying = narinfo.replace("NarSize: ", "NarSize: 1");
+    let answer = put(
+        &format!("{}/{hash}.narinfo", builder.url),
+        lying.into_bytes(),
+    )
+    .await;
+    assert_eq!(answer.0, 400);
+    assert!(
+        answer.1.contains("does not match this narinfo"),
+        "{}",
+        answer.1
+    );
+    // A narinfo for another path than the one it is put under.
+    let answer = put(
+        &format!("{}/{}.narinfo", builder.url, "0".repeat(32)),
+        narinfo.clone().into_bytes(),
+    )
+    .await;
+    assert_eq!(answer.0, 400, "{}", answer.1);
+    // The real thing is taken.
+    assert_eq!(
+        put_status(&format!("{}/{nar_url}", builder.url), bytes).await,
+        200
+    );
+    assert_eq!(
+        put_status(
+            &format!("{}/{hash}.narinfo", builder.url),
+            narinfo.into_bytes()
+        )
+        .await,
+        200
+    );
+    let waited = push_cli(&builder, &["--wait"]);
+    assert!(waited.status.success(), "{}", text(&waited));
+    assert_eq!(attic.accepted(&hash), 1);
+
+    // The double: a NAR that does not match nar_hash, a short one, and a token without
+    // push permission are all refused; nothing of them is kept.
+    let info = serde_json::json!({
+        "cache": CACHE, "store_path_hash": "1".repeat(32),
+        "store_path": format!("/nix/store/{}-x", "1".repeat(32)), "references": [],
+        "system": null, "deriver": null, "sigs": [], "ca": null,
+        "nar_hash": format!("sha256:{}", "ab".repeat(32)), "nar_size": 5,
+    });
+    let upload = |token: String, body: &'static [u8], info: String| {
+        let url = format!("{}/_api/v1/upload-path", attic.url);
+        async move {
+            raw_put(
+                &url,
+                body.to_vec(),
+                &[
+                    ("authorization", format!("Bearer {token}")),
+                    ("x-attic-nar-info", info),
+                ],
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(upload(token.clone(), b"hello", info.to_string()).await, 400);
+    assert_eq!(upload(token.clone(), b"hell", info.to_string()).await, 400);
+    let reader = attic::token("fleet", &[(CACHE, "r")], 3600);
+    assert_eq!(upload(reader, b"hello", info.to_string()).await, 403);
+    assert_eq!(
+        upload("not-a-jwt".into(), b"hello", info.to_string()).await,
+        401
+    );
+    assert!(!attic.holds(CACHE, &"1".repeat(32)));
+    assert_eq!(attic.record.lock().unwrap().rejected.len(), 2);
+}
+
+/// The narinfo of `path` in a binary cache directory written by Nix.
+fn cached_narinfo(cache: &Path, path: &str) -> (String, String) {
+    let hash = hash_part(path).to_string();
+    let text = std::fs::read_to_string(cache.join(format!("{hash}.narinfo"))).unwrap();
+    (hash, text)
+}
+
+async fn raw_put(url: &str, body: Vec<u8>, headers: &[(&str, String)]) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let mut request = http::Request::put(url);
+    for (k, v) in headers {
+        request = request.header(*k, v.as_str());
+    }
+    let response = client
+        .request(request.body(Full::new(bytes::Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn put(url: &str, body: Vec<u8>) -> (u16, String) {
+    raw_put(url, body, &[]).await
+}
+
+async fn put_status(url: &str, body: Vec<u8>) -> u16 {
+    put(url, body).await.0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_with_eighty_paths_queued_loses_nothing_and_uploads_each_once() {
+    let attic = Attic::start().await;
+    *attic.upload_pause.lock().unwrap() = Duration::from_millis(15);
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let (root, leaves) = tokio::task::spawn_blocking(move || build_fan(80, 60_000, &home))
+        .await
+        .unwrap();
+    let token_file = write_token(
+        dir.path(),
+        "push.jwt",
+        &attic::token("ci", &[(CACHE, "rw")], 3600),
+    );
+    let url = format!("{}/{CACHE}", attic.url);
+    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
+    let mut builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &url,
+        &token_file,
+        &extra,
+    );
+
+    let queued = push_cli(&builder, &[&root]);
+    assert!(
+        queued.status.success(),
+        "{}\n{}",
+        text(&queued),
+        builder.logs()
+    );
+    assert!(
+        text(&queued).contains("\"queued\": 81"),
+        "{}",
+        text(&queued)
+    );
+    // Kill it once some are up and others are on the wire.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while attic.record.lock().unwrap().accepted.len() < 6 {
+        assert!(Instant::now() < deadline, "no uploads:\n{}", builder.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    builder.kill();
+    let uploaded_before = attic.record.lock().unwrap().accepted.len();
+    assert!(
+        uploaded_before < 81,
+        "the kill came too late to mean anything"
+    );
+
+    *attic.upload_pause.lock().unwrap() = Duration::ZERO;
+    builder.restart();
+    let waited = push_cli(&builder, &["--wait"]);
+    assert!(
+        waited.status.success(),
+        "{}\n{}",
+        text(&waited),
+        builder.logs()
+    );
+    {
+        let record = attic.record.lock().unwrap();
+        for path in leaves.iter().chain([&root]) {
+            let hash = hash_part(path);
+            assert_eq!(
+                record.accepted.get(hash),
+                Some(&1),
+                "{path} accepted exactly once"
+            );
+        }
+        assert!(record.rejected.is_empty(), "{:?}", record.rejected);
+        assert!(
+            record.preamble_uploads >= 1,
+            "the root's info (80 references) went as a preamble"
+        );
+        assert!(record.header_uploads >= 80);
+        // The root went up last: after every one of its references.
+        assert_eq!(
+            record.order.last().map(String::as_str),
+            Some(hash_part(&root))
+        );
+        eprintln!(
+            "accepted before the kill: {uploaded_before}; uploads cut short by it: {}",
+            record.aborted
+        );
+    }
+    let health = get(&format!("{}/_sidecar/health", builder.url), "GET", &[]).await;
+    assert!(health.text().contains("\"queued\": 0"), "{}", health.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_only_identity_fails_for_good_reported_everywhere_without_a_retry_storm() {
+    let fx = fixture();
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write_token(
+        dir.path(),
+        "pull.jwt",
+        &attic::token("fleet", &[(CACHE, "r")], 3600),
+    );
+    let url = format!("{}/{CACHE}", attic.url);
+    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
+    let builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &url,
+        &token_file,
+        &extra,
+    );
+
+    let waited = push_cli(&builder, &["--wait", &fx.top]);
+    assert_eq!(waited.status.code(), Some(1), "{}", text(&waited));
+    assert!(text(&waited).contains("3 failed"), "{}", text(&waited));
+    assert!(text(&waited).contains("may not push"), "{}", text(&waited));
+    let health = get(&format!("{}/_sidecar/health", builder.url), "GET", &[]).await;
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert!(
+        health.text().contains("no push permission"),
+        "{}",
+        health.text()
+    );
+    let metrics = get(&format!("{}/_sidecar/metrics", builder.url), "GET", &[])
+        .await
+        .text();
+    assert!(
+        metrics.contains("nix_sidecar_push_failures_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nix_sidecar_push_uploaded_total 0"),
+        "{metrics}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        attic.count("POST", "get-missing-paths"),
+        1,
+        "one refused check, no retries"
+    );
+    assert_eq!(attic.count("PUT", "upload-path"), 0);
+    // The token in the log? Never.
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert!(!builder.logs().contains(&token));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_signed_by_a_skip_key_are_not_uploaded() {
+    let fx = fixture();
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write_token(
+        dir.path(),
+        "push.jwt",
+        &attic::token("ci", &[(CACHE, "rw")], 3600),
+    );
+    let url = format!("{}/{CACHE}", attic.url);
+    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
+    let builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &url,
+        &token_file,
+        &extra,
+    );
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // Signed on the way by a key named like cache.nixos.org's (a default skip key).
+    let (sk, pk) = (home.join("sk"), home.join("pk"));
+    let made = nix(
+        &[
+            "nix-store",
+            "--generate-binary-cache-key",
+            "cache.nixos.org-1",
+            sk.to_str().unwrap(),
+            pk.to_str().unwrap(),
+        ],
+        &home,
+    );
+    assert!(made.status.success());
+    let query = format!("compression=zstd&secret-key={}", sk.display());
+    let copied = nix_copy_to(&builder, &query, &[&fx.top], &home);
+    assert!(
+        copied.status.success(),
+        "{}\n{}",
+        text(&copied),
+        builder.logs()
+    );
+    let waited = push_cli(&builder, &["--wait"]);
+    assert!(waited.status.success(), "{}", text(&waited));
+    assert_eq!(attic.count("PUT", "upload-path"), 0);
+    assert_eq!(attic.count("POST", "get-missing-paths"), 0);
+    // They are in the local cache all the same.
+    assert_eq!(builder.narinfo(&fx.top).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_push_uids_may_push_and_pulls_are_unaffected() {
+    let fx = fixture();
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write_token(
+        dir.path(),
+        "push.jwt",
+        &attic::token("ci", &[(CACHE, "rw")], 3600),
+    );
+    let url = format!("{}/{CACHE}", attic.url);
+    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid() + 4242);
+    let builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &url,
+        &token_file,
+        &extra,
+    );
+    let (hash, narinfo) = cached_narinfo(&fx.cache, &fx.top);
+    let refused = put(
+        &format!("{}/{hash}.narinfo", builder.url),
+        narinfo.into_bytes(),
+    )
+    .await;
+    assert_eq!(refused.0, 403);
+    assert!(
+        refused.1.contains(&format!("uid {} may not push", euid())),
+        "{}",
+        refused.1
+    );
+    let refused = put(&format!("{}/nar/x.nar", builder.url), b"x".to_vec()).await;
+    assert_eq!(refused.0, 403);
+    let cli = push_cli(&builder, &[&fx.top]);
+    assert!(!cli.status.success());
+    assert!(text(&cli).contains("403"), "{}", text(&cli));
+    assert_eq!(attic.count("POST", "get-missing-paths"), 0);
+    // Pulls still work for everyone (the double has nothing: a miss, not a refusal).
+    assert_eq!(builder.narinfo(&fx.top).await.status, 404);
+    assert_eq!(
+        get(&format!("{}/nix-cache-info", builder.url), "GET", &[])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flakehub_looks_up_the_project_then_pushes_to_its_cache() {
+    let fx = fixture();
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!("{}:{}", attic::ORG, attic::PROJECT);
+    let token_file = write_token(
+        dir.path(),
+        "fh.jwt",
+        &attic::token("ci", &[(&cache, "rw")], 3600),
+    );
+    let extra = format!(
+        "push = \"flakehub\"\nflakehub-api = \"{}\"\nflakehub-project = \"acme/widgets\"\npush-uids = [{}]",
+        attic.url,
+        euid()
+    );
+    let builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &attic.url,
+        &token_file,
+        &extra,
+    );
+    let waited = push_cli(&builder, &["--wait", &fx.top]);
+    assert!(
+        waited.status.success(),
+        "{}\n{}",
+        text(&waited),
+        builder.logs()
+    );
+    assert!(text(&waited).contains("3 uploaded"), "{}", text(&waited));
+    assert_eq!(
+        attic.record.lock().unwrap().project_lookups,
+        ["/project/acme/widgets"]
+    );
+    for path in &fx.closure {
+        assert!(
+            attic.holds(&cache, hash_part(path)),
+            "{path} in the project's cache"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_caches_get_nars_then_narinfos_from_both_ways_in() {
+    let fx = fixture();
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write_token(dir.path(), "push.jwt", &attic::token("ci", &[], 3600));
+    let url = format!("{}/http", attic.url);
+    let extra = format!("push = \"http\"\npush-uids = [{}]", euid());
+    let builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &url,
+        &token_file,
+        &extra,
+    );
+    // From the local store: uncompressed NARs and narinfos made here.
+    let waited = push_cli(&builder, &["--wait", &fx.top]);
+    assert!(
+        waited.status.success(),
+        "{}\n{}",
+        text(&waited),
+        builder.logs()
+    );
+    assert!(text(&waited).contains("3 uploaded"), "{}", text(&waited));
+    let files = attic.record.lock().unwrap().http_files.clone();
+    for path in &fx.closure {
+        let text =
+            String::from_utf8(files[&format!("{}.narinfo", hash_part(path))].to_vec()).unwrap();
+        let info = nix_sidecar::nix::narinfo::NarInfo::parse(text.as_bytes()).unwrap();
+        assert_eq!(&info.store_path, path);
+        let nar = &files[&info.url];
+        let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(nar).into();
+        assert_eq!(sha, info.nar_hash.0, "{path}: the NAR uploaded is the NAR");
+    }
+    // From `nix copy --to`: the files as Nix made them, passed on unchanged.
+    let outside = &fx.outside;
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let copied = nix_copy_to(&builder, "compression=xz", &[outside], &home);
+    assert!(
+        copied.status.success(),
+        "{}\n{}",
+        text(&copied),
+        builder.logs()
+    );
+    let waited = push_cli(&builder, &["--wait"]);
+    assert!(waited.status.success(), "{}", text(&waited));
+    let files = attic.record.lock().unwrap().http_files.clone();
+    let text =
+        String::from_utf8(files[&format!("{}.narinfo", hash_part(outside))].to_vec()).unwrap();
+    assert!(text.contains("Compression: xz"), "{text}");
+    let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+    assert!(files.contains_key(url));
+}
