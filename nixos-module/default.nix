@@ -39,6 +39,12 @@ in
       description = "An EnvironmentFile for the unit (e.g. the variable of a `static` identity).";
     };
 
+    postBuildHook = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Set nix.settings.post-build-hook to queue every local build's outputs with `nix-sidecar push` (for builders whose upstreams have `push` set). The hook only enqueues; it never fails a build.";
+    };
+
     addSubstituter = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -51,13 +57,23 @@ in
     # without it every local user reads what this machine's identity can.
     services.nix-sidecar.settings.allowed-uids = lib.mkDefault [ 0 ];
 
-    nix.settings = lib.mkIf cfg.addSubstituter {
-      substituters = lib.mkBefore [ "http://127.0.0.1:${port}" ];
-      # Every key the upstreams' narinfos may be signed with: Nix checks them again.
-      trusted-public-keys = import ./keys.nix cfg.settings;
-    };
+    nix.settings = lib.mkMerge [
+      (lib.mkIf cfg.addSubstituter {
+        substituters = lib.mkBefore [ "http://127.0.0.1:${port}" ];
+        # Every key the upstreams' narinfos may be signed with: Nix checks them again.
+        trusted-public-keys = import ./keys.nix cfg.settings;
+      })
+      # Only enqueues (the build waits for the hook), and never fails a build.
+      (lib.mkIf cfg.postBuildHook {
+        post-build-hook = pkgs.writeShellScript "nix-sidecar-post-build-hook" ''
+          ${lib.getExe cfg.package} push --url http://127.0.0.1:${port} || echo "nix-sidecar push failed; $OUT_PATHS not queued" >&2
+        '';
+      })
+    ];
 
     systemd.services.nix-sidecar = {
+      # `nix path-info` and `nix-store --dump`, for `nix-sidecar push`.
+      path = [ config.nix.package ];
       description = "nix-sidecar: loopback Nix binary cache with workload-identity upstream access";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];

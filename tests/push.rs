@@ -635,3 +635,51 @@ async fn plain_http_caches_get_nars_then_narinfos_from_both_ways_in() {
     let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
     assert!(files.contains_key(url));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_use_push_identity_and_a_401_gets_one_fresh_token() {
+    let fx = fixture();
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pull = write_token(
+        dir.path(),
+        "pull.jwt",
+        &attic::token("fleet", &[(CACHE, "r")], 3600),
+    );
+    // The push token on disk is stale (another server's) when the daemon first reads it.
+    let stale = attic::foreign_token("ci", &[(CACHE, "rw")], 3600);
+    let push = write_token(dir.path(), "push.jwt", &stale);
+    let url = format!("{}/{CACHE}", attic.url);
+    let extra = format!(
+        "push = \"attic\"\npush-identity = \"pusher\"\npush-uids = [{}]\n[identity.pusher]\nprovider = \"file\"\npath = \"{push}\"",
+        euid()
+    );
+    let builder = sidecar(&dir.path().join("builder"), &attic, &url, &pull, &extra);
+    // Read now, so that the daemon holds the stale token ...
+    let _ = get(&format!("{}/_sidecar/health", builder.url), "GET", &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... which a CI system has since replaced.
+    std::fs::write(&push, attic::token("ci", &[(CACHE, "rw")], 3600)).unwrap();
+    let waited = push_cli(&builder, &["--wait", &fx.top]);
+    assert!(
+        waited.status.success(),
+        "{}\n{}",
+        text(&waited),
+        builder.logs()
+    );
+    let statuses: Vec<u16> = attic
+        .record
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|(_, p, _)| p.contains("get-missing-paths"))
+        .map(|(_, _, s)| *s)
+        .collect();
+    assert_eq!(statuses, [401, 200], "one 401, one fresh token, one retry");
+    for path in &fx.closure {
+        assert_eq!(attic.accepted(hash_part(path)), 1);
+    }
+    // Pulls kept the pull-only token: it cannot push, and was never asked to.
+    assert!(!builder.logs().contains(&stale));
+}

@@ -157,3 +157,66 @@ pub(super) fn check(
         identity,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn push_of(upstream: &str) -> Result<Option<PushConfig>, String> {
+        Config::parse_str(&format!(
+            "[[upstream]]\n{upstream}\n[identity.p]\nprovider = \"static\"\nvariable = \"T\"\n"
+        ))
+        .map(|c| c.upstreams[0].push.clone())
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn attic_takes_the_cache_from_the_url_and_the_rest_has_defaults() {
+        let push = push_of("url = \"https://attic.example.org/a/org-ci\"\npush = \"attic\"")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            push.protocol,
+            PushProtocol::Attic {
+                server: Url::parse("https://attic.example.org/a").unwrap(),
+                cache: "org-ci".into()
+            }
+        );
+        assert_eq!(push.skip_keys, ["cache.nixos.org-1"]);
+        assert_eq!(push.uids, [0]);
+        let push = push_of("url = \"https://x/c\"\npush = \"http\"\npush-identity = \"p\"\npush-uids = [0, 1000]\npush-skip-keys = [\"k-1:AAAA\"]")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (push.identity.as_deref(), push.uids, push.skip_keys),
+            (Some("p"), vec![0, 1000], vec!["k-1".to_string()])
+        );
+        assert_eq!(push_of("url = \"https://x/c\"").unwrap(), None);
+        // What check-config prints reads back the same.
+        let text = "[[upstream]]\nurl = \"https://x/c\"\npush = \"flakehub\"\nflakehub-project = \"o/f\"\n";
+        let config = Config::parse_str(text).unwrap();
+        let again = Config::parse_str(&config.render()).unwrap();
+        assert_eq!(config.upstreams[0].push, again.upstreams[0].push);
+    }
+
+    #[test]
+    fn push_errors_name_their_key() {
+        let err = |upstream: &str| push_of(upstream).unwrap_err();
+        assert!(err("url = \"https://x/c\"\npush = \"s3\"").contains("upstream[0].push"));
+        assert!(err("url = \"https://x\"\npush = \"attic\"").contains("upstream[0].url"));
+        assert!(err("url = \"https://x/c\"\npush-uids = [0]").contains("upstream[0].push-uids"));
+        assert!(
+            err("url = \"https://x/c\"\npush = \"http\"\npush-identity = \"nope\"")
+                .contains("upstream[0].push-identity")
+        );
+        assert!(
+            err("url = \"https://x/c\"\npush = \"http\"\npush-cache = \"c\"")
+                .contains("upstream[0].push-cache")
+        );
+        assert!(
+            err("url = \"https://x/c\"\npush = \"flakehub\"\nflakehub-project = \"x\"")
+                .contains("upstream[0].flakehub-project")
+        );
+    }
+}

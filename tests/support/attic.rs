@@ -71,6 +71,20 @@ pub struct Attic {
 
 /// An Attic token for `sub` with these permissions: `[(cache pattern, "rw")]`.
 pub fn token(sub: &str, grants: &[(&str, &str)], lifetime: i64) -> String {
+    token_signed_with(SECRET, sub, grants, lifetime)
+}
+
+/// The same, signed with another server's secret: this one answers it with 401.
+pub fn foreign_token(sub: &str, grants: &[(&str, &str)], lifetime: i64) -> String {
+    token_signed_with(
+        b"another-attic-server-secret-32-bytes",
+        sub,
+        grants,
+        lifetime,
+    )
+}
+
+fn token_signed_with(secret: &[u8], sub: &str, grants: &[(&str, &str)], lifetime: i64) -> String {
     let caches: serde_json::Map<String, Value> = grants
         .iter()
         .map(|(pattern, rights)| {
@@ -89,7 +103,7 @@ pub fn token(sub: &str, grants: &[(&str, &str)], lifetime: i64) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(SECRET),
+        &EncodingKey::from_secret(secret),
     )
     .unwrap()
 }
