@@ -37,6 +37,45 @@ fn sidecar(dir: &Path, attic: &Attic, url: &str, token_file: &str, extra: &str) 
     Sidecar::start(dir, &config, &[])
 }
 
+/// An Attic-like double and a builder sidecar whose upstream `org` is the double at `path`
+/// (`/org-ci`: the Attic cache), read and pushed with `token`; `push` holds the upstream's
+/// push keys, where `{double}` stands for the double's URL and `{uid}` for ours.
+struct Setup {
+    attic: Attic,
+    dir: tempfile::TempDir,
+    builder: Sidecar,
+    token_file: String,
+}
+
+async fn setup(path: &str, token: &str, push: &str) -> Setup {
+    let attic = Attic::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write_token(dir.path(), "push.jwt", token);
+    let url = format!("{}{path}", attic.url);
+    let push = push
+        .replace("{double}", &attic.url)
+        .replace("{uid}", &euid().to_string());
+    let builder = sidecar(
+        &dir.path().join("builder"),
+        &attic,
+        &url,
+        &token_file,
+        &push,
+    );
+    Setup {
+        attic,
+        dir,
+        builder,
+        token_file,
+    }
+}
+
+const ATTIC_PUSH: &str = "push = \"attic\"\npush-uids = [{uid}]";
+
+fn rw_token() -> String {
+    attic::token("ci", &[(CACHE, "rw")], 3600)
+}
+
 /// `nix-sidecar push --url <sidecar> ARGS`.
 fn push_cli(sidecar: &Sidecar, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
@@ -54,6 +93,16 @@ fn nix_copy_to(sidecar: &Sidecar, query: &str, paths: &[&str], home: &Path) -> O
     nix(&args, home)
 }
 
+/// Asserts that a command succeeded, showing its output and the daemon's log if not.
+fn assert_ok(output: &Output, sidecar: &Sidecar) {
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        text(output),
+        sidecar.logs()
+    );
+}
+
 fn text(output: &Output) -> String {
     format!(
         "{}{}",
@@ -65,45 +114,22 @@ fn text(output: &Output) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_copy_to_the_sidecar_then_a_pull_only_sidecar_substitutes_it_from_attic() {
     let fx = fixture();
-    let attic = Attic::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let push_token = write_token(
-        dir.path(),
-        "push.jwt",
-        &attic::token("ci", &[(CACHE, "rw")], 3600),
-    );
+    let s = setup("/org-ci", &rw_token(), ATTIC_PUSH).await;
+    let (attic, dir, builder) = (&s.attic, s.dir.path(), &s.builder);
     let pull_token = write_token(
-        dir.path(),
+        dir,
         "pull.jwt",
         &attic::token("fleet", &[("org-*", "r")], 3600),
     );
     let url = format!("{}/{CACHE}", attic.url);
-    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
-    let builder = sidecar(
-        &dir.path().join("builder"),
-        &attic,
-        &url,
-        &push_token,
-        &extra,
-    );
 
-    let home = dir.path().join("home");
+    let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let copied = nix_copy_to(&builder, "compression=xz", &[&fx.top], &home);
-    assert!(
-        copied.status.success(),
-        "{}\n{}",
-        text(&copied),
-        builder.logs()
-    );
+    let copied = nix_copy_to(builder, "compression=xz", &[&fx.top], &home);
+    assert_ok(&copied, builder);
     // The copy returned once the paths were queued; the uploads may still be running.
-    let waited = push_cli(&builder, &["--wait"]);
-    assert!(
-        waited.status.success(),
-        "{}\n{}",
-        text(&waited),
-        builder.logs()
-    );
+    let waited = push_cli(builder, &["--wait"]);
+    assert_ok(&waited, builder);
     for path in &fx.closure {
         assert_eq!(attic.accepted(hash_part(path)), 1, "{path} uploaded once");
         assert!(attic.holds(CACHE, hash_part(path)));
@@ -127,8 +153,8 @@ async fn nix_copy_to_the_sidecar_then_a_pull_only_sidecar_substitutes_it_from_at
     );
 
     // A fleet machine with a pull-only token substitutes the closure from the double.
-    let fleet = sidecar(&dir.path().join("fleet"), &attic, &url, &pull_token, "");
-    let client = dir.path().join("client");
+    let fleet = sidecar(&dir.join("fleet"), attic, &url, &pull_token, "");
+    let client = dir.join("client");
     let (fleet_url, key, top, d) = (
         fleet.url.clone(),
         attic.public_key(),
@@ -138,7 +164,7 @@ async fn nix_copy_to_the_sidecar_then_a_pull_only_sidecar_substitutes_it_from_at
     let out = tokio::task::spawn_blocking(move || substitute(&fleet_url, &key, &[&top], &d))
         .await
         .unwrap();
-    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    assert_ok(&out, &fleet);
     for path in &fx.closure {
         assert!(in_store(&client, path));
         let copy = client.join("dst-store").join(path.trim_start_matches('/'));
@@ -155,19 +181,9 @@ async fn nix_copy_to_the_sidecar_then_a_pull_only_sidecar_substitutes_it_from_at
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_uploads_are_refused_with_a_reason_by_the_sidecar_and_by_the_double() {
     let fx = fixture();
-    let attic = Attic::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let token = attic::token("ci", &[(CACHE, "rw")], 3600);
-    let token_file = write_token(dir.path(), "push.jwt", &token);
-    let url = format!("{}/{CACHE}", attic.url);
-    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
-    let builder = sidecar(
-        &dir.path().join("builder"),
-        &attic,
-        &url,
-        &token_file,
-        &extra,
-    );
+    let token = rw_token();
+    let s = setup("/org-ci", &token, ATTIC_PUSH).await;
+    let (attic, builder) = (&s.attic, &s.builder);
 
     // A narinfo whose NAR never came.
     let a = &fx.closure.iter().find(|p| p.ends_with("-a")).unwrap();
@@ -227,7 +243,7 @@ async fn wrong_uploads_are_refused_with_a_reason_by_the_sidecar_and_by_the_doubl
         .await,
         200
     );
-    let waited = push_cli(&builder, &["--wait"]);
+    let waited = push_cli(builder, &["--wait"]);
     assert!(waited.status.success(), "{}", text(&waited));
     assert_eq!(attic.accepted(&hash), 1);
 
@@ -300,36 +316,21 @@ async fn put_status(url: &str, body: Vec<u8>) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_with_eighty_paths_queued_loses_nothing_and_uploads_each_once() {
-    let attic = Attic::start().await;
+    let Setup {
+        attic,
+        dir,
+        mut builder,
+        ..
+    } = setup("/org-ci", &rw_token(), ATTIC_PUSH).await;
     *attic.upload_pause.lock().unwrap() = Duration::from_millis(15);
-    let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     let (root, leaves) = tokio::task::spawn_blocking(move || build_fan(80, 60_000, &home))
         .await
         .unwrap();
-    let token_file = write_token(
-        dir.path(),
-        "push.jwt",
-        &attic::token("ci", &[(CACHE, "rw")], 3600),
-    );
-    let url = format!("{}/{CACHE}", attic.url);
-    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
-    let mut builder = sidecar(
-        &dir.path().join("builder"),
-        &attic,
-        &url,
-        &token_file,
-        &extra,
-    );
 
     let queued = push_cli(&builder, &[&root]);
-    assert!(
-        queued.status.success(),
-        "{}\n{}",
-        text(&queued),
-        builder.logs()
-    );
+    assert_ok(&queued, &builder);
     assert!(
         text(&queued).contains("\"queued\": 81"),
         "{}",
@@ -351,12 +352,7 @@ async fn sigkill_with_eighty_paths_queued_loses_nothing_and_uploads_each_once() 
     *attic.upload_pause.lock().unwrap() = Duration::ZERO;
     builder.restart();
     let waited = push_cli(&builder, &["--wait"]);
-    assert!(
-        waited.status.success(),
-        "{}\n{}",
-        text(&waited),
-        builder.logs()
-    );
+    assert_ok(&waited, &builder);
     {
         let record = attic.record.lock().unwrap();
         for path in leaves.iter().chain([&root]) {
@@ -390,24 +386,11 @@ async fn sigkill_with_eighty_paths_queued_loses_nothing_and_uploads_each_once() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pull_only_identity_fails_for_good_reported_everywhere_without_a_retry_storm() {
     let fx = fixture();
-    let attic = Attic::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = write_token(
-        dir.path(),
-        "pull.jwt",
-        &attic::token("fleet", &[(CACHE, "r")], 3600),
-    );
-    let url = format!("{}/{CACHE}", attic.url);
-    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
-    let builder = sidecar(
-        &dir.path().join("builder"),
-        &attic,
-        &url,
-        &token_file,
-        &extra,
-    );
+    let pull_only = attic::token("fleet", &[(CACHE, "r")], 3600);
+    let s = setup("/org-ci", &pull_only, ATTIC_PUSH).await;
+    let (attic, builder, token_file) = (&s.attic, &s.builder, &s.token_file);
 
-    let waited = push_cli(&builder, &["--wait", &fx.top]);
+    let waited = push_cli(builder, &["--wait", &fx.top]);
     assert_eq!(waited.status.code(), Some(1), "{}", text(&waited));
     assert!(text(&waited).contains("3 failed"), "{}", text(&waited));
     assert!(text(&waited).contains("may not push"), "{}", text(&waited));
@@ -437,30 +420,16 @@ async fn a_pull_only_identity_fails_for_good_reported_everywhere_without_a_retry
     );
     assert_eq!(attic.count("PUT", "upload-path"), 0);
     // The token in the log? Never.
-    let token = std::fs::read_to_string(&token_file).unwrap();
+    let token = std::fs::read_to_string(token_file).unwrap();
     assert!(!builder.logs().contains(&token));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn paths_signed_by_a_skip_key_are_not_uploaded() {
     let fx = fixture();
-    let attic = Attic::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = write_token(
-        dir.path(),
-        "push.jwt",
-        &attic::token("ci", &[(CACHE, "rw")], 3600),
-    );
-    let url = format!("{}/{CACHE}", attic.url);
-    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid());
-    let builder = sidecar(
-        &dir.path().join("builder"),
-        &attic,
-        &url,
-        &token_file,
-        &extra,
-    );
-    let home = dir.path().join("home");
+    let s = setup("/org-ci", &rw_token(), ATTIC_PUSH).await;
+    let (attic, dir, builder) = (&s.attic, s.dir.path(), &s.builder);
+    let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     // Signed on the way by a key named like cache.nixos.org's (a default skip key).
     let (sk, pk) = (home.join("sk"), home.join("pk"));
@@ -476,14 +445,9 @@ async fn paths_signed_by_a_skip_key_are_not_uploaded() {
     );
     assert!(made.status.success());
     let query = format!("compression=zstd&secret-key={}", sk.display());
-    let copied = nix_copy_to(&builder, &query, &[&fx.top], &home);
-    assert!(
-        copied.status.success(),
-        "{}\n{}",
-        text(&copied),
-        builder.logs()
-    );
-    let waited = push_cli(&builder, &["--wait"]);
+    let copied = nix_copy_to(builder, &query, &[&fx.top], &home);
+    assert_ok(&copied, builder);
+    let waited = push_cli(builder, &["--wait"]);
     assert!(waited.status.success(), "{}", text(&waited));
     assert_eq!(attic.count("PUT", "upload-path"), 0);
     assert_eq!(attic.count("POST", "get-missing-paths"), 0);
@@ -494,22 +458,9 @@ async fn paths_signed_by_a_skip_key_are_not_uploaded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn only_push_uids_may_push_and_pulls_are_unaffected() {
     let fx = fixture();
-    let attic = Attic::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = write_token(
-        dir.path(),
-        "push.jwt",
-        &attic::token("ci", &[(CACHE, "rw")], 3600),
-    );
-    let url = format!("{}/{CACHE}", attic.url);
-    let extra = format!("push = \"attic\"\npush-uids = [{}]", euid() + 4242);
-    let builder = sidecar(
-        &dir.path().join("builder"),
-        &attic,
-        &url,
-        &token_file,
-        &extra,
-    );
+    let someone_else = format!("push = \"attic\"\npush-uids = [{}]", euid() + 4242);
+    let s = setup("/org-ci", &rw_token(), &someone_else).await;
+    let (attic, builder) = (&s.attic, &s.builder);
     let (hash, narinfo) = cached_narinfo(&fx.cache, &fx.top);
     let refused = put(
         &format!("{}/{hash}.narinfo", builder.url),
@@ -524,7 +475,7 @@ async fn only_push_uids_may_push_and_pulls_are_unaffected() {
     );
     let refused = put(&format!("{}/nar/x.nar", builder.url), b"x".to_vec()).await;
     assert_eq!(refused.0, 403);
-    let cli = push_cli(&builder, &[&fx.top]);
+    let cli = push_cli(builder, &[&fx.top]);
     assert!(!cli.status.success());
     assert!(text(&cli).contains("403"), "{}", text(&cli));
     assert_eq!(attic.count("POST", "get-missing-paths"), 0);
@@ -541,33 +492,13 @@ async fn only_push_uids_may_push_and_pulls_are_unaffected() {
 #[tokio::test(flavor = "multi_thread")]
 async fn flakehub_looks_up_the_project_then_pushes_to_its_cache() {
     let fx = fixture();
-    let attic = Attic::start().await;
-    let dir = tempfile::tempdir().unwrap();
     let cache = format!("{}:{}", attic::ORG, attic::PROJECT);
-    let token_file = write_token(
-        dir.path(),
-        "fh.jwt",
-        &attic::token("ci", &[(&cache, "rw")], 3600),
-    );
-    let extra = format!(
-        "push = \"flakehub\"\nflakehub-api = \"{}\"\nflakehub-project = \"acme/widgets\"\npush-uids = [{}]",
-        attic.url,
-        euid()
-    );
-    let builder = sidecar(
-        &dir.path().join("builder"),
-        &attic,
-        &attic.url,
-        &token_file,
-        &extra,
-    );
-    let waited = push_cli(&builder, &["--wait", &fx.top]);
-    assert!(
-        waited.status.success(),
-        "{}\n{}",
-        text(&waited),
-        builder.logs()
-    );
+    let token = attic::token("ci", &[(&cache, "rw")], 3600);
+    let push = "push = \"flakehub\"\nflakehub-api = \"{double}\"\nflakehub-project = \"acme/widgets\"\npush-uids = [{uid}]";
+    let s = setup("", &token, push).await;
+    let (attic, builder) = (&s.attic, &s.builder);
+    let waited = push_cli(builder, &["--wait", &fx.top]);
+    assert_ok(&waited, builder);
     assert!(text(&waited).contains("3 uploaded"), "{}", text(&waited));
     assert_eq!(
         attic.record.lock().unwrap().project_lookups,
@@ -584,26 +515,12 @@ async fn flakehub_looks_up_the_project_then_pushes_to_its_cache() {
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_http_caches_get_nars_then_narinfos_from_both_ways_in() {
     let fx = fixture();
-    let attic = Attic::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = write_token(dir.path(), "push.jwt", &attic::token("ci", &[], 3600));
-    let url = format!("{}/http", attic.url);
-    let extra = format!("push = \"http\"\npush-uids = [{}]", euid());
-    let builder = sidecar(
-        &dir.path().join("builder"),
-        &attic,
-        &url,
-        &token_file,
-        &extra,
-    );
+    let http_push = "push = \"http\"\npush-uids = [{uid}]";
+    let s = setup("/http", &attic::token("ci", &[], 3600), http_push).await;
+    let (attic, dir, builder) = (&s.attic, s.dir.path(), &s.builder);
     // From the local store: uncompressed NARs and narinfos made here.
-    let waited = push_cli(&builder, &["--wait", &fx.top]);
-    assert!(
-        waited.status.success(),
-        "{}\n{}",
-        text(&waited),
-        builder.logs()
-    );
+    let waited = push_cli(builder, &["--wait", &fx.top]);
+    assert_ok(&waited, builder);
     assert!(text(&waited).contains("3 uploaded"), "{}", text(&waited));
     let files = attic.record.lock().unwrap().http_files.clone();
     for path in &fx.closure {
@@ -617,16 +534,11 @@ async fn plain_http_caches_get_nars_then_narinfos_from_both_ways_in() {
     }
     // From `nix copy --to`: the files as Nix made them, passed on unchanged.
     let outside = &fx.outside;
-    let home = dir.path().join("home");
+    let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let copied = nix_copy_to(&builder, "compression=xz", &[outside], &home);
-    assert!(
-        copied.status.success(),
-        "{}\n{}",
-        text(&copied),
-        builder.logs()
-    );
-    let waited = push_cli(&builder, &["--wait"]);
+    let copied = nix_copy_to(builder, "compression=xz", &[outside], &home);
+    assert_ok(&copied, builder);
+    let waited = push_cli(builder, &["--wait"]);
     assert!(waited.status.success(), "{}", text(&waited));
     let files = attic.record.lock().unwrap().http_files.clone();
     let text =
@@ -661,12 +573,7 @@ async fn pushes_use_push_identity_and_a_401_gets_one_fresh_token() {
     // ... which a CI system has since replaced.
     std::fs::write(&push, attic::token("ci", &[(CACHE, "rw")], 3600)).unwrap();
     let waited = push_cli(&builder, &["--wait", &fx.top]);
-    assert!(
-        waited.status.success(),
-        "{}\n{}",
-        text(&waited),
-        builder.logs()
-    );
+    assert_ok(&waited, &builder);
     let statuses: Vec<u16> = attic
         .record
         .lock()

@@ -21,6 +21,68 @@ pub type ClientFor<B> = hyper_util::client::legacy::Client<HttpsConnector<egress
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A body fed through a bounded channel (a slow reader slows its producer instead of growing
+/// memory); an error from the channel aborts it, so a short body never looks complete.
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    /// Adds the bytes sent.
+    counted: Option<prometheus_client::metrics::counter::Counter>,
+    /// Announced as the exact size.
+    len: Option<u64>,
+}
+
+impl ChannelBody {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>) -> ChannelBody {
+        ChannelBody {
+            rx,
+            counted: None,
+            len: None,
+        }
+    }
+
+    pub fn counted(self, counter: prometheus_client::metrics::counter::Counter) -> ChannelBody {
+        ChannelBody {
+            counted: Some(counter),
+            ..self
+        }
+    }
+
+    pub fn with_len(self, len: u64) -> ChannelBody {
+        ChannelBody {
+            len: Some(len),
+            ..self
+        }
+    }
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.rx.poll_recv(cx).map(|chunk| {
+            chunk.map(|result| {
+                result.map(|bytes| {
+                    if let Some(counter) = &self.counted {
+                        counter.inc_by(bytes.len() as u64);
+                    }
+                    hyper::body::Frame::data(bytes)
+                })
+            })
+        })
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self.len {
+            Some(len) => hyper::body::SizeHint::with_exact(len),
+            None => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
 /// Builds a client trusting the system roots and, if given, the certificates in `extra_ca`.
 pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
     client_for(extra_ca)

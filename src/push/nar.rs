@@ -6,12 +6,9 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
 use sha2::{Digest, Sha256 as Hasher};
 use tokio::sync::mpsc;
 
@@ -20,36 +17,14 @@ use super::info::PathInfo;
 const CHUNK: usize = 256 * 1024;
 
 /// A request body fed by a producer thread, announcing its exact length.
-pub struct UploadBody {
-    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
-    len: u64,
-}
+pub type UploadBody = crate::http::ChannelBody;
 
-impl Body for UploadBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|r| r.map(Frame::data)))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.len)
-    }
-}
-
-impl UploadBody {
-    pub fn full(bytes: Bytes) -> UploadBody {
-        let (tx, rx) = mpsc::channel(1);
-        let len = bytes.len() as u64;
-        let _ = tx.try_send(Ok(bytes));
-        UploadBody { rx, len }
-    }
+/// A body of `bytes`.
+pub fn full(bytes: Bytes) -> UploadBody {
+    let (tx, rx) = mpsc::channel(1);
+    let len = bytes.len() as u64;
+    let _ = tx.try_send(Ok(bytes));
+    UploadBody::new(rx).with_len(len)
 }
 
 /// Where the bytes come from, and in what form they go.
@@ -113,7 +88,7 @@ pub fn body(source: Feed, info: &PathInfo, preamble: Bytes, len: u64) -> UploadB
             let _ = tx.blocking_send(Err(std::io::Error::other(reason)));
         }
     });
-    UploadBody { rx, len: total }
+    UploadBody::new(rx).with_len(total)
 }
 
 fn dump(path: &str, mut out: Out) -> Result<(), String> {

@@ -84,7 +84,7 @@ impl Target {
                             &url,
                             &self.auth,
                             &[],
-                            || UploadBody::full(Bytes::new()),
+                            || nar::full(Bytes::new()),
                             true,
                         )
                         .await?;
@@ -107,7 +107,7 @@ impl Target {
                         &url,
                         &Auth::Bearer,
                         &json,
-                        || UploadBody::full(body.clone()),
+                        || nar::full(body.clone()),
                         false,
                     )
                     .await?;
@@ -208,7 +208,7 @@ impl Target {
             &url,
             &self.auth,
             &text_type,
-            || UploadBody::full(narinfo.clone()),
+            || nar::full(narinfo.clone()),
             false,
         )
         .await?;
@@ -238,7 +238,7 @@ impl Target {
                         &url,
                         &basic,
                         &[],
-                        || UploadBody::full(Bytes::new()),
+                        || nar::full(Bytes::new()),
                         false,
                     )
                     .await?;

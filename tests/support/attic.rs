@@ -131,6 +131,15 @@ fn rights(token: &str, cache: &str) -> Option<(bool, bool)> {
     Some((r, w))
 }
 
+fn readable(token: Option<&str>, cache: &str) -> bool {
+    token.and_then(|t| rights(t, cache)).is_some_and(|(r, _)| r)
+}
+
+fn stored(record: &Mutex<Record>, cache: &str, hash: &str) -> Option<Stored> {
+    let record = record.lock().unwrap();
+    record.caches.get(cache)?.get(hash).cloned()
+}
+
 fn bearer(req: &Request<Incoming>) -> Option<String> {
     let value = req.headers().get("authorization")?.to_str().ok()?;
     if let Some(token) = value.strip_prefix("Bearer ") {
@@ -309,10 +318,9 @@ async fn route(
             }
         }
         (Method::GET, [cache, file]) | (Method::HEAD, [cache, file]) => {
-            match token.as_deref().and_then(|t| rights(t, cache)) {
-                Some((true, _)) => {}
-                // A cache one may not read looks absent.
-                _ => return error(404, "NoSuchCache", "no such cache"),
+            // A cache one may not read looks absent.
+            if !readable(token.as_deref(), cache) {
+                return error(404, "NoSuchCache", "no such cache");
             }
             if *file == "nix-cache-info" {
                 return respond(
@@ -323,30 +331,16 @@ async fn route(
             let Some(hash) = file.strip_suffix(".narinfo") else {
                 return respond(404, "");
             };
-            let stored = record
-                .lock()
-                .unwrap()
-                .caches
-                .get(*cache)
-                .and_then(|c| c.get(hash).cloned());
-            match stored {
+            match stored(record, cache, hash) {
                 Some(stored) => respond(200, narinfo(&stored, signing, key_name)),
                 None => respond(404, ""),
             }
         }
         (Method::GET, [cache, "nar", file]) => {
-            match token.as_deref().and_then(|t| rights(t, cache)) {
-                Some((true, _)) => {}
-                _ => return error(404, "NoSuchCache", "no such cache"),
+            if !readable(token.as_deref(), cache) {
+                return error(404, "NoSuchCache", "no such cache");
             }
-            let hash = file.trim_end_matches(".nar");
-            let stored = record
-                .lock()
-                .unwrap()
-                .caches
-                .get(*cache)
-                .and_then(|c| c.get(hash).cloned());
-            match stored {
+            match stored(record, cache, file.trim_end_matches(".nar")) {
                 Some(stored) => respond(200, stored.nar),
                 None => respond(404, ""),
             }
