@@ -11,6 +11,7 @@
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod exchange;
 pub mod http;
 pub mod identity;
 pub mod metrics;

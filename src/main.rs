@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use nix_sidecar::config::{self, Config, Overrides};
+use nix_sidecar::exchange::ExchangeConfig;
 use nix_sidecar::identity::Identity;
 use nix_sidecar::store::{Limits, Store};
 
@@ -94,6 +95,12 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Run the token exchange service (its own configuration; see the README, "Self-hosting
+    /// without static secrets").
+    Exchange {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Inspect or maintain the local cache (stop the daemon first: the index is exclusive).
     Cache {
         #[command(subcommand)]
@@ -132,6 +139,14 @@ struct ServeFlags {
 }
 
 impl ServeFlags {
+    /// Whether `--config` names an exchange service's file (`check-config` checks both kinds).
+    fn is_exchange(&self) -> bool {
+        self.config
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|text| nix_sidecar::exchange::config::looks_like_exchange(&text))
+    }
+
     fn load(self) -> Result<Config, String> {
         let overrides = Overrides {
             listen: self.listen,
@@ -218,6 +233,21 @@ async fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Serve(flags) => {
             serve(flags.load()?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig(flags) if flags.is_exchange() => {
+            let path = flags.config.expect("is_exchange checked it");
+            let config = ExchangeConfig::load(&path).map_err(|e| e.to_string())?;
+            print!("{}", config.describe());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exchange { config } => {
+            let config = ExchangeConfig::load(&config).map_err(|e| e.to_string())?;
+            nix_sidecar::exchange::run(config, async {
+                shutdown_signal().await;
+                nix_sidecar::systemd::stopping();
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig(flags) => {

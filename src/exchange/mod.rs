@@ -1,0 +1,34 @@
+//! `nix-sidecar exchange`: an RFC 8693 token endpoint for self-hosted caches. It verifies
+//! workload identities (OIDC JWTs against their issuers' keys, AWS presigned STS requests),
+//! applies allow-only rules, and mints short-lived Attic tokens scoped to the granted caches.
+//! `config` reads its file, `issuers` and `aws` verify, `policy` decides (pure), `mint`
+//! signs, `decide` runs one exchange end to end, `service` speaks HTTP(S).
+
+pub mod aws;
+pub mod config;
+pub mod decide;
+pub mod issuers;
+pub mod mint;
+pub mod policy;
+pub mod service;
+
+use std::sync::Arc;
+
+pub use config::ExchangeConfig;
+
+/// Runs the service until `shutdown` resolves.
+pub async fn run(
+    config: ExchangeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let service = Arc::new(service::Service::new(&config)?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "plain HTTP on a non-loopback address: tokens cross the network unencrypted unless a TLS proxy is in front");
+    }
+    tracing::info!(%addr, tls = config.tls.is_some(), "exchange listening");
+    service::serve(service, listener, config.tls.clone(), shutdown).await
+}
