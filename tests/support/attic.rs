@@ -26,7 +26,7 @@ use nix_sidecar::nix::hash::Sha256 as NixHash;
 
 use super::http::{respond, serve, Body};
 
-const SECRET: &[u8] = b"attic-double-hs256-secret-of-32-bytes!";
+pub const SECRET: &[u8] = b"attic-double-hs256-secret-of-32-bytes!";
 const CLAIM: &str = "https://jwt.attic.rs/v1";
 pub const ORG: &str = "0190a7b4-0000-7000-8000-00000000000a";
 pub const PROJECT: &str = "0190a7b4-0000-7000-8000-00000000000b";
@@ -109,7 +109,7 @@ fn token_signed_with(secret: &[u8], sub: &str, grants: &[(&str, &str)], lifetime
 }
 
 /// The rights the bearer of `token` has on `cache` (`None`: not a valid token).
-fn rights(token: &str, cache: &str) -> Option<(bool, bool)> {
+pub fn rights_of(token: &str, cache: &str) -> Option<(bool, bool)> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.required_spec_claims.clear();
     validation.validate_aud = false;
@@ -132,7 +132,9 @@ fn rights(token: &str, cache: &str) -> Option<(bool, bool)> {
 }
 
 fn readable(token: Option<&str>, cache: &str) -> bool {
-    token.and_then(|t| rights(t, cache)).is_some_and(|(r, _)| r)
+    token
+        .and_then(|t| rights_of(t, cache))
+        .is_some_and(|(r, _)| r)
 }
 
 fn stored(record: &Mutex<Record>, cache: &str, hash: &str) -> Option<Stored> {
@@ -249,7 +251,7 @@ async fn route(
     match (req.method().clone(), parts.as_slice()) {
         (Method::GET, ["project", ..]) => {
             // FlakeHub's lookup: a valid token (any grant) names the project.
-            if token.as_deref().and_then(|t| rights(t, "")).is_none() {
+            if token.as_deref().and_then(|t| rights_of(t, "")).is_none() {
                 return error(401, "Unauthorized", "no valid token");
             }
             if !req
@@ -275,7 +277,7 @@ async fn route(
                 return error(400, "BadRequest", "not JSON");
             };
             let cache = ask["cache"].as_str().unwrap_or_default().to_string();
-            match token.as_deref().and_then(|t| rights(t, &cache)) {
+            match token.as_deref().and_then(|t| rights_of(t, &cache)) {
                 None => return error(401, "Unauthorized", "no valid token"),
                 Some((_, false)) => return error(403, "PermissionDenied", "no push permission"),
                 Some(_) => {}
@@ -401,7 +403,7 @@ async fn upload(
         return reject("path info is not JSON".into());
     };
     let cache = info["cache"].as_str().unwrap_or_default().to_string();
-    match token.as_deref().and_then(|t| rights(t, &cache)) {
+    match token.as_deref().and_then(|t| rights_of(t, &cache)) {
         None => return error(401, "Unauthorized", "no valid token"),
         Some((_, false)) => return error(403, "PermissionDenied", "no push permission"),
         Some(_) => {}

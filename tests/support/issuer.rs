@@ -15,6 +15,8 @@ pub const JWKS: &str = include_str!("keys/jwks.json");
 pub struct Issuer {
     pub addr: SocketAddr,
     pub url: String,
+    /// JWKS requests served.
+    pub jwks_requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub fn now() -> i64 {
@@ -26,21 +28,30 @@ pub fn now() -> i64 {
 
 impl Issuer {
     pub async fn start() -> Issuer {
-        let addr = serve(|req| async move {
+        let jwks_requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = jwks_requests.clone();
+        let addr = serve(move |req| {
+            let counter = counter.clone();
+            async move {
             let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
             match req.uri().path() {
                 "/.well-known/openid-configuration" => respond(
                     200,
                     json!({"issuer": format!("http://{host}"), "jwks_uri": format!("http://{host}/jwks")}).to_string(),
                 ),
-                "/jwks" => respond(200, JWKS),
+                "/jwks" => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    respond(200, JWKS)
+                }
                 _ => respond(404, ""),
+            }
             }
         })
         .await;
         Issuer {
             addr,
             url: format!("http://{addr}"),
+            jwks_requests,
         }
     }
 

@@ -20,6 +20,8 @@ pub struct Sidecar {
     /// Run `serve` with these arguments and no config file (`--listen` and `--cache-dir`
     /// are added).
     cli_args: Option<Vec<String>>,
+    /// Run `nix-sidecar exchange` with `config` instead of the daemon.
+    exchange: bool,
 }
 
 impl Sidecar {
@@ -45,6 +47,15 @@ impl Sidecar {
         sidecar
     }
 
+    /// `nix-sidecar exchange` with `config` (TOML without `listen`, which is added).
+    pub fn start_exchange(dir: &Path, config: &str) -> Sidecar {
+        let mut sidecar = Sidecar::new(dir, config, &[], &[]);
+        sidecar.exchange = true;
+        sidecar.log = dir.join("exchange.log");
+        sidecar.spawn();
+        sidecar
+    }
+
     /// Like `start`, with the daemon run as the last argument of `wrapper`.
     pub fn start_wrapped(
         dir: &Path,
@@ -61,6 +72,7 @@ impl Sidecar {
         Sidecar {
             clean_env: false,
             cli_args: None,
+            exchange: false,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             child: None,
             url: String::new(),
@@ -79,12 +91,17 @@ impl Sidecar {
     }
 
     fn spawn(&mut self) {
-        let config_path = self.dir.join("sidecar.toml");
-        let full = format!(
-            "listen = [\"127.0.0.1:0\"]\ncache-dir = \"{}\"\n{}",
-            self.cache_dir().display(),
-            self.config
-        );
+        let (config_path, full) = if self.exchange {
+            let full = format!("listen = \"127.0.0.1:0\"\n{}", self.config);
+            (self.dir.join("exchange.toml"), full)
+        } else {
+            let full = format!(
+                "listen = [\"127.0.0.1:0\"]\ncache-dir = \"{}\"\n{}",
+                self.cache_dir().display(),
+                self.config
+            );
+            (self.dir.join("sidecar.toml"), full)
+        };
         std::fs::write(&config_path, full).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -106,7 +123,11 @@ impl Sidecar {
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("HOME", &self.dir);
         }
-        cmd.arg("serve");
+        if self.exchange {
+            cmd.arg("exchange");
+        } else {
+            cmd.arg("serve");
+        }
         match &self.cli_args {
             Some(args) => {
                 cmd.args(["--listen", "127.0.0.1:0", "--cache-dir"])

@@ -1,0 +1,451 @@
+//! `nix-sidecar exchange` as a client sees it: RFC 8693 forms in, Attic tokens or RFC 6749
+//! errors out. Every refusal of issue "token exchange" is its own test.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+use support::attic;
+use support::issuer::{now, Issuer, JWKS};
+use support::sidecar::Sidecar;
+
+const AUD: &str = "https://cache.test";
+const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+pub struct Exchange {
+    pub service: Sidecar,
+    pub issuer: Issuer,
+    pub dir: tempfile::TempDir,
+}
+
+/// An issuer double and an exchange trusting it, with `rules` (TOML `[[rule]]` tables,
+/// `{issuer}` standing for the issuer's URL) and `extra` top-level keys.
+async fn exchange(rules: &str, extra: &str) -> Exchange {
+    let issuer = Issuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("attic.key");
+    std::fs::write(
+        &key,
+        base64::engine::general_purpose::STANDARD.encode(attic::SECRET),
+    )
+    .unwrap();
+    let config = format!(
+        "signing-key-file = \"{}\"\nttl = \"10m\"\n{extra}\n[[issuer]]\nurl = \"{}\"\naudience = \"{AUD}\"\n{}",
+        key.display(),
+        issuer.url,
+        rules.replace("{issuer}", &issuer.url)
+    );
+    let service = Sidecar::start_exchange(dir.path(), &config);
+    Exchange {
+        service,
+        issuer,
+        dir,
+    }
+}
+
+const GH_RULE: &str = "[[rule]]\nissuer = \"{issuer}\"\nclaims = { repository = \"org/*\" }\ngrant = { \"org-*\" = [\"pull\"], \"org-ci\" = [\"pull\", \"push\"] }\n";
+
+impl Exchange {
+    /// A GitHub-like token for the exchange's audience with these extra claims.
+    fn token(&self, claims: Value) -> String {
+        let mut all = json!({"iss": self.issuer.url, "sub": "repo:org/app:ref:refs/heads/main", "aud": AUD, "iat": now(), "nbf": now() - 5, "exp": now() + 300, "repository": "org/app"});
+        for (k, v) in claims.as_object().unwrap() {
+            all[k] = v.clone();
+        }
+        self.issuer.mint_claims(all, false)
+    }
+
+    async fn post(&self, pairs: &[(&str, &str)]) -> (u16, Value) {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        self.post_raw("application/x-www-form-urlencoded", body.into_bytes())
+            .await
+    }
+
+    async fn post_raw(&self, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+        use http_body_util::{BodyExt, Full};
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<bytes::Bytes>>();
+        let request = http::Request::post(format!("{}/token", self.service.url))
+            .header("content-type", content_type)
+            .body(Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    async fn exchange(&self, token: &str, scope: Option<&str>) -> (u16, Value) {
+        let mut pairs = vec![
+            ("grant_type", GRANT_TYPE),
+            ("subject_token", token),
+            ("subject_token_type", JWT_TYPE),
+        ];
+        if let Some(scope) = scope {
+            pairs.push(("scope", scope));
+        }
+        self.post(&pairs).await
+    }
+
+    /// Exchanges `token` and expects the refusal `error` with `status`.
+    async fn refused(&self, token: &str, status: u16, error: &str) -> String {
+        let (got, body) = self.exchange(token, None).await;
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(error)),
+            "{body}"
+        );
+        assert!(!self.service.logs().contains(token), "a token in the log");
+        body["error_description"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+fn claims_of(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_valid_token_gets_an_attic_token_scoped_to_its_grant() {
+    let ex = exchange(GH_RULE, "").await;
+    let (status, body) = ex.exchange(&ex.token(json!({})), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["issued_token_type"], JWT_TYPE);
+    assert_eq!(body["expires_in"], 600);
+    let minted = claims_of(body["access_token"].as_str().unwrap());
+    assert_eq!(
+        minted["sub"],
+        format!("{}|repo:org/app:ref:refs/heads/main", ex.issuer.url)
+    );
+    assert_eq!(
+        minted["https://jwt.attic.rs/v1"]["caches"],
+        json!({"org-*": {"r": 1}, "org-ci": {"r": 1, "w": 1}})
+    );
+    assert!(minted["exp"].as_i64().unwrap() <= now() + 600);
+    assert!(minted["jti"].as_str().is_some_and(|j| j.len() >= 16));
+    // The Attic double takes it: it is signed with atticd's secret.
+    let token = body["access_token"].as_str().unwrap();
+    assert_eq!(
+        attic::rights_of(token, "org-ci"),
+        Some((true, true)),
+        "push on org-ci"
+    );
+    assert_eq!(attic::rights_of(token, "org-web"), Some((true, false)));
+    // A pull scope narrows the grant.
+    let (_, body) = ex.exchange(&ex.token(json!({})), Some("pull")).await;
+    let minted = claims_of(body["access_token"].as_str().unwrap());
+    assert_eq!(
+        minted["https://jwt.attic.rs/v1"]["caches"],
+        json!({"org-*": {"r": 1}, "org-ci": {"r": 1}})
+    );
+    // Audit: one line per decision, never a token.
+    let log = ex.service.logs();
+    assert!(log.contains("\"result\":\"granted\""), "{log}");
+}
+
+#[tokio::test]
+async fn alg_none_is_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let encode = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let claims = claims_of(&ex.token(json!({})));
+    let unsigned = format!(
+        "{}.{}.",
+        encode(&json!({"alg": "none", "typ": "JWT", "kid": "test-rsa"})),
+        encode(&claims)
+    );
+    ex.refused(&unsigned, 401, "invalid_grant").await;
+}
+
+#[tokio::test]
+async fn hs256_signed_with_the_issuers_public_key_is_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let claims = claims_of(&ex.token(json!({})));
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("test-rsa".into());
+    let forged =
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(JWKS.as_bytes())).unwrap();
+    let why = ex.refused(&forged, 401, "invalid_grant").await;
+    assert!(why.contains("HS256") || why.contains("algorithm"), "{why}");
+}
+
+#[tokio::test]
+async fn an_unknown_issuer_is_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let other = Issuer::start().await;
+    let token = other.mint("repo:org/app", AUD, 300, false);
+    ex.refused(&token, 401, "invalid_grant").await;
+}
+
+#[tokio::test]
+async fn a_wrong_audience_is_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let why = ex
+        .refused(
+            &ex.token(json!({"aud": "https://elsewhere"})),
+            401,
+            "invalid_grant",
+        )
+        .await;
+    assert!(why.contains("audience"), "{why}");
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let why = ex
+        .refused(&ex.token(json!({"exp": now() - 120})), 401, "invalid_grant")
+        .await;
+    assert!(why.contains("expired"), "{why}");
+}
+
+#[tokio::test]
+async fn a_token_not_valid_yet_is_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let why = ex
+        .refused(&ex.token(json!({"nbf": now() + 600})), 401, "invalid_grant")
+        .await;
+    assert!(why.contains("nbf"), "{why}");
+}
+
+#[tokio::test]
+async fn a_tampered_payload_is_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let token = ex.token(json!({"repository": "stranger/app"}));
+    let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+    let mut claims = claims_of(&token);
+    claims["repository"] = json!("org/app");
+    parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+    let why = ex.refused(&parts.join("."), 401, "invalid_grant").await;
+    assert!(why.contains("signature"), "{why}");
+}
+
+#[tokio::test]
+async fn an_unknown_kid_refetches_once_then_refuses_without_a_storm() {
+    let ex = exchange(GH_RULE, "").await;
+    assert_eq!(ex.exchange(&ex.token(json!({})), None).await.0, 200);
+    assert_eq!(ex.issuer.jwks_requests.load(Ordering::SeqCst), 1);
+    let claims = claims_of(&ex.token(json!({})));
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("rotated-away".into());
+    let key = EncodingKey::from_rsa_pem(include_bytes!("support/keys/rsa.pem")).unwrap();
+    let unknown = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    let why = ex.refused(&unknown, 401, "invalid_grant").await;
+    assert!(why.contains("rotated-away"), "{why}");
+    assert_eq!(
+        ex.issuer.jwks_requests.load(Ordering::SeqCst),
+        2,
+        "one refetch"
+    );
+    let ex = std::sync::Arc::new(ex);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (ex, unknown) = (ex.clone(), unknown.clone());
+        tasks.spawn(async move {
+            for _ in 0..63 {
+                assert_eq!(ex.exchange(&unknown, None).await.0, 401);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(
+        ex.issuer.jwks_requests.load(Ordering::SeqCst),
+        2,
+        "1,008 unknown kids, no more fetches"
+    );
+}
+
+#[tokio::test]
+async fn a_list_or_object_where_a_glob_expects_a_string_is_no_match() {
+    let ex = exchange(GH_RULE, "").await;
+    ex.refused(
+        &ex.token(json!({"repository": ["org/app"]})),
+        403,
+        "unauthorized_client",
+    )
+    .await;
+    ex.refused(
+        &ex.token(json!({"repository": {"name": "org/app"}})),
+        403,
+        "unauthorized_client",
+    )
+    .await;
+    ex.refused(
+        &ex.token(json!({"repository": 7})),
+        403,
+        "unauthorized_client",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_tokens_and_bodies_are_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let huge = ex.token(json!({"padding": "x".repeat(20_000)}));
+    let why = ex.refused(&huge, 400, "invalid_request").await;
+    assert!(why.contains("longer"), "{why}");
+    let (status, body) = ex
+        .post_raw("application/x-www-form-urlencoded", vec![b'a'; 100_000])
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("invalid_request"))
+    );
+    let (status, body) = ex.post_raw("application/json", b"{}".to_vec()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let (status, body) = ex.post(&[("grant_type", "password")]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+}
+
+#[tokio::test]
+async fn a_denied_subject_is_refused_within_a_second_of_the_deny_file_changing() {
+    let deny = tempfile::NamedTempFile::new().unwrap();
+    let extra = format!("deny-file = \"{}\"", deny.path().display());
+    let ex = exchange(GH_RULE, &extra).await;
+    assert_eq!(ex.exchange(&ex.token(json!({})), None).await.0, 200);
+    std::fs::write(
+        deny.path(),
+        "# leaked on 2026-11-29\nrepo:org/app:ref:refs/heads/main\n",
+    )
+    .unwrap();
+    let changed = Instant::now();
+    let token = ex.token(json!({}));
+    loop {
+        let (status, body) = ex.exchange(&token, None).await;
+        if status == 403 {
+            assert_eq!(body["error"], "unauthorized_client");
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "still granted after a second"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A denied jti, too.
+    std::fs::write(deny.path(), "stolen-jti-1\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ex.exchange(&ex.token(json!({})), None).await.0, 200);
+    ex.refused(
+        &ex.token(json!({"jti": "stolen-jti-1"})),
+        403,
+        "unauthorized_client",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn no_matching_rule_is_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let why = ex
+        .refused(
+            &ex.token(json!({"repository": "stranger/app"})),
+            403,
+            "unauthorized_client",
+        )
+        .await;
+    assert!(why.contains("no rule"), "{why}");
+}
+
+#[tokio::test]
+async fn a_scope_wider_than_the_grant_is_refused() {
+    let pull_only = "[[rule]]\nissuer = \"{issuer}\"\ngrant = { \"org-*\" = [\"pull\"] }\n";
+    let ex = exchange(pull_only, "").await;
+    let (status, body) = ex.exchange(&ex.token(json!({})), Some("pull push")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "{body}"
+    );
+    let (status, body) = ex.exchange(&ex.token(json!({})), Some("admin")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "{body}"
+    );
+    let (status, _) = ex.exchange(&ex.token(json!({})), Some("pull")).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn health_metrics_and_check_config() {
+    let ex = exchange(GH_RULE, "").await;
+    let _ = ex.exchange(&ex.token(json!({})), None).await;
+    let _ = ex.exchange("garbage", None).await;
+    let health = support::http::get(&format!("{}/healthz", ex.service.url), "GET", &[]).await;
+    assert_eq!(health.status, 200);
+    let metrics = support::http::get(&format!("{}/metrics", ex.service.url), "GET", &[])
+        .await
+        .text();
+    assert!(
+        metrics.contains("nix_sidecar_exchange_exchanges_total{result=\"granted\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nix_sidecar_exchange_exchanges_total{result=\"invalid_grant\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nix_sidecar_exchange_jwks_fetches_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nix_sidecar_exchange_seconds_count 2"),
+        "{metrics}"
+    );
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["check-config", "--config"])
+        .arg(ex.dir.path().join("exchange.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.contains("# 1 rule(s)")
+            && !text.contains(&base64::engine::general_purpose::STANDARD.encode(attic::SECRET)),
+        "{text}"
+    );
+    // A broken one names its key.
+    let broken = ex.dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "signing-key-file = \"/nonexistent\"\n[[rule]]\nissuer = \"x\"\ngrant = {}\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["check-config", "--config"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stderr).contains("signing-key-file"));
+}
