@@ -208,6 +208,31 @@ impl Attic {
         )
     }
 
+    /// Puts the closures of local store `paths` into `cache`, as an upload would.
+    pub async fn put_local(&self, cache: &str, paths: &[String]) {
+        let infos = nix_sidecar::push::local::closure(paths).await.unwrap();
+        for info in infos {
+            let dump = std::process::Command::new("nix-store")
+                .args(["--dump", &info.store_path])
+                .output()
+                .unwrap();
+            assert!(dump.status.success());
+            self.record
+                .lock()
+                .unwrap()
+                .caches
+                .entry(cache.to_string())
+                .or_default()
+                .insert(
+                    info.hash().to_string(),
+                    Stored {
+                        info: info.attic_json(cache),
+                        nar: Bytes::from(dump.stdout),
+                    },
+                );
+        }
+    }
+
     pub fn accepted(&self, hash: &str) -> u32 {
         self.record
             .lock()
