@@ -449,3 +449,72 @@ async fn health_metrics_and_check_config() {
     assert!(!check.status.success());
     assert!(String::from_utf8_lossy(&check.stderr).contains("signing-key-file"));
 }
+
+#[tokio::test]
+async fn each_subject_gets_its_rate_limit() {
+    let ex = exchange(GH_RULE, "rate-limit = 3").await;
+    for _ in 0..3 {
+        assert_eq!(ex.exchange(&ex.token(json!({})), None).await.0, 200);
+    }
+    let (status, body) = ex.exchange(&ex.token(json!({})), None).await;
+    assert_eq!(status, 429, "{body}");
+    // Another subject is not held up by the first.
+    let other = ex.token(json!({"sub": "repo:org/other:ref:refs/heads/main"}));
+    assert_eq!(ex.exchange(&other, None).await.0, 200);
+}
+
+/// A self-signed certificate for 127.0.0.1 written to `dir/cert.pem` and `dir/key.pem`;
+/// its PEM.
+fn write_certificate(dir: &std::path::Path) -> String {
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    // Written whole, then renamed: a reader never sees half a file.
+    for (name, text) in [
+        ("cert.pem", made.cert.pem()),
+        ("key.pem", made.key_pair.serialize_pem()),
+    ] {
+        let tmp = dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+    made.cert.pem()
+}
+
+/// GET /healthz over HTTPS trusting only `ca_pem`: the status, or the error.
+async fn health_over_tls(url: &str, ca_pem: &str, dir: &std::path::Path) -> Result<u16, String> {
+    let ca = dir.join(format!("ca-{}.pem", fastrand::u32(..)));
+    std::fs::write(&ca, ca_pem).unwrap();
+    let client = nix_sidecar::http::client(Some(&ca)).unwrap();
+    let request = http::Request::get(format!("{url}/healthz"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    client
+        .request(request)
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test]
+async fn tls_from_files_reloaded_when_they_change() {
+    let tls_dir = tempfile::tempdir().unwrap();
+    let first = write_certificate(tls_dir.path());
+    let extra = format!(
+        "tls-cert = \"{0}/cert.pem\"\ntls-key = \"{0}/key.pem\"",
+        tls_dir.path().display()
+    );
+    let ex = exchange(GH_RULE, &extra).await;
+    let url = ex.service.url.replace("http://", "https://");
+    assert_eq!(health_over_tls(&url, &first, tls_dir.path()).await, Ok(200));
+    let second = write_certificate(tls_dir.path());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The first handshake after the change may still see the old pair; the next ones not.
+    let _ = health_over_tls(&url, &second, tls_dir.path()).await;
+    assert_eq!(
+        health_over_tls(&url, &second, tls_dir.path()).await,
+        Ok(200)
+    );
+    assert!(
+        health_over_tls(&url, &first, tls_dir.path()).await.is_err(),
+        "the old certificate is gone"
+    );
+}

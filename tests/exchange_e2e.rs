@@ -34,8 +34,12 @@ async fn world() -> World {
     let issuer = Issuer::start().await;
     let cloud = Cloud::start(&issuer, SUB, AUD).await;
     let attic = Attic::start().await;
-    attic.put_local("org-main", &[fx.top.clone()]).await;
-    attic.put_local("secret", &[fx.outside.clone()]).await;
+    attic
+        .put_local("org-main", std::slice::from_ref(&fx.top))
+        .await;
+    attic
+        .put_local("secret", std::slice::from_ref(&fx.outside))
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("attic.key");
     std::fs::write(
