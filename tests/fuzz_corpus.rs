@@ -78,3 +78,23 @@ fn config_corpus() {
         }
     }
 }
+
+#[test]
+fn exchange_request_corpus() {
+    let inputs = inputs("exchange_request");
+    assert!(!inputs.is_empty());
+    for data in inputs {
+        if let Ok(form) = nix_sidecar::exchange::decide::parse_form(&data) {
+            let _ = nix_sidecar::exchange::aws::check(&form.subject_token, 1_700_000_000);
+        }
+    }
+}
+
+#[test]
+fn exchange_policy_corpus() {
+    let inputs = inputs("exchange_policy");
+    assert!(!inputs.is_empty());
+    for data in inputs {
+        nix_sidecar::exchange::policy::fuzz_one(&data);
+    }
+}

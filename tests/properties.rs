@@ -61,3 +61,63 @@ proptest! {
         let _ = Config::parse_str(&text);
     }
 }
+
+mod exchange_grants {
+    use nix_sidecar::exchange::policy::{self, Glob, Grant, Rights, Rule, Subject, Who};
+    use proptest::prelude::*;
+
+    fn rights() -> impl Strategy<Value = Rights> {
+        (any::<bool>(), any::<bool>()).prop_map(|(pull, push)| Rights { pull, push })
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        let claim = ("(repo|ref|ns)", "(org|org/\\*|\\*|main|o\\*g)");
+        let grant =
+            proptest::collection::btree_map("(org-\\*|org-ci|org-web|\\*|o\\*)", rights(), 1..4);
+        (proptest::collection::vec(claim, 0..3), grant).prop_map(|(claims, grant)| Rule {
+            who: Who::Issuer {
+                issuer: "https://issuer".into(),
+                claims: claims
+                    .into_iter()
+                    .map(|(k, g)| (vec![k], Glob::new(&g).unwrap()))
+                    .collect(),
+            },
+            grant,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// A minted grant is always within the union of the grants of the rules that matched,
+        /// whatever the scope and audience ask.
+        #[test]
+        fn a_minted_grant_is_within_the_rules_that_matched(
+            rules in proptest::collection::vec(rule(), 0..4),
+            repo in "(org|org/x|x)", git_ref in "(main|dev)", ns in "(org|ns)",
+            scope in proptest::option::of("(pull|push|pull push|admin|)"),
+            cache in proptest::option::of("(org-ci|org-web|other)"),
+        ) {
+            let subject = Subject::Oidc {
+                issuer: "https://issuer".into(),
+                claims: serde_json::json!({"repo": repo, "ref": git_ref, "ns": ns}),
+            };
+            let (granted, matched) = policy::grant(&rules, &subject);
+            let mut union = Grant::new();
+            for i in &matched {
+                prop_assert!(rules[*i].matches(&subject));
+                for (pattern, r) in &rules[*i].grant {
+                    let e = union.entry(pattern.clone()).or_default();
+                    e.pull |= r.pull;
+                    e.push |= r.push;
+                }
+            }
+            for (i, rule) in rules.iter().enumerate() {
+                prop_assert_eq!(rule.matches(&subject), matched.contains(&i));
+            }
+            if let Ok(narrowed) = policy::narrow(&granted, scope.as_deref(), cache.as_deref()) {
+                prop_assert!(policy::is_within(&narrowed, &union), "{:?} not within {:?}", narrowed, union);
+            }
+        }
+    }
+}

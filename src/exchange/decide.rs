@@ -58,6 +58,63 @@ pub struct Granted {
     pub body: String,
 }
 
+/// What a `POST /token` form asks.
+#[derive(Debug)]
+pub struct Form {
+    pub subject_token: String,
+    pub subject_token_type: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+}
+
+/// Reads and checks a form (RFC 8693 2.1): no repeated field, the token-exchange grant
+/// type, a subject token of sane size, a requested token type we can issue.
+pub fn parse_form(form: &[u8]) -> Result<Form, Refusal> {
+    let mut fields: HashMap<String, String> = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(form) {
+        if fields.insert(k.to_string(), v.into_owned()).is_some() {
+            return Err(Refusal::new(
+                400,
+                "invalid_request",
+                format!("`{k}` is repeated"),
+            ));
+        }
+    }
+    if fields.get("grant_type").map(String::as_str) != Some(GRANT_TYPE) {
+        return Err(Refusal::new(
+            400,
+            "invalid_request",
+            format!("grant_type must be {GRANT_TYPE}"),
+        ));
+    }
+    let subject_token = fields
+        .remove("subject_token")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Refusal::new(400, "invalid_request", "subject_token is missing"))?;
+    if subject_token.len() > MAX_TOKEN {
+        return Err(Refusal::new(
+            400,
+            "invalid_request",
+            format!("subject_token is longer than {MAX_TOKEN} bytes"),
+        ));
+    }
+    if let Some(asked) = fields.get("requested_token_type") {
+        if asked != JWT_TYPE && asked != ACCESS_TOKEN_TYPE {
+            return Err(Refusal::new(
+                400,
+                "invalid_request",
+                format!("requested_token_type {asked} cannot be issued (only {JWT_TYPE})"),
+            ));
+        }
+    }
+    Ok(Form {
+        subject_token,
+        subject_token_type: fields.remove("subject_token_type"),
+        scope: fields.remove("scope"),
+        audience: fields.remove("audience"),
+    })
+}
+
 pub struct Decider {
     issuers: Issuers,
     aws: Option<Aws>,
@@ -100,56 +157,10 @@ impl Decider {
 
     /// Answers one `POST /token` form.
     pub async fn exchange(&self, form: &[u8]) -> Result<Granted, Refusal> {
-        let mut fields: HashMap<String, String> = HashMap::new();
-        for (k, v) in url::form_urlencoded::parse(form) {
-            if fields.insert(k.to_string(), v.into_owned()).is_some() {
-                return Err(self.refuse(
-                    None,
-                    Refusal::new(400, "invalid_request", format!("`{k}` is repeated")),
-                ));
-            }
-        }
-        let field = |k: &str| fields.get(k).map(String::as_str);
-        if field("grant_type") != Some(GRANT_TYPE) {
-            return Err(self.refuse(
-                None,
-                Refusal::new(
-                    400,
-                    "invalid_request",
-                    format!("grant_type must be {GRANT_TYPE}"),
-                ),
-            ));
-        }
-        let Some(token) = field("subject_token").filter(|t| !t.is_empty()) else {
-            return Err(self.refuse(
-                None,
-                Refusal::new(400, "invalid_request", "subject_token is missing"),
-            ));
-        };
-        if token.len() > MAX_TOKEN {
-            return Err(self.refuse(
-                None,
-                Refusal::new(
-                    400,
-                    "invalid_request",
-                    format!("subject_token is longer than {MAX_TOKEN} bytes"),
-                ),
-            ));
-        }
-        if let Some(asked) = field("requested_token_type") {
-            if asked != JWT_TYPE && asked != ACCESS_TOKEN_TYPE {
-                return Err(self.refuse(
-                    None,
-                    Refusal::new(
-                        400,
-                        "invalid_request",
-                        format!("requested_token_type {asked} cannot be issued (only {JWT_TYPE})"),
-                    ),
-                ));
-            }
-        }
+        let form = parse_form(form).map_err(|r| self.refuse(None, r))?;
+        let token = form.subject_token.as_str();
         let subject = self
-            .verify(token, field("subject_token_type"))
+            .verify(token, form.subject_token_type.as_deref())
             .await
             .map_err(|r| self.refuse(None, r))?;
         let name = subject.name();
@@ -184,8 +195,11 @@ impl Decider {
                 ),
             ));
         }
-        let cache = field("audience").filter(|a| Some(*a) != self.minted_audience.as_deref());
-        let grant = policy::narrow(&grant, field("scope"), cache).map_err(|n| {
+        let cache = form
+            .audience
+            .as_deref()
+            .filter(|a| Some(*a) != self.minted_audience.as_deref());
+        let grant = policy::narrow(&grant, form.scope.as_deref(), cache).map_err(|n| {
             let refusal = match n {
                 Narrowing::UnknownScope(word) => Refusal::new(
                     400,

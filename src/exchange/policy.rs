@@ -154,6 +154,22 @@ pub fn grant(rules: &[Rule], subject: &Subject) -> (Grant, Vec<usize>) {
     (grant, matched)
 }
 
+/// The rights `grant` gives on the cache `name` (or, for a pattern, on every cache it
+/// names: a prefix pattern is covered by a shorter prefix), as Attic matches patterns.
+fn held_by(grant: &Grant, name: &str) -> Rights {
+    let mut held = Rights::default();
+    for (pattern, rights) in grant {
+        let covers = match pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => pattern == name,
+        };
+        if covers {
+            held = held.union(*rights);
+        }
+    }
+    held
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Narrowing {
     /// `scope` holds a word that is not `pull` or `push`.
@@ -204,16 +220,7 @@ pub fn narrow(grant: &Grant, scope: Option<&str>, cache: Option<&str>) -> Result
             }
         }
         Some(cache) => {
-            let mut rights = Rights::default();
-            for (pattern, r) in grant {
-                let covers = match pattern.strip_suffix('*') {
-                    Some(prefix) => cache.starts_with(prefix),
-                    None => pattern == cache,
-                };
-                if covers {
-                    rights = rights.union(*r);
-                }
-            }
+            let rights = held_by(grant, cache);
             let cut = Rights {
                 pull: rights.pull && wanted.pull,
                 push: rights.push && wanted.push,
@@ -225,6 +232,62 @@ pub fn narrow(grant: &Grant, scope: Option<&str>, cache: Option<&str>) -> Result
         }
     }
     Ok(out)
+}
+
+/// The fuzz target's body (`fuzz/fuzz_targets/exchange_policy.rs`, replayed by
+/// `tests/fuzz_corpus.rs`): lines of a claim glob, a scope and a cache, then claims JSON.
+/// Panics if a narrowed grant is ever wider than the rule's.
+pub fn fuzz_one(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.splitn(4, '\n');
+    let (pattern, scope, cache, claims) = (
+        lines.next().unwrap_or_default(),
+        lines.next(),
+        lines.next().filter(|c| !c.is_empty()),
+        lines.next().unwrap_or_default(),
+    );
+    let Ok(glob) = Glob::new(pattern) else { return };
+    let claims = serde_json::from_str(claims).unwrap_or(Value::Null);
+    let rule = Rule {
+        who: Who::Issuer {
+            issuer: "i".into(),
+            claims: vec![(vec!["a".into(), "b".into()], glob)],
+        },
+        grant: [
+            (
+                "org-*".to_string(),
+                Rights {
+                    pull: true,
+                    push: false,
+                },
+            ),
+            (
+                "org-ci".to_string(),
+                Rights {
+                    pull: true,
+                    push: true,
+                },
+            ),
+        ]
+        .into(),
+    };
+    let subject = Subject::Oidc {
+        issuer: "i".into(),
+        claims,
+    };
+    let (granted, matched) = grant(std::slice::from_ref(&rule), &subject);
+    if let Ok(narrowed) = narrow(&granted, scope, cache) {
+        assert!(is_within(&narrowed, &granted));
+        assert!(narrowed.is_empty() || !matched.is_empty());
+    }
+}
+
+/// Whether every right of `narrowed` is held, for its cache or pattern, by `grant`.
+pub fn is_within(narrowed: &Grant, grant: &Grant) -> bool {
+    narrowed.iter().all(|(name, rights)| {
+        let held = held_by(grant, name);
+        (!rights.pull || held.pull) && (!rights.push || held.push)
+    })
 }
 
 #[cfg(test)]
