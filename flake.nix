@@ -29,6 +29,7 @@
       nixosModules.default = { pkgs, lib, ... }: {
         imports = [ ./nixos-module ];
         services.nix-sidecar.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        services.nix-sidecar-exchange.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
       };
 
       # A VM boots with the module, an anonymous upstream serving a binary cache, and

@@ -9,6 +9,8 @@ let
   configFile = settingsFormat.generate "nix-sidecar.toml" cfg.settings;
 in
 {
+  imports = [ ./exchange.nix ];
+
   options.services.nix-sidecar = {
     enable = lib.mkEnableOption "nix-sidecar, a loopback binary cache with workload-identity upstream access";
 

@@ -15,38 +15,40 @@ use support::upstream::{hash_part, Fault, Target, UpstreamDouble};
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 #[test]
-fn the_unit_verifies_and_is_rated_at_most_2_0_by_systemd_analyze_security() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(format!("{ROOT}/systemd/nix-sidecar.service")).unwrap();
-    // verify checks that ExecStart exists: point it at the binary under test.
-    let unit = unit.replace("/usr/bin/nix-sidecar", env!("CARGO_BIN_EXE_nix-sidecar"));
-    let path = dir.path().join("nix-sidecar.service");
-    std::fs::write(&path, unit).unwrap();
-    let verify = std::process::Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    let security = std::process::Command::new("systemd-analyze")
-        .args(["security", "--offline=yes"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&security.stdout);
-    let level: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.split("Overall exposure level for nix-sidecar.service: ")
-                .nth(1)
-        })
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
-    assert!(level <= 2.0, "exposure {level}");
+fn the_units_verify_and_are_rated_at_most_2_0_by_systemd_analyze_security() {
+    for name in ["nix-sidecar.service", "nix-sidecar-exchange.service"] {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = std::fs::read_to_string(format!("{ROOT}/systemd/{name}")).unwrap();
+        // verify checks that ExecStart exists: point it at the binary under test.
+        let unit = unit.replace("/usr/bin/nix-sidecar", env!("CARGO_BIN_EXE_nix-sidecar"));
+        let path = dir.path().join(name);
+        std::fs::write(&path, unit).unwrap();
+        let verify = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        let security = std::process::Command::new("systemd-analyze")
+            .args(["security", "--offline=yes"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&security.stdout);
+        let level: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.split(&format!("Overall exposure level for {name}: "))
+                    .nth(1)
+            })
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+        assert!(level <= 2.0, "{name}: exposure {level}");
+    }
 }
 
 /// The module's `nix.settings.trusted-public-keys`, evaluated with real Nix on `settings`.
@@ -103,6 +105,7 @@ fn every_nix_file_parses() {
         "flake.nix",
         "nixos-module/default.nix",
         "nixos-module/keys.nix",
+        "nixos-module/exchange.nix",
     ] {
         let out = std::process::Command::new("nix-instantiate")
             .args(["--parse", &format!("{ROOT}/{file}")])
