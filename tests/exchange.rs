@@ -156,6 +156,11 @@ async fn a_valid_token_gets_an_attic_token_scoped_to_its_grant() {
         minted["https://jwt.attic.rs/v1"]["caches"],
         json!({"org-*": {"r": 1}, "org-ci": {"r": 1}})
     );
+    // ES256 tokens too.
+    let mut claims = claims_of(&ex.token(json!({})));
+    claims["exp"] = json!(now() + 300);
+    let es256 = ex.issuer.mint_claims(claims, true);
+    assert_eq!(ex.exchange(&es256, None).await.0, 200);
     // Audit: one line per decision, never a token.
     let log = ex.service.logs();
     assert!(log.contains("\"result\":\"granted\""), "{log}");
@@ -393,8 +398,8 @@ async fn a_scope_wider_than_the_grant_is_refused() {
 }
 
 #[tokio::test]
-async fn health_metrics_and_check_config() {
-    let ex = exchange(GH_RULE, "").await;
+async fn health_metrics_check_config_and_sigterm() {
+    let mut ex = exchange(GH_RULE, "").await;
     let _ = ex.exchange(&ex.token(json!({})), None).await;
     let _ = ex.exchange("garbage", None).await;
     let health = support::http::get(&format!("{}/healthz", ex.service.url), "GET", &[]).await;
@@ -448,6 +453,8 @@ async fn health_metrics_and_check_config() {
         .unwrap();
     assert!(!check.status.success());
     assert!(String::from_utf8_lossy(&check.stderr).contains("signing-key-file"));
+    // SIGTERM: a clean exit (stop() asserts the status).
+    ex.service.stop();
 }
 
 #[tokio::test]

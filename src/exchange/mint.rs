@@ -114,3 +114,77 @@ impl Minter {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::policy::Rights;
+    use jsonwebtoken::{DecodingKey, Validation};
+
+    fn grant() -> Grant {
+        [(
+            "org-ci".to_string(),
+            Rights {
+                pull: true,
+                push: true,
+            },
+        )]
+        .into()
+    }
+
+    #[test]
+    fn hs256_from_atticds_base64_secret_with_bound_issuer_and_audience() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let secret = [7u8; 40];
+        std::fs::write(
+            &path,
+            base64::engine::general_purpose::STANDARD.encode(secret),
+        )
+        .unwrap();
+        let minter = Minter::load(
+            &path,
+            Some("exchange".into()),
+            Some("attic".into()),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let minted = minter.mint("iss|sub", &grant()).unwrap();
+        let mut v = Validation::new(Algorithm::HS256);
+        v.set_issuer(&["exchange"]);
+        v.set_audience(&["attic"]);
+        let data = jsonwebtoken::decode::<Value>(
+            minted.token.expose(),
+            &DecodingKey::from_secret(&secret),
+            &v,
+        )
+        .unwrap();
+        assert_eq!(
+            data.claims[ATTIC_CLAIM]["caches"]["org-ci"],
+            json!({"r": 1, "w": 1})
+        );
+        assert_eq!(data.claims["jti"], minted.jti);
+        std::fs::write(
+            &path,
+            base64::engine::general_purpose::STANDARD.encode([1u8; 8]),
+        )
+        .unwrap();
+        assert!(Minter::load(&path, None, None, Duration::from_secs(60))
+            .err()
+            .unwrap()
+            .contains("too short"));
+        std::fs::write(&path, "not base64 !").unwrap();
+        assert!(Minter::load(&path, None, None, Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn rs256_from_a_pem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        std::fs::write(&path, include_str!("../../tests/support/keys/rsa.pem")).unwrap();
+        let minter = Minter::load(&path, None, None, Duration::from_secs(60)).unwrap();
+        let minted = minter.mint("aws|arn", &grant()).unwrap();
+        let header = jsonwebtoken::decode_header(minted.token.expose()).unwrap();
+        assert_eq!(header.alg, Algorithm::RS256);
+    }
+}
