@@ -81,7 +81,7 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       before = [ "nix-daemon.service" ];
-      serviceConfig = {
+      serviceConfig = import ./hardening.nix // {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${lib.getExe cfg.package} serve --config ${configFile} --cache-dir \${CACHE_DIRECTORY}";
@@ -91,39 +91,10 @@ in
         TimeoutStopSec = "20s";
         EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
 
-        DynamicUser = true;
         CacheDirectory = "nix-sidecar";
         CacheDirectoryMode = "0700";
-        UMask = "0077";
-
-        NoNewPrivileges = true;
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
         # No PrivateUsers: it would show every peer as uid 65534 and defeat allowed-uids.
-        ProtectHostname = true;
-        ProtectClock = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectProc = "invisible";
-        ProcSubset = "pid";
         RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        RemoveIPC = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
-        SystemCallErrorNumber = "EPERM";
-        DevicePolicy = "closed";
-        KeyringMode = "private";
       };
     };
   };

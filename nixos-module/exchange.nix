@@ -71,7 +71,7 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      serviceConfig = {
+      serviceConfig = import ./hardening.nix // {
         ExecStart = "${lib.getExe cfg.package} exchange --config ${configFile}";
         Restart = "on-failure";
         RestartSec = "2s";
@@ -81,36 +81,7 @@ in
         LogsDirectory = "nix-sidecar-exchange";
         LogsDirectoryMode = "0700";
 
-        DynamicUser = true;
-        UMask = "0077";
-        NoNewPrivileges = true;
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
         PrivateUsers = true;
-        ProtectHostname = true;
-        ProtectClock = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectProc = "invisible";
-        ProcSubset = "pid";
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        RemoveIPC = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
-        SystemCallErrorNumber = "EPERM";
-        DevicePolicy = "closed";
-        KeyringMode = "private";
       };
     };
   };

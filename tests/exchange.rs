@@ -29,12 +29,7 @@ pub struct Exchange {
 async fn exchange(rules: &str, extra: &str) -> Exchange {
     let issuer = Issuer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("attic.key");
-    std::fs::write(
-        &key,
-        base64::engine::general_purpose::STANDARD.encode(attic::SECRET),
-    )
-    .unwrap();
+    let key = attic::write_secret(dir.path());
     let config = format!(
         "signing-key-file = \"{}\"\nttl = \"10m\"\n{extra}\n[[issuer]]\nurl = \"{}\"\naudience = \"{AUD}\"\n{}",
         key.display(),

@@ -7,7 +7,6 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use base64::Engine;
 
 use support::attic::{self, Attic};
 use support::cloud::{Cloud, AWS_ARN};
@@ -41,12 +40,7 @@ async fn world() -> World {
         .put_local("secret", std::slice::from_ref(&fx.outside))
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("attic.key");
-    std::fs::write(
-        &key,
-        base64::engine::general_purpose::STANDARD.encode(attic::SECRET),
-    )
-    .unwrap();
+    let key = attic::write_secret(dir.path());
     let audit = dir.path().join("audit.jsonl");
     let config = format!(
         "signing-key-file = \"{key}\"\naudit-log = \"{audit}\"\n\

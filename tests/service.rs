@@ -106,6 +106,7 @@ fn every_nix_file_parses() {
         "nixos-module/default.nix",
         "nixos-module/keys.nix",
         "nixos-module/exchange.nix",
+        "nixos-module/hardening.nix",
     ] {
         let out = std::process::Command::new("nix-instantiate")
             .args(["--parse", &format!("{ROOT}/{file}")])

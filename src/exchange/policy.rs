@@ -234,6 +234,21 @@ pub fn narrow(grant: &Grant, scope: Option<&str>, cache: Option<&str>) -> Result
     Ok(out)
 }
 
+/// Pull on every `org-` cache, push on `org-ci` (the fuzz target's and the tests' grant).
+pub fn example_grant() -> Grant {
+    let (pull, both) = (
+        Rights {
+            pull: true,
+            push: false,
+        },
+        Rights {
+            pull: true,
+            push: true,
+        },
+    );
+    [("org-*".to_string(), pull), ("org-ci".to_string(), both)].into()
+}
+
 /// The fuzz target's body (`fuzz/fuzz_targets/exchange_policy.rs`, replayed by
 /// `tests/fuzz_corpus.rs`): lines of a claim glob, a scope and a cache, then claims JSON.
 /// Panics if a narrowed grant is ever wider than the rule's.
@@ -253,23 +268,7 @@ pub fn fuzz_one(data: &[u8]) {
             issuer: "i".into(),
             claims: vec![(vec!["a".into(), "b".into()], glob)],
         },
-        grant: [
-            (
-                "org-*".to_string(),
-                Rights {
-                    pull: true,
-                    push: false,
-                },
-            ),
-            (
-                "org-ci".to_string(),
-                Rights {
-                    pull: true,
-                    push: true,
-                },
-            ),
-        ]
-        .into(),
+        grant: example_grant(),
     };
     let subject = Subject::Oidc {
         issuer: "i".into(),
@@ -361,23 +360,7 @@ mod tests {
 
     #[test]
     fn scope_and_cache_narrow_never_widen() {
-        let grant: Grant = [
-            (
-                "org-*".to_string(),
-                Rights {
-                    pull: true,
-                    push: false,
-                },
-            ),
-            (
-                "org-ci".to_string(),
-                Rights {
-                    pull: true,
-                    push: true,
-                },
-            ),
-        ]
-        .into();
+        let grant = example_grant();
         let pull_only = narrow(&grant, Some("pull"), None).unwrap();
         assert!(pull_only.values().all(|r| r.pull && !r.push));
         assert_eq!(narrow(&grant, None, None).unwrap(), grant);

@@ -69,6 +69,18 @@ pub struct Attic {
     signing: SigningKey,
 }
 
+/// Writes the server's HS256 secret as atticd takes it (`token-hs256-secret-base64`) to
+/// `dir/attic.key`, for an exchange to mint tokens this server accepts.
+pub fn write_secret(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("attic.key");
+    std::fs::write(
+        &path,
+        base64::engine::general_purpose::STANDARD.encode(SECRET),
+    )
+    .unwrap();
+    path
+}
+
 /// An Attic token for `sub` with these permissions: `[(cache pattern, "rw")]`.
 pub fn token(sub: &str, grants: &[(&str, &str)], lifetime: i64) -> String {
     token_signed_with(SECRET, sub, grants, lifetime)
