@@ -7,7 +7,6 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-
 use support::attic::{self, Attic};
 use support::cloud::{Cloud, AWS_ARN};
 use support::issuer::Issuer;
