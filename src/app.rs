@@ -78,6 +78,7 @@ impl App {
             negative_ttl: config.negative_ttl,
             priority: config.priority,
             lookahead: config.narinfo_lookahead,
+            nar_lookahead: config.nar_lookahead,
         };
         let pusher = push_targets(config, &identities)?
             .map(|(targets, partition)| Pusher::open(targets, store.clone(), partition))

@@ -299,3 +299,68 @@ async fn prefetch_nars_starts_the_download_when_the_narinfo_is_served() {
     assert_eq!(nar.status, 200);
     assert_eq!(upstream.count("nar/"), 1, "the NAR came from the prefetch");
 }
+
+/// The NAR URL of a narinfo answer.
+fn nar_url(narinfo: &support::http::Got) -> String {
+    narinfo
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_string))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_nix_downloads_a_nar_the_nars_of_the_narinfos_it_asked_for_follow() {
+    let fx = support::nix::fixture();
+    for nar_lookahead in [true, false] {
+        let upstream = support::upstream::UpstreamDouble::start(fx.cache.clone(), None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let sidecar = Sidecar::start(
+            dir.path(),
+            &format!(
+                "narinfo-lookahead = false\nnar-lookahead = {nar_lookahead}\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
+                upstream.url
+            ),
+            &[],
+        );
+        // A walk of narinfos alone (what `nix path-info -r` or a dry run does) fetches no NAR.
+        let mut urls = Vec::new();
+        for path in &fx.closure {
+            let narinfo = sidecar.narinfo(path).await;
+            assert_eq!(narinfo.status, 200);
+            urls.push(nar_url(&narinfo));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(upstream.count("nar/"), 0, "narinfos alone fetch no NAR");
+        // Nix starts substituting: the first NAR it asks for brings the others along.
+        let first = get(&format!("{}/{}", sidecar.url, urls[0]), "GET", &[]).await;
+        assert_eq!(first.status, 200);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if nar_lookahead {
+            while upstream.count("nar/") < urls.len() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the other NARs were not fetched ahead"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Nix's own requests for them are answered from the cache: no second download.
+            for url in &urls[1..] {
+                let nar = get(&format!("{}/{url}", sidecar.url), "GET", &[]).await;
+                assert_eq!(nar.status, 200);
+            }
+            assert_eq!(
+                upstream.count("nar/"),
+                urls.len(),
+                "each NAR downloaded once"
+            );
+        } else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                upstream.count("nar/"),
+                1,
+                "nar-lookahead = false fetches only what is asked"
+            );
+        }
+    }
+}

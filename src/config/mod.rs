@@ -65,6 +65,7 @@ struct FileConfig {
     trusted_public_keys: Option<Vec<String>>,
     require_signatures: Option<bool>,
     narinfo_lookahead: Option<bool>,
+    nar_lookahead: Option<bool>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     #[serde(default)]
@@ -114,6 +115,8 @@ pub struct Config {
     pub require_signatures: bool,
     /// Fetch the references of a narinfo fetched for Nix in the background.
     pub narinfo_lookahead: bool,
+    /// Once Nix downloads a NAR, fetch the NARs of the narinfos it asked for lately.
+    pub nar_lookahead: bool,
     /// How long in-flight responses may finish after SIGTERM.
     pub shutdown_grace: Duration,
     /// Connections served at once; more wait in the kernel's accept queue.
@@ -291,6 +294,7 @@ impl Config {
             priority: file.priority.unwrap_or(30),
             require_signatures: file.require_signatures.unwrap_or(!all_keys.is_empty()),
             narinfo_lookahead: file.narinfo_lookahead.unwrap_or(true),
+            nar_lookahead: file.nar_lookahead.unwrap_or(true),
             max_connections: match file.max_connections {
                 Some(0) => return Err(invalid("max-connections", "must be at least 1")),
                 Some(n) => n,

@@ -54,6 +54,7 @@ impl Config {
         );
         let _ = writeln!(out, "require-signatures = {}", self.require_signatures);
         let _ = writeln!(out, "narinfo-lookahead = {}", self.narinfo_lookahead);
+        let _ = writeln!(out, "nar-lookahead = {}", self.nar_lookahead);
         let _ = writeln!(out, "max-connections = {}", self.max_connections);
         let _ = writeln!(
             out,

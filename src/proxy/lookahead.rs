@@ -3,6 +3,10 @@
 //! background, and answered from the cache when Nix asks; and, for an upstream with
 //! `prefetch-nars`, the NAR's download starts before Nix asks for it.
 //!
+//! And once Nix downloads a NAR, it is substituting: it will want the NARs of the other
+//! narinfos it asked for (it asks only for paths it lacks), so those downloads start now,
+//! [`NARS_RUNNING`] at a time ([`NarsAhead`]). A walk of narinfos alone fetches no NAR.
+//!
 //! Bounded: at most [`BUDGET`] lookups for one narinfo Nix asked for, [`DEPTH`] levels below
 //! it; at most [`RUNNING`] lookups at once and [`QUEUED`] waiting in the whole daemon (more are
 //! not queued: Nix then asks for those itself); never for a narinfo that is cached, was missed
@@ -15,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use http::Method;
 use tokio::sync::Semaphore;
 
-use super::{NarInfoAnswer, Proxy};
+use super::{Content, NarAnswer, NarInfoAnswer, Proxy};
 use crate::nix::narinfo::NarInfo;
 
 /// Lookups running at once in the daemon: as many as Nix's own narinfo requests (its
@@ -31,6 +35,26 @@ const BUDGET: usize = 1024;
 const DEPTH: u32 = 3;
 /// Hashes remembered as looked up; the set is cleared when it reaches this size.
 const REMEMBERED: usize = 100_000;
+/// NAR downloads started ahead of Nix at once (each shares the upstream's bandwidth).
+const NARS_RUNNING: usize = 8;
+/// NARs of narinfos served lately, remembered for that long and that many.
+const NARS_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+const NARS_REMEMBERED: usize = 4096;
+
+/// The NAR keys of narinfos Nix was served lately whose NARs are not stored, with when.
+pub struct NarsAhead {
+    recent: Mutex<std::collections::VecDeque<(std::time::Instant, String)>>,
+    running: Arc<Semaphore>,
+}
+
+impl Default for NarsAhead {
+    fn default() -> NarsAhead {
+        NarsAhead {
+            recent: Mutex::default(),
+            running: Arc::new(Semaphore::new(NARS_RUNNING)),
+        }
+    }
+}
 
 pub struct Lookahead {
     running: Semaphore,
@@ -53,9 +77,58 @@ impl Default for Lookahead {
 pub(super) fn after_serving(proxy: &Arc<Proxy>, text: &str, upstream: usize, fetched: bool) {
     if proxy.prefetch_nars.get(upstream).copied().unwrap_or(false) {
         prefetch_nar(proxy, text);
+    } else if let Some(ahead) = &proxy.nars_ahead {
+        remember_nar(proxy, ahead, text);
     }
     if fetched {
         look_ahead(proxy, text, DEPTH, &Arc::new(AtomicUsize::new(BUDGET)));
+    }
+}
+
+/// Remembers `text`'s NAR, unless it is stored.
+fn remember_nar(proxy: &Proxy, ahead: &NarsAhead, text: &str) {
+    let Some(key) = text.lines().find_map(|l| l.strip_prefix("URL: ")) else {
+        return;
+    };
+    if proxy.store.nar(key).is_some_and(|row| row.blob.is_some()) {
+        return;
+    }
+    let mut recent = ahead.recent.lock().unwrap();
+    if recent.len() >= NARS_REMEMBERED {
+        recent.pop_front();
+    }
+    recent.push_back((std::time::Instant::now(), key.to_string()));
+}
+
+/// Nix asked for the NAR `key`: the NARs of the narinfos it was served in the last minute
+/// start downloading, a few at a time, each once (a fill is shared with Nix when it asks).
+pub(super) fn nar_asked(proxy: &Arc<Proxy>, key: &str) {
+    let Some(ahead) = proxy.nars_ahead.clone() else {
+        return;
+    };
+    let keys: Vec<String> = {
+        let mut recent = ahead.recent.lock().unwrap();
+        recent
+            .drain(..)
+            .filter(|(at, k)| at.elapsed() < NARS_WINDOW && k != key)
+            .map(|(_, k)| k)
+            .collect()
+    };
+    for key in keys {
+        let (proxy, running) = (proxy.clone(), ahead.running.clone());
+        tokio::spawn(async move {
+            let Ok(_permit) = running.acquire_owned().await else {
+                return;
+            };
+            if proxy.store.nar(&key).is_some_and(|row| row.blob.is_some()) {
+                return;
+            }
+            if let NarAnswer::Found(Content::Filling(_, mut reader)) =
+                proxy.nar(&key, &Method::GET).await
+            {
+                reader.ended().await;
+            }
+        });
     }
 }
 

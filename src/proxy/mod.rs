@@ -166,6 +166,8 @@ pub struct Policy {
     pub priority: u32,
     /// Fetch the references of a narinfo fetched for Nix ahead of its asking.
     pub lookahead: bool,
+    /// Once Nix downloads a NAR, fetch those of the narinfos it asked for lately.
+    pub nar_lookahead: bool,
 }
 
 /// One upstream as the proxy uses it.
@@ -192,6 +194,7 @@ pub struct Proxy {
     prefetch_nars: Vec<bool>,
     narinfo_slots: Vec<tokio::sync::Semaphore>,
     lookahead: Option<Arc<lookahead::Lookahead>>,
+    nars_ahead: Option<Arc<lookahead::NarsAhead>>,
 }
 
 /// The index partition of an upstream's narinfos: one identity's view must not answer for
@@ -222,6 +225,7 @@ impl Proxy {
                 .collect(),
             upstreams: upstreams.into_iter().map(|u| u.upstream).collect(),
             lookahead: policy.lookahead.then(Arc::default),
+            nars_ahead: policy.nar_lookahead.then(Arc::default),
             store,
             metrics,
             policy,
@@ -515,6 +519,15 @@ impl Proxy {
     }
 
     /// A NAR by its local key: from disk, from a fill in progress, or fetched now.
+    /// A NAR Nix asked for: once Nix downloads, the NARs of the narinfos it asked for lately
+    /// are fetched too (see `lookahead`).
+    pub async fn nar_for_client(self: &Arc<Self>, key: &str, method: &Method) -> NarAnswer {
+        if method == Method::GET {
+            lookahead::nar_asked(self, key);
+        }
+        self.nar(key, method).await
+    }
+
     pub async fn nar(&self, key: &str, method: &Method) -> NarAnswer {
         let head = method == Method::HEAD;
         let row = self.store.nar(key);

@@ -105,7 +105,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         Some(CachePath::Nar(key)) if request.version() < Version::HTTP_11 => {
             // Without a length or chunking, the end of an HTTP/1.0 body is the connection's
             // end, which an aborted NAR also is: a failed download would look complete.
-            match proxy.nar(&key, &method).await {
+            match proxy.nar_for_client(&key, &method).await {
                 NarAnswer::Found(content) if content.length().is_none() => text(
                     StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                     "this NAR's length is not known in advance: ask with HTTP/1.1\n",
@@ -119,7 +119,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok());
             let segments = request.extensions().get::<Arc<Segments>>().cloned();
-            let answer = proxy.nar(&key, &method).await;
+            let answer = proxy.nar_for_client(&key, &method).await;
             nar_response(site, answer, range, segments, uri.path())
         }
         Some(CachePath::Forwarded(rel)) => {
