@@ -107,6 +107,10 @@ async fn walk(
         });
         queue.extend(fresh);
     }
+    // "Verified" means against the signed NarHash too: the background check of files stored
+    // on the strength of their FileHash ends before the prefetch does, instead of competing
+    // with the deploy that follows it.
+    proxy.store.nar_checks_done().await;
     tx.send_modify(|p| p.done = true);
 }
 

@@ -54,6 +54,8 @@ struct Inner {
     repaired_at_open: Mutex<VerifyReport>,
     /// Stored files whose NarHash is still to be checked, for the checker thread.
     nar_checks: Mutex<Option<SyncSender<(String, Expected)>>>,
+    /// NAR checks queued or running.
+    nar_checks_pending: AtomicU64,
 }
 
 /// Stored files waiting for their NarHash check at most; past it a check is skipped (and
@@ -164,6 +166,7 @@ impl Store {
             last_space_warning: Mutex::new(None),
             repaired_at_open: Mutex::default(),
             nar_checks: Mutex::default(),
+            nar_checks_pending: AtomicU64::new(0),
         }));
         let report = store.recover()?;
         if report.leftovers + report.missing > 0 {
@@ -196,7 +199,9 @@ impl Store {
                         let Some(inner) = store.upgrade() else { return };
                         let busy = !inner.fills.lock().unwrap().is_empty();
                         if !busy || Instant::now() >= deadline {
-                            Store(inner).check_stored_nar(&key, &expected);
+                            let store = Store(inner);
+                            store.check_stored_nar(&key, &expected);
+                            store.0.nar_checks_pending.fetch_sub(1, Ordering::SeqCst);
                             break;
                         }
                         drop(inner);
@@ -213,12 +218,22 @@ impl Store {
     /// swapped in another path's file gets it removed within seconds, not at eviction.
     pub(crate) fn check_nar_later(&self, key: &str, expected: &Expected) {
         if let Some(checks) = &*self.0.nar_checks.lock().unwrap() {
+            self.0.nar_checks_pending.fetch_add(1, Ordering::SeqCst);
             if checks
                 .try_send((key.to_string(), expected.clone()))
                 .is_err()
             {
+                self.0.nar_checks_pending.fetch_sub(1, Ordering::SeqCst);
                 tracing::debug!(nar = %key, "NAR check queue full; `cache verify` will check it");
             }
+        }
+    }
+
+    /// Returns once no NAR check is queued or running (files stored on the strength of their
+    /// FileHash have then been checked against their signed NarHash too).
+    pub async fn nar_checks_done(&self) {
+        while self.0.nar_checks_pending.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
