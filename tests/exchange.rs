@@ -320,6 +320,17 @@ async fn oversized_tokens_and_bodies_are_refused() {
         (status, body["error"].as_str()),
         (400, Some("invalid_request"))
     );
+    let token = ex.token(json!({}));
+    let untyped = [
+        ("grant_type", GRANT_TYPE),
+        ("subject_token", token.as_str()),
+    ];
+    let (status, body) = ex.post(&untyped).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "RFC 8693: the type is required"
+    );
 }
 
 #[tokio::test]

@@ -98,6 +98,13 @@ pub fn parse_form(form: &[u8]) -> Result<Form, Refusal> {
             format!("subject_token is longer than {MAX_TOKEN} bytes"),
         ));
     }
+    if !fields.contains_key("subject_token_type") {
+        return Err(Refusal::new(
+            400,
+            "invalid_request",
+            "subject_token_type is missing",
+        ));
+    }
     if let Some(asked) = fields.get("requested_token_type") {
         if asked != JWT_TYPE && asked != ACCESS_TOKEN_TYPE {
             return Err(Refusal::new(
@@ -251,7 +258,7 @@ impl Decider {
                     "AWS identities are not accepted here",
                 )),
             },
-            Some(JWT_TYPE | ID_TOKEN_TYPE) | None => {
+            Some(JWT_TYPE | ID_TOKEN_TYPE) => {
                 let Some(issuer) = self.issuers.find(token) else {
                     return Err(Refusal::new(
                         401,
@@ -269,6 +276,11 @@ impl Decider {
                 400,
                 "invalid_request",
                 format!("subject_token_type {other} is not supported"),
+            )),
+            None => Err(Refusal::new(
+                400,
+                "invalid_request",
+                "subject_token_type is missing",
             )),
         }
     }

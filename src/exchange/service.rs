@@ -192,6 +192,9 @@ impl Service {
         response
             .headers_mut()
             .insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
+        response
+            .headers_mut()
+            .insert(header::PRAGMA, "no-cache".parse().unwrap());
         if status == 429 {
             response
                 .headers_mut()
