@@ -67,6 +67,12 @@ impl Pusher {
                 .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
             tokio::fs::rename(&tmp, self.staging.join(file))
                 .await
+                .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+            // The rename itself must survive a power cut: the queue will point at this name.
+            let dir = self.staging.clone();
+            tokio::task::spawn_blocking(move || std::fs::File::open(dir).and_then(|d| d.sync_all()))
+                .await
+                .map_err(|e| internal(e.to_string()))?
                 .map_err(|e| internal(format!("cannot stage the upload: {e}")))
         }
         .await;
