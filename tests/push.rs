@@ -590,3 +590,68 @@ async fn pushes_use_push_identity_and_a_401_gets_one_fresh_token() {
     // Pulls kept the pull-only token: it cannot push, and was never asked to.
     assert!(!builder.logs().contains(&stale));
 }
+
+/// The daemon's peak resident memory (VmHWM), in MiB.
+fn peak_rss_mib(sidecar: &Sidecar) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sidecar.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_uploads_keep_the_cache_consistent_and_no_nar_is_held_in_memory() {
+    let s = setup("/org-ci", &rw_token(), ATTIC_PUSH).await;
+    let (attic, dir) = (&s.attic, s.dir.path());
+    let mut builder = s.builder;
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let h = home.clone();
+    let (root, leaves, big) = tokio::task::spawn_blocking(move || {
+        let (root, leaves) = build_fan(40, 5_000, &h);
+        // About 110 MB of NAR: more than the daemon's whole memory should ever be.
+        let expr = "builtins.derivation { name = \"sidecar-push-big\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"/usr/bin/seq 1 13000000 > $out\" ]; }";
+        let big = support::nix::build_expr(&h, "big.nix", expr).trim().to_string();
+        (root, leaves, big)
+    })
+    .await
+    .unwrap();
+    // Nix uploads the 42 paths over several connections at once.
+    let copied = nix_copy_to(&builder, "compression=zstd", &[&root, &big], &home);
+    assert_ok(&copied, &builder);
+    let waited = push_cli(&builder, &["--wait"]);
+    assert_ok(&waited, &builder);
+    for path in leaves.iter().chain([&root, &big]) {
+        assert_eq!(attic.accepted(hash_part(path)), 1, "{path}");
+    }
+    let nar_bytes = attic.record.lock().unwrap().caches[CACHE][hash_part(&big)]
+        .nar
+        .len();
+    assert!(nar_bytes > 100 << 20, "the big NAR is {nar_bytes} bytes");
+    let peak = peak_rss_mib(&builder);
+    eprintln!("peak RSS {peak} MiB, NAR {} MiB", nar_bytes >> 20);
+    assert!(
+        peak < 80,
+        "peak RSS {peak} MiB while moving a {} MiB NAR",
+        nar_bytes >> 20
+    );
+    // Every NAR Nix uploaded is in the local cache, whole and accounted for.
+    builder.stop();
+    let verify = builder.cache_command("verify");
+    let said = String::from_utf8_lossy(&verify.stdout).into_owned();
+    assert!(verify.status.success(), "{said}");
+    assert!(
+        said.contains("checked: 42") && said.contains("corrupt: 0") && said.contains("missing: 0"),
+        "{said}"
+    );
+    let staging: Vec<_> = std::fs::read_dir(builder.cache_dir().join("push"))
+        .unwrap()
+        .collect();
+    assert!(
+        staging.is_empty(),
+        "uploaded NARs leave the staging directory"
+    );
+}
