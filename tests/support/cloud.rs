@@ -9,11 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use base64::Engine;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use nix_sidecar::identity::aws::{presign, AwsCredentials, TOKEN_PREFIX};
+use nix_sidecar::identity::aws::{presign, AwsCredentials};
 use nix_sidecar::secret::Secret;
 use serde_json::json;
 
@@ -550,50 +549,17 @@ async fn verify_jwt(state: &State, token: &str) -> Result<String, String> {
     Ok(data.claims["sub"].as_str().unwrap_or_default().to_string())
 }
 
-/// The verifier side of the AWS token: strict checks, then a replay to (our) STS.
+/// The verifier side of the AWS token: the exchange's own checks (src/exchange/aws.rs), then
+/// a replay to (our) STS, which re-signs independently and compares.
 async fn verify_aws(state: &State, token: &str) -> Result<String, String> {
     if token.len() > 8192 {
         return Err("token too long".into());
     }
-    let encoded = token.strip_prefix(TOKEN_PREFIX).ok_or("wrong prefix")?;
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(encoded)
-        .map_err(|_| "not base64url")?;
-    let url = url::Url::parse(std::str::from_utf8(&raw).map_err(|_| "not text")?)
-        .map_err(|_| "not a URL")?;
-    let host = url.host_str().unwrap_or("");
-    if url.scheme() != "https"
-        || !(host.starts_with("sts.") && host.ends_with(".amazonaws.com"))
-        || url.path() != "/"
-    {
-        return Err("not an STS URL".into());
-    }
-    let allowed = [
-        "Action",
-        "Version",
-        "X-Amz-Algorithm",
-        "X-Amz-Credential",
-        "X-Amz-Date",
-        "X-Amz-Expires",
-        "X-Amz-SignedHeaders",
-        "X-Amz-Security-Token",
-        "X-Amz-Signature",
-    ];
-    let mut seen = HashMap::new();
-    for (k, v) in url.query_pairs() {
-        if !allowed.contains(&k.as_ref()) || seen.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(format!("unexpected or repeated query key {k}"));
-        }
-    }
-    if seen.get("Action").map(String::as_str) != Some("GetCallerIdentity") {
-        return Err("not GetCallerIdentity".into());
-    }
-    if !seen
-        .get("X-Amz-SignedHeaders")
-        .is_some_and(|h| h.split(';').any(|h| h == "x-nix-sidecar-audience"))
-    {
-        return Err("audience header not signed".into());
-    }
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let url = nix_sidecar::exchange::aws::check(token, now)?;
     // The replay: the real verifier calls `url` itself; the double's STS stands in for AWS.
     let replay = format!(
         "http://127.0.0.1:{}/sts/?{}",
