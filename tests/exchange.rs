@@ -275,6 +275,42 @@ async fn an_unknown_kid_refetches_once_then_refuses_without_a_storm() {
 }
 
 #[tokio::test]
+async fn an_issuer_that_is_down_is_not_asked_once_per_request() {
+    let ex = exchange(GH_RULE, "").await;
+    let token = ex.token(json!({}));
+    // Its keys live behind a port nothing listens on.
+    let config = std::fs::read_to_string(ex.dir.path().join("exchange.toml")).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/jwks", closed.local_addr().unwrap());
+    drop(closed);
+    let config = config.replace("listen = \"127.0.0.1:0\"\n", "").replace(
+        &format!("audience = \"{AUD}\"\n"),
+        &format!("audience = \"{AUD}\"\njwks-url = \"{dead}\"\n"),
+    );
+    let down_dir = tempfile::tempdir().unwrap();
+    let down = Sidecar::start_exchange(down_dir.path(), &config);
+    let down = Exchange {
+        service: down,
+        issuer: ex.issuer.clone(),
+        dir: down_dir,
+    };
+    for _ in 0..50 {
+        let (status, body) = down.exchange(&token, None).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("temporarily_unavailable")),
+            "{body}"
+        );
+    }
+    let health = support::http::get(&format!("{}/healthz", down.service.url), "GET", &[]).await;
+    assert!(
+        health.text().contains("\"jwks_fetches\":1"),
+        "{}",
+        health.text()
+    );
+}
+
+#[tokio::test]
 async fn a_list_or_object_where_a_glob_expects_a_string_is_no_match() {
     let ex = exchange(GH_RULE, "").await;
     ex.refused(

@@ -18,6 +18,9 @@ use crate::http::{read_limited, Client};
 
 pub const LEEWAY: u64 = 60;
 pub const REFETCH_EVERY: Duration = Duration::from_secs(30);
+/// After a failed first fetch, requests are refused (503) without asking again for this long:
+/// an issuer that is down is not hammered once per request.
+pub const RETRY_FIRST_FETCH: Duration = Duration::from_secs(5);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a token was refused: `invalid_grant` (its fault) or the issuer's keys could not be
@@ -33,6 +36,8 @@ struct Keys {
     fetched_at: Option<Instant>,
     /// The last fetch made because of an unknown kid.
     refetched_at: Option<Instant>,
+    /// When the first fetch last failed, and why.
+    failed: Option<(Instant, String)>,
 }
 
 pub struct Issuer {
@@ -55,6 +60,7 @@ impl Issuer {
                 by_kid: HashMap::new(),
                 fetched_at: None,
                 refetched_at: None,
+                failed: None,
             }),
             fetching: tokio::sync::Mutex::new(()),
             fetches: AtomicU64::new(0),
@@ -105,13 +111,23 @@ impl Issuer {
             if let Some(found) = keys.by_kid.get(kid) {
                 return Ok(found.clone()); // another request's fetch brought it
             }
+            if let Some((at, why)) = &keys.failed {
+                if keys.fetched_at.is_none() && at.elapsed() < RETRY_FIRST_FETCH {
+                    return Err(Refused::KeysUnavailable(why.clone()));
+                }
+            }
             let due = keys
                 .refetched_at
                 .is_none_or(|at| at.elapsed() >= REFETCH_EVERY);
             (keys.fetched_at.is_some(), due)
         };
         if !fetched {
-            self.fetch().await?;
+            if let Err(e) = self.fetch().await {
+                if let Refused::KeysUnavailable(why) = &e {
+                    self.keys.write().unwrap().failed = Some((Instant::now(), why.clone()));
+                }
+                return Err(e);
+            }
         } else if refetch_due {
             self.keys.write().unwrap().refetched_at = Some(Instant::now());
             if let Err(e) = self.fetch().await {
