@@ -238,7 +238,7 @@ async fn wrong_uploads_are_refused_with_a_reason_by_the_sidecar_and_by_the_doubl
     assert_eq!(
         put_status(
             &format!("{}/{hash}.narinfo", builder.url),
-            narinfo.into_bytes()
+            narinfo.clone().into_bytes()
         )
         .await,
         200
@@ -246,6 +246,19 @@ async fn wrong_uploads_are_refused_with_a_reason_by_the_sidecar_and_by_the_doubl
     let waited = push_cli(builder, &["--wait"]);
     assert!(waited.status.success(), "{}", text(&waited));
     assert_eq!(attic.accepted(&hash), 1);
+    // Uploaded, the staged file is gone; the NAR is in the local cache, so HEAD says it is
+    // there and a narinfo put without it is taken from the cache (and not uploaded twice).
+    let head = get(&format!("{}/{nar_url}", builder.url), "HEAD", &[]).await;
+    assert_eq!(head.status, 200);
+    let again = put(
+        &format!("{}/{hash}.narinfo", builder.url),
+        narinfo.into_bytes(),
+    )
+    .await;
+    assert_eq!(again.0, 200, "{}", again.1);
+    let waited = push_cli(builder, &["--wait"]);
+    assert!(waited.status.success(), "{}", text(&waited));
+    assert_eq!(attic.accepted(&hash), 1, "already there: not sent again");
 
     // The double: a NAR that does not match nar_hash, a short one, and a token without
     // push permission are all refused; nothing of them is kept.

@@ -32,9 +32,11 @@ fn internal(reason: impl Into<String>) -> Refusal {
 }
 
 impl Pusher {
-    /// Whether Nix need not upload `nar/<file>`: it is staged already.
+    /// Whether Nix need not upload `nar/<file>`: it is staged, or in the local cache.
     pub fn has_nar(&self, file: &str) -> bool {
-        is_file_name(file) && self.staging.join(file).is_file()
+        is_file_name(file)
+            && (self.staging.join(file).is_file()
+                || self.store.stored(&format!("nar/{file}")).is_some())
     }
 
     /// Keeps the body of `PUT /nar/<file>` in the staging directory.
@@ -110,10 +112,28 @@ impl Pusher {
             .to_string();
         let staged = self.staging.join(&file);
         if !staged.is_file() {
-            return Err(bad(format!(
-                "{} was not uploaded before its narinfo (PUT /nar/{file} first)",
-                info.url
-            )));
+            // Nix skips the upload of a NAR the listener already has (its HEAD said so): a
+            // file in the local cache is staged from there, and checked like an upload.
+            let Some((mut cached, _)) = self.store.stored(&format!("nar/{file}")) else {
+                return Err(bad(format!(
+                    "{} was not uploaded before its narinfo (PUT /nar/{file} first)",
+                    info.url
+                )));
+            };
+            let (tmp, to) = (
+                self.staging
+                    .join(format!(".tmp-{}-{file}", fastrand::u64(..))),
+                staged.clone(),
+            );
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut out = std::fs::File::create(&tmp)?;
+                std::io::copy(&mut cached, &mut out)?;
+                out.sync_all()?;
+                std::fs::rename(&tmp, &to)
+            })
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .map_err(|e| internal(format!("cannot stage the cached NAR: {e}")))?;
         }
         let expected = Expected::from_narinfo(&info);
         let checked = {

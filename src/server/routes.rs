@@ -68,7 +68,8 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
                 .expect("PUT is allowed only with a pusher");
             push::nar(pusher, &key, request).await
         }
-        // Nix asks before uploading a NAR: only one it gave us counts as there.
+        // Nix asks before uploading a NAR: only one it gave us, or one in the local cache (which
+        // its narinfo's PUT then takes from there), counts as there.
         Some(CachePath::Nar(key)) if method == Method::HEAD && site.pusher.is_some() => {
             let pusher = site.pusher.as_ref().expect("checked");
             let staged = key.strip_prefix("nar/").is_some_and(|f| pusher.has_nar(f));
