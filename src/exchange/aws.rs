@@ -20,9 +20,14 @@ pub use crate::identity::aws::{
 const STS_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_AGE: u64 = 15 * 60;
 
+/// STS requests in flight at once: each token is checked there, so a flood of well-formed
+/// but worthless tokens must not turn into a flood of requests to AWS.
+const STS_AT_ONCE: usize = 32;
+
 pub struct Aws {
     pub config: AwsConfig,
     client: Client,
+    slots: tokio::sync::Semaphore,
 }
 
 /// `sts.amazonaws.com`, `sts.<region>.amazonaws.com` or its China form.
@@ -129,6 +134,7 @@ impl Aws {
         Ok(Aws {
             config,
             client: crate::http::client(None)?,
+            slots: tokio::sync::Semaphore::new(STS_AT_ONCE),
         })
     }
 
@@ -153,6 +159,11 @@ impl Aws {
             )
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .map_err(|e| Refused::KeysUnavailable(e.to_string()))?;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Refused::KeysUnavailable("shutting down".into()))?;
         let response = tokio::time::timeout(STS_TIMEOUT, self.client.request(request))
             .await
             .map_err(|_| Refused::KeysUnavailable("STS did not answer".into()))?
