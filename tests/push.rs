@@ -580,9 +580,20 @@ async fn pushes_use_push_identity_and_a_401_gets_one_fresh_token() {
         euid()
     );
     let builder = sidecar(&dir.path().join("builder"), &attic, &url, &pull, &extra);
-    // Read now, so that the daemon holds the stale token ...
-    let _ = get(&format!("{}/_sidecar/health", builder.url), "GET", &[]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the daemon holds the stale token (it reads tokens at start) ...
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let health = get(&format!("{}/_sidecar/health", builder.url), "GET", &[]).await;
+        let health: serde_json::Value = serde_json::from_str(&health.text()).unwrap();
+        if health["identities"]["pusher"]["refreshes"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the push token was never read: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // ... which a CI system has since replaced.
     std::fs::write(&push, attic::token("ci", &[(CACHE, "rw")], 3600)).unwrap();
     let waited = push_cli(&builder, &["--wait", &fx.top]);
