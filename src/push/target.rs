@@ -28,6 +28,8 @@ const HEADER_INFO_LIMIT: usize = 4096;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Paths asked about in one get-missing-paths call.
 pub const MISSING_BATCH: usize = 256;
+/// Narinfo requests at once when a plain HTTP cache is asked which paths it has.
+const NARINFO_PROBES_AT_ONCE: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushError {
@@ -72,24 +74,33 @@ impl Target {
     }
 
     /// Which of `paths` the upstream does not have yet (their hashes).
-    pub async fn missing(&self, paths: &[&PathInfo]) -> Result<HashSet<String>, PushError> {
+    pub async fn missing(
+        self: &Arc<Self>,
+        paths: &[&PathInfo],
+    ) -> Result<HashSet<String>, PushError> {
         match &self.config.protocol {
             PushProtocol::Http => {
+                // No batch API: one narinfo request per path, a few at once (each costs a
+                // round trip to a distant cache).
                 let mut missing = HashSet::new();
-                for info in paths {
-                    let url = self.join(&self.base, &format!("{}.narinfo", info.hash()))?;
-                    let response = self
-                        .send(
-                            Method::GET,
-                            &url,
-                            &self.auth,
-                            &[],
-                            || nar::full(Bytes::new()),
-                            true,
-                        )
-                        .await?;
-                    if response.status() == StatusCode::NOT_FOUND {
-                        missing.insert(info.hash().to_string());
+                let mut asking = tokio::task::JoinSet::new();
+                let mut hashes = paths.iter().map(|p| p.hash().to_string());
+                loop {
+                    while asking.len() < NARINFO_PROBES_AT_ONCE {
+                        let Some(hash) = hashes.next() else { break };
+                        let target = self.clone();
+                        asking.spawn(async move {
+                            let present = target.has_narinfo(&hash).await;
+                            (hash, present)
+                        });
+                    }
+                    let Some(done) = asking.join_next().await else {
+                        break;
+                    };
+                    let (hash, present) =
+                        done.map_err(|e| PushError::Retry(format!("narinfo probe: {e}")))?;
+                    if !present? {
+                        missing.insert(hash);
                     }
                 }
                 Ok(missing)
@@ -126,6 +137,22 @@ impl Target {
                 Ok(missing.missing_paths.into_iter().collect())
             }
         }
+    }
+
+    /// Whether a plain HTTP cache has `<hash>.narinfo`.
+    async fn has_narinfo(&self, hash: &str) -> Result<bool, PushError> {
+        let url = self.join(&self.base, &format!("{hash}.narinfo"))?;
+        let response = self
+            .send(
+                Method::GET,
+                &url,
+                &self.auth,
+                &[],
+                || nar::full(Bytes::new()),
+                true,
+            )
+            .await?;
+        Ok(response.status() != StatusCode::NOT_FOUND)
     }
 
     /// Uploads one path; the bytes sent.
