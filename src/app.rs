@@ -153,10 +153,22 @@ fn push_targets(
 ) -> Result<Option<(Vec<Arc<Target>>, String)>, String> {
     let mut targets = Vec::new();
     let mut partition_of_first = None;
+    // One client for the upstreams without a CA file of their own (the system roots are read
+    // once).
+    let mut shared = None;
     for up in &config.upstreams {
         let Some(push) = &up.push else { continue };
-        let client = crate::http::client_for(up.ca_file.as_deref())
-            .map_err(|e| format!("upstream `{}`: {e}", up.name))?;
+        let client = match (&up.ca_file, &shared) {
+            (None, Some(client)) => Clone::clone(client),
+            (ca, _) => {
+                let client = crate::http::client_for(ca.as_deref())
+                    .map_err(|e| format!("upstream `{}`: {e}", up.name))?;
+                if ca.is_none() {
+                    shared = Some(Clone::clone(&client));
+                }
+                client
+            }
+        };
         let identity = push
             .identity
             .as_ref()

@@ -285,10 +285,7 @@ impl Upstream {
             let mut request = Request::builder()
                 .method(method.clone())
                 .uri(url.as_str())
-                .header(
-                    "user-agent",
-                    concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
-                );
+                .header("user-agent", crate::http::USER_AGENT);
             if let (true, Some(token)) = (same_origin, token) {
                 request = request.header("authorization", authorization(&self.auth, token)?);
             }

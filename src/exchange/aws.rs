@@ -12,7 +12,7 @@ use url::Url;
 use super::config::AwsConfig;
 use super::issuers::Refused;
 use super::policy::Subject;
-use crate::http::{read_limited, Client};
+use crate::http::{fetch_small, Client};
 
 pub use crate::identity::aws::{
     AUDIENCE_HEADER, SUBJECT_TOKEN_TYPE as TOKEN_TYPE, TOKEN_PREFIX as PREFIX,
@@ -130,12 +130,12 @@ fn parse_amz_date(text: &str) -> Option<u64> {
 }
 
 impl Aws {
-    pub fn new(config: AwsConfig) -> Result<Aws, String> {
-        Ok(Aws {
+    pub fn new(config: AwsConfig, client: Client) -> Aws {
+        Aws {
             config,
-            client: crate::http::client(None)?,
+            client,
             slots: tokio::sync::Semaphore::new(STS_AT_ONCE),
-        })
+        }
     }
 
     pub async fn verify(&self, token: &str) -> Result<Subject, Refused> {
@@ -149,29 +149,26 @@ impl Aws {
             }
             None => url,
         };
-        let request = http::Request::get(target.as_str())
-            .header("host", host)
-            .header(AUDIENCE_HEADER, &self.config.audience)
-            .header("accept", "application/json")
-            .header(
-                "user-agent",
-                concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .map_err(|e| Refused::KeysUnavailable(e.to_string()))?;
         let _slot = self
             .slots
             .acquire()
             .await
             .map_err(|_| Refused::KeysUnavailable("shutting down".into()))?;
-        let response = tokio::time::timeout(STS_TIMEOUT, self.client.request(request))
-            .await
-            .map_err(|_| Refused::KeysUnavailable("STS did not answer".into()))?
-            .map_err(|e| Refused::KeysUnavailable(format!("STS: {e}")))?;
-        let status = response.status();
-        let body = read_limited(response.into_body(), 64 * 1024, STS_TIMEOUT)
-            .await
-            .map_err(|e| Refused::KeysUnavailable(format!("STS: {e}")))?;
+        // `fetch_small` names the URL without its query (the signature) in its errors.
+        let headers = [
+            ("host", host.as_str()),
+            (AUDIENCE_HEADER, self.config.audience.as_str()),
+            ("accept", "application/json"),
+        ];
+        let (status, body) = fetch_small(
+            &self.client,
+            http::Method::GET,
+            target.as_str(),
+            &headers,
+            STS_TIMEOUT,
+        )
+        .await
+        .map_err(|e| Refused::KeysUnavailable(format!("STS: {e}")))?;
         if status == http::StatusCode::FORBIDDEN || status == http::StatusCode::BAD_REQUEST {
             return Err(Refused::Token(
                 "STS refused the AWS token: invalid, expired, or made for another audience".into(),

@@ -62,7 +62,7 @@ pub struct Granted {
 #[derive(Debug)]
 pub struct Form {
     pub subject_token: String,
-    pub subject_token_type: Option<String>,
+    pub subject_token_type: String,
     pub scope: Option<String>,
     pub audience: Option<String>,
 }
@@ -98,13 +98,9 @@ pub fn parse_form(form: &[u8]) -> Result<Form, Refusal> {
             format!("subject_token is longer than {MAX_TOKEN} bytes"),
         ));
     }
-    if !fields.contains_key("subject_token_type") {
-        return Err(Refusal::new(
-            400,
-            "invalid_request",
-            "subject_token_type is missing",
-        ));
-    }
+    let subject_token_type = fields
+        .remove("subject_token_type")
+        .ok_or_else(|| Refusal::new(400, "invalid_request", "subject_token_type is missing"))?;
     if let Some(asked) = fields.get("requested_token_type") {
         if asked != JWT_TYPE && asked != ACCESS_TOKEN_TYPE {
             return Err(Refusal::new(
@@ -116,7 +112,7 @@ pub fn parse_form(form: &[u8]) -> Result<Form, Refusal> {
     }
     Ok(Form {
         subject_token,
-        subject_token_type: fields.remove("subject_token_type"),
+        subject_token_type,
         scope: fields.remove("scope"),
         audience: fields.remove("audience"),
     })
@@ -136,14 +132,15 @@ pub struct Decider {
 
 impl Decider {
     pub fn new(config: &ExchangeConfig) -> Result<Decider, String> {
+        let client = crate::http::client(None)?;
         let issuers = config
             .issuers
             .iter()
-            .map(|c| super::issuers::Issuer::new(c.clone()).map(std::sync::Arc::new))
+            .map(|c| super::issuers::Issuer::new(c.clone(), &client).map(std::sync::Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Decider {
             issuers: Issuers(issuers),
-            aws: config.aws.clone().map(Aws::new).transpose()?,
+            aws: config.aws.clone().map(|c| Aws::new(c, client.clone())),
             rules: config.rules.clone(),
             minter: Minter::load(
                 &config.signing_key_file,
@@ -167,7 +164,7 @@ impl Decider {
         let form = parse_form(form).map_err(|r| self.refuse(None, r))?;
         let token = form.subject_token.as_str();
         let subject = self
-            .verify(token, form.subject_token_type.as_deref())
+            .verify(token, &form.subject_token_type)
             .await
             .map_err(|r| self.refuse(None, r))?;
         let name = subject.name();
@@ -244,13 +241,13 @@ impl Decider {
         Ok(Granted { body })
     }
 
-    async fn verify(&self, token: &str, kind: Option<&str>) -> Result<Subject, Refusal> {
+    async fn verify(&self, token: &str, kind: &str) -> Result<Subject, Refusal> {
         let refused = |r: Refused| match r {
             Refused::Token(why) => Refusal::new(401, "invalid_grant", why),
             Refused::KeysUnavailable(why) => Refusal::new(503, "temporarily_unavailable", why),
         };
         match kind {
-            Some(aws::TOKEN_TYPE) => match &self.aws {
+            aws::TOKEN_TYPE => match &self.aws {
                 Some(aws) => aws.verify(token).await.map_err(refused),
                 None => Err(Refusal::new(
                     400,
@@ -258,7 +255,7 @@ impl Decider {
                     "AWS identities are not accepted here",
                 )),
             },
-            Some(JWT_TYPE | ID_TOKEN_TYPE) => {
+            JWT_TYPE | ID_TOKEN_TYPE => {
                 let Some(issuer) = self.issuers.find(token) else {
                     return Err(Refusal::new(
                         401,
@@ -272,15 +269,10 @@ impl Decider {
                     claims,
                 })
             }
-            Some(other) => Err(Refusal::new(
+            other => Err(Refusal::new(
                 400,
                 "invalid_request",
                 format!("subject_token_type {other} is not supported"),
-            )),
-            None => Err(Refusal::new(
-                400,
-                "invalid_request",
-                "subject_token_type is missing",
             )),
         }
     }

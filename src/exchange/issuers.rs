@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
 use super::config::{IssuerConfig, JwksSource};
-use crate::http::{read_limited, Client};
+use crate::http::{fetch_small, Client};
 
 pub const LEEWAY: u64 = 60;
 pub const REFETCH_EVERY: Duration = Duration::from_secs(30);
@@ -51,8 +51,12 @@ pub struct Issuer {
 }
 
 impl Issuer {
-    pub fn new(config: IssuerConfig) -> Result<Issuer, String> {
-        let client = crate::http::client(config.ca_file.as_deref())?;
+    /// `client` serves issuers without a `ca-file` of their own.
+    pub fn new(config: IssuerConfig, client: &Client) -> Result<Issuer, String> {
+        let client = match &config.ca_file {
+            Some(ca) => crate::http::client(Some(ca))?,
+            None => client.clone(),
+        };
         Ok(Issuer {
             config,
             client,
@@ -189,22 +193,13 @@ impl Issuer {
     }
 
     async fn get(&self, url: &str) -> Result<bytes::Bytes, String> {
-        let request = http::Request::get(url)
-            .header("accept", "application/json")
-            .header(
-                "user-agent",
-                concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .map_err(|e| e.to_string())?;
-        let response = tokio::time::timeout(FETCH_TIMEOUT, self.client.request(request))
-            .await
-            .map_err(|_| format!("no answer from {url}"))?
-            .map_err(|e| format!("{url}: {e}"))?;
-        if !response.status().is_success() {
-            return Err(format!("{url} answered {}", response.status()));
+        let accept = [("accept", "application/json")];
+        let (status, body) =
+            fetch_small(&self.client, http::Method::GET, url, &accept, FETCH_TIMEOUT).await?;
+        if !status.is_success() {
+            return Err(format!("{url} answered {status}"));
         }
-        read_limited(response.into_body(), 1 << 20, FETCH_TIMEOUT).await
+        Ok(body)
     }
 }
 

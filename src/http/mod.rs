@@ -20,6 +20,8 @@ pub type Client = ClientFor<Body>;
 pub type ClientFor<B> = hyper_util::client::legacy::Client<HttpsConnector<egress::Egress>, B>;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The `User-Agent` of every request the daemon makes.
+pub const USER_AGENT: &str = concat!("nix-sidecar/", env!("CARGO_PKG_VERSION"));
 
 /// A body fed through a bounded channel (a slow reader slows its producer instead of growing
 /// memory); an error from the channel aborts it, so a short body never looks complete.
@@ -251,10 +253,7 @@ impl SmallCall<'_> {
         let mut request = hyper::Request::builder()
             .method(self.method.clone())
             .uri(self.url)
-            .header(
-                "user-agent",
-                concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
-            );
+            .header("user-agent", USER_AGENT);
         for (name, value) in self.headers {
             request = request.header(*name, *value);
         }

@@ -20,7 +20,7 @@ use http::Method;
 use tokio::sync::Semaphore;
 
 use super::{Content, NarAnswer, NarInfoAnswer, Proxy};
-use crate::nix::narinfo::NarInfo;
+use crate::nix::narinfo::{self, NarInfo};
 
 /// Lookups running at once in the daemon: as many as Nix's own narinfo requests (its
 /// `http-connections` is 25), since each waits a round trip to a distant cache; upstream
@@ -88,7 +88,7 @@ pub(super) fn after_serving(proxy: &Arc<Proxy>, text: &str, upstream: usize, fet
 /// Remembers `text`'s NAR. Whether it is stored is asked only if Nix starts downloading: an
 /// index read per narinfo served cost a fifth of the warm narinfo rate (scenario 2).
 fn remember_nar(ahead: &NarsAhead, text: &str) {
-    let Some(key) = text.lines().find_map(|l| l.strip_prefix("URL: ")) else {
+    let Some(key) = narinfo::field(text, "URL") else {
         return;
     };
     let mut recent = ahead.recent.lock().unwrap();
@@ -132,7 +132,7 @@ pub(super) fn nar_asked(proxy: &Arc<Proxy>, key: &str) {
 
 /// Starts the NAR's fill (a no-op when it is stored or being filled).
 fn prefetch_nar(proxy: &Arc<Proxy>, text: &str) {
-    let Some(key) = text.lines().find_map(|l| l.strip_prefix("URL: ")) else {
+    let Some(key) = narinfo::field(text, "URL") else {
         return;
     };
     if proxy.store.nar(key).is_some_and(|row| row.blob.is_some()) {

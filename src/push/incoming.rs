@@ -4,7 +4,7 @@
 //! of the NAR inside), the NAR joins the local cache (so local pulls hit at once), and the
 //! path is queued. Nix hears 200 only once the queue has it on disk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -48,14 +48,12 @@ impl Pusher {
         if !is_file_name(file) {
             return Err(bad("not a NAR file name"));
         }
-        let tmp = self
-            .staging
-            .join(format!(".tmp-{}-{file}", fastrand::u64(..)));
-        let mut out = tokio::fs::File::create(&tmp)
-            .await
-            .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+        let tmp = self.staging_tmp(file);
         let result: Result<(), Refusal> = async {
             use tokio::io::AsyncWriteExt;
+            let mut out = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| bad(format!("the upload broke off: {e}")))?;
                 if let Ok(data) = frame.into_data() {
@@ -64,15 +62,9 @@ impl Pusher {
                         .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
                 }
             }
-            out.sync_all()
-                .await
-                .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
-            tokio::fs::rename(&tmp, self.staging.join(file))
-                .await
-                .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
-            // The rename itself must survive a power cut: the queue will point at this name.
-            let dir = self.staging.clone();
-            tokio::task::spawn_blocking(move || std::fs::File::open(dir).and_then(|d| d.sync_all()))
+            drop(out);
+            let (from, to) = (tmp.clone(), self.staging.join(file));
+            tokio::task::spawn_blocking(move || publish(&from, &to))
                 .await
                 .map_err(|e| internal(e.to_string()))?
                 .map_err(|e| internal(format!("cannot stage the upload: {e}")))
@@ -82,6 +74,12 @@ impl Pusher {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result
+    }
+
+    /// A fresh temporary name for `file` in the staging directory.
+    fn staging_tmp(&self, file: &str) -> PathBuf {
+        self.staging
+            .join(format!(".tmp-{}-{file}", fastrand::u64(..)))
     }
 
     /// Checks the narinfo of `PUT /<hash>.narinfo` against the staged NAR, caches both and
@@ -120,16 +118,15 @@ impl Pusher {
                     info.url
                 )));
             };
-            let (tmp, to) = (
-                self.staging
-                    .join(format!(".tmp-{}-{file}", fastrand::u64(..))),
-                staged.clone(),
-            );
+            let (tmp, to) = (self.staging_tmp(&file), staged.clone());
             tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                let mut out = std::fs::File::create(&tmp)?;
-                std::io::copy(&mut cached, &mut out)?;
-                out.sync_all()?;
-                std::fs::rename(&tmp, &to)
+                let copied = std::fs::File::create(&tmp)
+                    .and_then(|mut out| std::io::copy(&mut cached, &mut out))
+                    .and_then(|_| publish(&tmp, &to));
+                if copied.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                copied
             })
             .await
             .map_err(|e| internal(e.to_string()))?
@@ -203,6 +200,17 @@ impl Pusher {
             }
         }
         writer.finish().await;
+    }
+}
+
+/// Makes the fully written `tmp` the staged file `to`, durably: the bytes, then the rename
+/// (the queue will point at that name).
+fn publish(tmp: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::File::open(tmp)?.sync_all()?;
+    std::fs::rename(tmp, to)?;
+    match to.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
 

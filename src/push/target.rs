@@ -316,10 +316,7 @@ impl Target {
             let mut request = Request::builder()
                 .method(method.clone())
                 .uri(url.as_str())
-                .header(
-                    http::header::USER_AGENT,
-                    concat!("nix-sidecar/", env!("CARGO_PKG_VERSION")),
-                )
+                .header(http::header::USER_AGENT, crate::http::USER_AGENT)
                 .header(
                     http::header::CONTENT_LENGTH,
                     hyper::body::Body::size_hint(&body).lower(),
