@@ -94,7 +94,8 @@ in
         CacheDirectory = "nix-sidecar";
         CacheDirectoryMode = "0700";
         # No PrivateUsers: it would show every peer as uid 65534 and defeat allowed-uids.
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        # AF_NETLINK: who owns a connection is asked of the kernel (NETLINK_SOCK_DIAG).
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
       };
     };
   };

@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::nix::narinfo::TrustedKeys;
 use crate::proxy::{partition, Policy, Proxy, UpstreamEntry};
 use crate::push::target::Target;
-use crate::push::Pusher;
+use crate::push::{LocalTrust, Pusher};
 use crate::server::{Options, Site};
 use crate::status::{CacheStatus, Status};
 use crate::store::{Limits, Store};
@@ -26,6 +26,8 @@ pub struct App {
     pusher: Option<Arc<Pusher>>,
     metrics: Arc<Metrics>,
     options: Options,
+    /// Who may pin and unpin: whoever may push somewhere (`push-uids`), else root.
+    pin_uids: Vec<u32>,
 }
 
 impl App {
@@ -80,9 +82,25 @@ impl App {
             lookahead: config.narinfo_lookahead,
             nar_lookahead: config.nar_lookahead,
         };
+        let trust = LocalTrust {
+            keys: policy.trusted_keys.clone(),
+            required: policy.require_signatures,
+            signer: config.push_signing_key.clone(),
+        };
         let pusher = push_targets(config, &identities)?
-            .map(|(targets, partition)| Pusher::open(targets, store.clone(), partition))
+            .map(|(targets, partition)| Pusher::open(targets, store.clone(), partition, trust))
             .transpose()?;
+        let mut pin_uids: Vec<u32> = config
+            .upstreams
+            .iter()
+            .filter_map(|u| u.push.as_ref())
+            .flat_map(|p| p.uids.iter().copied())
+            .collect();
+        if pin_uids.is_empty() {
+            pin_uids.push(0);
+        }
+        pin_uids.sort_unstable();
+        pin_uids.dedup();
         let upstream_list = upstreams.iter().map(|u| u.upstream.clone()).collect();
         let proxy = Proxy::new(upstreams, store.clone(), metrics.clone(), policy);
         Ok(App {
@@ -92,6 +110,7 @@ impl App {
             store,
             pusher,
             metrics,
+            pin_uids,
             options: Options {
                 grace: config.shutdown_grace,
                 allowed_uids: config.allowed_uids.clone(),
@@ -129,6 +148,7 @@ impl App {
             self.proxy.clone(),
             self.pusher.clone(),
             self.metrics.clone(),
+            self.pin_uids.clone(),
             status,
         );
         let deadline =

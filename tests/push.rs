@@ -30,11 +30,47 @@ fn write_token(dir: &Path, name: &str, token: &str) -> String {
 /// token in `token_file`; `extra` goes into the `[[upstream]]` table.
 fn sidecar(dir: &Path, attic: &Attic, url: &str, token_file: &str, extra: &str) -> Sidecar {
     std::fs::create_dir_all(dir).unwrap();
+    // A builder signs what it pushes unsigned (so that it serves its own builds locally).
+    let signing = if extra.contains("push =") {
+        format!(
+            "push-signing-key-file = \"{}\"\n",
+            signing_key(dir).0.display()
+        )
+    } else {
+        String::new()
+    };
     let config = format!(
-        "trusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{url}\"\nidentity = \"ci\"\n{extra}\n[identity.ci]\nprovider = \"file\"\npath = \"{token_file}\"\n",
+        "{signing}trusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{url}\"\nidentity = \"ci\"\n{extra}\n[identity.ci]\nprovider = \"file\"\npath = \"{token_file}\"\n",
         attic.public_key()
     );
     Sidecar::start(dir, &config, &[])
+}
+
+/// A fresh Nix signing key in `dir`: (secret key file, public key).
+fn signing_key(dir: &Path) -> (std::path::PathBuf, String) {
+    let (sk, pk) = (dir.join("push.sk"), dir.join("push.pk"));
+    let name = format!("builder-{}-1", fastrand_name(dir));
+    let made = nix(
+        &[
+            "nix-store",
+            "--generate-binary-cache-key",
+            &name,
+            sk.to_str().unwrap(),
+            pk.to_str().unwrap(),
+        ],
+        dir,
+    );
+    assert!(made.status.success(), "{}", text(&made));
+    (sk.clone(), std::fs::read_to_string(pk).unwrap())
+}
+
+/// A name from the (temporary) directory's path.
+fn fastrand_name(dir: &Path) -> String {
+    dir.to_string_lossy()
+        .bytes()
+        .filter(u8::is_ascii_alphanumeric)
+        .map(char::from)
+        .collect()
 }
 
 /// An Attic-like double and a builder sidecar whose upstream `org` is the double at `path`

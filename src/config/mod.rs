@@ -6,12 +6,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use url::Url;
 
 use crate::nix::narinfo::TrustedKeys;
+use crate::nix::signing::SigningKey;
 
 mod identity;
 mod push;
@@ -68,6 +70,7 @@ struct FileConfig {
     nar_lookahead: Option<bool>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
+    push_signing_key_file: Option<PathBuf>,
     #[serde(default)]
     upstream: Vec<FileUpstream>,
     #[serde(default)]
@@ -123,6 +126,9 @@ pub struct Config {
     pub max_connections: usize,
     pub upstreams: Vec<UpstreamConfig>,
     pub identities: BTreeMap<String, IdentityConfig>,
+    /// A Nix secret key that signs pushed paths no trusted key signed (its public key is
+    /// trusted here too).
+    pub push_signing_key: Option<Arc<SigningKey>>,
 }
 
 /// Command-line values that override the file.
@@ -251,8 +257,26 @@ impl Config {
             identities.insert(name, checked);
         }
 
+        let push_signing_key = match &file.push_signing_key_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        "push-signing-key-file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let key = SigningKey::parse(&text).map_err(|e| {
+                    invalid("push-signing-key-file", format!("{}: {e}", path.display()))
+                })?;
+                Some(Arc::new(key))
+            }
+        };
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
         let mut all_keys = trusted_public_keys.clone();
+        if let Some(key) = &push_signing_key {
+            all_keys.push(key.public());
+        }
         for (i, up) in file.upstream.into_iter().enumerate() {
             let checked = upstream::check(i, up, &identities, &upstreams)?;
             for k in &checked.trusted_public_keys {
@@ -308,6 +332,7 @@ impl Config {
             trusted_public_keys: all_keys,
             upstreams,
             identities,
+            push_signing_key,
         })
     }
 }

@@ -5,3 +5,4 @@ pub mod base32;
 pub mod hash;
 pub mod narinfo;
 pub mod request;
+pub mod signing;

@@ -106,22 +106,35 @@ impl NarInfo {
         &base[..32.min(base.len())]
     }
 
-    /// What an ed25519 key signs: `1;<path>;<narhash>;<narsize>;<refs as full paths>`.
+    /// What an ed25519 key signs (see [`fingerprint`]).
     pub fn fingerprint(&self) -> String {
-        let store_dir = self.store_path.rsplit_once('/').map_or("", |(dir, _)| dir);
-        let refs: Vec<String> = self
-            .references
-            .iter()
-            .map(|r| format!("{store_dir}/{r}"))
-            .collect();
-        format!(
-            "1;{};{};{};{}",
-            self.store_path,
-            self.nar_hash.to_nix_string(),
+        fingerprint(
+            &self.store_path,
+            &self.nar_hash,
             self.nar_size,
-            refs.join(",")
+            &self.references,
         )
     }
+}
+
+/// What an ed25519 key signs of a path: `1;<path>;<narhash>;<narsize>;<refs as full paths>`
+/// (`references` are base names).
+pub fn fingerprint(
+    store_path: &str,
+    nar_hash: &Sha256,
+    nar_size: u64,
+    references: &[String],
+) -> String {
+    let store_dir = store_path.rsplit_once('/').map_or("", |(dir, _)| dir);
+    let refs: Vec<String> = references
+        .iter()
+        .map(|r| format!("{store_dir}/{r}"))
+        .collect();
+    format!(
+        "1;{store_path};{};{nar_size};{}",
+        nar_hash.to_nix_string(),
+        refs.join(",")
+    )
 }
 
 const KNOWN_SINGLE_KEYS: &[&str] = &[
@@ -225,8 +238,12 @@ impl TrustedKeys {
 
     /// True when at least one `Sig` is by a trusted key and verifies.
     pub fn verify(&self, info: &NarInfo) -> bool {
-        let fingerprint = info.fingerprint();
-        info.sigs.iter().any(|sig| {
+        self.verify_signatures(&info.fingerprint(), &info.sigs)
+    }
+
+    /// True when at least one of `sigs` (`name:base64`) is by a trusted key over `fingerprint`.
+    pub fn verify_signatures(&self, fingerprint: &str, sigs: &[String]) -> bool {
+        sigs.iter().any(|sig| {
             let Some((name, b64)) = sig.split_once(':') else {
                 return false;
             };

@@ -4,7 +4,9 @@
 //! of the NAR inside), the NAR joins the local cache (so local pulls hit at once), and the
 //! path is queued. Nix hears 200 only once the queue has it on disk.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -31,6 +33,11 @@ fn internal(reason: impl Into<String>) -> Refusal {
     (StatusCode::INTERNAL_SERVER_ERROR, reason.into())
 }
 
+/// A staged upload must move at least this fast on average (after the first minute), so a
+/// body trickling a byte now and then cannot hold its connection and its room for ever.
+const MIN_UPLOAD_RATE: u64 = 256 * 1024;
+const UPLOAD_GRACE: Duration = Duration::from_secs(60);
+
 impl Pusher {
     /// Whether Nix need not upload `nar/<file>`: it is staged, or in the local cache.
     pub fn has_nar(&self, file: &str) -> bool {
@@ -39,41 +46,85 @@ impl Pusher {
                 || self.store.stored(&format!("nar/{file}")).is_some())
     }
 
-    /// Keeps the body of `PUT /nar/<file>` in the staging directory.
+    /// Keeps the body of `PUT /nar/<file>` (of `length` bytes, from its Content-Length) in the
+    /// staging directory, counted against the cache's limits. A file of that name already
+    /// staged is never replaced: what a narinfo was checked against is what gets uploaded.
     pub async fn put_nar(
         &self,
         file: &str,
+        length: Option<u64>,
         mut body: hyper::body::Incoming,
     ) -> Result<(), Refusal> {
         if !is_file_name(file) {
             return Err(bad("not a NAR file name"));
         }
+        let length = length.ok_or((
+            StatusCode::LENGTH_REQUIRED,
+            "PUT /nar/<file> needs a Content-Length".to_string(),
+        ))?;
+        let held = self.hold_staging(length)?;
         let tmp = self.staging_tmp(file);
-        let result: Result<(), Refusal> = async {
+        let deadline = UPLOAD_GRACE + Duration::from_secs(length / MIN_UPLOAD_RATE);
+        let result: Result<bool, Refusal> = async {
             use tokio::io::AsyncWriteExt;
-            let mut out = tokio::fs::File::create(&tmp)
+            let mut out = private_file(&tmp)
                 .await
                 .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| bad(format!("the upload broke off: {e}")))?;
-                if let Ok(data) = frame.into_data() {
-                    out.write_all(&data)
-                        .await
-                        .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+            let mut written = 0u64;
+            let receive = async {
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| bad(format!("the upload broke off: {e}")))?;
+                    if let Ok(data) = frame.into_data() {
+                        written += data.len() as u64;
+                        if written > length {
+                            return Err(bad("the body is longer than its Content-Length"));
+                        }
+                        out.write_all(&data)
+                            .await
+                            .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+                    }
                 }
+                Ok(())
+            };
+            tokio::time::timeout(deadline, receive)
+                .await
+                .map_err(|_| {
+                    (
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("the upload took longer than {}s", deadline.as_secs()),
+                    )
+                })??;
+            if written != length {
+                return Err(bad(format!("{written} bytes came of {length}")));
             }
             drop(out);
             let (from, to) = (tmp.clone(), self.staging.join(file));
-            tokio::task::spawn_blocking(move || publish(&from, &to))
+            tokio::task::spawn_blocking(move || publish_new(&from, &to))
                 .await
                 .map_err(|e| internal(e.to_string()))?
                 .map_err(|e| internal(format!("cannot stage the upload: {e}")))
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        if result? {
+            self.keep_staged(file, held);
         }
-        result
+        Ok(())
+    }
+
+    /// Room for `bytes` more staged bytes: within the staging cap and the cache's limits.
+    fn hold_staging(&self, bytes: u64) -> Result<crate::store::Held, Refusal> {
+        let full = |why: String| (StatusCode::INSUFFICIENT_STORAGE, why);
+        let staged = self.staged_bytes();
+        let cap = self.store.limits().max_size / 2;
+        if staged.saturating_add(bytes) > cap {
+            return Err(full(format!(
+                "uploads waiting to be pushed hold {staged} bytes; {bytes} more would pass the staging cap of {cap} (half of max-cache-size)"
+            )));
+        }
+        self.store
+            .hold(bytes)
+            .map_err(|e| full(format!("cannot stage {bytes} bytes: {e}")))
     }
 
     /// A fresh temporary name for `file` in the staging directory.
@@ -82,8 +133,8 @@ impl Pusher {
             .join(format!(".tmp-{}-{file}", fastrand::u64(..)))
     }
 
-    /// Checks the narinfo of `PUT /<hash>.narinfo` against the staged NAR, caches both and
-    /// queues the path for `targets`.
+    /// Checks the narinfo of `PUT /<hash>.narinfo` against the staged NAR, caches both (when
+    /// the narinfo is one a pull would trust) and queues the path for `targets`.
     pub async fn put_narinfo(
         &self,
         hash: &str,
@@ -95,12 +146,15 @@ impl Pusher {
                 .await
                 .map_err(bad)?;
         let text = String::from_utf8(text.to_vec()).map_err(|_| bad("the narinfo is not UTF-8"))?;
-        let info = NarInfo::parse(text.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let mut info = NarInfo::parse(text.as_bytes()).map_err(|e| bad(e.to_string()))?;
         if info.hash_part() != hash {
             return Err(bad(format!(
                 "the narinfo is for {}, not {hash}",
                 info.store_path
             )));
+        }
+        if info.file_hash.is_none() && info.compression != "none" {
+            return Err(bad("a compressed NAR's narinfo needs FileHash"));
         }
         let file = info
             .url
@@ -110,27 +164,7 @@ impl Pusher {
             .to_string();
         let staged = self.staging.join(&file);
         if !staged.is_file() {
-            // Nix skips the upload of a NAR the listener already has (its HEAD said so): a
-            // file in the local cache is staged from there, and checked like an upload.
-            let Some((mut cached, _)) = self.store.stored(&format!("nar/{file}")) else {
-                return Err(bad(format!(
-                    "{} was not uploaded before its narinfo (PUT /nar/{file} first)",
-                    info.url
-                )));
-            };
-            let (tmp, to) = (self.staging_tmp(&file), staged.clone());
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                let copied = std::fs::File::create(&tmp)
-                    .and_then(|mut out| std::io::copy(&mut cached, &mut out))
-                    .and_then(|_| publish(&tmp, &to));
-                if copied.is_err() {
-                    let _ = std::fs::remove_file(&tmp);
-                }
-                copied
-            })
-            .await
-            .map_err(|e| internal(e.to_string()))?
-            .map_err(|e| internal(format!("cannot stage the cached NAR: {e}")))?;
+            self.stage_cached(&info, &file).await?;
         }
         let expected = Expected::from_narinfo(&info);
         let checked = {
@@ -140,14 +174,26 @@ impl Pusher {
                 .map_err(|e| internal(e.to_string()))?
         };
         if let Err(reason) = checked {
-            let _ = std::fs::remove_file(&staged);
+            self.unstage(&file);
             return Err(bad(format!(
                 "{} does not match this narinfo: {reason}",
                 info.url
             )));
         }
-        self.cache_locally(hash, &text, &info, &file, &staged, &expected)
-            .await;
+        let text = match &self.trust.signer {
+            Some(signer) if !self.trust.keys.verify(&info) => {
+                let signed = signer.sign_narinfo(&text, &info);
+                info = NarInfo::parse(signed.as_bytes()).map_err(|e| internal(e.to_string()))?;
+                signed
+            }
+            _ => text,
+        };
+        if self.trust.serves(&info) {
+            self.cache_locally(hash, &text, &info, &file, &staged, &expected)
+                .await;
+        } else {
+            tracing::warn!(path = %info.store_path, "a pushed narinfo has no valid signature by a trusted key: queued for upload, not served locally (push-signing-key-file signs local builds)");
+        }
         let path = PathInfo::from_narinfo(&info, &text);
         let origin = Origin::Staged {
             file,
@@ -157,6 +203,37 @@ impl Pusher {
         self.enqueue(targets, vec![(path, origin)])
             .await
             .map_err(internal)?;
+        Ok(())
+    }
+
+    /// Nix skips the upload of a NAR the listener already has (its HEAD said so): a file in
+    /// the local cache is staged from there, and checked like an upload.
+    async fn stage_cached(&self, info: &NarInfo, file: &str) -> Result<(), Refusal> {
+        let Some((mut cached, size)) = self.store.stored(&format!("nar/{file}")) else {
+            return Err(bad(format!(
+                "{} was not uploaded before its narinfo (PUT /nar/{file} first)",
+                info.url
+            )));
+        };
+        let held = self.hold_staging(size)?;
+        let (tmp, to) = (self.staging_tmp(file), self.staging.join(file));
+        let staged = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+            let copied = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut out| std::io::copy(&mut cached, &mut out))
+                .and_then(|_| publish_new(&tmp, &to));
+            let _ = std::fs::remove_file(&tmp);
+            copied
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(format!("cannot stage the cached NAR: {e}")))?;
+        if staged {
+            self.keep_staged(file, held);
+        }
         Ok(())
     }
 
@@ -171,10 +248,21 @@ impl Pusher {
         staged: &Path,
         expected: &Expected,
     ) {
+        // Whatever the local cache holds for this path already (an upstream's signed narinfo,
+        // or an earlier push) stays: a push adds, it never replaces.
+        if self.store.narinfo(&self.partition, hash).is_some() {
+            return;
+        }
         let key = format!("nar/{file}");
+        let target = &self.targets[0];
+        // Where a pull finds the bytes again once evicted: the upstream the path goes to
+        // (a plain HTTP cache keeps the name; see docs/push.md for Attic).
+        let Some(url) = target.resolve(&key) else {
+            return;
+        };
         let source = NarSource {
-            upstream: self.targets[0].name.clone(),
-            url: key.clone(),
+            upstream: target.name.clone(),
+            url: url.to_string(),
             expected: expected.clone(),
         };
         self.store
@@ -203,15 +291,31 @@ impl Pusher {
     }
 }
 
-/// Makes the fully written `tmp` the staged file `to`, durably: the bytes, then the rename
-/// (the queue will point at that name).
-fn publish(tmp: &Path, to: &Path) -> std::io::Result<()> {
+/// Makes the fully written `tmp` the staged file `to`, durably (the queue will point at that
+/// name), unless `to` exists: a staged file is never replaced (a link, unlike a rename, fails
+/// on an existing name). Whether `to` is the new file; `tmp` is left for the caller to remove.
+fn publish_new(tmp: &Path, to: &Path) -> std::io::Result<bool> {
     std::fs::File::open(tmp)?.sync_all()?;
-    std::fs::rename(tmp, to)?;
-    match to.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
+    match std::fs::hard_link(tmp, to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
     }
+    match to.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all()?,
+        None => {}
+    }
+    Ok(true)
+}
+
+/// A new file only this process's user can read.
+async fn private_file(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .await
 }
 
 /// FileHash/FileSize of the file as uploaded, then NarHash/NarSize of the NAR inside.

@@ -34,6 +34,16 @@ impl PathInfo {
         }
     }
 
+    /// What a signature signs.
+    pub fn fingerprint(&self) -> String {
+        narinfo::fingerprint(
+            &self.store_path,
+            &self.nar_hash,
+            self.nar_size,
+            &self.references,
+        )
+    }
+
     /// The 32-character hash part.
     pub fn hash(&self) -> &str {
         let base = self.base_name();

@@ -38,6 +38,34 @@ const MAX_ATTEMPTS: u32 = 8;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+/// Which pushed narinfos local Nix is served: those a pull would serve (`require-signatures`).
+/// With `push-signing-key-file`, paths no trusted key signed are signed first.
+#[derive(Clone, Default)]
+pub struct LocalTrust {
+    pub keys: crate::nix::narinfo::TrustedKeys,
+    pub required: bool,
+    pub signer: Option<Arc<crate::nix::signing::SigningKey>>,
+}
+
+impl LocalTrust {
+    pub fn serves(&self, info: &crate::nix::narinfo::NarInfo) -> bool {
+        !self.required || self.keys.verify(info)
+    }
+
+    /// `info` with this machine's signature added, when no trusted key signed it.
+    fn signed(&self, mut info: PathInfo) -> PathInfo {
+        if let Some(signer) = &self.signer {
+            if !self.keys.verify_signatures(&info.fingerprint(), &info.sigs) {
+                info.sigs.push(signer.sign(&info.fingerprint()));
+            }
+        }
+        info
+    }
+}
+
+/// A staged file with no narinfo for this long is an abandoned upload, and is removed.
+const ORPHAN_AFTER: Duration = Duration::from_secs(600);
+
 pub struct Pusher {
     targets: Vec<Arc<Target>>,
     queue: Arc<Queue>,
@@ -47,6 +75,9 @@ pub struct Pusher {
     /// The cache partition pushed narinfos are recorded under (the first push upstream's),
     /// so local pulls find them.
     partition: String,
+    trust: LocalTrust,
+    /// Staged files and the room each holds in the cache's budget.
+    staged: Mutex<HashMap<String, crate::store::Held>>,
     state: Mutex<State>,
     /// Bumped on every change of the queue: the runner and waiters look again.
     changed: watch::Sender<u64>,
@@ -100,6 +131,7 @@ impl Pusher {
         targets: Vec<Arc<Target>>,
         store: Store,
         partition: String,
+        trust: LocalTrust,
     ) -> Result<Arc<Pusher>, String> {
         let dir = store.dir().join("push");
         crate::store::private_dir(&dir)?;
@@ -119,6 +151,8 @@ impl Pusher {
             staging: dir,
             store,
             partition,
+            trust,
+            staged: Mutex::default(),
             state: Mutex::new(State {
                 live,
                 outcomes: HashMap::new(),
@@ -127,6 +161,7 @@ impl Pusher {
             counters: Counters::default(),
         };
         pusher.remove_stray_files();
+        pusher.hold_staged_files();
         let waiting = pusher.state.lock().unwrap().live.len();
         if waiting > 0 {
             tracing::info!(paths = waiting, "push queue resumed");
@@ -160,6 +195,10 @@ impl Pusher {
         let mut entries = Vec::new();
         let mut keys = Vec::new();
         let mut skipped = Vec::new();
+        let paths: Vec<(PathInfo, Origin)> = paths
+            .into_iter()
+            .map(|(info, origin)| (self.trust.signed(info), origin))
+            .collect();
         for target in targets {
             for (info, origin) in &paths {
                 let key = queue::key(&target.name, info.hash());
@@ -263,6 +302,7 @@ impl Pusher {
     pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         let mut changed = self.changed.subscribe();
         let mut running = tokio::task::JoinSet::new();
+        let mut sweep = tokio::time::interval(ORPHAN_AFTER / 10);
         tokio::pin!(stop);
         loop {
             let (checks, uploads, wake) = self.plan(AT_ONCE.saturating_sub(running.len()));
@@ -277,6 +317,7 @@ impl Pusher {
                 _ = &mut stop => break,
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 _ = changed.changed() => {}
+                _ = sweep.tick() => self.remove_orphans(),
                 _ = sleep => {}
             }
         }
@@ -382,6 +423,17 @@ impl Pusher {
         for key in &uploads {
             state.live.get_mut(key).expect("planned").running = true;
         }
+        // Nothing can move while every waiting path waits for another: a reference cycle
+        // between distinct paths (which no valid store has) would hold them for ever.
+        if uploads.is_empty() && checks.is_empty() && !state.live.values().any(|l| l.running) {
+            for key in in_cycles(&state.live) {
+                doomed.push((
+                    key,
+                    "its references form a cycle with other queued paths (invalid in a Nix store)"
+                        .into(),
+                ));
+            }
+        }
         drop(state);
         for (key, reason) in doomed {
             self.fail_for_good(&key, &reason);
@@ -483,9 +535,70 @@ impl Pusher {
             })
         };
         if let Some(file) = file {
-            let _ = std::fs::remove_file(self.staging.join(file));
+            self.unstage(&file);
         }
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Counts a newly staged file against the cache's budget until it is removed.
+    fn keep_staged(&self, file: &str, held: crate::store::Held) {
+        self.staged.lock().unwrap().insert(file.to_string(), held);
+    }
+
+    /// Removes a staged file and gives its room back.
+    fn unstage(&self, file: &str) {
+        let _ = std::fs::remove_file(self.staging.join(file));
+        self.staged.lock().unwrap().remove(file);
+    }
+
+    /// Bytes of staged files.
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| h.bytes())
+            .sum()
+    }
+
+    /// Counts the staged files found at start-up against the cache's budget.
+    fn hold_staged_files(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.staging) else {
+            return;
+        };
+        for file in dir.flatten() {
+            let (Ok(meta), Some(name)) =
+                (file.metadata(), file.file_name().to_str().map(String::from))
+            else {
+                continue;
+            };
+            let held = self.store.hold_existing(meta.len());
+            self.keep_staged(&name, held);
+        }
+    }
+
+    /// Removes staged files that no queued path needs and whose narinfo did not come within
+    /// [`ORPHAN_AFTER`] (an upload Nix abandoned).
+    fn remove_orphans(&self) {
+        let needed: HashSet<String> = {
+            let state = self.state.lock().unwrap();
+            state
+                .live
+                .values()
+                .filter_map(|l| staged_file(&l.entry).cloned())
+                .collect()
+        };
+        let files: Vec<String> = self.staged.lock().unwrap().keys().cloned().collect();
+        for file in files {
+            let age = std::fs::metadata(self.staging.join(&file))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if !needed.contains(&file) && age.is_none_or(|a| a >= ORPHAN_AFTER) {
+                tracing::info!(file, "removing an uploaded NAR whose narinfo never came");
+                self.unstage(&file);
+            }
+        }
     }
 
     fn attempt_failed(&self, key: &str, error: &PushError) {
@@ -560,6 +673,43 @@ impl Live {
             not_before: Instant::now(),
             checked: false,
             running: false,
+        }
+    }
+}
+
+/// The waiting paths that can never be uploaded because they wait for one another: what is
+/// left of the graph "waits for" once every path that waits for nothing, and every path that
+/// nothing waits for, is peeled off again and again.
+fn in_cycles(live: &BTreeMap<String, Live>) -> Vec<String> {
+    let waiting = |l: &Live| l.entry.failed.is_none();
+    let mut waits_for: HashMap<&str, HashSet<String>> = live
+        .iter()
+        .filter(|(_, l)| waiting(l))
+        .map(|(key, l)| {
+            let refs = l
+                .entry
+                .info
+                .references
+                .iter()
+                .map(|r| queue::key(&l.entry.upstream, &r[..32.min(r.len())]))
+                .filter(|r| r != key && live.get(r).is_some_and(waiting))
+                .collect();
+            (key.as_str(), refs)
+        })
+        .collect();
+    loop {
+        let needed: HashSet<String> = waits_for.values().flatten().cloned().collect();
+        let before = waits_for.len();
+        let kept: HashSet<String> = waits_for
+            .iter()
+            .filter(|(key, refs)| {
+                !refs.iter().all(|r| !waits_for.contains_key(r.as_str())) && needed.contains(**key)
+            })
+            .map(|(key, _)| key.to_string())
+            .collect();
+        waits_for.retain(|key, _| kept.contains(*key));
+        if waits_for.len() == before {
+            return waits_for.into_keys().map(str::to_string).collect();
         }
     }
 }

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256 as Hasher};
 use tokio::sync::mpsc;
 
 use super::info::PathInfo;
+use crate::nix::hash::Sha256;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -28,14 +29,18 @@ pub fn full(bytes: Bytes) -> UploadBody {
 }
 
 /// Where the bytes come from, and in what form they go.
+#[derive(Clone)]
 pub enum Feed {
     /// `nix-store --dump <path>`: the NAR itself.
     Store(String),
-    /// A stored file; `compression` says how to get the NAR out of it, or `None` to send the
-    /// file as it is (it was checked against its FileHash when it arrived).
-    File {
+    /// A stored file, sent as the NAR inside it (`compression` says how to get it out).
+    Nar { path: PathBuf, compression: String },
+    /// A stored file sent as it is, which must still be the bytes that were checked when it
+    /// arrived: SHA-256 `sha256` and `size` bytes (its FileHash and FileSize).
+    AsIs {
         path: PathBuf,
-        compression: Option<String>,
+        sha256: Sha256,
+        size: u64,
     },
 }
 
@@ -50,35 +55,39 @@ pub fn body(source: Feed, info: &PathInfo, preamble: Bytes, len: u64) -> UploadB
     let expected = info.clone();
     tokio::task::spawn_blocking(move || {
         let state = Arc::new(Mutex::new((Hasher::new(), 0u64)));
-        let out = Out {
+        let mut out = Out {
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK),
             state: state.clone(),
             limit: expected.nar_size,
         };
-        let (checked, result) = match source {
-            Feed::Store(path) => (true, dump(&path, out)),
-            Feed::File {
-                path,
-                compression: Some(compression),
-            } => (true, decompress(&path, &compression, out)),
-            Feed::File {
-                path,
-                compression: None,
-            } => (false, copy_file(&path, out)),
+        let (what, sha256, size, result) = match source {
+            Feed::Store(path) => (
+                "NAR",
+                expected.nar_hash,
+                expected.nar_size,
+                dump(&path, out),
+            ),
+            Feed::Nar { path, compression } => (
+                "NAR",
+                expected.nar_hash,
+                expected.nar_size,
+                decompress(&path, &compression, out),
+            ),
+            Feed::AsIs { path, sha256, size } => {
+                out.limit = size;
+                ("file", sha256, size, copy_file(&path, out))
+            }
         };
         let result = result.and_then(|()| {
             let (hasher, len) = std::mem::take(&mut *state.lock().unwrap());
             let hash: [u8; 32] = hasher.finalize().into();
-            if !checked {
-                Ok(())
-            } else if len != expected.nar_size {
+            if len != size {
+                Err(format!("the {what} is {len} bytes, not the {size} checked"))
+            } else if hash != sha256.0 {
                 Err(format!(
-                    "the NAR is {len} bytes, NarSize says {}",
-                    expected.nar_size
+                    "the {what} is not the one that was checked (its SHA-256 differs)"
                 ))
-            } else if hash != expected.nar_hash.0 {
-                Err("the NAR does not match its NarHash".into())
             } else {
                 Ok(())
             }
@@ -124,7 +133,6 @@ fn decompress(path: &std::path::Path, compression: &str, out: Out) -> Result<(),
 fn copy_file(path: &std::path::Path, mut out: Out) -> Result<(), String> {
     let mut file =
         std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    out.limit = u64::MAX;
     let mut buf = vec![0; CHUNK];
     loop {
         let n = file

@@ -182,9 +182,9 @@ impl Target {
                     Origin::Store => Feed::Store(info.store_path.clone()),
                     Origin::Staged {
                         file, compression, ..
-                    } => Feed::File {
+                    } => Feed::Nar {
                         path: staging.join(file),
-                        compression: Some(compression.clone()),
+                        compression: compression.clone(),
                     },
                 };
                 let make = || nar::body(feed(), info, preamble.clone(), info.nar_size);
@@ -198,13 +198,23 @@ impl Target {
     /// `PUT nar/<file>`, then `PUT <hash>.narinfo`, as `nix copy --to` does.
     async fn upload_http(&self, entry: &Entry, staging: &Path) -> Result<u64, PushError> {
         let info = &entry.info;
-        let (nar_url, narinfo, file, size) = match &entry.origin {
+        let (nar_url, narinfo, staged_feed, size) = match &entry.origin {
             Origin::Staged { file, narinfo, .. } => {
                 let path = staging.join(file);
-                let size = std::fs::metadata(&path)
-                    .map_err(|e| PushError::Fatal(format!("the uploaded NAR is gone: {e}")))?
-                    .len();
-                (format!("nar/{file}"), narinfo.clone(), Some(path), size)
+                // What was checked when Nix uploaded it, checked again on the way up.
+                let staged = crate::nix::narinfo::NarInfo::parse(narinfo.as_bytes())
+                    .map_err(|e| PushError::Fatal(format!("the queued narinfo: {e}")))?;
+                let (sha256, size) = match (staged.file_hash, staged.file_size) {
+                    (Some(hash), Some(size)) => (hash, size),
+                    _ if staged.compression == "none" => (staged.nar_hash, staged.nar_size),
+                    _ => {
+                        return Err(PushError::Fatal(
+                            "the queued narinfo has no FileHash/FileSize".into(),
+                        ))
+                    }
+                };
+                let feed = Feed::AsIs { path, sha256, size };
+                (format!("nar/{file}"), narinfo.clone(), Some(feed), size)
             }
             Origin::Store => {
                 let url = format!("nar/{}.nar", crate::nix::base32::encode(&info.nar_hash.0));
@@ -212,12 +222,10 @@ impl Target {
                 (url, text, None, info.nar_size)
             }
         };
-        let feed = || match &file {
-            Some(path) => Feed::File {
-                path: path.clone(),
-                compression: None,
-            },
-            None => Feed::Store(info.store_path.clone()),
+        let feed = || {
+            staged_feed
+                .clone()
+                .unwrap_or_else(|| Feed::Store(info.store_path.clone()))
         };
         let nar_type = [(
             http::header::CONTENT_TYPE,
@@ -291,6 +299,11 @@ impl Target {
             }
             PushProtocol::Http => unreachable!("plain HTTP caches have no Attic API"),
         }
+    }
+
+    /// Where the upstream serves `rel` (a narinfo's `URL:`), as a pull would fetch it.
+    pub fn resolve(&self, rel: &str) -> Option<Url> {
+        self.base.join(rel).ok()
     }
 
     fn join(&self, base: &Url, rel: &str) -> Result<Url, PushError> {

@@ -63,40 +63,56 @@ pub struct Site {
     /// Takes uploads when some upstream does.
     pusher: Option<Arc<Pusher>>,
     metrics: Arc<Metrics>,
+    /// Who may pin (`/_sidecar/prefetch` with `pin`) and `/_sidecar/unpin`.
+    pin_uids: Vec<u32>,
     status: Box<dyn Fn() -> Status + Send + Sync>,
 }
 
 impl Site {
+    /// `Err(403)` unless the request's peer may pin and unpin.
+    pub(crate) fn may_pin(
+        &self,
+        request: &Request<Incoming>,
+    ) -> Result<(), hyper::Response<body::Body>> {
+        let uid = request.extensions().get::<Peer>().and_then(|p| p.uid);
+        if uid.is_some_and(|uid| self.pin_uids.contains(&uid)) {
+            return Ok(());
+        }
+        tracing::warn!(?uid, "pin or unpin refused: not a push-uid");
+        let reason = match uid {
+            Some(uid) => {
+                format!("uid {uid} may not pin or unpin (push-uids, or root without push)\n")
+            }
+            None => "the requesting process's uid cannot be told: pins and unpin refused\n".into(),
+        };
+        Err(routes::text(http::StatusCode::FORBIDDEN, reason))
+    }
+
     pub fn new(
         answers: Arc<Proxy>,
         pusher: Option<Arc<Pusher>>,
         metrics: Arc<Metrics>,
+        pin_uids: Vec<u32>,
         status: impl Fn() -> Status + Send + Sync + 'static,
     ) -> Site {
         Site {
             answers,
             pusher,
             metrics,
+            pin_uids,
             status: Box::new(status),
         }
     }
 }
 
-/// The two ends of a request's connection: who may push is decided by the peer's uid.
+/// The two ends of a request's connection and who owns the client's end, asked of the kernel
+/// once when it was accepted (`peer`): `None` when that could not be established, which no
+/// uid rule (`allowed-uids`, `push-uids`, pins) ever admits.
 #[derive(Clone, Copy)]
 pub struct Peer {
     pub remote: SocketAddr,
     pub local: SocketAddr,
-}
-
-impl Peer {
-    /// The uid owning the client's socket (read off the async threads: the table can be large).
-    pub async fn uid(self) -> Option<u32> {
-        tokio::task::spawn_blocking(move || peer::uid_of(self.remote, self.local))
-            .await
-            .ok()
-            .flatten()
-    }
+    pub uid: Option<u32>,
 }
 
 /// How connections are admitted and ended.
@@ -149,23 +165,24 @@ pub async fn serve(
                 let (site, allowed_uids, builder) = (site.clone(), allowed_uids.clone(), builder.clone());
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    // The socket table is read off the accept loop: it can be large.
-                    if !allowed_uids.is_empty() {
-                        let uid = tokio::task::spawn_blocking(move || peer::uid_of(peer, local))
-                            .await
-                            .ok()
-                            .flatten();
-                        if !uid.is_some_and(|uid| allowed_uids.contains(&uid)) {
-                            tracing::warn!(%peer, ?uid, "connection refused: its owner is not in allowed-uids");
-                            return;
+                    let uid = match peer::uid_of(peer, local) {
+                        Ok(uid) => Some(uid),
+                        Err(e) => {
+                            tracing::debug!(%peer, reason = %e, "the connection's owner is not known");
+                            None
                         }
+                    };
+                    if !allowed_uids.is_empty() && !uid.is_some_and(|uid| allowed_uids.contains(&uid)) {
+                        tracing::warn!(%peer, ?uid, "connection refused: its owner is not in allowed-uids");
+                        return;
                     }
+                    let peer = Peer { remote: peer, local, uid };
                     let segments = Arc::new(sendfile::Segments::default());
                     let service = {
                         let segments = segments.clone();
                         service_fn(move |mut request: Request<Incoming>| {
                             request.extensions_mut().insert(segments.clone());
-                            request.extensions_mut().insert(Peer { remote: peer, local });
+                            request.extensions_mut().insert(peer);
                             let site = site.clone();
                             async move {
                                 let answer = match host::refusal(&request, local) {

@@ -20,10 +20,7 @@ async fn allowed(
     pusher: &Pusher,
     request: &Request<Incoming>,
 ) -> Result<Vec<Arc<Target>>, Response<Body>> {
-    let uid = match request.extensions().get::<Peer>() {
-        Some(peer) => peer.uid().await,
-        None => None,
-    };
+    let uid = request.extensions().get::<Peer>().and_then(|peer| peer.uid);
     pusher.targets_for(uid).map_err(|reason| {
         tracing::warn!(?uid, "push refused: {reason}");
         text(StatusCode::FORBIDDEN, format!("{reason}\n"))
@@ -41,7 +38,11 @@ pub async fn nar(pusher: &Pusher, key: &str, request: Request<Incoming>) -> Resp
     let Some(file) = key.strip_prefix("nar/").filter(|f| !f.contains('?')) else {
         return text(StatusCode::BAD_REQUEST, "PUT /nar/<file> takes no query\n");
     };
-    match pusher.put_nar(file, request.into_body()).await {
+    let length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    match pusher.put_nar(file, length, request.into_body()).await {
         Ok(()) => text(StatusCode::OK, ""),
         Err(refusal) => refused(refusal),
     }

@@ -79,13 +79,16 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
                 text(StatusCode::NOT_FOUND, "not uploaded\n")
             }
         }
-        Some(CachePath::Unpin) => match site.answers.unpin_all() {
-            Ok(n) => typed(
-                StatusCode::OK,
-                "application/json",
-                format!("{{\"unpinned\": {n}}}\n"),
-            ),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Some(CachePath::Unpin) => match site.may_pin(&request).map(|()| site.answers.unpin_all()) {
+            Err(refused) => refused,
+            Ok(unpinned) => match unpinned {
+                Ok(n) => typed(
+                    StatusCode::OK,
+                    "application/json",
+                    format!("{{\"unpinned\": {n}}}\n"),
+                ),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            },
         },
         None => text(StatusCode::NOT_FOUND, "not a binary cache path\n"),
         Some(CachePath::CacheInfo) => {
@@ -167,6 +170,7 @@ async fn prefetch(site: &Site, request: Request<Incoming>) -> Response<Body> {
         pin: Option<String>,
     }
     let usage = "expected a JSON body {\"paths\": [\"/nix/store/...\"]}\n";
+    let may_pin = site.may_pin(&request);
     let body = match crate::http::read_limited(
         request.into_body(),
         1 << 20,
@@ -191,6 +195,9 @@ async fn prefetch(site: &Site, request: Request<Incoming>) -> Response<Body> {
             StatusCode::BAD_REQUEST,
             format!("not store paths: {}\n{usage}", bad.join(", ")),
         );
+    }
+    if let (Some(_), Err(refused)) = (&ask.pin, may_pin) {
+        return refused;
     }
     let pin_until = match ask.pin.as_deref() {
         None => None,

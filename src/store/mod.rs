@@ -35,6 +35,24 @@ pub struct Limits {
 #[derive(Clone)]
 pub struct Store(Arc<Inner>);
 
+/// Bytes outside the cache's files counted against its limits until dropped.
+pub struct Held {
+    store: Store,
+    bytes: u64,
+}
+
+impl Held {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.store.release(self.bytes);
+    }
+}
+
 struct Inner {
     dir: PathBuf,
     index: Index,
@@ -551,6 +569,35 @@ impl Store {
             *last = Some(Instant::now());
         }
         Err("not enough disk space for the cache".into())
+    }
+
+    /// Counts `bytes` kept outside the cache's files (an upload staged for push) against its
+    /// limits until the returned guard is dropped: evicts to make room, and refuses when
+    /// there is none.
+    pub fn hold(&self, bytes: u64) -> Result<Held, String> {
+        self.reserve(bytes)?;
+        Ok(Held {
+            store: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Like [`Store::hold`] for bytes already on disk (staged files found at start-up): they
+    /// are counted even when over the limits, so eviction makes room for them.
+    pub fn hold_existing(&self, bytes: u64) -> Held {
+        {
+            let mut ledger = self.0.ledger.lock().unwrap();
+            ledger.reserved = ledger.reserved.saturating_add(bytes);
+        }
+        Held {
+            store: self.clone(),
+            bytes,
+        }
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> Limits {
+        self.0.limits
     }
 
     /// Gives back bytes reserved for a fill that ended or wrote less.
