@@ -239,10 +239,15 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let path = flags.config.expect("is_exchange checked it");
             let config = ExchangeConfig::load(&path).map_err(|e| e.to_string())?;
             print!("{}", config.describe());
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Exchange { config } => {
             let config = ExchangeConfig::load(&config).map_err(|e| e.to_string())?;
+            // Many clients means many sockets, as for `serve`.
+            nix_sidecar::sys::raise_fd_limit();
             nix_sidecar::exchange::run(config, async {
                 shutdown_signal().await;
                 nix_sidecar::systemd::stopping();

@@ -49,18 +49,27 @@ impl Secret {
 }
 
 /// Runs of base64 that appear wherever `secret` is encoded after any prefix: the three
-/// alignments, without the characters that depend on the neighbouring bytes.
+/// alignments, without the characters that depend on the neighbouring bytes, in both
+/// alphabets (standard, and URL-safe as JWTs and presigned tokens use it).
 fn base64_forms(secret: &str) -> Vec<String> {
     use base64::Engine;
     let mut forms = Vec::new();
     for shift in 0..3 {
         let padded = [&vec![0u8; shift][..], secret.as_bytes()].concat();
-        let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&padded);
         // The first characters carry the padding bytes; the last may carry what follows.
         let start = (shift * 8).div_ceil(6);
         let end = (padded.len() * 8 / 6).max(start);
-        if end - start >= 8 {
-            forms.push(encoded[start..end].to_string());
+        if end - start < 8 {
+            continue;
+        }
+        for engine in [
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            let form = engine.encode(&padded)[start..end].to_string();
+            if !forms.contains(&form) {
+                forms.push(form);
+            }
         }
     }
     forms
@@ -88,6 +97,24 @@ mod tests {
         assert_eq!(format!("{s:?}"), "[redacted]");
         assert_eq!(format!("{s}"), "[redacted]");
         assert_eq!(s.expose(), "eyJhbGciOi.secret.value");
+    }
+
+    #[test]
+    fn scrub_removes_the_url_safe_base64_form() {
+        use base64::Engine;
+        // Bytes whose base64 holds `+` and `/`, so the two alphabets differ.
+        let token = Secret::new("\u{00fb}\u{00ff}\u{00fe}secret-credential\u{00fb}\u{00ff}");
+        for prefix in ["", "a", "ab"] {
+            let url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(format!("{prefix}{}", token.expose()));
+            assert!(
+                url_safe.contains('-') || url_safe.contains('_'),
+                "{url_safe}"
+            );
+            let scrubbed = token.scrub(&format!("token {url_safe} end"));
+            let left = scrubbed.split_whitespace().nth(1).unwrap();
+            assert!(left.len() < url_safe.len() / 2, "{prefix:?}: {scrubbed}");
+        }
     }
 
     #[test]

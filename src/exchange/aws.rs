@@ -149,11 +149,17 @@ impl Aws {
             }
             None => url,
         };
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| Refused::KeysUnavailable("shutting down".into()))?;
+        // A waiter holds its client's connection: past STS_TIMEOUT in the queue, it is told
+        // to come back instead of waiting on.
+        let _slot = match tokio::time::timeout(STS_TIMEOUT, self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return Err(Refused::KeysUnavailable("shutting down".into())),
+            Err(_) => {
+                return Err(Refused::KeysUnavailable(format!(
+                    "{STS_AT_ONCE} STS requests are in flight; try again"
+                )))
+            }
+        };
         // `fetch_small` names the URL without its query (the signature) in its errors.
         let headers = [
             ("host", host.as_str()),

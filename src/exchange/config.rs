@@ -309,6 +309,77 @@ impl ExchangeConfig {
     }
 }
 
+impl ExchangeConfig {
+    /// What `check-config` warns about: settings that work but are probably not meant, each
+    /// naming its key and the risk.
+    pub fn warnings(&self) -> Vec<String> {
+        use super::policy::Who;
+        let mut out = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            match &rule.who {
+                Who::Issuer { issuer, claims } if claims.iter().all(|(_, g)| g.is_anything()) => {
+                    let who = match issuer.as_str() {
+                        "https://token.actions.githubusercontent.com" => {
+                            "every GitHub Actions job of every repository on GitHub".to_string()
+                        }
+                        "https://gitlab.com" => {
+                            "every CI job of every project on gitlab.com".into()
+                        }
+                        other => format!("every token {other} issues for this audience"),
+                    };
+                    out.push(format!(
+                        "rule[{i}]: no claims narrow it, so {who} gets its grant; add claims such as repository = \"your-org/*\""
+                    ));
+                }
+                Who::Aws { arn, account }
+                    if arn.as_ref().is_none_or(|g| g.is_anything())
+                        && account.as_ref().is_none_or(|g| g.is_anything()) =>
+                {
+                    out.push(format!(
+                        "rule[{i}]: aws-arn and aws-account match anything, so every AWS identity in every account gets its grant; name your account or role"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let plain_remote = |url: &Url| {
+            url.scheme() == "http"
+                && !matches!(url.host(), Some(url::Host::Ipv4(ip)) if ip.is_loopback())
+                && !matches!(url.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())
+                && url.host_str() != Some("localhost")
+        };
+        for (i, issuer) in self.issuers.iter().enumerate() {
+            if let JwksSource::Url(url) = &issuer.jwks {
+                if plain_remote(url) {
+                    out.push(format!(
+                        "issuer[{i}].jwks-url: plain http:// to another host, so anyone on the path can substitute the keys and mint any identity; use https://"
+                    ));
+                }
+            }
+        }
+        if let Some(endpoint) = self.aws.as_ref().and_then(|a| a.sts_endpoint.as_ref()) {
+            if plain_remote(endpoint) {
+                out.push("aws.sts-endpoint: plain http:// to another host, so anyone on the path can answer for STS and claim any AWS identity; use https://".into());
+            }
+        }
+        match &self.deny_file {
+            None => out.push(
+                "deny-file is not set: a leaked identity token cannot be revoked before it expires"
+                    .into(),
+            ),
+            Some(path) => {
+                if let Err(e) = std::fs::read(path) {
+                    out.push(format!(
+                        "deny-file: cannot read {}: {e}; the exchange refuses to start without it (an empty file denies nobody)",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 fn check_issuer(i: usize, issuer: FileIssuer) -> Result<IssuerConfig, ConfigError> {
     let key = |field: &str| format!("issuer[{i}].{field}");
     let url = Url::parse(&issuer.url)

@@ -2,6 +2,7 @@
 //! verified, deny list and rate limit consulted, the rules applied, a token minted, and one
 //! audit line written whatever the outcome (never with a token in it).
 
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
@@ -48,7 +49,7 @@ impl Refusal {
     pub fn result(&self) -> &'static str {
         match self.status {
             429 => "rate_limited",
-            503 => "unavailable",
+            503 => "temporarily_unavailable",
             _ => self.error,
         }
     }
@@ -149,7 +150,7 @@ impl Decider {
                 config.ttl,
             )?,
             minted_audience: config.minted_audience.clone(),
-            deny: DenyList::new(config.deny_file.clone()),
+            deny: DenyList::open(config.deny_file.clone())?,
             limiter: RateLimiter::new(config.rate_limit),
             audit: Audit::open(config.audit_log.as_ref())?,
         })
@@ -157,6 +158,11 @@ impl Decider {
 
     pub fn issuers(&self) -> &Issuers {
         &self.issuers
+    }
+
+    /// See [`DenyList::readable_gauge`].
+    pub fn deny_file_readable(&self) -> Gauge {
+        self.deny.readable_gauge()
     }
 
     /// Answers one `POST /token` form.
@@ -172,11 +178,24 @@ impl Decider {
             Subject::Oidc { claims, .. } => claims["jti"].as_str().map(str::to_string),
             Subject::Aws { .. } => None,
         };
-        if let Some(denied) = self.deny.denies(&subject, jti.as_deref()) {
-            return Err(self.refuse(
-                Some(&name),
-                Refusal::new(403, "unauthorized_client", format!("{denied} is denied")),
-            ));
+        match self.deny.denies(&subject, jti.as_deref()) {
+            Ok(None) => {}
+            Ok(Some(denied)) => {
+                return Err(self.refuse(
+                    Some(&name),
+                    Refusal::new(403, "unauthorized_client", format!("{denied} is denied")),
+                ))
+            }
+            Err(why) => {
+                return Err(self.refuse(
+                    Some(&name),
+                    Refusal::new(
+                        503,
+                        "temporarily_unavailable",
+                        format!("the deny list cannot be read ({why}); try again later"),
+                    ),
+                ))
+            }
         }
         if !self.limiter.allow(&name) {
             return Err(self.refuse(
@@ -291,6 +310,7 @@ impl Decider {
 struct DenyList {
     path: Option<PathBuf>,
     state: Mutex<DenyState>,
+    readable: Gauge,
 }
 
 #[derive(Default)]
@@ -298,39 +318,88 @@ struct DenyState {
     entries: HashSet<String>,
     seen: Option<(SystemTime, u64)>,
     checked: Option<Instant>,
+    /// Why the file cannot be read now.
+    unreadable: Option<String>,
 }
 
 impl DenyList {
-    fn new(path: Option<PathBuf>) -> DenyList {
-        DenyList {
+    /// The list at `path`, which must be readable now: an exchange that cannot tell who is
+    /// denied does not start.
+    fn open(path: Option<PathBuf>) -> Result<DenyList, String> {
+        let list = DenyList {
             path,
             state: Mutex::default(),
+            readable: Gauge::default(),
+        };
+        list.readable.set(1);
+        if let Some(path) = &list.path {
+            let mut state = list.state.lock().unwrap();
+            list.reload(path, &mut state);
+            if let Some(why) = &state.unreadable {
+                return Err(format!("deny-file: {why}"));
+            }
+        }
+        Ok(list)
+    }
+
+    /// 1 while the deny file can be read (or none is configured), 0 while exchanges are
+    /// refused because it cannot.
+    pub fn readable_gauge(&self) -> Gauge {
+        self.readable.clone()
+    }
+
+    fn reload(&self, path: &std::path::Path, state: &mut DenyState) {
+        let read = std::fs::metadata(path)
+            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+            .and_then(|meta| {
+                if Some(meta) == state.seen && state.unreadable.is_none() {
+                    return Ok(None);
+                }
+                std::fs::read_to_string(path).map(|text| Some((meta, text)))
+            });
+        match read {
+            Ok(None) => {}
+            Ok(Some((meta, text))) => {
+                state.seen = Some(meta);
+                state.entries = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string)
+                    .collect();
+                if state.unreadable.take().is_some() {
+                    tracing::warn!("deny file readable again: exchanges resume");
+                }
+                self.readable.set(1);
+                tracing::info!(entries = state.entries.len(), "deny file read");
+            }
+            Err(e) => {
+                let why = format!("cannot read {}: {e}", path.display());
+                if state.unreadable.is_none() {
+                    tracing::error!(reason = %why, "deny file unreadable: every exchange is refused until it can be read");
+                }
+                self.readable.set(0);
+                state.unreadable = Some(why);
+            }
         }
     }
 
-    /// Which entry denies this subject or token, if one does.
-    fn denies(&self, subject: &Subject, jti: Option<&str>) -> Option<String> {
-        let path = self.path.as_ref()?;
+    /// Which entry denies this subject or token, if one does; `Err` while the list cannot
+    /// be read (a deny list that fails open would let a revoked subject in).
+    fn denies(&self, subject: &Subject, jti: Option<&str>) -> Result<Option<String>, String> {
+        let Some(path) = self.path.as_ref() else {
+            return Ok(None);
+        };
         let mut state = self.state.lock().unwrap();
         if state
             .checked
             .is_none_or(|at| at.elapsed() >= Duration::from_millis(200))
         {
             state.checked = Some(Instant::now());
-            let meta = std::fs::metadata(path)
-                .ok()
-                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-            if meta != state.seen {
-                state.seen = meta;
-                state.entries = std::fs::read_to_string(path)
-                    .unwrap_or_default()
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(str::to_string)
-                    .collect();
-                tracing::info!(entries = state.entries.len(), "deny file read");
-            }
+            self.reload(path, &mut state);
+        }
+        if let Some(why) = &state.unreadable {
+            return Err(why.clone());
         }
         let mut names = vec![subject.name()];
         match subject {
@@ -340,7 +409,7 @@ impl DenyList {
             Subject::Aws { arn, .. } => names.push(arn.clone()),
         }
         names.extend(jti.map(str::to_string));
-        names.into_iter().find(|n| state.entries.contains(n))
+        Ok(names.into_iter().find(|n| state.entries.contains(n)))
     }
 }
 

@@ -1,8 +1,9 @@
 //! Verifying OIDC tokens (docs/exchange.md): the issuer's keys from discovery, a JWKS URL or
-//! a file, cached; refetched when a token names a key not known yet, at most once per
-//! [`REFETCH_EVERY`] per issuer (so made-up `kid`s cannot make us hammer the issuer); RS256
-//! and ES256 only, `iss` exact, `aud` containing the configured audience, `exp`, `nbf`, `iat`
-//! within [`LEEWAY`].
+//! a file, cached; refetched when a token names a key not known yet: the same unknown `kid`
+//! at most once per [`REFETCH_EVERY`], any at most once per [`MIN_REFETCH_GAP`] per issuer.
+//! So made-up `kid`s cannot make us hammer the issuer, and cannot keep a freshly rotated key
+//! out for longer than the gap either. RS256 and ES256 only, `iss` exact, `aud` containing the
+//! configured audience, `exp`, `nbf`, `iat` numbers within [`LEEWAY`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,9 @@ use crate::http::{fetch_small, Client};
 
 pub const LEEWAY: u64 = 60;
 pub const REFETCH_EVERY: Duration = Duration::from_secs(30);
+pub const MIN_REFETCH_GAP: Duration = Duration::from_secs(2);
+/// Unknown kids remembered at most (then forgotten all at once).
+const MAX_MISSING_KIDS: usize = 1024;
 /// After a failed first fetch, requests are refused (503) without asking again for this long:
 /// an issuer that is down is not hammered once per request.
 pub const RETRY_FIRST_FETCH: Duration = Duration::from_secs(5);
@@ -38,6 +42,8 @@ struct Keys {
     refetched_at: Option<Instant>,
     /// When the first fetch last failed, and why.
     failed: Option<(Instant, String)>,
+    /// Kids a refetch did not find, and when.
+    missing: HashMap<String, Instant>,
 }
 
 pub struct Issuer {
@@ -65,6 +71,7 @@ impl Issuer {
                 fetched_at: None,
                 refetched_at: None,
                 failed: None,
+                missing: HashMap::new(),
             }),
             fetching: tokio::sync::Mutex::new(()),
             fetches: AtomicU64::new(0),
@@ -93,10 +100,23 @@ impl Issuer {
         validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Value>(token, key.as_ref(), &validation)
             .map_err(|e| Refused::Token(describe(&e)))?;
-        let now = crate::clock::unix_now();
+        // jsonwebtoken checks `exp` and `nbf` only when they are numbers: any other type
+        // (a far-future string `nbf`) must not pass for absent.
+        for claim in ["exp", "nbf", "iat"] {
+            match &data.claims[claim] {
+                Value::Null => {}
+                Value::Number(n) if n.as_f64().is_some_and(|t| t >= 0.0) => {}
+                _ => {
+                    return Err(Refused::Token(format!(
+                        "`{claim}` is not a time (seconds since 1970)"
+                    )))
+                }
+            }
+        }
+        let now = crate::clock::unix_now() as f64;
         if data.claims["iat"]
-            .as_u64()
-            .is_some_and(|iat| iat > now + LEEWAY)
+            .as_f64()
+            .is_some_and(|iat| iat > now + LEEWAY as f64)
         {
             return Err(Refused::Token(
                 "the token was issued in the future (iat)".into(),
@@ -120,10 +140,14 @@ impl Issuer {
                     return Err(Refused::KeysUnavailable(why.clone()));
                 }
             }
-            let due = keys
+            let seen_missing = keys
+                .missing
+                .get(kid)
+                .is_some_and(|at| at.elapsed() < REFETCH_EVERY);
+            let gap_passed = keys
                 .refetched_at
-                .is_none_or(|at| at.elapsed() >= REFETCH_EVERY);
-            (keys.fetched_at.is_some(), due)
+                .is_none_or(|at| at.elapsed() >= MIN_REFETCH_GAP);
+            (keys.fetched_at.is_some(), gap_passed && !seen_missing)
         };
         if !fetched {
             if let Err(e) = self.fetch().await {
@@ -138,11 +162,19 @@ impl Issuer {
                 tracing::warn!(issuer = %self.config.url, error = ?e, "JWKS refetch failed; keeping the keys known");
             }
         }
-        let keys = self.keys.read().unwrap();
-        keys.by_kid
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| Refused::Token(format!("no key `{kid}` in the issuer's JWKS")))
+        let mut keys = self.keys.write().unwrap();
+        if let Some(found) = keys.by_kid.get(kid) {
+            return Ok(found.clone());
+        }
+        if refetch_due {
+            if keys.missing.len() >= MAX_MISSING_KIDS {
+                keys.missing.clear();
+            }
+            keys.missing.insert(kid.to_string(), Instant::now());
+        }
+        Err(Refused::Token(format!(
+            "no key `{kid}` in the issuer's JWKS"
+        )))
     }
 
     async fn fetch(&self) -> Result<(), Refused> {

@@ -18,6 +18,11 @@ impl Glob {
         Ok(Glob(pattern.to_string()))
     }
 
+    /// Whether it matches everything (`*`, `**`, ...).
+    pub fn is_anything(&self) -> bool {
+        self.0.chars().all(|c| c == '*')
+    }
+
     pub fn matches(&self, text: &str) -> bool {
         let mut parts = self.0.split('*');
         let first = parts.next().unwrap_or_default();

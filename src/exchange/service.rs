@@ -25,6 +25,11 @@ use super::decide::Decider;
 const MAX_BODY: usize = 64 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the kernel's accept queue (so a crowd of idle
+/// clients cannot take every file descriptor and starve `/healthz`).
+const MAX_CONNECTIONS: usize = 4096;
+/// A connection on which nothing moves either way for this long is closed.
+const IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IssuerLabel {
@@ -53,12 +58,17 @@ impl Metrics {
             exchanges.clone(),
         );
         registry.register("seconds", "Time to answer an exchange", seconds.clone());
+        // Every result exported from the start, so an alert sees the first one.
         for result in [
             "granted",
             "invalid_request",
             "invalid_grant",
             "unauthorized_client",
             "invalid_scope",
+            "invalid_target",
+            "rate_limited",
+            "temporarily_unavailable",
+            "server_error",
         ] {
             drop(exchanges.get_or_create(&ResultLabel { result }));
         }
@@ -77,10 +87,14 @@ pub struct Service {
 
 impl Service {
     pub fn new(config: &ExchangeConfig) -> Result<Service, String> {
-        Ok(Service {
-            decider: Decider::new(config)?,
-            metrics: Metrics::new(),
-        })
+        let decider = Decider::new(config)?;
+        let mut metrics = Metrics::new();
+        metrics.registry.register(
+            "deny_file_readable",
+            "1 while the deny file can be read (or none is set); 0 while exchanges are refused",
+            decider.deny_file_readable(),
+        );
+        Ok(Service { decider, metrics })
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -229,7 +243,12 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(READ_TIMEOUT);
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
         let (stream, _) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -242,6 +261,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let stream = crate::http::idle::IdleTimeout::new(stream, IDLE);
         let service = service.clone();
         let handler = hyper::service::service_fn(move |request| {
             let service = service.clone();
@@ -270,6 +290,7 @@ pub async fn serve(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     tracing::info!("shutting down: finishing requests in flight");

@@ -3,6 +3,7 @@
 //! through the environment's proxy where one is set (see [`egress`]).
 
 mod egress;
+pub mod idle;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -5,7 +5,11 @@
 //!
 //! And once Nix downloads a NAR, it is substituting: it will want the NARs of the other
 //! narinfos it asked for (it asks only for paths it lacks), so those downloads start now,
-//! [`NARS_RUNNING`] at a time ([`NarsAhead`]). A walk of narinfos alone fetches no NAR.
+//! [`NARS_RUNNING`] at a time ([`NarsAhead`]). A walk of narinfos alone fetches no NAR, and
+//! neither does a request for a NAR that no narinfo served to the same client (uid) named:
+//! only that client's own narinfos are followed, at most [`NARS_PER_TRIGGER`] per NAR asked
+//! (each further NAR it downloads takes the next ones), so a client cannot make the daemon
+//! download much more than it downloads itself.
 //!
 //! Bounded: at most [`BUDGET`] lookups for one narinfo Nix asked for, [`DEPTH`] levels below
 //! it; at most [`RUNNING`] lookups at once and [`QUEUED`] waiting in the whole daemon (more are
@@ -40,10 +44,12 @@ const NARS_RUNNING: usize = 8;
 /// NARs of narinfos served lately, remembered for that long and that many.
 const NARS_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 const NARS_REMEMBERED: usize = 4096;
+/// NAR downloads one NAR request may start ahead.
+const NARS_PER_TRIGGER: usize = 64;
 
-/// The NAR keys of narinfos Nix was served lately whose NARs are not stored, with when.
+/// The NAR keys of narinfos served lately, with when and to whom (the client's uid).
 pub struct NarsAhead {
-    recent: Mutex<std::collections::VecDeque<(std::time::Instant, String)>>,
+    recent: Mutex<std::collections::VecDeque<(std::time::Instant, u32, String)>>,
     running: Arc<Semaphore>,
 }
 
@@ -74,11 +80,17 @@ impl Default for Lookahead {
 
 /// After `text` was served to Nix: the NAR download if its upstream (`upstream`, an index)
 /// prefetches NARs; the references' narinfos if it was just fetched from upstream.
-pub(super) fn after_serving(proxy: &Arc<Proxy>, text: &str, upstream: usize, fetched: bool) {
+pub(super) fn after_serving(
+    proxy: &Arc<Proxy>,
+    text: &str,
+    upstream: usize,
+    fetched: bool,
+    client: Option<u32>,
+) {
     if proxy.prefetch_nars.get(upstream).copied().unwrap_or(false) {
         prefetch_nar(proxy, text);
-    } else if let Some(ahead) = &proxy.nars_ahead {
-        remember_nar(ahead, text);
+    } else if let (Some(ahead), Some(uid)) = (&proxy.nars_ahead, client) {
+        remember_nar(ahead, text, uid);
     }
     if fetched {
         look_ahead(proxy, text, DEPTH, &Arc::new(AtomicUsize::new(BUDGET)));
@@ -87,7 +99,7 @@ pub(super) fn after_serving(proxy: &Arc<Proxy>, text: &str, upstream: usize, fet
 
 /// Remembers `text`'s NAR. Whether it is stored is asked only if Nix starts downloading: an
 /// index read per narinfo served cost a fifth of the warm narinfo rate (scenario 2).
-fn remember_nar(ahead: &NarsAhead, text: &str) {
+fn remember_nar(ahead: &NarsAhead, text: &str, uid: u32) {
     let Some(key) = narinfo::field(text, "URL") else {
         return;
     };
@@ -95,22 +107,32 @@ fn remember_nar(ahead: &NarsAhead, text: &str) {
     if recent.len() >= NARS_REMEMBERED {
         recent.pop_front();
     }
-    recent.push_back((std::time::Instant::now(), key.to_string()));
+    recent.push_back((std::time::Instant::now(), uid, key.to_string()));
 }
 
 /// Nix asked for the NAR `key`: the NARs of the narinfos it was served in the last minute
 /// start downloading, a few at a time, each once (a fill is shared with Nix when it asks).
-pub(super) fn nar_asked(proxy: &Arc<Proxy>, key: &str) {
-    let Some(ahead) = proxy.nars_ahead.clone() else {
+pub(super) fn nar_asked(proxy: &Arc<Proxy>, key: &str, client: Option<u32>) {
+    let (Some(ahead), Some(uid)) = (proxy.nars_ahead.clone(), client) else {
         return;
     };
     let keys: Vec<String> = {
         let mut recent = ahead.recent.lock().unwrap();
-        recent
-            .drain(..)
-            .filter(|(at, k)| at.elapsed() < NARS_WINDOW && k != key)
-            .map(|(_, k)| k)
-            .collect()
+        recent.retain(|(at, _, _)| at.elapsed() < NARS_WINDOW);
+        let named = |(_, who, k): &(std::time::Instant, u32, String)| *who == uid && k == key;
+        if !recent.iter().any(named) {
+            return; // no narinfo served to this client named it
+        }
+        recent.retain(|entry| !named(entry));
+        let mut taken = Vec::new();
+        recent.retain(|(_, who, k)| {
+            let take = *who == uid && taken.len() < NARS_PER_TRIGGER;
+            if take {
+                taken.push(k.clone());
+            }
+            !take
+        });
+        taken
     };
     for key in keys {
         let (proxy, running) = (proxy.clone(), ahead.running.clone());

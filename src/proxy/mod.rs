@@ -248,14 +248,15 @@ impl Proxy {
 
     /// The narinfo for `hash`: the first upstream (in order) that has it wins. When it came
     /// from an upstream, its references are looked up ahead, in the background.
-    pub async fn narinfo(self: &Arc<Self>, hash: &str) -> NarInfoAnswer {
+    /// `client`: the asking peer's uid, when known (see `lookahead`).
+    pub async fn narinfo(self: &Arc<Self>, hash: &str, client: Option<u32>) -> NarInfoAnswer {
         let (answer, source) = self.resolve(hash).await;
         if let (NarInfoAnswer::Found(text), Some(source)) = (&answer, source) {
             let (i, fetched) = match source {
                 Source::Cache(i) => (i, false),
                 Source::Upstream(i) => (i, true),
             };
-            lookahead::after_serving(self, text, i, fetched);
+            lookahead::after_serving(self, text, i, fetched, client);
         }
         answer
     }
@@ -521,9 +522,14 @@ impl Proxy {
     /// A NAR by its local key: from disk, from a fill in progress, or fetched now.
     /// A NAR Nix asked for: once Nix downloads, the NARs of the narinfos it asked for lately
     /// are fetched too (see `lookahead`).
-    pub async fn nar_for_client(self: &Arc<Self>, key: &str, method: &Method) -> NarAnswer {
+    pub async fn nar_for_client(
+        self: &Arc<Self>,
+        key: &str,
+        method: &Method,
+        client: Option<u32>,
+    ) -> NarAnswer {
         if method == Method::GET {
-            lookahead::nar_asked(self, key);
+            lookahead::nar_asked(self, key, client);
         }
         self.nar(key, method).await
     }

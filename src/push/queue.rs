@@ -67,6 +67,9 @@ impl Queue {
             }
             e => format!("{}: {e}", path.display()),
         })?;
+        // What is queued (store paths, narinfos) is this machine's business only.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
         txn.commit().map_err(err)?;

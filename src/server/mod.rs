@@ -7,7 +7,6 @@
 
 pub mod body;
 mod host;
-mod idle;
 mod peer;
 mod push;
 pub mod routes;
@@ -194,7 +193,7 @@ pub async fn serve(
                         })
                     };
                     let stream = sendfile::SendfileStream::new(stream, segments);
-                    let io = TokioIo::new(idle::IdleTimeout::new(stream, HEADER_READ_TIMEOUT));
+                    let io = TokioIo::new(crate::http::idle::IdleTimeout::new(stream, HEADER_READ_TIMEOUT));
                     let connection = watcher.watch(builder.serve_connection(io, service));
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "connection ended with an error");

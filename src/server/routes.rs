@@ -19,6 +19,10 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();
     let uri = request.uri().clone();
     let route = request::parse(uri.path(), uri.query());
+    let client = request
+        .extensions()
+        .get::<super::Peer>()
+        .and_then(|p| p.uid);
     let route_name = match &route {
         None => "invalid",
         Some(CachePath::CacheInfo) => "cache-info",
@@ -100,7 +104,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             crate::metrics::CONTENT_TYPE,
             site.metrics.render(&(site.status)()),
         ),
-        Some(CachePath::NarInfo(hash)) => match proxy.narinfo(&hash).await {
+        Some(CachePath::NarInfo(hash)) => match proxy.narinfo(&hash, client).await {
             NarInfoAnswer::Found(text) => typed(StatusCode::OK, "text/x-nix-narinfo", text),
             NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
             NarInfoAnswer::Untrusted(reason) => text(StatusCode::NOT_FOUND, format!("{reason}\n")),
@@ -109,7 +113,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         Some(CachePath::Nar(key)) if request.version() < Version::HTTP_11 => {
             // Without a length or chunking, the end of an HTTP/1.0 body is the connection's
             // end, which an aborted NAR also is: a failed download would look complete.
-            match proxy.nar_for_client(&key, &method).await {
+            match proxy.nar_for_client(&key, &method, client).await {
                 NarAnswer::Found(content) if content.length().is_none() => text(
                     StatusCode::HTTP_VERSION_NOT_SUPPORTED,
                     "this NAR's length is not known in advance: ask with HTTP/1.1\n",
@@ -123,7 +127,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok());
             let segments = request.extensions().get::<Arc<Segments>>().cloned();
-            let answer = proxy.nar_for_client(&key, &method).await;
+            let answer = proxy.nar_for_client(&key, &method, client).await;
             nar_response(site, answer, range, segments, uri.path())
         }
         Some(CachePath::Forwarded(rel)) => {
