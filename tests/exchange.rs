@@ -567,3 +567,279 @@ async fn tls_from_files_reloaded_when_they_change() {
         "the old certificate is gone"
     );
 }
+
+/// An exchange whose issuer's keys come from a file this test writes (`jwks-file`).
+async fn exchange_with_jwks_file(jwks: &str) -> (Exchange, std::path::PathBuf) {
+    let ex = exchange(GH_RULE, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, jwks).unwrap();
+    let config = std::fs::read_to_string(ex.dir.path().join("exchange.toml")).unwrap();
+    let config = config.replace("listen = \"127.0.0.1:0\"\n", "").replace(
+        &format!("audience = \"{AUD}\"\n"),
+        &format!("audience = \"{AUD}\"\njwks-file = \"{}\"\n", file.display()),
+    );
+    let service = Sidecar::start_exchange(dir.path(), &config);
+    (
+        Exchange {
+            service,
+            issuer: ex.issuer.clone(),
+            dir,
+        },
+        file,
+    )
+}
+
+fn token_with_kid(ex: &Exchange, kid: &str) -> String {
+    let claims = claims_of(&ex.token(json!({})));
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    let key = EncodingKey::from_rsa_pem(include_bytes!("support/keys/rsa.pem")).unwrap();
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn made_up_kids_do_not_keep_a_freshly_rotated_key_out() {
+    let mut rsa_only: Value = serde_json::from_str(JWKS).unwrap();
+    rsa_only["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| k["kid"] == "test-rsa");
+    let (ex, file) = exchange_with_jwks_file(&rsa_only.to_string()).await;
+    let first = ex.exchange(&ex.token(json!({})), None).await;
+    assert_eq!(first.0, 200, "{}\n{}", first.1, ex.service.logs());
+    // An attacker spends the refetch clock with a kid nobody has...
+    ex.refused(&token_with_kid(&ex, "made-up-1"), 401, "invalid_grant")
+        .await;
+    // ... and the issuer rotates to its EC key at that moment.
+    std::fs::write(&file, JWKS).unwrap();
+    let mut claims = claims_of(&ex.token(json!({})));
+    claims["exp"] = json!(now() + 300);
+    let rotated = ex.issuer.mint_claims(claims, true);
+    let rotated_at = Instant::now();
+    loop {
+        // The attacker keeps at it, with a new kid each time.
+        let made_up = token_with_kid(&ex, &format!("made-up-{}", fastrand_kid()));
+        let _ = ex.exchange(&made_up, None).await;
+        let (status, body) = ex.exchange(&rotated, None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            rotated_at.elapsed() < Duration::from_secs(6),
+            "the rotated key is still refused: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("rotated key accepted after {:?}", rotated_at.elapsed());
+}
+
+fn fastrand_kid() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[tokio::test]
+async fn times_that_are_not_numbers_are_refused() {
+    let ex = exchange(GH_RULE, "").await;
+    let far = (now() + 10 * 365 * 86400).to_string();
+    for (claim, value) in [
+        ("nbf", json!(far)),
+        ("exp", json!(far)),
+        ("iat", json!("yesterday")),
+        ("nbf", json!({"t": 1})),
+        ("exp", json!(-5)),
+    ] {
+        let why = ex
+            .refused(&ex.token(json!({ claim: value })), 401, "invalid_grant")
+            .await;
+        assert!(why.contains(claim), "{claim}: {why}");
+    }
+    // A fractional time is a time.
+    let t = now() as f64 - 1.5;
+    assert_eq!(ex.exchange(&ex.token(json!({"nbf": t})), None).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_missing_deny_file_stops_the_start_and_an_unreadable_one_refuses_exchanges() {
+    let issuer = Issuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = attic::write_secret(dir.path());
+    let deny = dir.path().join("deny");
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nsigning-key-file = \"{}\"\ndeny-file = \"{}\"\n[[issuer]]\nurl = \"{}\"\naudience = \"{AUD}\"\n{}",
+        key.display(),
+        deny.display(),
+        issuer.url,
+        GH_RULE.replace("{issuer}", &issuer.url)
+    );
+    let path = dir.path().join("exchange.toml");
+    std::fs::write(&path, &config).unwrap();
+    let started = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["exchange", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!started.status.success(), "started without its deny file");
+    let said = String::from_utf8_lossy(&started.stderr);
+    assert!(said.contains("deny-file"), "{said}");
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("deny-file: cannot read"),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Readable at the start; then unreadable (a directory now stands there): refused, 503.
+    std::fs::write(&deny, "").unwrap();
+    let ex = Exchange {
+        service: Sidecar::start_exchange(
+            dir.path(),
+            &config.replace("listen = \"127.0.0.1:0\"\n", ""),
+        ),
+        issuer,
+        dir,
+    };
+    assert_eq!(ex.exchange(&ex.token(json!({})), None).await.0, 200);
+    std::fs::remove_file(&deny).unwrap();
+    std::fs::create_dir(&deny).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = ex.exchange(&ex.token(json!({})), None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("temporarily_unavailable")),
+        "{body}"
+    );
+    assert!(ex.service.logs().contains("ERROR"), "{}", ex.service.logs());
+    let metrics = support::http::get(&format!("{}/metrics", ex.service.url), "GET", &[])
+        .await
+        .text();
+    assert!(
+        metrics.contains("nix_sidecar_exchange_deny_file_readable 0"),
+        "{metrics}"
+    );
+    // Readable again: exchanges resume.
+    std::fs::remove_dir(&deny).unwrap();
+    std::fs::write(&deny, "someone-else\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ex.exchange(&ex.token(json!({})), None).await.0, 200);
+}
+
+#[tokio::test]
+async fn every_result_series_is_exported_from_the_start() {
+    let ex = exchange(GH_RULE, "").await;
+    let metrics = support::http::get(&format!("{}/metrics", ex.service.url), "GET", &[])
+        .await
+        .text();
+    for result in [
+        "invalid_target",
+        "rate_limited",
+        "temporarily_unavailable",
+        "granted",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "nix_sidecar_exchange_exchanges_total{{result=\"{result}\"}} 0"
+            )),
+            "{result}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_config_names_the_risky_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = attic::write_secret(dir.path());
+    let config = format!(
+        "signing-key-file = \"{}\"\n[[issuer]]\nurl = \"https://token.actions.githubusercontent.com\"\naudience = \"{AUD}\"\njwks-url = \"http://keys.example.org/jwks\"\n[aws]\naudience = \"{AUD}\"\nsts-endpoint = \"http://sts.example.org/\"\n[[rule]]\nissuer = \"https://token.actions.githubusercontent.com\"\ngrant = {{ \"org-*\" = [\"pull\"] }}\n[[rule]]\naws-account = \"*\"\ngrant = {{ \"org-*\" = [\"pull\"] }}\n",
+        key.display()
+    );
+    let path = dir.path().join("exchange.toml");
+    std::fs::write(&path, config).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+    let said = String::from_utf8_lossy(&check.stderr);
+    for expected in [
+        "rule[0]: no claims narrow it, so every GitHub Actions job of every repository on GitHub",
+        "rule[1]: aws-arn and aws-account match anything",
+        "issuer[0].jwks-url: plain http://",
+        "aws.sts-endpoint: plain http://",
+        "deny-file is not set",
+    ] {
+        assert!(said.contains(expected), "{expected}:\n{said}");
+    }
+}
+
+/// Opens `n` TCP connections to `addr` that never send a byte.
+fn idle_connections(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn eleven_hundred_idle_connections_under_a_1024_fd_limit_leave_health_and_exchanges_answered()
+{
+    let issuer = Issuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = attic::write_secret(dir.path());
+    let config = format!(
+        "signing-key-file = \"{}\"\n[[issuer]]\nurl = \"{}\"\naudience = \"{AUD}\"\n{}",
+        key.display(),
+        issuer.url,
+        GH_RULE.replace("{issuer}", &issuer.url)
+    );
+    // systemd's default: a soft limit of 1024, a higher hard one.
+    let ex = Exchange {
+        service: Sidecar::start_exchange_wrapped(
+            dir.path(),
+            &config,
+            &["prlimit", "--nofile=1024:", "--"],
+        ),
+        issuer,
+        dir,
+    };
+    // This test's own side needs 1,100 descriptors too.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let addr = ex.service.url.trim_start_matches("http://").to_string();
+    let addr2 = addr.clone();
+    let held = tokio::task::spawn_blocking(move || idle_connections(&addr2, 1100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let health = tokio::time::timeout(
+        Duration::from_secs(5),
+        support::http::get(&format!("{}/healthz", ex.service.url), "GET", &[]),
+    )
+    .await
+    .expect("/healthz within 5 s");
+    assert_eq!(health.status, 200);
+    let (status, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        ex.exchange(&ex.token(json!({})), None),
+    )
+    .await
+    .expect("an exchange within 5 s");
+    assert_eq!(status, 200);
+    assert!(!ex.service.logs().contains("Too many open files"));
+    drop(held);
+}

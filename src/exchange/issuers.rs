@@ -246,6 +246,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         K::InvalidSignature => "the signature does not verify".into(),
         K::InvalidAlgorithm => "the token's algorithm does not fit its key".into(),
         K::MissingRequiredClaim(c) => format!("the token has no `{c}`"),
+        K::Json(_) => "the token's claims do not parse (exp, nbf and iat must be numbers)".into(),
         other => format!("the token is invalid: {other:?}"),
     }
 }

@@ -56,6 +56,15 @@ impl Sidecar {
         sidecar
     }
 
+    /// `start_exchange` with the service run as the last argument of `wrapper`.
+    pub fn start_exchange_wrapped(dir: &Path, config: &str, wrapper: &[&str]) -> Sidecar {
+        let mut sidecar = Sidecar::new(dir, config, &[], wrapper);
+        sidecar.exchange = true;
+        sidecar.log = dir.join("exchange.log");
+        sidecar.spawn();
+        sidecar
+    }
+
     /// Like `start`, with the daemon run as the last argument of `wrapper`.
     pub fn start_wrapped(
         dir: &Path,
