@@ -364,3 +364,65 @@ async fn once_nix_downloads_a_nar_the_nars_of_the_narinfos_it_asked_for_follow()
         }
     }
 }
+
+/// The second review's amplification: 300 narinfo requests, then a NAR that no narinfo named
+/// (or one that does): the daemon fetches what the client asks for and a bounded few more,
+/// never the 300.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nar_request_brings_along_a_bounded_few_of_the_askers_own_narinfos() {
+    let nar_requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = nar_requests.clone();
+    let addr = serve(move |req| {
+        let counted = counted.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            if path.starts_with("/nar/") {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return respond(200, "x");
+            }
+            match path
+                .strip_prefix('/')
+                .and_then(|p| p.strip_suffix(".narinfo"))
+            {
+                Some(hash) => respond(200, narinfo(hash, hash, &[])),
+                None => respond(404, ""),
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "narinfo-lookahead = false\n[[upstream]]\nname = \"u\"\nurl = \"http://{addr}\"\n"
+        ),
+        &[],
+    );
+    let hashes: Vec<String> = (0..300).map(node).collect();
+    for hash in &hashes {
+        assert_eq!(ask(&sidecar, hash).await.0, 200);
+    }
+    let count = || nar_requests.load(std::sync::atomic::Ordering::SeqCst);
+    // A NAR no narinfo named: forwarded, and nothing else follows.
+    let _ = get(
+        &format!("{}/nar/{}.nar", sidecar.url, "z".repeat(52)),
+        "GET",
+        &[],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(), 1, "only the NAR asked for");
+    // One of this client's NARs: it and a bounded few of the others.
+    let _ = get(
+        &format!("{}/nar/{}.nar", sidecar.url, hashes[0]),
+        "GET",
+        &[],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let after = count();
+    assert!(
+        (2..=2 + 64).contains(&after),
+        "{after} NAR requests upstream after asking for one"
+    );
+}

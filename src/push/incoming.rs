@@ -162,6 +162,8 @@ impl Pusher {
             .filter(|f| is_file_name(f))
             .ok_or_else(|| bad(format!("URL `{}` is not nar/<file>", info.url)))?
             .to_string();
+        // From here until it is queued, no finished upload takes the file away.
+        let _claim = self.claim(&file);
         let staged = self.staging.join(&file);
         if !staged.is_file() {
             self.stage_cached(&info, &file).await?;

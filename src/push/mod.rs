@@ -78,6 +78,9 @@ pub struct Pusher {
     trust: LocalTrust,
     /// Staged files and the room each holds in the cache's budget.
     staged: Mutex<HashMap<String, crate::store::Held>>,
+    /// Staged files a narinfo PUT is checking and queueing now (how many such PUTs): kept
+    /// even if no queued path needs them yet.
+    claimed: Mutex<HashMap<String, usize>>,
     state: Mutex<State>,
     /// Bumped on every change of the queue: the runner and waiters look again.
     changed: watch::Sender<u64>,
@@ -153,6 +156,7 @@ impl Pusher {
             partition,
             trust,
             staged: Mutex::default(),
+            claimed: Mutex::default(),
             state: Mutex::new(State {
                 live,
                 outcomes: HashMap::new(),
@@ -534,10 +538,24 @@ impl Pusher {
                     .any(|l| staged_file(&l.entry) == Some(file))
             })
         };
-        if let Some(file) = file {
+        if let Some(file) = file.filter(|f| !self.claimed.lock().unwrap().contains_key(f)) {
             self.unstage(&file);
         }
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Keeps `file` staged until the guard is dropped (see `claimed`).
+    fn claim(&self, file: &str) -> Claim<'_> {
+        *self
+            .claimed
+            .lock()
+            .unwrap()
+            .entry(file.to_string())
+            .or_default() += 1;
+        Claim {
+            pusher: self,
+            file: file.to_string(),
+        }
     }
 
     /// Counts a newly staged file against the cache's budget until it is removed.
@@ -594,7 +612,8 @@ impl Pusher {
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok());
-            if !needed.contains(&file) && age.is_none_or(|a| a >= ORPHAN_AFTER) {
+            let claimed = self.claimed.lock().unwrap().contains_key(&file);
+            if !needed.contains(&file) && !claimed && age.is_none_or(|a| a >= ORPHAN_AFTER) {
                 tracing::info!(file, "removing an uploaded NAR whose narinfo never came");
                 self.unstage(&file);
             }
@@ -660,6 +679,23 @@ impl Pusher {
             let name = file.file_name().to_string_lossy().into_owned();
             if !needed.contains(name.as_str()) {
                 let _ = std::fs::remove_file(file.path());
+            }
+        }
+    }
+}
+
+struct Claim<'a> {
+    pusher: &'a Pusher,
+    file: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut claimed = self.pusher.claimed.lock().unwrap();
+        if let Some(n) = claimed.get_mut(&self.file) {
+            *n -= 1;
+            if *n == 0 {
+                claimed.remove(&self.file);
             }
         }
     }
