@@ -32,7 +32,7 @@ in
           identity.ci = { provider = "gcp"; audience = "https://cache.example.org"; };
         }
       '';
-      description = "nix-sidecar configuration (see SPEC.md); rendered to TOML. `cache-dir` is set by the unit.";
+      description = "nix-sidecar configuration (see docs/configuration.md); rendered to TOML. `cache-dir` is set by the unit.";
     };
 
     environmentFile = lib.mkOption {

@@ -129,6 +129,7 @@ pub struct Config {
     /// A Nix secret key that signs pushed paths no trusted key signed (its public key is
     /// trusted here too).
     pub push_signing_key: Option<Arc<SigningKey>>,
+    pub push_signing_key_file: Option<PathBuf>,
 }
 
 /// Command-line values that override the file.
@@ -333,6 +334,7 @@ impl Config {
             upstreams,
             identities,
             push_signing_key,
+            push_signing_key_file: file.push_signing_key_file,
         })
     }
 }

@@ -53,6 +53,14 @@ impl Config {
             list(self.trusted_public_keys.clone())
         );
         let _ = writeln!(out, "require-signatures = {}", self.require_signatures);
+        if let (Some(path), Some(key)) = (&self.push_signing_key_file, &self.push_signing_key) {
+            let _ = writeln!(
+                out,
+                "push-signing-key-file = {}  # key {}",
+                toml_str(&path.display().to_string()),
+                key.name()
+            );
+        }
         let _ = writeln!(out, "narinfo-lookahead = {}", self.narinfo_lookahead);
         let _ = writeln!(out, "nar-lookahead = {}", self.nar_lookahead);
         let _ = writeln!(out, "max-connections = {}", self.max_connections);
