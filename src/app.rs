@@ -63,6 +63,7 @@ impl App {
                 upstream: Arc::new(upstream),
                 partition: partition(up),
                 prefetch_nars: up.prefetch_nars,
+                unavailable: up.unavailable,
             });
         }
         let store = Store::open(

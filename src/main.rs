@@ -62,7 +62,7 @@ enum Command {
         #[arg(long, env = "NIX_SIDECAR_CONFIG")]
         config: Option<PathBuf>,
         /// The daemon's URL [default: http://<the config's first listen address>].
-        #[arg(long)]
+        #[arg(long, env = "NIX_SIDECAR_URL")]
         url: Option<String>,
         /// Keep them from eviction: `--pin` until `nix-sidecar unpin`, `--pin=2h` for a while
         /// (`min-free-space` still wins).
@@ -78,7 +78,7 @@ enum Command {
         #[arg(long, env = "NIX_SIDECAR_CONFIG")]
         config: Option<PathBuf>,
         /// The daemon's URL [default: http://<the config's first listen address>].
-        #[arg(long)]
+        #[arg(long, env = "NIX_SIDECAR_URL")]
         url: Option<String>,
         /// Wait until every path is uploaded or failed for good; print a summary; exit 1 if
         /// any failed. With no PATH (and no `$OUT_PATHS`), waits for the whole queue.
@@ -92,7 +92,7 @@ enum Command {
         #[arg(long, env = "NIX_SIDECAR_CONFIG")]
         config: Option<PathBuf>,
         /// The daemon's URL [default: http://<the config's first listen address>].
-        #[arg(long)]
+        #[arg(long, env = "NIX_SIDECAR_URL")]
         url: Option<String>,
     },
     /// Run the token exchange service (its own configuration; see the README, "Self-hosting
@@ -279,7 +279,15 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             url,
             wait,
             paths,
-        } => cli::push::run(&daemon_url(config, url)?, paths, wait).await,
+        } => match daemon_url(config, url) {
+            Ok(url) => cli::push::run(&url, paths, wait).await,
+            // As a post-build hook: never fail the build.
+            Err(e) if paths.is_empty() && !wait => {
+                eprintln!("warning: nix-sidecar push: nothing queued: {e}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Err(e),
+        },
         Command::Unpin { config, url } => cli::prefetch::unpin(&daemon_url(config, url)?).await,
         Command::Cache {
             action,

@@ -715,3 +715,98 @@ async fn parallel_uploads_keep_the_cache_consistent_and_no_nar_is_held_in_memory
         "uploaded NARs leave the staging directory"
     );
 }
+
+/// A `post-build-hook` as the README writes it, run by real Nix after real builds: the outputs
+/// are queued (from `$OUT_PATHS`, or from `$DRV_PATH` where Nix 2.8 passes it empty), and with
+/// the daemon gone the build still succeeds, with a warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_post_build_hook_queues_real_builds_and_never_fails_one() {
+    let Setup {
+        attic,
+        dir,
+        mut builder,
+        ..
+    } = setup("/org-ci", &rw_token(), ATTIC_PUSH).await;
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // The hook of the README, word for word, with the test's daemon and binary.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("#!/bin/sh\n# /etc/nix/post-build-hook")
+        .expect("the README's hook");
+    let hook_text = &readme[start..start + readme[start..].find("```").unwrap()];
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let hook = home.join("post-build-hook");
+    std::fs::write(
+        &hook,
+        hook_text.replacen(
+            "#!/bin/sh\n",
+            &format!(
+                "#!/bin/sh\nexport PATH={}:$PATH NIX_SIDECAR_URL={}\n",
+                bin.display(),
+                builder.url
+            ),
+            1,
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let build = |name: &str| {
+        let expr = format!(
+            "builtins.derivation {{ name = \"{name}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {name} > $out\" ]; }}"
+        );
+        let file = home.join(format!("{name}.nix"));
+        std::fs::write(&file, expr).unwrap();
+        nix(
+            &[
+                "nix-build",
+                "--no-out-link",
+                "--option",
+                "post-build-hook",
+                hook.to_str().unwrap(),
+                file.to_str().unwrap(),
+            ],
+            &home,
+        )
+    };
+    let unique = format!(
+        "{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let built = build(&format!("hooked-{unique}"));
+    assert!(built.status.success(), "{}", text(&built));
+    let out = String::from_utf8_lossy(&built.stdout).trim().to_string();
+    let waited = push_cli(&builder, &["--wait"]);
+    assert_ok(&waited, &builder);
+    assert_eq!(attic.accepted(hash_part(&out)), 1, "{}", text(&built));
+    // `./result` (a symlink into the store) and a file inside a store path name their path.
+    let result = home.join("result");
+    std::os::unix::fs::symlink(&out, &result).unwrap();
+    let queued = push_cli(&builder, &["--wait", result.to_str().unwrap()]);
+    assert_ok(&queued, &builder);
+    let outside = home.join("hook-test.nix");
+    std::fs::write(&outside, "").unwrap();
+    let refused = push_cli(&builder, &[outside.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("is not in the Nix store"),
+        "{}",
+        text(&refused)
+    );
+    // The daemon gone: the build succeeds all the same, and says why nothing was queued.
+    builder.stop();
+    let built = build(&format!("unhooked-{unique}"));
+    assert!(built.status.success(), "{}", text(&built));
+    assert!(
+        text(&built).contains("warning: nix-sidecar push: nothing queued"),
+        "{}",
+        text(&built)
+    );
+}

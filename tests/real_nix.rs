@@ -2,6 +2,7 @@
 
 mod support;
 
+use support::http::get;
 use support::issuer::Issuer;
 use support::nix::{fixture, in_store, substitute};
 use support::sidecar::Sidecar;
@@ -218,4 +219,71 @@ async fn http2_prior_knowledge_is_refused_and_http1_still_served() {
     );
     let info = support::http::get(&format!("{}/nix-cache-info", sidecar.url), "GET", &[]).await;
     assert!(info.text().starts_with("StoreDir: /nix/store\n"));
+}
+
+/// README "When the cache is down": every upstream unreachable. With `unavailable = "miss"`
+/// real Nix builds the derivation itself; with `"fail"` (the default) it gets a 503 with
+/// Retry-After and the reason, and does not build.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_every_upstream_down_miss_lets_nix_build_and_fail_stops_it_with_the_reason() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    for setting in ["miss", "fail"] {
+        let dir = tempfile::tempdir().unwrap();
+        let sidecar = Sidecar::start(
+            dir.path(),
+            &format!(
+                "unavailable = \"{setting}\"\n[[upstream]]\nname = \"down\"\nurl = \"{dead}\"\n"
+            ),
+            &[],
+        );
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let name = format!("built-while-down-{setting}-{unique}");
+        let expr = home.join("local.nix");
+        std::fs::write(
+            &expr,
+            format!("builtins.derivation {{ name = \"{name}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {name} > $out\" ]; }}"),
+        )
+        .unwrap();
+        let built = support::nix::nix(
+            &[
+                "nix-build",
+                "--no-out-link",
+                "--option",
+                "substituters",
+                &sidecar.url,
+                "--option",
+                "connect-timeout",
+                "5",
+                expr.to_str().unwrap(),
+            ],
+            &home,
+        );
+        let said = String::from_utf8_lossy(&built.stderr).into_owned();
+        // Any path's narinfo says what Nix is told.
+        let hash = "0".repeat(32);
+        let answer = get(&format!("{}/{hash}.narinfo", sidecar.url), "GET", &[]).await;
+        if setting == "miss" {
+            assert!(built.status.success(), "{said}\n{}", sidecar.logs());
+            assert_eq!(answer.status, 404);
+            assert!(
+                answer.text().contains("unavailable = \"miss\""),
+                "{}",
+                answer.text()
+            );
+        } else {
+            assert!(!built.status.success(), "Nix built with fail: {said}");
+            assert_eq!(answer.status, 503);
+            assert!(answer.headers.contains_key("retry-after"));
+            assert!(answer.text().contains("down"), "{}", answer.text());
+        }
+        let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+        assert_eq!(health.status, 503, "health is degraded either way");
+    }
 }

@@ -63,3 +63,42 @@ pub async fn read_lines<T: serde::de::DeserializeOwned>(
         }
     }
 }
+
+/// The store paths that command-line arguments name: `/nix/store/<hash>-<name>`, a base name
+/// or a hash as they are (the daemon checks them), and any other path (`./result`, a file
+/// inside a store path) resolved through its symlinks to the store path that holds it.
+pub fn store_paths(args: &[String]) -> Result<Vec<String>, String> {
+    args.iter().map(|arg| store_path(arg)).collect()
+}
+
+fn store_path(arg: &str) -> Result<String, String> {
+    if nix_sidecar::nix::narinfo::is_store_path(arg) || !arg.contains('/') {
+        return Ok(arg.to_string());
+    }
+    let resolved = std::fs::canonicalize(arg).map_err(|e| format!("`{arg}`: {e}"))?;
+    let text = resolved.to_string_lossy();
+    let inside = text
+        .strip_prefix("/nix/store/")
+        .and_then(|rest| rest.split('/').next())
+        .map(|base| format!("/nix/store/{base}"))
+        .filter(|path| nix_sidecar::nix::narinfo::is_store_path(path));
+    inside.ok_or_else(|| format!("`{arg}` is not in the Nix store (it is {text})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_resolve_to_the_store_path_that_holds_them() {
+        let path = "/nix/store/0a2jys1ybdr4l3fjvfib5j5l0k3g5aky-a";
+        assert_eq!(store_paths(&[path.to_string()]).unwrap(), [path]);
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("result");
+        std::fs::write(&outside, "").unwrap();
+        let err = store_paths(&[outside.display().to_string()]).unwrap_err();
+        assert!(err.contains("is not in the Nix store"), "{err}");
+        let err = store_paths(&["./no-such-result".into()]).unwrap_err();
+        assert!(err.contains("no-such-result"), "{err}");
+    }
+}

@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use super::daemon::{post, read_lines, SILENCE};
+use super::daemon::{post, read_lines, store_paths, SILENCE};
 use nix_sidecar::config::format_size;
 use nix_sidecar::proxy::prefetch::Progress;
 
@@ -17,6 +17,7 @@ pub async fn unpin(base: &str) -> Result<ExitCode, String> {
 }
 
 pub async fn run(base: &str, paths: &[String], pin: Option<&str>) -> Result<ExitCode, String> {
+    let paths = store_paths(paths)?;
     let ask = serde_json::json!({ "paths": paths, "pin": pin }).to_string();
     let body = post(base, "/_sidecar/prefetch", ask).await?;
     let show = Show::new();

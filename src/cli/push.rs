@@ -8,7 +8,55 @@ use std::process::ExitCode;
 
 use nix_sidecar::push::Summary;
 
-use super::daemon::{post, read_lines};
+use super::daemon::{post, read_lines, store_paths};
+
+/// As Nix's `post-build-hook` (no PATH): the paths from `$OUT_PATHS`, or, where Nix passes it
+/// empty (Nix 2.8, NixOS/nix#6446), the outputs of `$DRV_PATH`. A hook must never fail a
+/// build: whatever goes wrong is a warning and exit 0.
+async fn as_hook(base: &str) -> ExitCode {
+    let queued = async {
+        let mut paths: Vec<String> = std::env::var("OUT_PATHS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if paths.is_empty() {
+            paths = outputs_of_drv().await?;
+        }
+        let ask = serde_json::json!({ "paths": paths, "wait": false }).to_string();
+        let body = post(base, "/_sidecar/push", ask).await?;
+        nix_sidecar::http::read_limited(body, 64 * 1024, super::daemon::SILENCE).await?;
+        Ok::<usize, String>(paths.len())
+    };
+    match queued.await {
+        Ok(n) => eprintln!("nix-sidecar push: {n} path(s) queued"),
+        Err(e) => eprintln!("warning: nix-sidecar push: nothing queued: {e}"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// The output paths of `$DRV_PATH` (`nix-store --query --outputs`).
+async fn outputs_of_drv() -> Result<Vec<String>, String> {
+    let drv = std::env::var("DRV_PATH")
+        .ok()
+        .filter(|d| !d.is_empty())
+        .ok_or("no store paths given, and $OUT_PATHS and $DRV_PATH are empty")?;
+    let out = tokio::process::Command::new("nix-store")
+        .args(["--query", "--outputs", &drv])
+        .output()
+        .await
+        .map_err(|e| format!("cannot run nix-store: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "nix-store --query --outputs {drv}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect())
+}
 
 #[derive(serde::Deserialize)]
 struct Line {
@@ -18,15 +66,10 @@ struct Line {
 }
 
 pub async fn run(base: &str, paths: Vec<String>, wait: bool) -> Result<ExitCode, String> {
-    let paths = if paths.is_empty() {
-        let from_env = std::env::var("OUT_PATHS").unwrap_or_default();
-        from_env.split_whitespace().map(str::to_string).collect()
-    } else {
-        paths
-    };
     if paths.is_empty() && !wait {
-        return Err("no store paths given, and $OUT_PATHS is empty".into());
+        return Ok(as_hook(base).await);
     }
+    let paths = store_paths(&paths)?;
     let ask = serde_json::json!({ "paths": paths, "wait": wait }).to_string();
     let body = post(base, "/_sidecar/push", ask).await?;
     if !wait {

@@ -28,7 +28,7 @@ pub use identity::{
 pub use push::{PushConfig, PushProtocol};
 pub use units::{format_size, parse_duration, parse_size};
 use upstream::FileUpstream;
-pub use upstream::{Auth, UpstreamConfig};
+pub use upstream::{Auth, Unavailable, UpstreamConfig};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:37515";
 
@@ -71,6 +71,7 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     push_signing_key_file: Option<PathBuf>,
+    unavailable: Option<String>,
     #[serde(default)]
     upstream: Vec<FileUpstream>,
     #[serde(default)]
@@ -273,13 +274,17 @@ impl Config {
                 Some(Arc::new(key))
             }
         };
+        let unavailable = match &file.unavailable {
+            Some(value) => Unavailable::parse("unavailable", value)?,
+            None => Unavailable::Fail,
+        };
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
         let mut all_keys = trusted_public_keys.clone();
         if let Some(key) = &push_signing_key {
             all_keys.push(key.public());
         }
         for (i, up) in file.upstream.into_iter().enumerate() {
-            let checked = upstream::check(i, up, &identities, &upstreams)?;
+            let checked = upstream::check(i, up, &identities, &upstreams, unavailable)?;
             for k in &checked.trusted_public_keys {
                 if !all_keys.contains(k) {
                     all_keys.push(k.clone());

@@ -82,6 +82,7 @@ impl Config {
             if up.prefetch_nars {
                 let _ = writeln!(out, "prefetch-nars = true");
             }
+            let _ = writeln!(out, "unavailable = \"{}\"", up.unavailable.as_str());
             if up.insecure_http {
                 let _ = writeln!(out, "insecure-http = true");
             }

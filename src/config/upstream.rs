@@ -31,6 +31,7 @@ pub(super) struct FileUpstream {
     pub(super) push_cache: Option<String>,
     pub(super) flakehub_api: Option<String>,
     pub(super) flakehub_project: Option<String>,
+    pub(super) unavailable: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +50,39 @@ pub struct UpstreamConfig {
     pub prefetch_nars: bool,
     /// Uploads go here too (`push = ...`).
     pub push: Option<super::PushConfig>,
+    /// What Nix is told of a narinfo this upstream might have while it cannot be asked.
+    pub unavailable: Unavailable,
+}
+
+/// `unavailable = "fail" | "miss"` (README, "When the cache is down").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// 503 with Retry-After: Nix stops rather than rebuild what the cache may hold (fleets).
+    Fail,
+    /// 404 with the reason: Nix builds it (CI builders: the cache is an optimisation).
+    Miss,
+}
+
+impl Unavailable {
+    pub fn parse(key: &str, value: &str) -> Result<Unavailable, ConfigError> {
+        match value {
+            "fail" => Ok(Unavailable::Fail),
+            "miss" => Ok(Unavailable::Miss),
+            other => Err(invalid(
+                key,
+                format!(
+                    "`{other}` is not \"fail\" (503: Nix stops) or \"miss\" (404: Nix builds it)"
+                ),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unavailable::Fail => "fail",
+            Unavailable::Miss => "miss",
+        }
+    }
 }
 
 /// How the token is presented to an upstream.
@@ -96,8 +130,13 @@ pub(super) fn check(
     up: FileUpstream,
     identities: &BTreeMap<String, IdentityConfig>,
     earlier: &[UpstreamConfig],
+    unavailable: Unavailable,
 ) -> Result<UpstreamConfig, ConfigError> {
     let key = |field: &str| format!("upstream[{i}].{field}");
+    let unavailable = match &up.unavailable {
+        Some(value) => Unavailable::parse(&key("unavailable"), value)?,
+        None => unavailable,
+    };
     let preset = match &up.preset {
         Some(name) => Some(preset(name).ok_or_else(|| {
             invalid(
@@ -221,5 +260,6 @@ pub(super) fn check(
         insecure_http,
         prefetch_nars: up.prefetch_nars.unwrap_or(false),
         push,
+        unavailable,
     })
 }

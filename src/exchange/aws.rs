@@ -1,4 +1,4 @@
-//! Verifying the AWS identity token (SPEC.md "The AWS identity token"): every check of
+//! Verifying the AWS identity token (docs/exchange.md, "The AWS identity token"): every check of
 //! docs/exchange.md on the presigned URL before anything is sent, then the request replayed
 //! to STS with our own audience in the signed header: STS answers 200 only if the signature
 //! covers exactly that audience, and says whose credentials signed it.

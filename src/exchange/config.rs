@@ -1,4 +1,4 @@
-//! The exchange service's own TOML file (SPEC.md "Token exchange service"): where it listens,
+//! The exchange service's own TOML file (docs/exchange.md; an example in the README): where it listens,
 //! how it mints, which issuers it trusts and the rules. Every error names its key.
 
 use std::collections::BTreeMap;

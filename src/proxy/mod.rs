@@ -33,6 +33,9 @@ pub enum NarInfoAnswer {
     Missing,
     /// A miss because no upstream's narinfo carries a valid trusted signature.
     Untrusted(String),
+    /// Not known: an upstream that might have it cannot be asked, and each such upstream
+    /// says `unavailable = "miss"` (so Nix builds it); the reason.
+    Unknown(String),
     Failed(Failure),
 }
 
@@ -177,6 +180,8 @@ pub struct UpstreamEntry {
     pub partition: String,
     /// Start the NAR download when its narinfo is served.
     pub prefetch_nars: bool,
+    /// What a narinfo it might have is while it cannot be asked.
+    pub unavailable: crate::config::Unavailable,
 }
 
 /// Narinfo requests in flight to one upstream at most (Nix's own and lookahead's).
@@ -192,6 +197,8 @@ pub struct Proxy {
     misses: Mutex<HashMap<(usize, String), Instant>>,
     flights: Flights,
     prefetch_nars: Vec<bool>,
+    /// Per upstream: `unavailable = "miss"`.
+    miss_when_down: Vec<bool>,
     narinfo_slots: Vec<tokio::sync::Semaphore>,
     lookahead: Option<Arc<lookahead::Lookahead>>,
     nars_ahead: Option<Arc<lookahead::NarsAhead>>,
@@ -219,6 +226,10 @@ impl Proxy {
         Proxy {
             partitions: upstreams.iter().map(|u| u.partition.clone()).collect(),
             prefetch_nars: upstreams.iter().map(|u| u.prefetch_nars).collect(),
+            miss_when_down: upstreams
+                .iter()
+                .map(|u| u.unavailable == crate::config::Unavailable::Miss)
+                .collect(),
             narinfo_slots: upstreams
                 .iter()
                 .map(|_| tokio::sync::Semaphore::new(NARINFO_REQUESTS_PER_UPSTREAM))
@@ -287,6 +298,7 @@ impl Proxy {
             });
         }
         let mut failures = Vec::new();
+        let mut all_failed_miss = true;
         let mut untrusted = Vec::new();
         let mut next = 0;
         std::future::poll_fn(|cx| {
@@ -329,12 +341,19 @@ impl Proxy {
                             }
                             tracing::warn!(upstream = %up.name(), error = %e, "narinfo lookup failed");
                             failures.push(Failure::from(e));
+                            all_failed_miss &= self.miss_when_down[i];
                         }
                     },
                 }
                 next += 1;
             }
-            let answer = if !failures.is_empty() {
+            let answer = if !failures.is_empty() && all_failed_miss {
+                let failure = Failure::combine(std::mem::take(&mut failures));
+                NarInfoAnswer::Unknown(format!(
+                    "not known: an upstream that might have it cannot be asked now, and unavailable = \"miss\" makes that a miss (Nix builds it):\n{}",
+                    failure.reason()
+                ))
+            } else if !failures.is_empty() {
                 NarInfoAnswer::Failed(Failure::combine(std::mem::take(&mut failures)))
             } else if !untrusted.is_empty() {
                 NarInfoAnswer::Untrusted(untrusted.join("\n"))

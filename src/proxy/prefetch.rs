@@ -128,7 +128,9 @@ async fn one(proxy: Arc<Proxy>, hash: String, pin_until: Option<u64>) -> Outcome
     let text = match answer {
         NarInfoAnswer::Found(text) => text,
         NarInfoAnswer::Missing => return failed(&hash, "not in any upstream's view".into()),
-        NarInfoAnswer::Untrusted(reason) => return failed(&hash, reason),
+        NarInfoAnswer::Untrusted(reason) | NarInfoAnswer::Unknown(reason) => {
+            return failed(&hash, reason)
+        }
         NarInfoAnswer::Failed(failure) => return failed(&hash, failure.reason().to_string()),
     };
     let Ok(info) = NarInfo::parse(text.as_bytes()) else {

@@ -107,7 +107,9 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         Some(CachePath::NarInfo(hash)) => match proxy.narinfo(&hash, client).await {
             NarInfoAnswer::Found(text) => typed(StatusCode::OK, "text/x-nix-narinfo", text),
             NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
-            NarInfoAnswer::Untrusted(reason) => text(StatusCode::NOT_FOUND, format!("{reason}\n")),
+            NarInfoAnswer::Untrusted(reason) | NarInfoAnswer::Unknown(reason) => {
+                text(StatusCode::NOT_FOUND, format!("{reason}\n"))
+            }
             NarInfoAnswer::Failed(failure) => failed(uri.path(), &failure),
         },
         Some(CachePath::Nar(key)) if request.version() < Version::HTTP_11 => {
@@ -246,14 +248,23 @@ fn status_of(failure: &Failure) -> StatusCode {
     }
 }
 
+/// How long Nix is asked to wait before asking again after a 503 (current Nix honours it).
+const RETRY_AFTER_SECS: u32 = 5;
+
 fn failed(path: &str, failure: &Failure) -> Response<Body> {
-    text(
+    let mut response = text(
         status_of(failure),
         format!(
             "nix-sidecar cannot answer {path} now:\n{}\n",
             failure.reason()
         ),
-    )
+    );
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+    }
+    response
 }
 
 fn nar_response(
