@@ -303,9 +303,8 @@ fn publish_new(tmp: &Path, to: &Path) -> std::io::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(e),
     }
-    match to.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all()?,
-        None => {}
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(true)
 }

@@ -68,23 +68,17 @@ pub struct Site {
 }
 
 impl Site {
-    /// `Err(403)` unless the request's peer may pin and unpin.
-    pub(crate) fn may_pin(
-        &self,
-        request: &Request<Incoming>,
-    ) -> Result<(), hyper::Response<body::Body>> {
+    /// `Err` (why, for a 403) unless the request's peer may pin and unpin.
+    pub(crate) fn may_pin(&self, request: &Request<Incoming>) -> Result<(), String> {
         let uid = request.extensions().get::<Peer>().and_then(|p| p.uid);
         if uid.is_some_and(|uid| self.pin_uids.contains(&uid)) {
             return Ok(());
         }
         tracing::warn!(?uid, "pin or unpin refused: not a push-uid");
-        let reason = match uid {
-            Some(uid) => {
-                format!("uid {uid} may not pin or unpin (push-uids, or root without push)\n")
-            }
+        Err(match uid {
+            Some(uid) => format!("uid {uid} may not pin or unpin (push-uids, or root without push)\n"),
             None => "the requesting process's uid cannot be told: pins and unpin refused\n".into(),
-        };
-        Err(routes::text(http::StatusCode::FORBIDDEN, reason))
+        })
     }
 
     pub fn new(

@@ -84,7 +84,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             }
         }
         Some(CachePath::Unpin) => match site.may_pin(&request).map(|()| site.answers.unpin_all()) {
-            Err(refused) => refused,
+            Err(why) => text(StatusCode::FORBIDDEN, why),
             Ok(unpinned) => match unpinned {
                 Ok(n) => typed(
                     StatusCode::OK,
@@ -202,8 +202,8 @@ async fn prefetch(site: &Site, request: Request<Incoming>) -> Response<Body> {
             format!("not store paths: {}\n{usage}", bad.join(", ")),
         );
     }
-    if let (Some(_), Err(refused)) = (&ask.pin, may_pin) {
-        return refused;
+    if let (Some(_), Err(why)) = (&ask.pin, may_pin) {
+        return text(StatusCode::FORBIDDEN, why);
     }
     let pin_until = match ask.pin.as_deref() {
         None => None,
