@@ -76,7 +76,9 @@ impl Site {
         }
         tracing::warn!(?uid, "pin or unpin refused: not a push-uid");
         Err(match uid {
-            Some(uid) => format!("uid {uid} may not pin or unpin (push-uids, or root without push)\n"),
+            Some(uid) => {
+                format!("uid {uid} may not pin or unpin (push-uids, or root without push)\n")
+            }
             None => "the requesting process's uid cannot be told: pins and unpin refused\n".into(),
         })
     }
