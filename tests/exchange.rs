@@ -810,16 +810,7 @@ async fn eleven_hundred_idle_connections_under_a_1024_fd_limit_leave_health_and_
         dir,
     };
     // This test's own side needs 1,100 descriptors too.
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
+    support::raise_nofile();
     let addr = ex.service.url.trim_start_matches("http://").to_string();
     let addr2 = addr.clone();
     let held = tokio::task::spawn_blocking(move || idle_connections(&addr2, 1100))

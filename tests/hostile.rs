@@ -99,17 +99,8 @@ async fn huge_headers_and_paths_are_refused_and_others_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_idle_connections_do_not_block_others() {
     // The test process needs the descriptors too (nix-sidecar raises its own limit).
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a properly initialised struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    let count = 2000.min(limit.rlim_cur.saturating_sub(200) as usize);
+    let limit = support::raise_nofile();
+    let count = 2000.min(limit.saturating_sub(200) as usize);
     let (_u, sidecar, _d) = started("").await;
     let idle: Vec<TcpStream> = (0..count)
         .map(|_| TcpStream::connect(addr(&sidecar)).unwrap())

@@ -78,20 +78,6 @@ fn builder(dir: &Path, upstream: &str, top: &str) -> Sidecar {
     Sidecar::start(dir, &config, &[])
 }
 
-/// The fixture's narinfo text and NAR file for `path`, and the NAR's URL.
-fn fixture_files(path: &str) -> (String, Vec<u8>, String) {
-    let cache = &fixture().cache;
-    let narinfo =
-        std::fs::read_to_string(cache.join(format!("{}.narinfo", hash_part(path)))).unwrap();
-    let url = narinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_string();
-    let nar = std::fs::read(cache.join(&url)).unwrap();
-    (narinfo, nar, url)
-}
-
 async fn put(url: &str, body: Vec<u8>) -> (u16, String) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<Bytes>>();
@@ -130,7 +116,7 @@ async fn what_is_uploaded_is_what_was_checked_even_if_the_name_is_put_again() {
     let cache = HttpCache::start(Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
     let builder = builder(dir.path(), &cache.url, "");
-    let (narinfo, nar, url) = fixture_files(&fx.top);
+    let (narinfo, nar, url) = fixture().files(&fx.top);
     let hash = hash_part(&fx.top);
     assert_eq!(
         put(&format!("{}/{url}", builder.url), nar.clone()).await.0,
@@ -168,7 +154,7 @@ async fn pushed_narinfos_are_trusted_as_pulls_are_and_never_replace_an_upstreams
     let nowhere = HttpCache::start(Duration::ZERO).await;
     // 1. Unsigned, with require-signatures: queued for upload, not served to local Nix.
     let builder1 = builder(&dir.path().join("one"), &nowhere.url, "");
-    let (narinfo, nar, url) = fixture_files(&fx.closure[0]);
+    let (narinfo, nar, url) = fixture().files(&fx.closure[0]);
     let hash = hash_part(&fx.closure[0]);
     let unsigned: String = narinfo
         .lines()
@@ -231,7 +217,7 @@ async fn paths_that_refer_to_each_other_fail_for_good_with_the_reason() {
     let cache = HttpCache::start(Duration::from_secs(3)).await;
     let dir = tempfile::tempdir().unwrap();
     let builder = builder(dir.path(), &cache.url, "require-signatures = false");
-    let (narinfo, nar, url) = fixture_files(&fx.closure[0]);
+    let (narinfo, nar, url) = fixture().files(&fx.closure[0]);
     assert_eq!(put(&format!("{}/{url}", builder.url), nar).await.0, 200);
     let (x, y) = ("x".repeat(32), "y".repeat(32));
     let made = |me: &str, other: &str| -> String {
@@ -318,7 +304,7 @@ async fn staging_is_bounded_in_size_and_time_and_private() {
     );
     eprintln!("trickling upload cut off after {:?}", started.elapsed());
     // The real thing, still within the cap; its files are private.
-    let (narinfo, nar, url) = fixture_files(&fx.closure[0]);
+    let (narinfo, nar, url) = fixture().files(&fx.closure[0]);
     assert_eq!(put(&format!("{}/{url}", builder.url), nar).await.0, 200);
     let staged = builder
         .cache_dir()
@@ -349,7 +335,7 @@ async fn an_evicted_push_is_pulled_back_from_its_upstream() {
     let cache = HttpCache::start(Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let mut builder = builder(dir.path(), &cache.url, "");
-    let (narinfo, nar, url) = fixture_files(&fx.closure[0]);
+    let (narinfo, nar, url) = fixture().files(&fx.closure[0]);
     let hash = hash_part(&fx.closure[0]);
     assert_eq!(
         put(&format!("{}/{url}", builder.url), nar.clone()).await.0,

@@ -26,20 +26,6 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Raises this process's open-file limit to its hard limit.
-fn raise_nofile() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-}
-
 /// Run as uid 65534 by `Attacker::start`: holds `ATTACK_LISTENERS` listening sockets, says
 /// "ready", then sends `ATTACK_REQUEST_FILE` `ATTACK_ATTEMPTS` times on fresh connections,
 /// closing each at once, and says "done"; then waits until its stdin closes.
@@ -49,7 +35,7 @@ fn attacker() {
     let Ok(target) = std::env::var("ATTACK_TARGET") else {
         return;
     };
-    raise_nofile();
+    support::raise_nofile();
     let count: usize = std::env::var("ATTACK_LISTENERS").unwrap().parse().unwrap();
     let held: Vec<TcpListener> = (0..count)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("a listening socket"))
@@ -88,7 +74,7 @@ impl Attacker {
         let request_file = dir.path().join("request");
         std::fs::write(&request_file, request).unwrap();
         std::fs::set_permissions(&request_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        raise_nofile(); // inherited: the hard limit bounds what the attacker can raise
+        support::raise_nofile(); // inherited: the hard limit bounds what the attacker can raise
         let mut child = Command::new(&binary)
             .args([
                 "attacker",
@@ -156,15 +142,8 @@ fn builder(dir: &Path, upstream: &str, extra: &str) -> Sidecar {
 /// `PUT /nar/<file>` with the fixture's NAR for `store_path`, then its narinfo, pipelined,
 /// then a trailing GET so the server never reads the end of the connection.
 fn pipelined_push(store_path: &str) -> Vec<u8> {
-    let cache = &fixture().cache;
     let hash = hash_part(store_path);
-    let narinfo = std::fs::read_to_string(cache.join(format!("{hash}.narinfo"))).unwrap();
-    let url = narinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_string();
-    let nar = std::fs::read(cache.join(&url)).unwrap();
+    let (narinfo, nar, url) = fixture().files(store_path);
     let mut out = format!(
         "PUT /{url} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
         nar.len()

@@ -255,3 +255,18 @@ in builtins.derivation {{
     assert_eq!(closure.len(), count);
     (root, closure)
 }
+
+impl Fixture {
+    /// The cache's narinfo text for `path`, its NAR file's bytes, and the NAR's `URL:`.
+    pub fn files(&self, path: &str) -> (String, Vec<u8>, String) {
+        let hash = super::upstream::hash_part(path);
+        let narinfo = std::fs::read_to_string(self.cache.join(format!("{hash}.narinfo"))).unwrap();
+        let url = narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_string();
+        let nar = std::fs::read(self.cache.join(&url)).unwrap();
+        (narinfo, nar, url)
+    }
+}
