@@ -181,3 +181,55 @@ async fn aws_identity_is_verified_by_sts_for_the_exchanges_own_audience() {
     let audit = std::fs::read_to_string(w.dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("another audience"), "{audit}");
 }
+
+/// The README's GitHub Actions job, its sidecar.toml as written there: the job pushes what it
+/// built with its push identity and pulls from its own cache with its pull identity.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_github_actions_example_pushes_and_pulls_its_own_cache() {
+    let w = world().await;
+    let fx = fixture();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("cat > sidecar.toml <<'EOF'\n")
+        .expect("the README's GitHub Actions example")
+        + "cat > sidecar.toml <<'EOF'\n".len();
+    let end = start + readme[start..].find("      EOF").unwrap();
+    let config: String = readme[start..end]
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("      ").unwrap_or(l)))
+        .collect();
+    let config = config
+        .replace("https://attic.example.org/org-ci", "{attic}/org-ci")
+        .replace(
+            "https://attic.example.org/token",
+            &format!("{}/token", w.exchange.url),
+        )
+        .replace("\"https://attic.example.org\"", &format!("\"{AUD}\""));
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let config = config.replace(
+        "push-uids = [0, 1001]",
+        &format!("push-uids = [0, 1001, {uid}]"),
+    );
+    let builder = w.sidecar("readme-job", &config, "");
+    let pushed = Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["push", "--url", &builder.url, "--wait", &fx.top])
+        .output()
+        .unwrap();
+    assert!(
+        pushed.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&pushed.stdout),
+        String::from_utf8_lossy(&pushed.stderr),
+        builder.logs()
+    );
+    for path in &fx.closure {
+        assert!(w.attic.holds("org-ci", support::upstream::hash_part(path)));
+    }
+    // Its pulls from its own cache hit (a push-only token would see nothing there).
+    let (client, key) = (w.dir.path().join("readme-client"), w.attic.public_key());
+    tokio::task::spawn_blocking(move || nix_substitutes(&builder, &client, &key))
+        .await
+        .unwrap();
+}
