@@ -8,6 +8,7 @@ use support::cloud::{AWS_SESSION, GITHUB_REQUEST_TOKEN, IMDS_SESSION_TOKEN};
 use support::http::get;
 use support::issuer::Issuer;
 use support::nix::fixture;
+use support::sidecar::Sidecar;
 use support::upstream::hash_part;
 use support::world::{nix_pulls_the_view, world, AUD};
 
@@ -536,4 +537,47 @@ async fn the_exchange_client_authenticates_and_sends_the_configured_token_types(
     assert!(!out.status.success());
     assert!(stderr.contains("invalid_client"), "{stderr}");
     assert!(!stderr.contains("wrong-secret"), "{stderr}");
+}
+
+/// A file identity re-read every second, exchanged for a token that lives 15 minutes: the
+/// exchange is asked once, not once per re-read (the README's fleet load estimate rests on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchanged_token_is_refreshed_on_its_own_lifetime_not_the_files() {
+    let issuer = Issuer::start().await;
+    let exchanged = issuer.mint("exchanged", "https://cache.test", 900, false);
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = asked.clone();
+    let addr = support::http::serve(move |_req: http::Request<hyper::body::Incoming>| {
+        let (counter, exchanged) = (counter.clone(), exchanged.clone());
+        async move {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            support::http::respond(
+                200,
+                format!(r#"{{"access_token":"{exchanged}","issued_token_type":"urn:ietf:params:oauth:token-type:jwt","token_type":"Bearer","expires_in":900}}"#),
+            )
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("subject.jwt");
+    std::fs::write(
+        &token_file,
+        issuer.mint("subject", "https://exchange.test", 3600, false),
+    )
+    .unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "[[upstream]]\nname = \"u\"\nurl = \"http://127.0.0.1:9/\"\nidentity = \"i\"\n[identity.i]\nprovider = \"file\"\npath = \"{}\"\nrefresh-interval = \"1s\"\n[identity.i.exchange]\nurl = \"http://{addr}/token\"\n",
+            token_file.display()
+        ),
+        &[],
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "{}",
+        sidecar.logs()
+    );
 }

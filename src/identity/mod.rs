@@ -301,7 +301,17 @@ impl Identity {
                 let mut exchanged = exchange
                     .exchange(&raw.secret, self.source.subject_token_type())
                     .await?;
-                exchanged.reread_after = raw.reread_after;
+                // The exchanged token is what is sent: it is refreshed on its own lifetime,
+                // not on the subject file's re-read interval (which asked the exchange every
+                // minute for a token living fifteen). Only when its lifetime is unknown does
+                // the source's interval still pace it.
+                let lifetime_known = exchanged.expires_in.is_some()
+                    || jwt::claims(exchanged.secret.expose()).is_ok_and(|c| c.exp.is_some());
+                exchanged.reread_after = if lifetime_known {
+                    None
+                } else {
+                    raw.reread_after
+                };
                 Ok(exchanged)
             }
             None => Ok(raw),
