@@ -117,14 +117,19 @@ enum Command {
 /// The configuration and what a command line changes of it.
 #[derive(clap::Args)]
 struct ServeFlags {
+    /// The configuration file (TOML; docs/configuration.md); without it, built-in defaults.
     #[arg(long, env = "NIX_SIDECAR_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on (repeatable); default 127.0.0.1:37515.
     #[arg(long)]
     listen: Vec<String>,
-    /// An anonymous upstream cache URL (repeatable), after those of the config file.
+    /// An upstream cache (repeatable), after those of the config file: a URL, or a preset's
+    /// name (`nixos`, `flakehub`); a preset's URL brings its signing keys too. Anonymous
+    /// unless --identity is given.
     #[arg(long)]
     upstream: Vec<String>,
+    /// Where the disk cache lives [default: /var/cache/nix-sidecar as root,
+    /// $XDG_CACHE_HOME/nix-sidecar otherwise].
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// Admit only clients owned by this uid (repeatable); replaces `allowed-uids`.

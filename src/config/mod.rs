@@ -213,10 +213,16 @@ impl Config {
             ));
         }
         for (i, url) in overrides.upstreams.iter().enumerate() {
+            // A preset's name or URL brings its keys (the quick start checks signatures).
+            let preset = upstream::preset_named_by(url);
+            let is_name = preset == Some(url.as_str());
             file.upstream.push(FileUpstream {
-                name: Some(format!("cli-{}", i + 1)),
-                url: Some(url.clone()),
-                preset: None,
+                name: Some(match (preset, is_name) {
+                    (Some(name), true) => name.to_string(),
+                    _ => format!("cli-{}", i + 1),
+                }),
+                url: (!is_name).then(|| url.clone()),
+                preset: preset.map(str::to_string),
                 identity: overrides
                     .identity
                     .as_ref()
@@ -475,6 +481,29 @@ scope = "cache:read"
         );
         assert_eq!(c.upstreams[1].auth, Auth::Bearer);
         assert_eq!(c.upstreams[1].name, "nixos", "a preset names its upstream");
+        for given in [
+            "nixos",
+            "https://cache.nixos.org",
+            "https://cache.nixos.org/",
+        ] {
+            let overrides = Overrides {
+                upstreams: vec![given.to_string()],
+                ..Overrides::default()
+            };
+            let c = Config::load(None, &overrides).unwrap();
+            assert_eq!(
+                c.upstreams[0].url.as_str(),
+                "https://cache.nixos.org/",
+                "{given}"
+            );
+            assert!(
+                c.trusted_public_keys
+                    .iter()
+                    .any(|k| k.starts_with("cache.nixos.org-1:")),
+                "{given}: the preset's key"
+            );
+            assert!(c.require_signatures, "{given}");
+        }
         assert_eq!(
             c.trusted_public_keys.len(),
             9,

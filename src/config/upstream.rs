@@ -124,6 +124,22 @@ fn preset(name: &str) -> Option<&'static Preset> {
     PRESETS.get(name)
 }
 
+/// The preset a command-line `--upstream` names: its name (`nixos`), or its URL
+/// (`https://cache.nixos.org`, with or without a trailing slash), which then brings its keys.
+pub(super) fn preset_named_by(text: &str) -> Option<&'static str> {
+    static NAMES: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLock::new(|| {
+        let all: BTreeMap<String, Preset> =
+            serde_json::from_str(include_str!("../../nixos-module/presets.json"))
+                .expect("nixos-module/presets.json is valid");
+        all.into_iter().map(|(name, p)| (name, p.url)).collect()
+    });
+    let bare = text.trim_end_matches('/');
+    NAMES
+        .iter()
+        .find(|(name, url)| name == text || url.trim_end_matches('/') == bare)
+        .map(|(name, _)| preset(name).map(|_| name.as_str()))?
+}
+
 /// Checks the `i`th `[[upstream]]` against the identities and the upstreams before it.
 pub(super) fn check(
     i: usize,
