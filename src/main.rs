@@ -410,6 +410,9 @@ async fn token(
             .map_or("no expiry".into(), |s| s.to_string())
     );
     println!("fingerprint: {}", token.secret.fingerprint());
+    for grant in nix_sidecar::identity::jwt::attic_grants(token.secret.expose()) {
+        println!("granted: {grant}");
+    }
     if raw {
         println!("token: {}", token.secret.expose());
     }

@@ -233,3 +233,25 @@ async fn the_readme_github_actions_example_pushes_and_pulls_its_own_cache() {
         .await
         .unwrap();
 }
+
+/// `nix-sidecar token` after an exchange says which caches were granted, and a warning about
+/// the audience comes at most once.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_shows_the_granted_caches() {
+    let w = world().await;
+    let upstreams =
+        "[[upstream]]\nname = \"main\"\nurl = \"{attic}/org-main\"\nidentity = \"gh\"\n";
+    let fleet = w.sidecar("token-fleet", upstreams, GH_IDENTITY);
+    let env = w.cloud.env();
+    let out = Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["token", "--config"])
+        .arg(fleet.dir.join("sidecar.toml"))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("granted: org-*: pull"), "{stdout}");
+    assert!(stderr.matches("warning").count() <= 1, "{stderr}");
+}

@@ -581,3 +581,25 @@ async fn an_exchanged_token_is_refreshed_on_its_own_lifetime_not_the_files() {
         sidecar.logs()
     );
 }
+
+#[test]
+fn check_config_warns_about_a_token_file_that_is_not_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[[upstream]]\nname = \"u\"\nurl = \"https://cache.test\"\nidentity = \"i\"\n[identity.i]\nprovider = \"file\"\npath = \"/nonexistent/token\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("cannot read its token file /nonexistent/token"),
+        "{said}"
+    );
+}

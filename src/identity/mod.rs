@@ -124,8 +124,8 @@ pub fn audience_mismatch(config: &IdentityConfig, claims: &jwt::Claims) -> Optio
     ))
 }
 
-/// Warnings about the token files of `identities` that can be read now: one not made for its
-/// identity's audience (see [`audience_mismatch`]).
+/// Warnings about the token files of `identities`: one that cannot be read now, and one not
+/// made for its identity's audience (see [`audience_mismatch`]).
 pub fn token_file_warnings<'a>(
     identities: impl IntoIterator<Item = &'a IdentityConfig>,
 ) -> Vec<String> {
@@ -138,7 +138,16 @@ pub fn token_file_warnings<'a>(
             else {
                 return None;
             };
-            let text = std::fs::read_to_string(path).ok()?;
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) => {
+                    return Some(format!(
+                        "identity `{}`: cannot read its token file {}: {e} (the daemon starts, and its pulls fail with 503 until the file is there)",
+                        identity.name,
+                        path.display()
+                    ))
+                }
+            };
             let claims = jwt::claims(text.trim()).ok()?;
             audience_mismatch(identity, &claims)
         })
