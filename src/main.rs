@@ -84,7 +84,10 @@ enum Command {
         /// any failed. With no PATH (and no `$OUT_PATHS`), waits for the whole queue.
         #[arg(long)]
         wait: bool,
-        /// Store paths (`/nix/store/<hash>-<name>`).
+        /// Print the daemon's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Store paths (`/nix/store/<hash>-<name>`), `./result`, or a path inside the store.
         paths: Vec<String>,
     },
     /// Let every NAR pinned by `prefetch --pin` be evicted again.
@@ -94,6 +97,9 @@ enum Command {
         /// The daemon's URL [default: http://<the config's first listen address>].
         #[arg(long, env = "NIX_SIDECAR_URL")]
         url: Option<String>,
+        /// Print the daemon's answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the token exchange service (its own configuration; see the README, "Self-hosting
     /// without static secrets").
@@ -283,9 +289,10 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             config,
             url,
             wait,
+            json,
             paths,
         } => match daemon_url(config, url) {
-            Ok(url) => cli::push::run(&url, paths, wait).await,
+            Ok(url) => cli::push::run(&url, paths, wait, json).await,
             // As a post-build hook: never fail the build.
             Err(e) if paths.is_empty() && !wait => {
                 eprintln!("warning: nix-sidecar push: nothing queued: {e}");
@@ -293,7 +300,9 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
             Err(e) => Err(e),
         },
-        Command::Unpin { config, url } => cli::prefetch::unpin(&daemon_url(config, url)?).await,
+        Command::Unpin { config, url, json } => {
+            cli::prefetch::unpin(&daemon_url(config, url)?, json).await
+        }
         Command::Cache {
             action,
             config,
@@ -439,7 +448,7 @@ fn cache(config: Config, action: CacheAction) -> Result<ExitCode, String> {
             println!("narinfos: {}", s.narinfos);
             println!("nar entries: {}", s.nars);
             println!("stored files: {}", s.stored_files);
-            let size = |bytes: u64| format!("{} ({bytes} bytes)", config::format_size(bytes));
+            let size = |bytes: u64| format!("{} ({bytes} bytes)", config::human_size(bytes));
             println!("stored: {}", size(s.stored_bytes));
             println!("pinned: {}", size(s.pinned_bytes));
             println!("max size: {}", size(s.max_size));
@@ -466,7 +475,24 @@ fn cache(config: Config, action: CacheAction) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         CacheAction::Verify => {
-            let report = store.verify()?;
+            let total = store.stats();
+            eprintln!(
+                "verifying {} stored files, {}",
+                total.stored_files,
+                config::human_size(total.stored_bytes)
+            );
+            let mut last = std::time::Instant::now();
+            let report = store.verify_with_progress(|files, bytes| {
+                if last.elapsed() >= std::time::Duration::from_secs(2) {
+                    last = std::time::Instant::now();
+                    eprintln!(
+                        "verify: {files}/{} files, {} of {}",
+                        total.stored_files,
+                        config::human_size(bytes),
+                        config::human_size(total.stored_bytes)
+                    );
+                }
+            })?;
             println!(
                 "checked: {}\ncorrupt: {}\nmissing: {}\nleftovers removed: {}",
                 report.checked, report.corrupt, report.missing, report.leftovers

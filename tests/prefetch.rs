@@ -155,7 +155,7 @@ async fn pinned_nars_survive_an_eviction_pass_until_unpinned() {
     let url = sidecar.url.clone();
     let out = cli(&["unpin", "--url", &url]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("\"unpinned\""),
+        String::from_utf8_lossy(&out.stdout).contains("pinned NAR(s) may be evicted again"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -163,5 +163,5 @@ async fn pinned_nars_survive_an_eviction_pass_until_unpinned() {
     cli(&["cache", "gc", "--max-size", "0", "--cache-dir", cache]);
     let stats =
         String::from_utf8_lossy(&cli(&["cache", "stats", "--cache-dir", cache]).stdout).to_string();
-    assert!(stats.contains("stored: 0B (0 bytes)"), "{stats}");
+    assert!(stats.contains("stored: 0 B (0 bytes)"), "{stats}");
 }

@@ -381,7 +381,7 @@ async fn sigkill_with_eighty_paths_queued_loses_nothing_and_uploads_each_once() 
     let queued = push_cli(&builder, &[&root]);
     assert_ok(&queued, &builder);
     assert!(
-        text(&queued).contains("\"queued\": 81"),
+        text(&queued).contains("push: 81 upload(s) queued"),
         "{}",
         text(&queued)
     );

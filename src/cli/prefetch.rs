@@ -6,13 +6,21 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use super::daemon::{post, read_lines, store_paths, SILENCE};
-use nix_sidecar::config::format_size;
+use nix_sidecar::config::human_size;
 use nix_sidecar::proxy::prefetch::Progress;
 
-pub async fn unpin(base: &str) -> Result<ExitCode, String> {
+/// `nix-sidecar unpin`: how many pins were removed (`--json`: the daemon's answer as it is).
+pub async fn unpin(base: &str, json: bool) -> Result<ExitCode, String> {
     let body = post(base, "/_sidecar/unpin", String::new()).await?;
     let text = nix_sidecar::http::read_limited(body, 64 * 1024, SILENCE).await?;
-    println!("{}", String::from_utf8_lossy(&text).trim());
+    let text = String::from_utf8_lossy(&text);
+    let unpinned = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["unpinned"].as_u64());
+    match (json, unpinned) {
+        (false, Some(n)) => println!("unpin: {n} pinned NAR(s) may be evicted again"),
+        _ => println!("{}", text.trim()),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -39,32 +47,53 @@ pub async fn run(base: &str, paths: &[String], pin: Option<&str>) -> Result<Exit
     })
 }
 
-/// A progress bar on a terminal, plain lines elsewhere (logs, CI).
-struct Show(Option<indicatif::ProgressBar>);
+/// A progress bar on a terminal; elsewhere (logs, CI) a plain line when something changed,
+/// at most every 5 seconds.
+struct Show(
+    Option<indicatif::ProgressBar>,
+    std::sync::Mutex<(String, Option<std::time::Instant>)>,
+);
 
 impl Show {
     fn new() -> Show {
         if !std::io::stderr().is_terminal() {
-            return Show(None);
+            return Show(None, Default::default());
         }
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Show(Some(bar))
+        // A spinner until the first sizes are known (a bar of 0 B/0 B looks done).
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Show(Some(bar), Default::default())
     }
 
     fn update(&self, p: &Progress) {
         match &self.0 {
             Some(bar) => {
-                bar.set_length(p.bytes_total.max(p.bytes_done));
-                bar.set_position(p.bytes_done);
+                // Sizes come in as narinfos are read: no bar before any is known.
+                if p.bytes_total > 0 {
+                    if bar.length().is_none() {
+                        bar.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                            )
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                        );
+                    }
+                    bar.set_length(p.bytes_total.max(p.bytes_done));
+                    bar.set_position(p.bytes_done);
+                }
                 bar.set_message(format!("{}/{} paths", p.paths_done, p.paths_total));
             }
-            None => eprintln!("{}", line(p)),
+            None => {
+                let text = line(p);
+                let mut last = self.1.lock().unwrap();
+                let due = last
+                    .1
+                    .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(5));
+                if text != last.0 && due {
+                    eprintln!("{text}");
+                    *last = (text, Some(std::time::Instant::now()));
+                }
+            }
         }
     }
 
@@ -78,10 +107,11 @@ impl Show {
 
 fn line(p: &Progress) -> String {
     format!(
-        "prefetch: {}/{} paths, {} stored{}",
+        "prefetch: {}/{} paths, {} of {} stored{}",
         p.paths_done,
         p.paths_total,
-        format_size(p.bytes_done),
+        human_size(p.bytes_done),
+        human_size(p.bytes_total.max(p.bytes_done)),
         if p.unavailable.is_empty() {
             String::new()
         } else {

@@ -65,7 +65,12 @@ struct Line {
     summary: Option<Summary>,
 }
 
-pub async fn run(base: &str, paths: Vec<String>, wait: bool) -> Result<ExitCode, String> {
+pub async fn run(
+    base: &str,
+    paths: Vec<String>,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode, String> {
     if paths.is_empty() && !wait {
         return Ok(as_hook(base).await);
     }
@@ -74,7 +79,14 @@ pub async fn run(base: &str, paths: Vec<String>, wait: bool) -> Result<ExitCode,
     let body = post(base, "/_sidecar/push", ask).await?;
     if !wait {
         let text = nix_sidecar::http::read_limited(body, 64 * 1024, super::daemon::SILENCE).await?;
-        println!("{}", String::from_utf8_lossy(&text).trim());
+        let text = String::from_utf8_lossy(&text);
+        let queued = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["queued"].as_u64());
+        match (json, queued) {
+            (false, Some(n)) => println!("push: {n} upload(s) queued (closures included)"),
+            _ => println!("{}", text.trim()),
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let mut summary = None;

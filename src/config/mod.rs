@@ -26,7 +26,7 @@ pub use identity::{
     DEFAULT_NETRC_PATH, KUBERNETES_TOKEN_PATH,
 };
 pub use push::{PushConfig, PushProtocol};
-pub use units::{format_size, parse_duration, parse_size};
+pub use units::{format_size, human_size, parse_duration, parse_size};
 use upstream::FileUpstream;
 pub use upstream::{Auth, Unavailable, UpstreamConfig};
 

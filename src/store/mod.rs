@@ -722,10 +722,21 @@ impl Store {
     /// Re-hashes every stored file and drops those that do not match the index, or whose NAR
     /// does not match the NarHash and NarSize its narinfo promised.
     pub fn verify(&self) -> Result<VerifyReport, String> {
+        self.verify_with_progress(|_, _| {})
+    }
+
+    /// [`Store::verify`], telling `progress` (files checked, bytes checked) after each file.
+    pub fn verify_with_progress(
+        &self,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<VerifyReport, String> {
         let mut report = VerifyReport::default();
         let mut bad = Vec::new();
+        let mut bytes = 0u64;
         for (key, blob) in self.0.index.blobs()? {
             report.checked += 1;
+            bytes += blob.size;
+            progress(report.checked, bytes);
             let path = self.blob_path(&key);
             let promise = self.nar(&key).map(|row| row.source.expected);
             let keeps_promise = || {
