@@ -810,3 +810,54 @@ async fn the_readme_post_build_hook_queues_real_builds_and_never_fails_one() {
         text(&built)
     );
 }
+
+/// Unsigned local builds pushed to a plain HTTP cache with `push-signing-key-file`: signed on
+/// the way, so another sidecar trusting the builder's key serves them to real Nix.
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_pushes_to_a_plain_cache_are_pulled_by_another_sidecar_with_real_nix() {
+    let fx = fixture();
+    let http_push = "push = \"http\"\npush-uids = [{uid}]";
+    let s = setup("/http", &attic::token("ci", &[], 3600), http_push).await;
+    let (attic, dir, builder) = (&s.attic, s.dir.path(), &s.builder);
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // The fixture's paths are in the local store unsigned: Nix uploads them as they are.
+    let copied = nix_copy_to(builder, "compression=xz", &[&fx.top], &home);
+    assert_ok(&copied, builder);
+    assert_ok(&push_cli(builder, &["--wait"]), builder);
+    let public = std::fs::read_to_string(dir.join("builder").join("push.pk")).unwrap();
+    let name = public.split(':').next().unwrap().to_string();
+    let files = attic.record.lock().unwrap().http_files.clone();
+    for path in &fx.closure {
+        let text =
+            String::from_utf8(files[&format!("{}.narinfo", hash_part(path))].to_vec()).unwrap();
+        assert!(text.contains(&format!("Sig: {name}:")), "{text}");
+    }
+    // Another machine: only the builder's key, the plain cache as its upstream.
+    let fleet_dir = dir.join("fleet");
+    std::fs::create_dir_all(&fleet_dir).unwrap();
+    let fleet = Sidecar::start(
+        &fleet_dir,
+        &format!(
+            "trusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"plain\"\nurl = \"{}/http\"\n",
+            public.trim(),
+            attic.url
+        ),
+        &[],
+    );
+    let client = dir.join("client");
+    let fleet_url = fleet.url.clone();
+    let (top, key) = (fx.top.clone(), public.trim().to_string());
+    let client2 = client.clone();
+    let pulled =
+        tokio::task::spawn_blocking(move || substitute(&fleet_url, &key, &[&top], &client2))
+            .await
+            .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}\n{}",
+        text(&pulled),
+        fleet.logs()
+    );
+    assert!(fx.closure.iter().all(|p| in_store(&client, p)));
+}
