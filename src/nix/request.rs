@@ -11,7 +11,8 @@ pub enum CachePath {
     NarInfo(String),
     /// `nar/<file>[?query]`, kept whole: it is the key the narinfo's `URL:` named.
     Nar(String),
-    /// `log/<drv basename>`, `realisations/<id>.doi`, `build-trace-v2/...`: forwarded as is.
+    /// `log/<drv basename>`, `<hash>.ls` (a NAR's file listing), `debuginfo/<build-id>`,
+    /// `realisations/<id>.doi`, `build-trace-v2/...`: forwarded as is.
     Forwarded(String),
     Health,
     Metrics,
@@ -40,6 +41,16 @@ pub fn parse(path: &str, query: Option<&str>) -> Option<CachePath> {
         "_sidecar/unpin" => return no_query(CachePath::Unpin),
         "_sidecar/push" => return no_query(CachePath::Push),
         _ => {}
+    }
+    if let Some(hash) = rel.strip_suffix(".ls") {
+        return (hash.len() == 32 && hash.bytes().all(base32::is_digit) && query.is_none())
+            .then(|| CachePath::Forwarded(rel.to_string()));
+    }
+    if let Some(build_id) = rel.strip_prefix("debuginfo/") {
+        let hex = !build_id.is_empty()
+            && build_id.len() <= 128
+            && build_id.bytes().all(|c| c.is_ascii_hexdigit());
+        return (hex && query.is_none()).then(|| CachePath::Forwarded(rel.to_string()));
     }
     if let Some(hash) = rel.strip_suffix(".narinfo") {
         return (hash.len() == 32 && hash.bytes().all(base32::is_digit))
@@ -126,6 +137,16 @@ mod tests {
         );
         assert!(parse("/realisations/sha256:abc!out.doi", None).is_some());
         assert!(parse("/build-trace-v2/abc/out", None).is_some());
+        assert_eq!(
+            parse(&format!("/{H}.ls"), None),
+            Some(CachePath::Forwarded(format!("{H}.ls")))
+        );
+        assert_eq!(
+            parse("/debuginfo/0a1b2c3d4e5f60718293a4b5c6d7e8f901234567", None),
+            Some(CachePath::Forwarded(
+                "debuginfo/0a1b2c3d4e5f60718293a4b5c6d7e8f901234567".into()
+            ))
+        );
         assert_eq!(parse("/_sidecar/health", None), Some(CachePath::Health));
     }
 
@@ -149,6 +170,10 @@ mod tests {
             "/realisations/x",
             "/build-trace-v2/../x",
             "/build-trace-v2/",
+            "/abc.ls",
+            "/debuginfo/../x",
+            "/debuginfo/",
+            "/debuginfo/xyz",
         ];
         for path in bad {
             assert_eq!(parse(path, None), None, "{path}");
