@@ -55,6 +55,36 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     })
 }
 
+/// What an Attic token grants (`https://jwt.attic.rs/v1` -> `caches`), as
+/// `pattern: rights` lines, e.g. `org-*: pull, push`; empty for other tokens.
+pub fn attic_grants(token: &str) -> Vec<String> {
+    let Some(payload) = token.split('.').nth(1) else {
+        return Vec::new();
+    };
+    let Ok(bytes) =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('='))
+    else {
+        return Vec::new();
+    };
+    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Vec::new();
+    };
+    let Some(caches) = claims["https://jwt.attic.rs/v1"]["caches"].as_object() else {
+        return Vec::new();
+    };
+    caches
+        .iter()
+        .map(|(pattern, rights)| {
+            let names: Vec<&str> = [("r", "pull"), ("w", "push"), ("d", "delete")]
+                .into_iter()
+                .filter(|(key, _)| rights[*key].as_u64().is_some_and(|v| v > 0))
+                .map(|(_, name)| name)
+                .collect();
+            format!("{pattern}: {}", names.join(", "))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,34 +124,4 @@ mod tests {
             assert!(claims(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// What an Attic token grants (`https://jwt.attic.rs/v1` -> `caches`), as
-/// `pattern: rights` lines, e.g. `org-*: pull, push`; empty for other tokens.
-pub fn attic_grants(token: &str) -> Vec<String> {
-    let Some(payload) = token.split('.').nth(1) else {
-        return Vec::new();
-    };
-    let Ok(bytes) =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('='))
-    else {
-        return Vec::new();
-    };
-    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-        return Vec::new();
-    };
-    let Some(caches) = claims["https://jwt.attic.rs/v1"]["caches"].as_object() else {
-        return Vec::new();
-    };
-    caches
-        .iter()
-        .map(|(pattern, rights)| {
-            let names: Vec<&str> = [("r", "pull"), ("w", "push"), ("d", "delete")]
-                .into_iter()
-                .filter(|(key, _)| rights[*key].as_u64().is_some_and(|v| v > 0))
-                .map(|(_, name)| name)
-                .collect();
-            format!("{pattern}: {}", names.join(", "))
-        })
-        .collect()
 }
