@@ -159,7 +159,9 @@ async fn unknown_narinfo_fields_pass_through_byte_for_byte_with_signatures_valid
 /// `log/` is; a 503 tells Nix when to come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_and_debuginfo_are_forwarded_and_503s_carry_retry_after() {
-    let seen: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    // (path, Authorization) of each request the upstream saw.
+    type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+    let seen: Seen = Arc::default();
     let log = seen.clone();
     let addr = serve(move |req| {
         let log = log.clone();
@@ -216,11 +218,7 @@ async fn listings_and_debuginfo_are_forwarded_and_503s_carry_retry_after() {
             .iter()
             .find(|(p, _)| *p == path)
             .map(|(_, a)| a.clone());
-        assert_eq!(
-            auth,
-            Some(Some(format!("Bearer {jwt}"))),
-            "{path}"
-        );
+        assert_eq!(auth, Some(Some(format!("Bearer {jwt}"))), "{path}");
     }
     let down = get(&format!("{}/{hash}.narinfo", sidecar.url), "GET", &[]).await;
     assert_eq!(down.status, 503);
