@@ -88,7 +88,7 @@ async fn twenty_five_keep_alive_walkers_cost_one_upstream_request_per_narinfo() 
         served += ok.unwrap();
     }
     assert_eq!(served, PATHS * CLIENTS, "every walker got every narinfo");
-    let asked = asked.lock().unwrap();
+    let asked = asked.lock().unwrap().clone();
     assert_eq!(asked.len(), PATHS);
     let repeated: Vec<_> = asked.iter().filter(|(_, n)| **n != 1).collect();
     assert!(
