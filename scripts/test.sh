@@ -11,6 +11,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v mount >/dev/null 2>&1 || need+=(mount)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 [ "$(id -u)" != 0 ] || command -v ip >/dev/null 2>&1 || need+=(iproute2)
+[ "$(id -u)" != 0 ] || command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
@@ -20,6 +21,19 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "the tests need: ${need[*]} (Debian/Ubuntu: sudo apt-get install -y ${need[*]})" >&2
     exit 2
   fi
+fi
+
+# Current Nix (Debian trixie's nix-bin, 2.26) as the second client: a minimal root of its own,
+# made once (about 40 s, 230 MB) outside the repository and kept between runs.
+if [ "$(id -u)" = 0 ]; then
+  nix226="${NIX_SIDECAR_NIX226_ROOT:-/var/tmp/nix-sidecar-nix226}"
+  if [ ! -x "$nix226/usr/bin/nix" ]; then
+    echo "making a Debian trixie root with current Nix in $nix226" >&2
+    rm -rf "$nix226.new"
+    mmdebstrap --quiet --variant=apt --include=nix-bin,ca-certificates trixie "$nix226.new"
+    rm -rf "$nix226" && mv "$nix226.new" "$nix226"
+  fi
+  export NIX_SIDECAR_NIX226_ROOT="$nix226"
 fi
 
 # As root, the tests run in a private network namespace with only loopback up: every test

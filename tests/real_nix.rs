@@ -4,7 +4,7 @@ mod support;
 
 use support::http::get;
 use support::issuer::Issuer;
-use support::nix::{fixture, in_store, substitute};
+use support::nix::{fixture, in_store, substitute, Client};
 use support::sidecar::Sidecar;
 use support::upstream::UpstreamDouble;
 
@@ -29,6 +29,12 @@ path = "{}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nix_substitutes_a_closure_inside_the_view_and_not_a_path_outside() {
+    for client in Client::all() {
+        substitutes_inside_the_view_only(client).await;
+    }
+}
+
+async fn substitutes_inside_the_view_only(client: Client) {
     let fx = fixture();
     let issuer = Issuer::start().await;
     let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
@@ -47,33 +53,42 @@ async fn nix_substitutes_a_closure_inside_the_view_and_not_a_path_outside() {
     let (pk, top) = (fx.public_key.clone(), fx.top.clone());
     let client_dir = dir.path().join("client");
     let cd = client_dir.clone();
-    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &cd))
+    let out = tokio::task::spawn_blocking(move || client.substitute(&url, &pk, &[&top], &cd))
         .await
         .unwrap();
     assert!(
         out.status.success(),
-        "nix copy failed: {}",
+        "{}: nix copy failed: {}",
+        client.name(),
         String::from_utf8_lossy(&out.stderr)
     );
     for path in &fx.closure {
-        assert!(in_store(&client_dir, path), "{path} was substituted");
+        assert!(
+            in_store(&client_dir, path),
+            "{}: {path} was substituted",
+            client.name()
+        );
     }
 
     let url = sidecar.url.clone();
     let (pk, outside) = (fx.public_key.clone(), fx.outside.clone());
     let cd = client_dir.clone();
-    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&outside], &cd))
+    let out = tokio::task::spawn_blocking(move || client.substitute(&url, &pk, &[&outside], &cd))
         .await
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
-        "a path outside the view must not substitute"
+        "{}: a path outside the view must not substitute",
+        client.name()
     );
     assert!(!in_store(&client_dir, &fx.outside));
     assert!(
-        stderr.contains("no substituter that can build it") || stderr.contains("does not exist"),
-        "nix says it cannot substitute it: {stderr}"
+        stderr.contains("no substituter that can build it")
+            || stderr.contains("does not exist")
+            || stderr.contains("is not valid"),
+        "{}: nix says it cannot substitute it: {stderr}",
+        client.name()
     );
     let miss = sidecar.narinfo(&fx.outside).await;
     assert_eq!(miss.status, 404);
@@ -233,7 +248,10 @@ async fn with_every_upstream_down_miss_lets_nix_build_and_fail_stops_it_with_the
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    for setting in ["miss", "fail"] {
+    for (client, setting) in Client::all()
+        .into_iter()
+        .flat_map(|c| [(c, "miss"), (c, "fail")])
+    {
         let dir = tempfile::tempdir().unwrap();
         let sidecar = Sidecar::start(
             dir.path(),
@@ -244,14 +262,17 @@ async fn with_every_upstream_down_miss_lets_nix_build_and_fail_stops_it_with_the
         );
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
-        let name = format!("built-while-down-{setting}-{unique}");
+        let name = format!(
+            "built-while-down-{setting}-{}-{unique}",
+            client.name().replace([' ', '.'], "")
+        );
         let expr = home.join("local.nix");
         std::fs::write(
             &expr,
             format!("builtins.derivation {{ name = \"{name}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {name} > $out\" ]; }}"),
         )
         .unwrap();
-        let built = support::nix::nix(
+        let built = client.run(
             &[
                 "nix-build",
                 "--no-out-link",
@@ -270,7 +291,12 @@ async fn with_every_upstream_down_miss_lets_nix_build_and_fail_stops_it_with_the
         let hash = "0".repeat(32);
         let answer = get(&format!("{}/{hash}.narinfo", sidecar.url), "GET", &[]).await;
         if setting == "miss" {
-            assert!(built.status.success(), "{said}\n{}", sidecar.logs());
+            assert!(
+                built.status.success(),
+                "{}: {said}\n{}",
+                client.name(),
+                sidecar.logs()
+            );
             assert_eq!(answer.status, 404);
             assert!(
                 answer.text().contains("unavailable = \"miss\""),
@@ -278,7 +304,11 @@ async fn with_every_upstream_down_miss_lets_nix_build_and_fail_stops_it_with_the
                 answer.text()
             );
         } else {
-            assert!(!built.status.success(), "Nix built with fail: {said}");
+            assert!(
+                !built.status.success(),
+                "{} built with fail: {said}",
+                client.name()
+            );
             assert_eq!(answer.status, 503);
             assert!(answer.headers.contains_key("retry-after"));
             assert!(answer.text().contains("down"), "{}", answer.text());

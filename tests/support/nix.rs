@@ -23,18 +23,112 @@ const NIX_CONFIG: &str =
     "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters =\n";
 
 pub fn nix(args: &[&str], home: &Path) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("XDG_CACHE_HOME", home.join("xdg-cache"))
-        .env("HOME", home)
-        .output()
-        .unwrap_or_else(|e| {
+    Client::Nix28.run(args, home)
+}
+
+/// The Nix a test runs as the client: the host's (Debian bookworm's Nix 2.8), or current Nix
+/// (Debian trixie's 2.26) in a root of its own that `scripts/test.sh` makes once, outside the
+/// repository, and names in `NIX_SIDECAR_NIX226_ROOT`. It runs there with its own store under
+/// `chroot`, in a private mount namespace with `/proc`, `/dev` and `/tmp` (where the tests'
+/// files are) bound in, and shares the network namespace, so loopback endpoints work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    Nix28,
+    Nix226,
+}
+
+/// Mounts what current Nix needs in its root, then runs the command there.
+const IN_ROOT: &str = r#"root=$1; home=$2; config=$3; shift 3
+mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" && mount --rbind /tmp "$root/tmp" || exit 97
+exec chroot "$root" env -i HOME="$home" XDG_CACHE_HOME="$home/xdg-cache" PATH=/usr/bin:/bin NIX_CONFIG="$config" "$@""#;
+
+impl Client {
+    /// Both clients. Current Nix is required under CI (`scripts/test.sh` sets it up); a
+    /// developer's `cargo test` without it runs Nix 2.8 alone, and says so.
+    pub fn all() -> Vec<Client> {
+        match Client::nix226_root() {
+            Some(_) => vec![Client::Nix28, Client::Nix226],
+            None if std::env::var_os("CI").is_some() => {
+                panic!("NIX_SIDECAR_NIX226_ROOT is not set: run the tests with scripts/test.sh")
+            }
+            None => {
+                eprintln!("current Nix not set up (scripts/test.sh does it): Nix 2.8 only");
+                vec![Client::Nix28]
+            }
+        }
+    }
+
+    fn nix226_root() -> Option<PathBuf> {
+        let root = PathBuf::from(std::env::var_os("NIX_SIDECAR_NIX226_ROOT")?);
+        root.join("usr/bin/nix").exists().then_some(root)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Client::Nix28 => "Nix 2.8",
+            Client::Nix226 => "Nix 2.26",
+        }
+    }
+
+    /// Runs `args` (a Nix command) with `home` as HOME.
+    pub fn run(self, args: &[&str], home: &Path) -> Output {
+        let mut command = match self {
+            Client::Nix28 => {
+                let mut command = Command::new(args[0]);
+                command
+                    .args(&args[1..])
+                    .env("NIX_CONFIG", NIX_CONFIG)
+                    .env("XDG_CACHE_HOME", home.join("xdg-cache"))
+                    .env("HOME", home);
+                command
+            }
+            Client::Nix226 => {
+                let root = Client::nix226_root().expect("current Nix is set up");
+                let mut command = Command::new("unshare");
+                command
+                    .args(["-m", "sh", "-c", IN_ROOT, "sh"])
+                    .arg(root)
+                    .arg(home)
+                    .arg(NIX_CONFIG)
+                    .args(args);
+                command
+            }
+        };
+        command.output().unwrap_or_else(|e| {
             panic!(
-                "cannot run {} (is nix-bin installed? .ci/run installs it): {e}",
-                args[0]
+                "cannot run {} with {} (is nix-bin installed? .ci/run installs it): {e}",
+                args[0],
+                self.name()
             )
         })
+    }
+
+    /// `substitute` with this client.
+    pub fn substitute(
+        self,
+        cache_url: &str,
+        public_key: &str,
+        paths: &[&str],
+        dir: &Path,
+    ) -> Output {
+        let store = dir.join("dst-store");
+        let mut args = vec![
+            "nix",
+            "copy",
+            "--store",
+            store.to_str().unwrap(),
+            "--from",
+            cache_url,
+            "--option",
+            "trusted-public-keys",
+            public_key,
+            "--option",
+            "connect-timeout",
+            "5",
+        ];
+        args.extend_from_slice(paths);
+        self.run(&args, dir)
+    }
 }
 
 fn ok(output: Output, what: &str) -> String {
@@ -145,23 +239,7 @@ fn signed_cache(home: &Path, paths: &[&str], compression: &str) -> (PathBuf, Str
 
 /// `nix copy --from <cache_url>` of `paths` into a fresh store under `dir`.
 pub fn substitute(cache_url: &str, public_key: &str, paths: &[&str], dir: &Path) -> Output {
-    let store = dir.join("dst-store");
-    let mut args = vec![
-        "nix",
-        "copy",
-        "--store",
-        store.to_str().unwrap(),
-        "--from",
-        cache_url,
-        "--option",
-        "trusted-public-keys",
-        public_key,
-        "--option",
-        "connect-timeout",
-        "5",
-    ];
-    args.extend_from_slice(paths);
-    nix(&args, dir)
+    Client::Nix28.substitute(cache_url, public_key, paths, dir)
 }
 
 /// Whether `path` is now in the fresh store under `dir`.
