@@ -103,6 +103,27 @@ impl Client {
         })
     }
 
+    /// What a program is run under to run beside this client (sharing its store): nothing for
+    /// the host's Nix; the root's mounts and `chroot` for current Nix, with `home` as HOME.
+    /// The program itself must then be under /tmp.
+    pub fn wrapper(self, home: &Path) -> Vec<String> {
+        match self {
+            Client::Nix28 => Vec::new(),
+            Client::Nix226 => {
+                let root = Client::nix226_root().expect("current Nix is set up");
+                ["unshare", "-m", "sh", "-c", IN_ROOT, "sh"]
+                    .into_iter()
+                    .map(str::to_string)
+                    .chain([
+                        root.display().to_string(),
+                        home.display().to_string(),
+                        NIX_CONFIG.to_string(),
+                    ])
+                    .collect()
+            }
+        }
+    }
+
     /// `substitute` with this client.
     pub fn substitute(
         self,

@@ -14,6 +14,8 @@ pub struct Sidecar {
     env: Vec<(String, String)>,
     /// A command the daemon runs under (`wrapper... nix-sidecar serve ...`).
     wrapper: Vec<String>,
+    /// Another copy of the binary to run (one the wrapper can reach).
+    binary: Option<PathBuf>,
     /// Start from an empty environment (PATH kept, HOME = `dir`) plus `env`, for tests of
     /// what the daemon finds in its environment.
     clean_env: bool,
@@ -56,6 +58,21 @@ impl Sidecar {
         sidecar
     }
 
+    /// The daemon beside `client`, sharing its Nix store (for `nix-sidecar push`, which reads
+    /// it): for current Nix, a copy of the binary runs in its root.
+    pub fn start_beside(client: super::nix::Client, dir: &Path, config: &str) -> Sidecar {
+        let wrapper = client.wrapper(dir);
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let mut sidecar = Sidecar::new(dir, config, &[], &wrapper);
+        if client == super::nix::Client::Nix226 {
+            let binary = dir.join("nix-sidecar");
+            std::fs::copy(env!("CARGO_BIN_EXE_nix-sidecar"), &binary).unwrap();
+            sidecar.binary = Some(binary);
+        }
+        sidecar.spawn();
+        sidecar
+    }
+
     /// `start_exchange` with the service run as the last argument of `wrapper`.
     pub fn start_exchange_wrapped(dir: &Path, config: &str, wrapper: &[&str]) -> Sidecar {
         let mut sidecar = Sidecar::new(dir, config, &[], wrapper);
@@ -83,6 +100,7 @@ impl Sidecar {
             cli_args: None,
             exchange: false,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
+            binary: None,
             child: None,
             url: String::new(),
             log: dir.join("sidecar.log"),
@@ -118,7 +136,10 @@ impl Sidecar {
             .open(&self.log)
             .unwrap();
         let start_len = log.metadata().unwrap().len();
-        let binary = env!("CARGO_BIN_EXE_nix-sidecar");
+        let binary = self
+            .binary
+            .clone()
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_nix-sidecar").into());
         let mut cmd = match self.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut cmd = Command::new(first);
