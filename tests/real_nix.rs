@@ -317,3 +317,116 @@ async fn with_every_upstream_down_miss_lets_nix_build_and_fail_stops_it_with_the
         assert_eq!(health.status, 503, "health is degraded either way");
     }
 }
+
+/// nix-daemon substitutes through the sidecar for an unprivileged user (uid 65534), with the
+/// sidecar admitting only the daemon (`allowed-uids = [0]`), as on a fleet machine: with each
+/// client's own nix-daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nix_daemon_substitutes_for_an_unprivileged_user_through_the_sidecar() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run nix-daemon and a client as uid 65534");
+        return;
+    }
+    let fx = fixture();
+    for client in Client::all() {
+        eprintln!("nix-daemon of {}", client.name());
+        let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("sidecar")).unwrap();
+        let sidecar = Sidecar::start(
+            &dir.path().join("sidecar"),
+            &format!(
+                "allowed-uids = [0]\ntrusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
+                fx.public_key, upstream.url
+            ),
+            &[],
+        );
+        let socket = dir.path().join("daemon.sock");
+        let socket_var = format!("NIX_DAEMON_SOCKET_PATH={}", socket.display());
+        let store = dir.path().join("client").join("dst-store");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let mut daemon = client
+            .command(
+                &[
+                    &socket_var,
+                    "nix-daemon",
+                    "--option",
+                    "store",
+                    store.to_str().unwrap(),
+                    "--option",
+                    "substituters",
+                    &sidecar.url,
+                    "--option",
+                    "trusted-public-keys",
+                    &fx.public_key,
+                ],
+                &home,
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: no daemon socket",
+                client.name()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let top = fx.top.clone();
+        let (socket_var2, home2) = (socket_var.clone(), home.clone());
+        let realised = tokio::task::spawn_blocking(move || {
+            client.run(
+                &[
+                    &socket_var2,
+                    "NIX_REMOTE=daemon",
+                    // The daemon's substituters, not an empty list of the client's (an
+                    // untrusted client may narrow them, and none is narrowest).
+                    "NIX_CONFIG=experimental-features = nix-command",
+                    "setpriv",
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "nix-store",
+                    "--realise",
+                    &top,
+                ],
+                &home2,
+            )
+        })
+        .await
+        .unwrap();
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        assert!(
+            realised.status.success(),
+            "{}: {}\n{}",
+            client.name(),
+            String::from_utf8_lossy(&realised.stderr),
+            sidecar.logs()
+        );
+        for path in &fx.closure {
+            assert!(
+                in_store(&dir.path().join("client"), path),
+                "{}: {path} substituted by the daemon",
+                client.name()
+            );
+        }
+        assert!(
+            upstream.count("/nar/") >= fx.closure.len(),
+            "{}",
+            client.name()
+        );
+    }
+}

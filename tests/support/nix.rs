@@ -72,14 +72,32 @@ impl Client {
 
     /// Runs `args` (a Nix command) with `home` as HOME.
     pub fn run(self, args: &[&str], home: &Path) -> Output {
-        let mut command = match self {
+        self.command(args, home).output().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} with {} (is nix-bin installed? .ci/run installs it): {e}",
+                args[0],
+                self.name()
+            )
+        })
+    }
+
+    /// The command that runs `args` with `home` as HOME; leading `NAME=value` arguments are
+    /// set in its environment (as `env` takes them).
+    pub fn command(self, args: &[&str], home: &Path) -> Command {
+        match self {
             Client::Nix28 => {
+                let split = args.iter().position(|a| !a.contains('=')).unwrap_or(0);
+                let (vars, args) = args.split_at(split);
                 let mut command = Command::new(args[0]);
                 command
                     .args(&args[1..])
                     .env("NIX_CONFIG", NIX_CONFIG)
                     .env("XDG_CACHE_HOME", home.join("xdg-cache"))
                     .env("HOME", home);
+                for var in vars {
+                    let (name, value) = var.split_once('=').unwrap();
+                    command.env(name, value);
+                }
                 command
             }
             Client::Nix226 => {
@@ -93,14 +111,7 @@ impl Client {
                     .args(args);
                 command
             }
-        };
-        command.output().unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} with {} (is nix-bin installed? .ci/run installs it): {e}",
-                args[0],
-                self.name()
-            )
-        })
+        }
     }
 
     /// What a program is run under to run beside this client (sharing its store): nothing for
