@@ -380,10 +380,30 @@ NIX_MIB = int(os.environ.get("BENCH_NIX_MIB", "1024"))
 NIX_CONFIG = "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters =\n"
 
 
-def nix(args: list, home: str, cacert: str = None) -> str:
+# Current Nix (Debian trixie's 2.26) in the root scripts/test.sh makes; scenario 6 runs with it
+# too when it is there. It runs under chroot, with /proc, /dev and /tmp (where the bench works)
+# bound in, in the same network namespace.
+NIX226_ROOT = os.environ.get("NIX_SIDECAR_NIX226_ROOT", "/var/tmp/nix-sidecar-nix226")
+IN_ROOT = r'''root=$1; home=$2; config=$3; shift 3
+mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" && mount --rbind /tmp "$root/tmp" || exit 97
+exec chroot "$root" env -i HOME="$home" XDG_CACHE_HOME="$home/xdg-cache" PATH=/usr/bin:/bin NIX_CONFIG="$config" "$@"'''
+
+
+def clients() -> list:
+    """The Nix clients to measure: the host's (2.8), and 2.26 when its root is there."""
+    found = ["2.8"]
+    if os.path.exists(os.path.join(NIX226_ROOT, "usr/bin/nix")) and os.geteuid() == 0:
+        found.append("2.26")
+    return found
+
+
+def nix(args: list, home: str, cacert: str = None, client: str = "2.8") -> str:
     env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "HOME": home, "XDG_CACHE_HOME": os.path.join(home, "xdg-cache")}
     if cacert:
         env["NIX_SSL_CERT_FILE"] = cacert
+    if client == "2.26":
+        extra = [f"NIX_SSL_CERT_FILE={cacert}"] if cacert else []
+        args = ["unshare", "-m", "sh", "-c", IN_ROOT, "sh", NIX226_ROOT, home, NIX_CONFIG] + extra + args
     out = subprocess.run(args, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(args[:3])} failed:\n{out.stderr[-2000:]}")
@@ -424,13 +444,14 @@ in builtins.derivation {{
         return top, f.read().strip()
 
 
-def nix_copy_seconds(url: str, top: str, public_key: str, work: str, cacert: str = None) -> float:
+def nix_copy_seconds(url: str, top: str, public_key: str, work: str, cacert: str = None,
+                     client: str = "2.8") -> float:
     """`nix copy --from url` of the closure of `top` into an empty store, with an empty
     narinfo cache; removes the store afterwards."""
     home = tempfile.mkdtemp(dir=work, prefix="nix-client-")
     started = time.monotonic()
     nix(["nix", "copy", "--store", os.path.join(home, "store"), "--from", url,
-         "--option", "trusted-public-keys", public_key, top], home, cacert)
+         "--option", "trusted-public-keys", public_key, top], home, cacert, client)
     seconds = time.monotonic() - started
     subprocess.run(["chmod", "-R", "u+w", home], check=True)
     shutil.rmtree(home)
@@ -445,27 +466,33 @@ def real_nix(b: Bench, results: list):
         raise SystemExit("needs nix: apt-get install -y nix-bin")
     print(f"# building a closure of {NIX_PATHS} paths, {NIX_MIB} MiB", flush=True)
     top, public_key = nix_closure(b)
+    for client in clients():
+        real_nix_with(b, results, top, public_key, client)
+
+
+def real_nix_with(b: Bench, results: list, top: str, public_key: str, client: str):
     cold, warm, static, direct = [], [], [], []
     cold_cpu, direct_cpu = [], []
+    copy = lambda url, cacert=None: nix_copy_seconds(url, top, public_key, b.work, cacert, client)
     for _ in range(max(3, ROUNDS // 2)):
         b.start_sidecar(fresh=True)
         with CpuMeter(b) as cpu:
-            cold.append(nix_copy_seconds(b.url("sidecar", ""), top, public_key, b.work))
+            cold.append(copy(b.url("sidecar", "")))
         cold_cpu.append(cpu.seconds)
-        warm.append(nix_copy_seconds(b.url("sidecar", ""), top, public_key, b.work))
-        static.append(nix_copy_seconds(b.url("static", ""), top, public_key, b.work))
+        warm.append(copy(b.url("sidecar", "")))
+        static.append(copy(b.url("static", "")))
         with CpuMeter(b) as cpu:
-            direct.append(nix_copy_seconds(b.url("upstream", ""), top, public_key, b.work, b.cert))
+            direct.append(copy(b.url("upstream", ""), b.cert))
         direct_cpu.append(cpu.seconds)
     b.stop_sidecar()
-    what = f"{NIX_PATHS + 1} paths, {NIX_MIB} MiB"
+    what = f"{NIX_PATHS + 1} paths, {NIX_MIB} MiB, Nix {client}"
     results.append((f"6. real Nix, warm, {what}, s", median(warm), "nginx static", median(static), "<= 1.15"))
     results.append((f"6b. real Nix, cold, {what}, s", median(cold), "direct upstream (TLS)", median(direct), "<= 1.3"))
     total = lambda runs: median([sum(r.values()) for r in runs])
-    results.append((f"6c. real Nix, cold, CPU s of all processes", total(cold_cpu), "direct upstream (TLS)", total(direct_cpu), "(info)"))
+    results.append((f"6c. real Nix {client}, cold, CPU s of all processes", total(cold_cpu), "direct upstream (TLS)", total(direct_cpu), "(info)"))
     part = lambda runs, who: median([r.get(who, 0.0) for r in runs])
     for label, runs in [("cold", cold_cpu), ("direct", direct_cpu)]:
-        print(f"# CPU s per {label} copy: " + ", ".join(f"{who} {part(runs, who):.2f}" for who in ["nix", "nginx", "nix-sidecar"]))
+        print(f"# Nix {client}: CPU s per {label} copy: " + ", ".join(f"{who} {part(runs, who):.2f}" for who in ["nix", "nginx", "nix-sidecar"]))
 
 
 class DelayingProxy:
