@@ -228,3 +228,97 @@ async fn listings_and_debuginfo_are_forwarded_and_503s_carry_retry_after() {
         down.headers
     );
 }
+
+/// A body fed chunk by chunk from a channel (a slow upstream).
+struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Fed {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// README "What Nix is told": a `Range` request for a NAR still being downloaded gets the whole
+/// NAR (200), verified; once it is stored, the range (206).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_on_a_nar_being_filled_gets_the_whole_nar_then_206_once_stored() {
+    let fx = fixture();
+    let (narinfo, nar, url) = fx.files(&fx.top);
+    let hash = hash_part(&fx.top).to_string();
+    let nar = Bytes::from(nar);
+    let (served_info, served_nar, nar_path) = (narinfo.clone(), nar.clone(), format!("/{url}"));
+    let addr = serve(move |req| {
+        let (info, nar, nar_path) = (served_info.clone(), served_nar.clone(), nar_path.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            if path.ends_with(".narinfo") {
+                return respond(200, info);
+            }
+            if path != nar_path {
+                return respond(404, "");
+            }
+            // Half at once, the rest a second later: the fill is in progress meanwhile.
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let half = nar.len() / 2;
+            tokio::spawn(async move {
+                let _ = tx.send(nar.slice(..half)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+                let _ = tx.send(nar.slice(half..)).await;
+            });
+            let len = served_len(&info);
+            http::Response::builder()
+                .status(200)
+                .header("content-length", len)
+                .body(Fed(rx).boxed())
+                .unwrap()
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "nar-lookahead = false\ntrusted-public-keys = [\"{}\"]\n[[upstream]]\nname = \"u\"\nurl = \"http://{addr}\"\n",
+            fx.public_key
+        ),
+        &[],
+    );
+    assert_eq!(sidecar.narinfo(&fx.top).await.status, 200, "{hash}");
+    let nar_url = format!("{}/{url}", sidecar.url);
+    let first = tokio::spawn({
+        let nar_url = nar_url.clone();
+        async move { get(&nar_url, "GET", &[]).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let ranged = get(&nar_url, "GET", &[("range", "bytes=0-9")]).await;
+    assert_eq!(ranged.status, 200, "the whole NAR while it is being filled");
+    assert_eq!(ranged.body.unwrap(), nar);
+    assert_eq!(first.await.unwrap().body.unwrap(), nar);
+    // Stored now: the range itself.
+    let mut stored = get(&nar_url, "GET", &[("range", "bytes=0-9")]).await;
+    for _ in 0..50 {
+        if stored.status == 206 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stored = get(&nar_url, "GET", &[("range", "bytes=0-9")]).await;
+    }
+    assert_eq!(stored.status, 206);
+    assert_eq!(stored.body.unwrap(), nar.slice(..10));
+}
+
+/// The NAR file's length from a narinfo (FileSize).
+fn served_len(narinfo: &str) -> String {
+    narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("FileSize: "))
+        .unwrap()
+        .to_string()
+}
