@@ -15,19 +15,20 @@ use url::Url;
 use crate::nix::narinfo::TrustedKeys;
 use crate::nix::signing::SigningKey;
 
+mod file_upstream;
 mod identity;
 mod push;
 mod render;
 mod units;
 mod upstream;
 
+use file_upstream::FileUpstream;
 pub use identity::{
     AutoKeys, AzureKeys, ExchangeConfig, IdentityConfig, ManagedIdentity, Provider,
     DEFAULT_NETRC_PATH, KUBERNETES_TOKEN_PATH,
 };
 pub use push::{PushConfig, PushProtocol};
 pub use units::{format_size, human_size, parse_duration, parse_size};
-use upstream::FileUpstream;
 pub use upstream::{Auth, Unavailable, UpstreamConfig};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:37515";

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use url::Url;
 
-use super::upstream::FileUpstream;
+use super::file_upstream::FileUpstream;
 use super::{invalid, ConfigError, IdentityConfig};
 
 /// Where and how one upstream takes uploads.

@@ -1,5 +1,5 @@
-//! Response bodies: whole buffers, and streams fed through a bounded channel (so a slow
-//! client slows its producer instead of growing memory). An error in a stream aborts the
+//! Response bodies: whole buffers (and the plain answers made of them), and streams fed
+//! through a bounded channel (so a slow client slows its producer instead of growing memory). An error in a stream aborts the
 //! response, so a client never sees a short NAR as complete.
 
 use bytes::Bytes;
@@ -19,6 +19,25 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A whole answer of `content_type` with its length.
+pub fn typed(
+    status: http::StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> http::Response<Body> {
+    http::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(full(body))
+        .unwrap()
+}
+
+/// A whole plain-text answer (what Nix shows of a failure).
+pub fn text(status: http::StatusCode, body: impl Into<String>) -> http::Response<Body> {
+    typed(status, "text/plain; charset=utf-8", body.into())
 }
 
 /// A body from a channel of chunks; `served` counts the bytes sent.

@@ -8,8 +8,7 @@ use std::time::Duration;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::body::{self, Body};
-use super::routes::{text, typed};
+use super::body::{self, text, typed, Body};
 use super::Peer;
 use crate::push::queue::Origin;
 use crate::push::target::Target;

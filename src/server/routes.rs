@@ -6,7 +6,7 @@ use http::{header, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{self, Body};
+use super::body::{self, text, typed, Body};
 use super::sendfile::{self, FileBody, FollowBody, Segments};
 use super::{push, Site};
 use crate::nix::request::{self, CachePath};
@@ -146,23 +146,6 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
     site.metrics.request(route_name, response.status().as_u16());
     tracing::debug!(%method, path = uri.path(), status = response.status().as_u16(), "request");
     response
-}
-
-pub(super) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
-    typed(status, "text/plain; charset=utf-8", body.into())
-}
-
-pub(super) fn typed(
-    status: StatusCode,
-    content_type: &'static str,
-    body: String,
-) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(body::full(body))
-        .unwrap()
 }
 
 /// `POST /_sidecar/prefetch` with `{"paths": [...]}`: starts prefetching their closures and
