@@ -13,9 +13,7 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use nix_sidecar::config::{Config, Overrides};
 use nix_sidecar::nix::{base32, hash::Sha256 as NixSha256};
-use nix_sidecar::store::check::Expected;
-use nix_sidecar::store::fill::ChunkSink;
-use nix_sidecar::store::{Limits, NarSource, NewNarInfo, Slot, Store};
+use nix_sidecar::store::{ChunkSink, Expected, Limits, NarSource, NewNarInfo, Slot, Store};
 use sha2::{Digest, Sha256};
 
 const BATCH: usize = 10_000;

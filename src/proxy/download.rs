@@ -8,8 +8,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
-use crate::store::buffers;
-use crate::store::fill::{ChunkSink, FillWriter, PassThrough, BODY_IDLE_TIMEOUT, CHUNK};
+use crate::store::{
+    freeze_buffer, take_buffer, ChunkSink, FillWriter, PassThrough, BODY_IDLE_TIMEOUT, CHUNK,
+};
 use crate::upstream::{Answer, Upstream};
 
 /// Downloads `source` into a fill; runs to its end whoever is still reading.
@@ -135,7 +136,7 @@ impl Gathered {
         *self = match std::mem::take(self) {
             Gathered::Empty => Gathered::One(data),
             Gathered::One(first) => {
-                let mut buf = buffers::take(CHUNK);
+                let mut buf = take_buffer(CHUNK);
                 buf.extend_from_slice(&first);
                 buf.extend_from_slice(&data);
                 Gathered::Many(buf)
@@ -160,7 +161,7 @@ impl Gathered {
         match std::mem::take(self) {
             Gathered::Empty => None,
             Gathered::One(b) => Some(b),
-            Gathered::Many(buf) => Some(buffers::freeze(buf)),
+            Gathered::Many(buf) => Some(freeze_buffer(buf)),
         }
     }
 }

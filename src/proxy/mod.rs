@@ -22,9 +22,7 @@ use tokio::sync::OnceCell;
 use crate::metrics::{Kind, Metrics};
 use crate::nix::narinfo::{self, NarInfo, TrustedKeys, MAX_NARINFO_BYTES};
 use crate::nix::request::{self, CachePath};
-use crate::store::check::Expected;
-use crate::store::fill::{FillReader, FillState, PassThrough};
-use crate::store::read::ByteStream;
+use crate::store::{ByteStream, Expected, FillReader, FillState, PassThrough};
 use crate::store::{NarSource, NewNarInfo, Slot, Store};
 use crate::upstream::{Answer, Upstream, UpstreamError};
 

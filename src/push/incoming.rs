@@ -19,8 +19,7 @@ use super::queue::Origin;
 use super::Pusher;
 use crate::nix::narinfo::{NarInfo, MAX_NARINFO_BYTES};
 use crate::nix::request::is_file_name;
-use crate::store::check::{check_nar, Expected};
-use crate::store::fill::ChunkSink;
+use crate::store::{check_nar, ChunkSink, Expected};
 use crate::store::{NarSource, NewNarInfo, Slot};
 
 pub type Refusal = (StatusCode, String);

@@ -123,7 +123,7 @@ fn dump(path: &str, mut out: Out) -> Result<(), String> {
 fn decompress(path: &std::path::Path, compression: &str, out: Out) -> Result<(), String> {
     let mut file =
         std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let mut decoder = crate::store::check::decoder(compression, out)?;
+    let mut decoder = crate::store::decoder(compression, out)?;
     std::io::copy(&mut file, &mut decoder)
         .and_then(|_| decoder.flush())
         .map(drop)

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
-use crate::store::read::ByteStream;
+use crate::store::ByteStream;
 use prometheus_client::metrics::counter::Counter;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;

@@ -12,7 +12,7 @@ use super::{push, Site};
 use crate::nix::request::{self, CachePath};
 use crate::proxy::{prefetch, Content, Failure, NarAnswer, NarInfoAnswer};
 use crate::status::Status;
-use crate::store::read::stream_file;
+use crate::store::stream_file;
 
 pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
     let proxy = &site.answers;

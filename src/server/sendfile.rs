@@ -27,7 +27,7 @@ use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::store::fill::{Piece, PieceStream};
+use crate::store::{Piece, PieceStream};
 use prometheus_client::metrics::counter::Counter;
 
 /// Bytes per placeholder, and so at most per `sendfile` call (nginx's default

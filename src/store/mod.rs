@@ -4,11 +4,12 @@
 //! per NAR, stored exactly as served), `tmp/` (fills in progress; emptied at start-up).
 //! The store never calls an upstream: a fill takes the bytes it is given.
 
-pub mod buffers;
-pub mod check;
-pub mod fill;
-pub mod index;
-pub mod read;
+// The store's parts are its own; what others use is re-exported below (its face).
+mod buffers;
+mod check;
+mod fill;
+mod index;
+mod read;
 
 use std::collections::HashMap;
 use std::fs::{File, Permissions};
@@ -21,10 +22,17 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use check::{Expected, Verifier};
-use fill::{Fill, FillReader, FillWriter};
+pub use buffers::{freeze as freeze_buffer, take as take_buffer};
+use check::Verifier;
+pub use check::{check_nar, decoder, Expected};
+use fill::Fill;
+pub use fill::{
+    ChunkSink, FillReader, FillState, FillWriter, PassThrough, Piece, PieceStream,
+    BODY_IDLE_TIMEOUT, CHUNK,
+};
 use index::{Blob, Index, NarRow};
 pub use index::{NarSource, NewNarInfo};
+pub use read::{stream_file, ByteStream};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
