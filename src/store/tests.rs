@@ -1,0 +1,189 @@
+//! Tests of `store/mod.rs` (a sibling file, so the module itself stays short).
+
+use super::*;
+use crate::nix::hash::Sha256 as NixSha256;
+use bytes::Bytes;
+use fill::ChunkSink;
+
+fn expected_for(bytes: &[u8]) -> Expected {
+    let sha = NixSha256(Sha256::digest(bytes).into());
+    Expected {
+        file_hash: Some(sha),
+        file_size: Some(bytes.len() as u64),
+        nar_hash: sha,
+        nar_size: bytes.len() as u64,
+        compression: "none".into(),
+    }
+}
+
+fn source(expected: Expected) -> NarSource {
+    NarSource {
+        upstream: "up".into(),
+        url: "http://up/nar/x.nar".into(),
+        expected,
+    }
+}
+
+#[tokio::test]
+async fn the_cache_is_private_whatever_the_umask_and_follows_no_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let victim = dir.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("precious"), b"keep me").unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(&victim, cache.join("tmp")).unwrap();
+    let limits = Limits {
+        max_size: 1 << 30,
+        min_free: 0,
+    };
+    let store = Store::open(&cache, limits).unwrap();
+    assert!(
+        victim.join("precious").exists(),
+        "the link's target is untouched"
+    );
+    for sub in ["", "nars", "tmp"] {
+        let meta = std::fs::symlink_metadata(cache.join(sub)).unwrap();
+        assert!(meta.is_dir(), "{sub}");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{sub}");
+    }
+    let index = std::fs::metadata(cache.join("index.redb")).unwrap();
+    assert_eq!(index.permissions().mode() & 0o077, 0);
+    let expected = expected_for(b"hello");
+    store.put_narinfos(&[NewNarInfo::new(
+        "p",
+        "h",
+        "text",
+        "nar/x.nar",
+        source(expected.clone()),
+    )]);
+    let Slot::Lead(mut writer, _reader) = store.fill("nar/x.nar", &expected) else {
+        panic!("first fill leads");
+    };
+    writer.start(Some(5)).unwrap();
+    writer.write(Bytes::from_static(b"hello")).await.unwrap();
+    writer.finish().await;
+    for file in std::fs::read_dir(cache.join("nars")).unwrap() {
+        let mode = file.unwrap().metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "stored NARs are private");
+    }
+}
+
+/// Stores `bytes` under `key` through a fill, as a download would.
+async fn store_file(store: &Store, key: &str, bytes: &'static [u8]) {
+    let expected = expected_for(bytes);
+    store.put_narinfos(&[NewNarInfo::new(
+        "p",
+        key,
+        "text",
+        key,
+        source(expected.clone()),
+    )]);
+    let Slot::Lead(mut writer, _reader) = store.fill(key, &expected) else {
+        panic!("first fill leads");
+    };
+    writer.start(Some(bytes.len() as u64)).unwrap();
+    writer.write(Bytes::from_static(bytes)).await.unwrap();
+    writer.finish().await;
+}
+
+/// Drops `store` once the background work a fill leaves behind (the eviction pass after a
+/// commit) has let go of it, so the directory can be opened again at once.
+async fn close(store: Store) {
+    for _ in 0..500 {
+        if Arc::strong_count(&store.0) == 1 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the store is still held by a background task");
+}
+
+/// A pinned file outlives an eviction pass that takes every other file, except when the
+/// disk is below `min-free-space`; an expired pin is no pin; unpin lets it go.
+#[tokio::test]
+async fn pins_keep_files_over_max_size_but_not_below_the_disk_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let roomy = Limits {
+        max_size: 1 << 30,
+        min_free: 0,
+    };
+    let store = Store::open(dir.path(), roomy).unwrap();
+    store_file(&store, "nar/a.nar", b"pinned").await;
+    store_file(&store, "nar/b.nar", b"loose").await;
+    store_file(&store, "nar/c.nar", b"expired").await;
+    store.pin(&["nar/a.nar".into()], u64::MAX).unwrap();
+    store.pin(&["nar/c.nar".into()], 1).unwrap();
+    assert_eq!(store.stats().pinned_bytes, 6);
+    close(store).await;
+
+    let none = Limits {
+        max_size: 0,
+        min_free: 0,
+    };
+    let store = Store::open(dir.path(), none).unwrap();
+    store.enforce_limits(0);
+    assert_eq!(store.size(), 6, "only the pinned file is left");
+    assert!(store.stored("nar/a.nar").is_some());
+    close(store).await;
+
+    let floor = Limits {
+        max_size: 0,
+        min_free: u64::MAX / 2,
+    };
+    let store = Store::open(dir.path(), floor).unwrap();
+    store.enforce_limits(0);
+    assert_eq!(store.size(), 0, "below the floor, pins give way");
+    close(store).await;
+
+    let store = Store::open(dir.path(), roomy).unwrap();
+    store_file(&store, "nar/d.nar", b"again").await;
+    store.pin(&["nar/d.nar".into()], u64::MAX).unwrap();
+    assert_eq!(store.unpin(None).unwrap(), 3, "a, c and d were pinned");
+    close(store).await;
+    let store = Store::open(dir.path(), none).unwrap();
+    store.enforce_limits(0);
+    assert_eq!(store.size(), 0);
+}
+
+#[tokio::test]
+async fn a_narinfo_promising_other_bytes_under_a_stored_name_leaves_the_stored_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_size: 1 << 30,
+        min_free: 0,
+    };
+    let store = Store::open(dir.path(), limits).unwrap();
+    let old = expected_for(b"hello");
+    let put = |expected| {
+        store.put_narinfos(&[NewNarInfo::new(
+            "p",
+            "h",
+            "text",
+            "nar/x.nar",
+            source(expected),
+        )])
+    };
+    put(old.clone());
+    let Slot::Lead(mut writer, _reader) = store.fill("nar/x.nar", &old) else {
+        panic!("first fill leads");
+    };
+    writer.start(Some(5)).unwrap();
+    writer.write(Bytes::from_static(b"hello")).await.unwrap();
+    writer.finish().await;
+    assert_eq!(store.size(), 5);
+    let row = store.nar("nar/x.nar").unwrap();
+    assert!(store.open_stored("nar/x.nar", &row).is_some());
+    assert!(
+        matches!(store.fill("nar/x.nar", &old), Slot::Stored(_, 5)),
+        "a request that missed the file a moment ago gets it instead of a second download"
+    );
+
+    let texts = put(expected_for(b"other"));
+    assert_eq!(texts[0], "text", "no URL line to rename");
+    assert_eq!(store.size(), 5, "the first file still counts");
+    assert!(store.nar("nar/x.nar").unwrap().blob.is_some());
+    assert_eq!(store.nar("nar/x.nar").unwrap().source.expected, old);
+}
