@@ -12,7 +12,9 @@ pub mod incoming;
 pub mod info;
 pub mod local;
 pub mod nar;
+mod plan;
 pub mod queue;
+mod staging;
 pub mod target;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -62,9 +64,6 @@ impl LocalTrust {
         info
     }
 }
-
-/// A staged file with no narinfo for this long is an abandoned upload, and is removed.
-const ORPHAN_AFTER: Duration = Duration::from_secs(600);
 
 pub struct Pusher {
     targets: Vec<Arc<Target>>,
@@ -306,7 +305,7 @@ impl Pusher {
     pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         let mut changed = self.changed.subscribe();
         let mut running = tokio::task::JoinSet::new();
-        let mut sweep = tokio::time::interval(ORPHAN_AFTER / 10);
+        let mut sweep = tokio::time::interval(staging::ORPHAN_AFTER / 10);
         tokio::pin!(stop);
         loop {
             let (checks, uploads, wake) = self.plan(AT_ONCE.saturating_sub(running.len()));
@@ -333,134 +332,6 @@ impl Pusher {
             );
         }
         running.shutdown().await;
-    }
-
-    /// What to start now with `slots` free: missing-path checks (by upstream) and uploads;
-    /// and when to look again at the earliest.
-    #[allow(clippy::type_complexity)]
-    fn plan(
-        &self,
-        mut slots: usize,
-    ) -> (
-        Vec<(Arc<Target>, Vec<String>)>,
-        Vec<(Arc<Target>, String)>,
-        Instant,
-    ) {
-        let now = Instant::now();
-        let mut wake = now + Duration::from_secs(3600);
-        let mut state = self.state.lock().unwrap();
-        let mut order: Vec<(u64, String)> = state
-            .live
-            .iter()
-            .map(|(k, l)| (l.entry.seq, k.clone()))
-            .collect();
-        order.sort();
-        let mut checks: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut checking: HashSet<String> = state
-            .live
-            .values()
-            .filter(|l| l.running && !l.checked)
-            .map(|l| l.entry.upstream.clone())
-            .collect();
-        let mut uploads = Vec::new();
-        let mut doomed = Vec::new();
-        for (_, key) in order {
-            let live = &state.live[&key];
-            if live.running || live.entry.failed.is_some() {
-                continue;
-            }
-            if live.not_before > now {
-                wake = wake.min(live.not_before);
-                continue;
-            }
-            let upstream = live.entry.upstream.clone();
-            if !live.checked {
-                // One check per upstream at a time, of up to a batch of paths.
-                match checks.get_mut(&upstream) {
-                    Some(batch) if batch.len() < target::MISSING_BATCH => batch.push(key),
-                    Some(_) => {}
-                    None if !checking.contains(&upstream) && slots > 0 => {
-                        slots -= 1;
-                        checking.insert(upstream.clone());
-                        checks.insert(upstream, vec![key]);
-                    }
-                    None => {}
-                }
-                continue;
-            }
-            let mut blocked = false;
-            for reference in &live.entry.info.references {
-                let ref_key =
-                    queue::key(&live.entry.upstream, &reference[..32.min(reference.len())]);
-                if ref_key == key {
-                    continue;
-                }
-                match state.live.get(&ref_key) {
-                    Some(r) if r.entry.failed.is_some() => {
-                        doomed.push((
-                            key.clone(),
-                            format!("its reference {reference} could not be uploaded"),
-                        ));
-                        blocked = true;
-                        break;
-                    }
-                    Some(_) => {
-                        blocked = true;
-                        break;
-                    }
-                    None => {}
-                }
-            }
-            if blocked {
-                continue;
-            }
-            if slots > 0 {
-                slots -= 1;
-                uploads.push(key);
-            }
-        }
-        for keys in checks.values() {
-            for key in keys {
-                state.live.get_mut(key).expect("planned").running = true;
-            }
-        }
-        for key in &uploads {
-            state.live.get_mut(key).expect("planned").running = true;
-        }
-        // Nothing can move while every waiting path waits for another: a reference cycle
-        // between distinct paths (which no valid store has) would hold them for ever.
-        if uploads.is_empty() && checks.is_empty() && !state.live.values().any(|l| l.running) {
-            for key in in_cycles(&state.live) {
-                doomed.push((
-                    key,
-                    "its references form a cycle with other queued paths (invalid in a Nix store)"
-                        .into(),
-                ));
-            }
-        }
-        drop(state);
-        for (key, reason) in doomed {
-            self.fail_for_good(&key, &reason);
-        }
-        let target = |name: &str| {
-            self.targets
-                .iter()
-                .find(|t| t.name == name)
-                .cloned()
-                .expect("entries of unknown upstreams are not live")
-        };
-        let checks = checks
-            .into_iter()
-            .map(|(upstream, keys)| (target(&upstream), keys))
-            .collect();
-        let uploads = uploads
-            .into_iter()
-            .map(|key| {
-                let upstream = key.split('\t').next().unwrap_or_default().to_string();
-                (target(&upstream), key)
-            })
-            .collect();
-        (checks, uploads, wake)
     }
 
     async fn check(self: Arc<Self>, target: Arc<Target>, keys: Vec<String>) {
@@ -544,82 +415,6 @@ impl Pusher {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Keeps `file` staged until the guard is dropped (see `claimed`).
-    fn claim(&self, file: &str) -> Claim<'_> {
-        *self
-            .claimed
-            .lock()
-            .unwrap()
-            .entry(file.to_string())
-            .or_default() += 1;
-        Claim {
-            pusher: self,
-            file: file.to_string(),
-        }
-    }
-
-    /// Counts a newly staged file against the cache's budget until it is removed.
-    fn keep_staged(&self, file: &str, held: crate::store::Held) {
-        self.staged.lock().unwrap().insert(file.to_string(), held);
-    }
-
-    /// Removes a staged file and gives its room back.
-    fn unstage(&self, file: &str) {
-        let _ = std::fs::remove_file(self.staging.join(file));
-        self.staged.lock().unwrap().remove(file);
-    }
-
-    /// Bytes of staged files.
-    pub fn staged_bytes(&self) -> u64 {
-        self.staged
-            .lock()
-            .unwrap()
-            .values()
-            .map(|h| h.bytes())
-            .sum()
-    }
-
-    /// Counts the staged files found at start-up against the cache's budget.
-    fn hold_staged_files(&self) {
-        let Ok(dir) = std::fs::read_dir(&self.staging) else {
-            return;
-        };
-        for file in dir.flatten() {
-            let (Ok(meta), Some(name)) =
-                (file.metadata(), file.file_name().to_str().map(String::from))
-            else {
-                continue;
-            };
-            let held = self.store.hold_existing(meta.len());
-            self.keep_staged(&name, held);
-        }
-    }
-
-    /// Removes staged files that no queued path needs and whose narinfo did not come within
-    /// [`ORPHAN_AFTER`] (an upload Nix abandoned).
-    fn remove_orphans(&self) {
-        let needed: HashSet<String> = {
-            let state = self.state.lock().unwrap();
-            state
-                .live
-                .values()
-                .filter_map(|l| staged_file(&l.entry).cloned())
-                .collect()
-        };
-        let files: Vec<String> = self.staged.lock().unwrap().keys().cloned().collect();
-        for file in files {
-            let age = std::fs::metadata(self.staging.join(&file))
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok());
-            let claimed = self.claimed.lock().unwrap().contains_key(&file);
-            if !needed.contains(&file) && !claimed && age.is_none_or(|a| a >= ORPHAN_AFTER) {
-                tracing::info!(file, "removing an uploaded NAR whose narinfo never came");
-                self.unstage(&file);
-            }
-        }
-    }
-
     fn attempt_failed(&self, key: &str, error: &PushError) {
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         let reason = match error {
@@ -663,42 +458,6 @@ impl Pusher {
         }
         self.changed.send_modify(|n| *n += 1);
     }
-
-    /// Removes staged files no queued path needs (a NAR whose narinfo never came).
-    fn remove_stray_files(&self) {
-        let state = self.state.lock().unwrap();
-        let needed: HashSet<&str> = state
-            .live
-            .values()
-            .filter_map(|l| staged_file(&l.entry).map(String::as_str))
-            .collect();
-        let Ok(dir) = std::fs::read_dir(&self.staging) else {
-            return;
-        };
-        for file in dir.flatten() {
-            let name = file.file_name().to_string_lossy().into_owned();
-            if !needed.contains(name.as_str()) {
-                let _ = std::fs::remove_file(file.path());
-            }
-        }
-    }
-}
-
-struct Claim<'a> {
-    pusher: &'a Pusher,
-    file: String,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut claimed = self.pusher.claimed.lock().unwrap();
-        if let Some(n) = claimed.get_mut(&self.file) {
-            *n -= 1;
-            if *n == 0 {
-                claimed.remove(&self.file);
-            }
-        }
-    }
 }
 
 impl Live {
@@ -709,43 +468,6 @@ impl Live {
             not_before: Instant::now(),
             checked: false,
             running: false,
-        }
-    }
-}
-
-/// The waiting paths that can never be uploaded because they wait for one another: what is
-/// left of the graph "waits for" once every path that waits for nothing, and every path that
-/// nothing waits for, is peeled off again and again.
-fn in_cycles(live: &BTreeMap<String, Live>) -> Vec<String> {
-    let waiting = |l: &Live| l.entry.failed.is_none();
-    let mut waits_for: HashMap<&str, HashSet<String>> = live
-        .iter()
-        .filter(|(_, l)| waiting(l))
-        .map(|(key, l)| {
-            let refs = l
-                .entry
-                .info
-                .references
-                .iter()
-                .map(|r| queue::key(&l.entry.upstream, &r[..32.min(r.len())]))
-                .filter(|r| r != key && live.get(r).is_some_and(waiting))
-                .collect();
-            (key.as_str(), refs)
-        })
-        .collect();
-    loop {
-        let needed: HashSet<String> = waits_for.values().flatten().cloned().collect();
-        let before = waits_for.len();
-        let kept: HashSet<String> = waits_for
-            .iter()
-            .filter(|(key, refs)| {
-                !refs.iter().all(|r| !waits_for.contains_key(r.as_str())) && needed.contains(**key)
-            })
-            .map(|(key, _)| key.to_string())
-            .collect();
-        waits_for.retain(|key, _| kept.contains(*key));
-        if waits_for.len() == before {
-            return waits_for.into_keys().map(str::to_string).collect();
         }
     }
 }
