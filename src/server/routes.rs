@@ -11,19 +11,65 @@ use super::sendfile::{self, FileBody, FollowBody, Segments};
 use super::{push, Site};
 use crate::nix::request::{self, CachePath};
 use crate::proxy::{prefetch, Content, Failure, NarAnswer, NarInfoAnswer};
+use crate::push::Pusher;
 use crate::status::Status;
 use crate::store::stream_file;
 
-pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
-    let proxy = &site.answers;
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let route = request::parse(uri.path(), uri.query());
-    let client = request
-        .extensions()
-        .get::<super::Peer>()
-        .and_then(|p| p.uid);
-    let route_name = match &route {
+/// Every request the listener answers, decided from its method and path in one place.
+enum Route<'a> {
+    CacheInfo,
+    NarInfo(String),
+    Nar(String),
+    Forwarded(String),
+    Health,
+    Metrics,
+    Prefetch,
+    Unpin,
+    Push(&'a Arc<Pusher>),
+    /// `POST /_sidecar/push` with no upstream taking pushes.
+    NoPush,
+    PutNarInfo(&'a Pusher, String),
+    PutNar(&'a Pusher, String),
+    /// Nix asking before it uploads a NAR.
+    HeadUploaded(&'a Pusher, String),
+    /// 405, with the methods the path takes.
+    NotAllowed(&'static str),
+    NotFound,
+}
+
+/// The table of routes: (method, path, whether some upstream takes pushes) -> route.
+fn route<'a>(
+    method: &Method,
+    path: Option<CachePath>,
+    pusher: Option<&'a Arc<Pusher>>,
+) -> Route<'a> {
+    use CachePath as P;
+    let Some(path) = path else {
+        return Route::NotFound;
+    };
+    match (method, path, pusher) {
+        (&Method::POST, P::Prefetch, _) => Route::Prefetch,
+        (&Method::POST, P::Unpin, _) => Route::Unpin,
+        (&Method::POST, P::Push, Some(pusher)) => Route::Push(pusher),
+        (&Method::POST, P::Push, None) => Route::NoPush,
+        (_, P::Prefetch | P::Unpin | P::Push, _) => Route::NotAllowed("POST"),
+        (&Method::PUT, P::NarInfo(hash), Some(pusher)) => Route::PutNarInfo(pusher, hash),
+        (&Method::PUT, P::Nar(key), Some(pusher)) => Route::PutNar(pusher, key),
+        (&Method::HEAD, P::Nar(key), Some(pusher)) => Route::HeadUploaded(pusher, key),
+        (&Method::GET | &Method::HEAD, P::CacheInfo, _) => Route::CacheInfo,
+        (&Method::GET | &Method::HEAD, P::NarInfo(hash), _) => Route::NarInfo(hash),
+        (&Method::GET | &Method::HEAD, P::Nar(key), _) => Route::Nar(key),
+        (&Method::GET | &Method::HEAD, P::Forwarded(rel), _) => Route::Forwarded(rel),
+        (&Method::GET | &Method::HEAD, P::Health, _) => Route::Health,
+        (&Method::GET | &Method::HEAD, P::Metrics, _) => Route::Metrics,
+        (_, P::NarInfo(_) | P::Nar(_), Some(_)) => Route::NotAllowed("GET, HEAD, PUT"),
+        _ => Route::NotAllowed("GET, HEAD"),
+    }
+}
+
+/// The route's name in `nix_sidecar_requests_total`.
+fn route_name(path: &Option<CachePath>) -> &'static str {
+    match path {
         None => "invalid",
         Some(CachePath::CacheInfo) => "cache-info",
         Some(CachePath::NarInfo(_)) => "narinfo",
@@ -34,77 +80,64 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         Some(CachePath::Prefetch) => "prefetch",
         Some(CachePath::Unpin) => "unpin",
         Some(CachePath::Push) => "push",
-    };
-    let allowed = match (&route, &site.pusher) {
-        (Some(CachePath::Prefetch | CachePath::Unpin | CachePath::Push), _) => "POST",
-        (Some(CachePath::NarInfo(_) | CachePath::Nar(_)), Some(_)) => "GET, HEAD, PUT",
-        _ => "GET, HEAD",
-    };
-    let response = match route {
-        _ if !allowed.split(", ").any(|m| m == method.as_str()) => {
+    }
+}
+
+pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
+    let proxy = &site.answers;
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let path = request::parse(uri.path(), uri.query());
+    let client = request
+        .extensions()
+        .get::<super::Peer>()
+        .and_then(|p| p.uid);
+    let name = route_name(&path);
+    let response = match route(&method, path, site.pusher.as_ref()) {
+        Route::NotAllowed(allowed) => {
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "nix-sidecar is a read-only binary cache\n",
             );
             r.headers_mut()
-                .insert(header::ALLOW, allowed.parse().unwrap());
+                .insert(header::ALLOW, http::HeaderValue::from_static(allowed));
             r
         }
-        Some(CachePath::Prefetch) => prefetch(site, request).await,
-        Some(CachePath::Push) => match &site.pusher {
-            Some(pusher) => push::request(pusher, request).await,
-            None => text(
-                StatusCode::NOT_FOUND,
-                "no upstream takes pushes (push = ...)\n",
-            ),
-        },
-        Some(CachePath::NarInfo(hash)) if method == Method::PUT => {
-            let pusher = site
-                .pusher
-                .as_ref()
-                .expect("PUT is allowed only with a pusher");
-            push::narinfo(pusher, &hash, request).await
-        }
-        Some(CachePath::Nar(key)) if method == Method::PUT => {
-            let pusher = site
-                .pusher
-                .as_ref()
-                .expect("PUT is allowed only with a pusher");
-            push::nar(pusher, &key, request).await
-        }
-        // Nix asks before uploading a NAR: only one it gave us, or one in the local cache (which
-        // its narinfo's PUT then takes from there), counts as there.
-        Some(CachePath::Nar(key)) if method == Method::HEAD && site.pusher.is_some() => {
-            let pusher = site.pusher.as_ref().expect("checked");
-            let staged = key.strip_prefix("nar/").is_some_and(|f| pusher.has_nar(f));
-            if staged {
+        Route::NotFound => text(StatusCode::NOT_FOUND, "not a binary cache path\n"),
+        Route::Prefetch => prefetch(site, request).await,
+        Route::Push(pusher) => push::request(pusher, request).await,
+        Route::NoPush => text(
+            StatusCode::NOT_FOUND,
+            "no upstream takes pushes (push = ...)\n",
+        ),
+        Route::PutNarInfo(pusher, hash) => push::narinfo(pusher, &hash, request).await,
+        Route::PutNar(pusher, key) => push::nar(pusher, &key, request).await,
+        // Only a NAR Nix gave us, or one in the local cache (which its narinfo's PUT then
+        // takes from there), counts as there.
+        Route::HeadUploaded(pusher, key) => {
+            if key.strip_prefix("nar/").is_some_and(|f| pusher.has_nar(f)) {
                 text(StatusCode::OK, "")
             } else {
                 text(StatusCode::NOT_FOUND, "not uploaded\n")
             }
         }
-        Some(CachePath::Unpin) => match site.may_pin(&request).map(|()| site.answers.unpin_all()) {
+        Route::Unpin => match site.may_pin(&request).map(|()| site.answers.unpin_all()) {
             Err(why) => text(StatusCode::FORBIDDEN, why),
-            Ok(unpinned) => match unpinned {
-                Ok(n) => typed(
-                    StatusCode::OK,
-                    "application/json",
-                    format!("{{\"unpinned\": {n}}}\n"),
-                ),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-            },
+            Ok(Ok(n)) => typed(
+                StatusCode::OK,
+                "application/json",
+                format!("{{\"unpinned\": {n}}}\n"),
+            ),
+            Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
-        None => text(StatusCode::NOT_FOUND, "not a binary cache path\n"),
-        Some(CachePath::CacheInfo) => {
-            typed(StatusCode::OK, "text/x-nix-cache-info", proxy.cache_info())
-        }
-        Some(CachePath::Health) => health(&(site.status)()),
-        Some(CachePath::Metrics) => typed(
+        Route::CacheInfo => typed(StatusCode::OK, "text/x-nix-cache-info", proxy.cache_info()),
+        Route::Health => health(&(site.status)()),
+        Route::Metrics => typed(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
             site.metrics.render(&(site.status)()),
         ),
-        Some(CachePath::NarInfo(hash)) => match proxy.narinfo(&hash, client).await {
+        Route::NarInfo(hash) => match proxy.narinfo(&hash, client).await {
             NarInfoAnswer::Found(text) => typed(StatusCode::OK, "text/x-nix-narinfo", text),
             NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
             NarInfoAnswer::Untrusted(reason) | NarInfoAnswer::Unknown(reason) => {
@@ -112,7 +145,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             }
             NarInfoAnswer::Failed(failure) => failed(uri.path(), &failure),
         },
-        Some(CachePath::Nar(key)) if request.version() < Version::HTTP_11 => {
+        Route::Nar(key) if request.version() < Version::HTTP_11 => {
             // Without a length or chunking, the end of an HTTP/1.0 body is the connection's
             // end, which an aborted NAR also is: a failed download would look complete.
             match proxy.nar_for_client(&key, &method, client).await {
@@ -123,7 +156,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
                 answer => nar_response(site, answer, None, None, uri.path()),
             }
         }
-        Some(CachePath::Nar(key)) => {
+        Route::Nar(key) => {
             let range = request
                 .headers()
                 .get(header::RANGE)
@@ -132,7 +165,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             let answer = proxy.nar_for_client(&key, &method, client).await;
             nar_response(site, answer, range, segments, uri.path())
         }
-        Some(CachePath::Forwarded(rel)) => {
+        Route::Forwarded(rel) => {
             let answer = proxy.forward(&rel, &method).await;
             nar_response(site, answer, None, None, uri.path())
         }
@@ -143,7 +176,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
     } else {
         response
     };
-    site.metrics.request(route_name, response.status().as_u16());
+    site.metrics.request(name, response.status().as_u16());
     tracing::debug!(%method, path = uri.path(), status = response.status().as_u16(), "request");
     response
 }
