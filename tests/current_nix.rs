@@ -15,16 +15,8 @@ use support::nix::fixture;
 use support::sidecar::Sidecar;
 use support::upstream::hash_part;
 
-const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-
 fn node(i: usize) -> String {
-    let mut digits = vec![b'0'; 32];
-    let mut n = i;
-    for d in digits.iter_mut().rev() {
-        *d = NIX32[n % 32];
-        n /= 32;
-    }
-    String::from_utf8(digits).unwrap()
+    support::upstream::synthetic_hash(i)
 }
 
 /// 25 keep-alive clients walk the same 1,000-path closure at once, each in its own order,

@@ -11,19 +11,12 @@ use std::time::{Duration, Instant};
 use support::http::{get, respond, serve};
 use support::sidecar::Sidecar;
 
-const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 /// A well-formed NarHash; nothing here downloads the NAR it describes.
 const NAR_HASH: &str = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
 
 /// The store path hash of synthetic node `i`.
 fn node(i: usize) -> String {
-    let mut digits = vec![b'0'; 32];
-    let mut n = i;
-    for d in digits.iter_mut().rev() {
-        *d = NIX32[n % 32];
-        n /= 32;
-    }
-    String::from_utf8(digits).unwrap()
+    support::upstream::synthetic_hash(i)
 }
 
 fn narinfo(hash: &str, nar: &str, references: &[String]) -> String {

@@ -79,15 +79,7 @@ fn builder(dir: &Path, upstream: &str, top: &str) -> Sidecar {
 }
 
 async fn put(url: &str, body: Vec<u8>) -> (u16, String) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<Bytes>>();
-    let request = http::Request::put(url)
-        .body(http_body_util::Full::new(Bytes::from(body)))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    support::http::send("PUT", url, body).await
 }
 
 /// `nix-sidecar push --wait` against `sidecar`, bounded in time.
@@ -384,18 +376,7 @@ async fn only_push_uids_pin_and_unpin() {
     );
     let post = |path: &str, body: String| {
         let url = format!("{}{path}", sidecar.url);
-        async move {
-            let client =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http::<http_body_util::Full<Bytes>>();
-            let request = http::Request::post(url)
-                .body(http_body_util::Full::new(Bytes::from(body)))
-                .unwrap();
-            let response = client.request(request).await.unwrap();
-            let status = response.status().as_u16();
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
+        async move { support::http::send("POST", &url, body).await }
     };
     let pinned = format!("{{\"paths\": [\"{}\"], \"pin\": \"forever\"}}", fx.top);
     let (status, body) = post("/_sidecar/prefetch", pinned).await;

@@ -91,3 +91,18 @@ pub async fn get(url: &str, method: &str, headers: &[(&str, &str)]) -> Got {
         body,
     }
 }
+
+/// `method` `url` with `body`: the status and the answer's text.
+pub async fn send(method: &str, url: &str, body: impl Into<Bytes>) -> (u16, String) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let request = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(body.into()))
+        .unwrap();
+    let response = client.request(request).await.expect("request");
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}

@@ -429,3 +429,15 @@ async fn verify(
         .map_err(|e| format!("{e}"))?;
     Ok(data.claims)
 }
+
+/// The store path hash of synthetic path `i` (nix32 digits of `i`, zero-padded to 32).
+pub fn synthetic_hash(i: usize) -> String {
+    const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let mut digits = vec![b'0'; 32];
+    let mut n = i;
+    for d in digits.iter_mut().rev() {
+        *d = NIX32[n % 32];
+        n /= 32;
+    }
+    String::from_utf8(digits).unwrap()
+}
