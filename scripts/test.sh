@@ -29,8 +29,14 @@ if [ "$(id -u)" = 0 ]; then
   nix226="${NIX_SIDECAR_NIX226_ROOT:-/var/tmp/nix-sidecar-nix226}"
   if [ ! -x "$nix226/usr/bin/nix" ]; then
     echo "making a Debian trixie root with current Nix in $nix226" >&2
-    rm -rf "$nix226.new"
-    mmdebstrap --quiet --variant=apt --include=nix-bin,ca-certificates trixie "$nix226.new"
+    for attempt in 1 2; do
+      rm -rf "$nix226.new"
+      if mmdebstrap --quiet --variant=apt --include=nix-bin,ca-certificates trixie "$nix226.new"; then
+        break
+      fi
+      [ "$attempt" = 2 ] && { echo "could not make the Nix 2.26 root" >&2; exit 2; }
+      echo "mmdebstrap failed; trying once more" >&2
+    done
     rm -rf "$nix226" && mv "$nix226.new" "$nix226"
   fi
   export NIX_SIDECAR_NIX226_ROOT="$nix226"
