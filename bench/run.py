@@ -585,11 +585,11 @@ def split_closure(b: Bench, top: str) -> None:
                 os.link(os.path.join(b.cache, rel), target)
 
 
-def nix_seconds(args: list, work: str, cacert: str = None) -> float:
+def nix_seconds(args: list, work: str, cacert: str = None, client: str = "2.8") -> float:
     """A Nix command run against an empty store (removed afterwards); its wall time."""
     home = tempfile.mkdtemp(dir=work, prefix="nix-client-")
     started = time.monotonic()
-    nix(args + ["--store", os.path.join(home, "store")], home, cacert)
+    nix(args + ["--store", os.path.join(home, "store")], home, cacert, client)
     seconds = time.monotonic() - started
     subprocess.run(["chmod", "-R", "u+w", home], check=True)
     shutil.rmtree(home)
@@ -830,8 +830,70 @@ def exchange_throughput(b: Bench, results: list):
                     median([p for _, p in ours_paced]), "nginx fixed answer", median([p for _, p in floor_paced]), "<= 5 ms"))
 
 
+def system_closure(b: Bench) -> tuple:
+    """A closure shaped like a system's: SYSTEM_LEVELS levels of SYSTEM_WIDTH paths of about
+    SYSTEM_KIB KiB each, every path referring to the hub (one path all refer to, as glibc is)
+    and to two paths of the level below; a top path above them all. Added, signed and
+    uncompressed, to the binary cache. Returns (top path, public key, number of paths)."""
+    home = os.path.join(b.work, "system-home")
+    os.makedirs(home, exist_ok=True)
+    expr = os.path.join(home, "system.nix")
+    with open(expr, "w") as f:
+        f.write(f"""
+let
+  mk = name: deps: builtins.derivation {{
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "/usr/bin/head -c {SYSTEM_KIB * 1024} /dev/urandom > $out; echo ${{builtins.concatStringsSep " " deps}} >> $out" ];
+  }};
+  hub = mk "sys-hub" [ ];
+  level = l: below: builtins.genList (i: mk "sys-${{toString l}}-${{toString i}}"
+    ([ hub ] ++ (if below == [ ] then [ ] else [ (builtins.elemAt below (i - i / {SYSTEM_WIDTH} * {SYSTEM_WIDTH})) (builtins.elemAt below ({SYSTEM_WIDTH} - 1 - i)) ]))) {SYSTEM_WIDTH};
+  levels = builtins.foldl' (acc: l: [ (level l (if acc == [ ] then [ ] else builtins.head acc)) ] ++ acc) [ ] (builtins.genList (l: {SYSTEM_LEVELS} - l) {SYSTEM_LEVELS});
+in mk "sys-top" (builtins.head levels)
+""")
+    top = nix(["nix-build", "--no-out-link", expr], home).strip()
+    count = len(nix(["nix-store", "-qR", top], home).split())
+    sk, pk = os.path.join(home, "sk"), os.path.join(home, "pk")
+    nix(["nix-store", "--generate-binary-cache-key", "bench-sys-1", sk, pk], home)
+    nix(["nix", "copy", "--to", f"file://{b.cache}?secret-key={sk}&compression=none", top], home)
+    with open(pk) as f:
+        return top, f.read().strip(), count
+
+
+SYSTEM_LEVELS = int(os.environ.get("BENCH_SYSTEM_LEVELS", "15"))
+SYSTEM_WIDTH = int(os.environ.get("BENCH_SYSTEM_WIDTH", "40"))
+SYSTEM_KIB = int(os.environ.get("BENCH_SYSTEM_KIB", "60"))
+
+
+def system_deploy(b: Bench, results: list):
+    """11. A system-shaped closure realised the way a deploy does (`nix-store --realise` with 16
+    jobs), with each client: cold nix-sidecar vs Nix straight to the upstream, warm vs nginx
+    static. All on loopback."""
+    print(f"# building a system-shaped closure ({SYSTEM_LEVELS} levels of {SYSTEM_WIDTH})", flush=True)
+    top, key, count = system_closure(b)
+    for client in clients():
+        def realise(url, cacert=None):
+            return nix_seconds(["nix-store", "--realise", top, "--option", "substituters", url,
+                                "--option", "trusted-public-keys", key, "--max-jobs", "16",
+                                "--option", "max-substitution-jobs", "16"], b.work, cacert, client)
+        cold, warm, static, direct = [], [], [], []
+        for _ in range(max(3, ROUNDS // 2)):
+            b.start_sidecar(fresh=True)
+            cold.append(realise(b.url("sidecar", "")))
+            warm.append(realise(b.url("sidecar", "")))
+            static.append(realise(b.url("static", "")))
+            direct.append(realise(b.url("upstream", ""), b.cert))
+        b.stop_sidecar()
+        what = f"{count} paths, system-shaped, Nix {client}"
+        results.append((f"11. deploy (realise, 16 jobs), cold, {what}, s", median(cold), "direct upstream (TLS)", median(direct), "<= 1.3"))
+        results.append((f"11b. deploy, warm, {what}, s", median(warm), "nginx static", median(static), "<= 1.1"))
+
+
 SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "6": real_nix,
-             "7": big_index, "8": crowd_cold, "9": wan, "10": exchange_throughput}
+             "7": big_index, "8": crowd_cold, "9": wan, "10": exchange_throughput,
+             "11": system_deploy}
 
 
 def main():
