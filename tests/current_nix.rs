@@ -221,22 +221,6 @@ async fn listings_and_debuginfo_are_forwarded_and_503s_carry_retry_after() {
     );
 }
 
-/// A body fed chunk by chunk from a channel (a slow upstream).
-struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for Fed {
-    type Data = Bytes;
-    type Error = std::io::Error;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
-    }
-}
-
 /// README "What Nix is told": a `Range` request for a NAR still being downloaded gets the whole
 /// NAR (200), verified; once it is stored, the range (206).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,15 +244,15 @@ async fn a_range_on_a_nar_being_filled_gets_the_whole_nar_then_206_once_stored()
             let (tx, rx) = tokio::sync::mpsc::channel(2);
             let half = nar.len() / 2;
             tokio::spawn(async move {
-                let _ = tx.send(nar.slice(..half)).await;
+                let _ = tx.send(Ok(nar.slice(..half))).await;
                 tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-                let _ = tx.send(nar.slice(half..)).await;
+                let _ = tx.send(Ok(nar.slice(half..))).await;
             });
             let len = served_len(&info);
             http::Response::builder()
                 .status(200)
                 .header("content-length", len)
-                .body(Fed(rx).boxed())
+                .body(nix_sidecar::http::ChannelBody::new(rx).boxed())
                 .unwrap()
         }
     })

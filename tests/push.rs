@@ -60,13 +60,17 @@ fn sidecar_beside(
 
 /// A fresh Nix signing key in `dir`: (secret key file, public key).
 fn signing_key(dir: &Path) -> (std::path::PathBuf, String) {
+    signing_key_named(dir, &format!("builder-{}-1", fastrand_name(dir)))
+}
+
+/// A fresh Nix signing key called `name` in `dir`: (secret key file, public key).
+fn signing_key_named(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
     let (sk, pk) = (dir.join("push.sk"), dir.join("push.pk"));
-    let name = format!("builder-{}-1", fastrand_name(dir));
     let made = nix(
         &[
             "nix-store",
             "--generate-binary-cache-key",
-            &name,
+            name,
             sk.to_str().unwrap(),
             pk.to_str().unwrap(),
         ],
@@ -493,18 +497,7 @@ async fn paths_signed_by_a_skip_key_are_not_uploaded() {
     let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     // Signed on the way by a key named like cache.nixos.org's (a default skip key).
-    let (sk, pk) = (home.join("sk"), home.join("pk"));
-    let made = nix(
-        &[
-            "nix-store",
-            "--generate-binary-cache-key",
-            "cache.nixos.org-1",
-            sk.to_str().unwrap(),
-            pk.to_str().unwrap(),
-        ],
-        &home,
-    );
-    assert!(made.status.success());
+    let (sk, _) = signing_key_named(&home, "cache.nixos.org-1");
     let query = format!("compression=zstd&secret-key={}", sk.display());
     let copied = nix_copy_to(builder, &query, &[&fx.top], &home);
     assert_ok(&copied, builder);

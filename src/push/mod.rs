@@ -57,8 +57,9 @@ impl LocalTrust {
     /// `info` with this machine's signature added, when no trusted key signed it.
     fn signed(&self, mut info: PathInfo) -> PathInfo {
         if let Some(signer) = &self.signer {
-            if !self.keys.verify_signatures(&info.fingerprint(), &info.sigs) {
-                info.sigs.push(signer.sign(&info.fingerprint()));
+            let fingerprint = info.fingerprint();
+            if !self.keys.verify_signatures(&fingerprint, &info.sigs) {
+                info.sigs.push(signer.sign(&fingerprint));
             }
         }
         info
