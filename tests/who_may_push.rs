@@ -75,7 +75,8 @@ impl Attacker {
         std::fs::write(&request_file, request).unwrap();
         std::fs::set_permissions(&request_file, std::fs::Permissions::from_mode(0o644)).unwrap();
         support::raise_nofile(); // inherited: the hard limit bounds what the attacker can raise
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .args([
                 "attacker",
                 "--exact",
@@ -92,9 +93,9 @@ impl Attacker {
             .gid(NOBODY)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the attacker as uid 65534");
+            .stderr(Stdio::inherit());
+        let mut child =
+            support::spawn_copied(&mut command).expect("start the attacker as uid 65534");
         let out = BufReader::new(child.stdout.take().unwrap());
         let mut attacker = Attacker {
             child,

@@ -41,3 +41,19 @@ pub fn raise_nofile() -> u64 {
     }
     limit.rlim_cur
 }
+
+/// Spawns `command`, trying again while its program is "busy": a binary this test process has
+/// just copied (to run it as another user, or in another root) may still be open for writing in
+/// a child that another test thread forked at that moment, until that child execs.
+pub fn spawn_copied(command: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}

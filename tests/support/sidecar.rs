@@ -178,7 +178,7 @@ impl Sidecar {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("start nix-sidecar"));
+        self.child = Some(super::spawn_copied(&mut cmd).expect("start nix-sidecar"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut text = String::new();
