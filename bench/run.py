@@ -123,6 +123,7 @@ http {{
   server {{
     listen 127.0.0.1:{p['static']}; root {self.cache};
     location /issuer/ {{ alias {self.work}/issuer/; }}
+    location /wan-all/ {{ alias {self.cache}/; limit_rate {WAN_UPSTREAM_MIB}m; }}
     location = /token {{ default_type application/json; return 200 '{{"access_token":"x","token_type":"Bearer"}}'; }}
   }}
   server {{ listen 127.0.0.1:{p['wan-a']}; root {self.work}/wan-a; limit_rate {WAN_UPSTREAM_MIB}m; }}
@@ -144,23 +145,26 @@ http {{
         subprocess.run(["nginx", "-c", os.path.join(self.work, "nginx.conf"), "-p", self.work], check=True)
         time.sleep(0.5)
 
-    def sidecar_config(self, cache_name="sidecar-cache", upstream_path="") -> str:
+    def sidecar_config(self, cache_name="sidecar-cache", upstream_path="", upstream_url=None) -> str:
         """Writes the config of a nix-sidecar in front of the upstream (or the part of it under
-        `upstream_path`); returns its path."""
+        `upstream_path`, or the plain-HTTP `upstream_url`); returns its path."""
         cache_dir = os.path.join(self.work, cache_name)
         config = os.path.join(self.work, f"{cache_name}.toml")
+        upstream = (f'url = "{upstream_url}"\n' if upstream_url else
+                    f'url = "https://127.0.0.1:{self.ports["upstream"]}{upstream_path}"\nca-file = "{self.cert}"\n')
         with open(config, "w") as f:
             f.write(f'listen = ["127.0.0.1:{self.ports["sidecar"]}"]\ncache-dir = "{cache_dir}"\n'
                     f'min-free-space = "1GiB"\nmax-cache-size = "50GiB"\n'
-                    f'[[upstream]]\nname = "up"\nurl = "https://127.0.0.1:{self.ports["upstream"]}{upstream_path}"\nca-file = "{self.cert}"\n')
+                    f'[[upstream]]\nname = "up"\n{upstream}')
         return config
 
-    def start_sidecar(self, fresh=True, cache_name="sidecar-cache", ready_path="nix-cache-info", upstream_path="") -> float:
+    def start_sidecar(self, fresh=True, cache_name="sidecar-cache", ready_path="nix-cache-info", upstream_path="",
+                      upstream_url=None) -> float:
         """Starts nix-sidecar; returns the seconds until it answered `ready_path` with 200."""
         self.stop_sidecar()
         if fresh:
             shutil.rmtree(os.path.join(self.work, cache_name), ignore_errors=True)
-        config = self.sidecar_config(cache_name, upstream_path)
+        config = self.sidecar_config(cache_name, upstream_path, upstream_url)
         log = open(os.path.join(self.work, "sidecar.log"), "a")
         started = time.monotonic()
         self.sidecar = subprocess.Popen([os.environ.get("BENCH_SIDECAR_BIN", os.path.join(ROOT, "target/release/nix-sidecar")), "serve", "--config", config],
@@ -218,7 +222,7 @@ def nar_url_of(b: Bench, who: str, h: str) -> str:
     return next(l[5:] for l in text.splitlines() if l.startswith("URL: "))
 
 
-def wrk(url_base: str, paths_file: str, connections=64) -> str:
+def wrk(url_base: str, paths_file: str, connections=64, threads=2) -> str:
     script = os.path.join(os.path.dirname(paths_file), "paths.lua")
     with open(script, "w") as f:
         f.write(f"""
@@ -230,12 +234,13 @@ request = function()
   return wrk.format("GET", paths[i])
 end
 """)
-    return subprocess.run(["wrk", "-t2", f"-c{connections}", "-d5s", "--latency", "-s", script, url_base],
+    return subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", "-d5s", "--latency", "-s", script, url_base],
                           check=True, capture_output=True, text=True).stdout
 
 
-def wrk_rps(url_base: str, paths_file: str) -> float:
-    line = next(l for l in wrk(url_base, paths_file).splitlines() if l.startswith("Requests/sec:"))
+def wrk_rps(url_base: str, paths_file: str, connections=64, threads=2) -> float:
+    line = next(l for l in wrk(url_base, paths_file, connections, threads).splitlines()
+                if l.startswith("Requests/sec:"))
     return float(line.split()[1])
 
 
@@ -285,6 +290,23 @@ def warm_narinfo(b: Bench, results: list):
         stat.append(wrk_rps(b.url("static", ""), paths_file))
     results.append(("2. warm narinfo, req/s", median(side), "nginx proxy_cache", median(proxy), ">= 1.0"))
     results.append(("2b. warm narinfo, req/s", median(side), "nginx static", median(stat), "(info)"))
+
+
+def hit_path(b: Bench, results: list):
+    """12. The hit path at its floor: cached narinfos asked one after another on one keep-alive
+    connection (`wrk -t1 -c1`), as a lone Nix walking a closure does. Microseconds per request."""
+    b.start_sidecar()
+    paths_file = os.path.join(b.work, "paths.txt")
+    with open(paths_file, "w") as f:
+        f.write("\n".join("/" + narinfo_path(h) for h in b.small) + "\n")
+    for h in b.small:
+        urllib.request.urlopen(b.url("sidecar", narinfo_path(h))).read()
+    side, stat = [], []
+    for _ in range(max(3, ROUNDS // 2)):
+        side.append(1e6 / wrk_rps(b.url("sidecar", ""), paths_file, connections=1, threads=1))
+        stat.append(1e6 / wrk_rps(b.url("static", ""), paths_file, connections=1, threads=1))
+    results.append(("12. cached narinfo, one keep-alive connection, us/request", median(side),
+                    "nginx static", median(stat), "<= 1.0"))
 
 
 def hashed_download_seconds(url: str, cacert: str) -> float:
@@ -525,7 +547,9 @@ class DelayingProxy:
         return buf[:end], buf[end:]
 
     def relay(self, client):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         upstream = socket.create_connection(("127.0.0.1", self.target))
+        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pipe_r, pipe_w = os.pipe()
         pending = b""
         try:
@@ -538,14 +562,15 @@ class DelayingProxy:
                 response, body = self.head(upstream, b"")
                 if response is None:
                     return
-                client.sendall(response)
                 lines = response.decode("latin-1").split("\r\n")
                 status = int(lines[0].split()[1])
                 length = next((int(l.split(":", 1)[1]) for l in lines if l.lower().startswith("content-length:")), 0)
                 if request.startswith(b"HEAD") or status in (204, 304):
                     length = 0
                 left = length - len(body)
-                client.sendall(body[:length])
+                # Head and the body read with it in one write: two small writes would wait
+                # for the client's delayed ACK (Nagle), doubling the round trip.
+                client.sendall(response + body[:length])
                 # The rest moves in the kernel (socket -> pipe -> socket), outside Python's
                 # lock, so the relay is not what limits the rate.
                 while left > 0:
@@ -891,9 +916,43 @@ def system_deploy(b: Bench, results: list):
         results.append((f"11b. deploy, warm, {what}, s", median(warm), "nginx static", median(static), "<= 1.1"))
 
 
+def current_nix_wan(b: Bench, results: list):
+    """13. The two shapes a deploy pulls, behind one cache across a WAN (WAN_DELAY_S per
+    request, WAN_UPSTREAM_MIB per connection), with each client at its defaults: the chain
+    with `nix copy`, the system-shaped closure with `nix-store --realise` (16 jobs); a cold
+    nix-sidecar (built-in defaults) against Nix straight to the cache."""
+    print(f"# WAN, one cache: {WAN_DELAY_S * 1000:.0f} ms per request, {WAN_UPSTREAM_MIB} MiB/s per connection", flush=True)
+    chain_top, chain_key = nix_closure(b)
+    system_top, system_key, count = system_closure(b)
+    proxy = DelayingProxy(b.ports["static"])
+    direct = f"http://127.0.0.1:{proxy.port}/wan-all"
+    sidecar = b.url("sidecar", "").rstrip("/")
+    for client in clients():
+        def copy(url):
+            return nix_copy_seconds(url, chain_top, chain_key, b.work, client=client)
+
+        def deploy(url):
+            return nix_seconds(["nix-store", "--realise", system_top, "--option", "substituters", url,
+                                "--option", "trusted-public-keys", system_key, "--max-jobs", "16",
+                                "--option", "max-substitution-jobs", "16"], b.work, client=client)
+        runs = {"chain": ([], []), "system": ([], [])}
+        for _ in range(max(3, ROUNDS // 2)):
+            for shape, run in [("chain", copy), ("system", deploy)]:
+                b.start_sidecar(fresh=True, upstream_url=direct)
+                runs[shape][0].append(run(sidecar))
+                runs[shape][1].append(run(direct))
+        b.stop_sidecar()
+        results.append((f"13. WAN, chain ({NIX_PATHS + 1} paths, {NIX_MIB} MiB), `nix copy`, cold, Nix {client}, s",
+                        median(runs["chain"][0]), "Nix straight to the cache", median(runs["chain"][1]), "<= 0.5"))
+        results.append((f"13b. WAN, system-shaped ({count} paths), realise 16 jobs, cold, Nix {client}, s",
+                        median(runs["system"][0]), "Nix straight to the cache", median(runs["system"][1]), "<= 0.5"))
+    proxy.listener.close()
+
+
 SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "6": real_nix,
              "7": big_index, "8": crowd_cold, "9": wan, "10": exchange_throughput,
-             "11": system_deploy}
+             "11": system_deploy, "12": hit_path,
+             "13": current_nix_wan}
 
 
 def main():

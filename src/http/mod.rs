@@ -136,9 +136,10 @@ where
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            // After a burst of downloads, a few warm connections are worth keeping; hundreds
-            // (each with its TLS state and buffers) kept memory at the burst's peak.
-            .pool_max_idle_per_host(16)
+            // After a burst of downloads, warm connections are worth keeping (a new one costs
+            // round trips to a distant cache): as many as lookahead runs at once, not the
+            // hundreds (each with its TLS state and buffers) that kept memory at a burst's peak.
+            .pool_max_idle_per_host(64)
             // hyper grows a connection's read buffer up to ~400 KiB; every NAR chunk is
             // gathered into our own 256 KiB buffers anyway, so 64 KiB per connection is enough
             // and keeps many concurrent downloads small.

@@ -26,10 +26,11 @@ use tokio::sync::Semaphore;
 use super::{Content, NarAnswer, NarInfoAnswer, Proxy};
 use crate::nix::narinfo::{self, NarInfo};
 
-/// Lookups running at once in the daemon: as many as Nix's own narinfo requests (its
-/// `http-connections` is 25), since each waits a round trip to a distant cache; upstream
-/// requests are bounded per upstream too.
-const RUNNING: usize = 32;
+/// Lookups running at once in the daemon: each waits a round trip to a distant cache, so a
+/// wide closure level (40 paths in scenario 13) must be asked at once, beside Nix's own 25
+/// (`http-connections`); at 32 the walk of 602 narinfos was bound by this, not by its depth.
+/// Upstream requests are bounded per upstream too.
+const RUNNING: usize = 64;
 /// Lookups waiting for a slot, in the whole daemon; more are dropped.
 const QUEUED: usize = 4096;
 /// Lookups made for one narinfo Nix asked for, all levels together: enough for the direct
@@ -39,8 +40,9 @@ const BUDGET: usize = 1024;
 const DEPTH: u32 = 3;
 /// Hashes remembered as looked up; the set is cleared when it reaches this size.
 const REMEMBERED: usize = 100_000;
-/// NAR downloads started ahead of Nix at once (each shares the upstream's bandwidth).
-const NARS_RUNNING: usize = 8;
+/// NAR downloads started ahead of Nix at once (each shares the upstream's bandwidth): small
+/// NARs over a WAN cost a round trip each, so with Nix's 16 jobs this many keep the link busy.
+const NARS_RUNNING: usize = 32;
 /// NARs of narinfos served lately, remembered for that long and that many.
 const NARS_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 const NARS_REMEMBERED: usize = 4096;

@@ -183,7 +183,7 @@ pub struct UpstreamEntry {
 }
 
 /// Narinfo requests in flight to one upstream at most (Nix's own and lookahead's).
-const NARINFO_REQUESTS_PER_UPSTREAM: usize = 32;
+const NARINFO_REQUESTS_PER_UPSTREAM: usize = 64;
 
 pub struct Proxy {
     upstreams: Vec<Arc<Upstream>>,
