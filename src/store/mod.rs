@@ -9,6 +9,7 @@ mod buffers;
 mod check;
 mod fill;
 mod index;
+mod passthrough;
 mod read;
 mod repair;
 mod space;
@@ -29,11 +30,11 @@ use check::Verifier;
 pub use check::{check_nar, decoder, Expected};
 use fill::Fill;
 pub use fill::{
-    ChunkSink, FillReader, FillState, FillWriter, PassThrough, Piece, PieceStream,
-    BODY_IDLE_TIMEOUT, CHUNK,
+    ChunkSink, FillReader, FillState, FillWriter, Piece, PieceStream, BODY_IDLE_TIMEOUT, CHUNK,
 };
 use index::{Blob, Index, NarRow};
 pub use index::{NarSource, NewNarInfo};
+pub use passthrough::PassThrough;
 pub use read::{stream_file, ByteStream};
 pub use space::Held;
 use space::Ledger;
