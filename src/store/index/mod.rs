@@ -25,9 +25,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
 
 use super::check::Expected;
+
+mod durability;
+mod rows;
+
+use durability::{spawn_flusher, Unflushed};
+use rows::{decode_source, derived_nar_key};
+pub use rows::{narinfo_key, Blob, NarInfoRow, NarRow, NarSource, NewNarInfo};
 
 const NARINFOS: TableDefinition<&str, &[u8]> = TableDefinition::new("narinfo");
 const NARS: TableDefinition<&str, &[u8]> = TableDefinition::new("nar");
@@ -40,105 +46,6 @@ const RETIRED: [&str; 2] = ["narinfos", "nars"];
 /// Lazy commits are made durable this soon.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(100);
 
-#[derive(Debug, Clone)]
-pub struct NarInfoRow {
-    pub text: String,
-    pub fetched: u64,
-}
-
-impl NarInfoRow {
-    /// 8 bytes of fetch time (little endian), then the text: read on every narinfo hit, so
-    /// no JSON.
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.text.len());
-        out.extend_from_slice(&self.fetched.to_le_bytes());
-        out.extend_from_slice(self.text.as_bytes());
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<NarInfoRow> {
-        let (time, text) = bytes.split_at_checked(8)?;
-        Some(NarInfoRow {
-            fetched: u64::from_le_bytes(time.try_into().ok()?),
-            text: std::str::from_utf8(text).ok()?.to_string(),
-        })
-    }
-}
-
-/// Where a NAR comes from and what it must be, from the narinfo that named it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NarSource {
-    pub upstream: String,
-    /// The absolute upstream URL of the file.
-    pub url: String,
-    pub expected: Expected,
-}
-
-/// A NAR the index knows, and its stored file if there is one.
-#[derive(Debug, Clone)]
-pub struct NarRow {
-    pub source: NarSource,
-    pub blob: Option<Blob>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Blob {
-    pub size: u64,
-    /// Hex SHA-256 of the file as stored.
-    pub sha256: String,
-    pub last_access: u64,
-}
-
-impl Blob {
-    /// Size and last access (8 bytes each, little endian), then the hex SHA-256.
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.sha256.len());
-        out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&self.last_access.to_le_bytes());
-        out.extend_from_slice(self.sha256.as_bytes());
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Blob> {
-        let (size, rest) = bytes.split_at_checked(8)?;
-        let (last_access, sha256) = rest.split_at_checked(8)?;
-        Some(Blob {
-            size: u64::from_le_bytes(size.try_into().ok()?),
-            last_access: u64::from_le_bytes(last_access.try_into().ok()?),
-            sha256: std::str::from_utf8(sha256).ok()?.to_string(),
-        })
-    }
-}
-
-/// One narinfo to record with the NAR it names.
-pub struct NewNarInfo {
-    key: String,
-    row: NarInfoRow,
-    nar_key: String,
-    nar: NarSource,
-}
-
-impl NewNarInfo {
-    pub fn text(&self) -> &str {
-        &self.row.text
-    }
-
-    /// A narinfo fetched now for `partition`, whose NAR is known locally as `nar_key`.
-    pub fn new(partition: &str, hash: &str, text: &str, nar_key: &str, nar: NarSource) -> Self {
-        NewNarInfo {
-            key: narinfo_key(partition, hash),
-            row: NarInfoRow {
-                text: text.to_string(),
-                fetched: super::unix_now(),
-            },
-            nar_key: nar_key.to_string(),
-            nar,
-        }
-    }
-}
-
-/// The database behind the index; replaced when an I/O error (a full disk) has poisoned it,
-/// since redb then answers every call with "Previous I/O error" until it is reopened.
 type Slot = Arc<RwLock<Arc<Database>>>;
 
 pub struct Index {
@@ -167,29 +74,6 @@ pub enum OpenError {
 
 fn err(e: impl std::fmt::Display) -> IndexError {
     format!("cache index: {e}")
-}
-
-/// `nar/<digest of the source>-<file>`: a name of its own for a NAR whose usual name is taken.
-fn derived_nar_key(nar_key: &str, encoded_source: &[u8]) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(encoded_source);
-    let tag = crate::nix::hash::hex(&digest[..8]);
-    let file = nar_key
-        .strip_prefix("nar/")
-        .unwrap_or(nar_key)
-        .split('?')
-        .next()
-        .unwrap_or_default();
-    let file: String = file.chars().take(200).collect();
-    format!("nar/{tag}-{file}")
-}
-
-pub fn narinfo_key(partition: &str, hash: &str) -> String {
-    format!("{partition}\n{hash}")
-}
-
-fn decode_source(bytes: &[u8]) -> Option<NarSource> {
-    serde_json::from_slice(bytes).ok()
 }
 
 impl Index {
@@ -559,59 +443,6 @@ impl Drop for Index {
     }
 }
 
-/// Every write saves redb's allocator state (quick repair): after a crash the index opens at
-/// once instead of being walked whole, which takes seconds at a million rows.
-/// Makes lazy commits durable [`FLUSH_AFTER`] after the first of them; woken by
-/// `commit_lazily`, stopped by the index's `Drop`.
-fn spawn_flusher(
-    db: &Slot,
-    unflushed: &Arc<Unflushed>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let (db, unflushed) = (Arc::downgrade(db), unflushed.clone());
-    std::thread::Builder::new()
-        .name("index-flush".into())
-        .spawn(move || loop {
-            if unflushed.closing.load(Ordering::SeqCst) {
-                return; // the index flushes itself as it closes
-            }
-            if !unflushed.lazy.load(Ordering::SeqCst) {
-                std::thread::park();
-                continue;
-            }
-            std::thread::park_timeout(FLUSH_AFTER); // gathers commits; cut short on close
-            if unflushed.closing.load(Ordering::SeqCst) {
-                return;
-            }
-            let Some(slot) = db.upgrade() else { return };
-            let db = slot.read().unwrap().clone();
-            drop(slot);
-            if let Err(e) = unflushed.flush(&db) {
-                tracing::warn!(error = %e, "could not make the cache index durable");
-                std::thread::park_timeout(Duration::from_secs(5));
-            }
-        })
-}
-
-/// Whether some commit skipped the fsync; one durable commit at a time fixes that.
-#[derive(Default)]
-struct Unflushed {
-    lazy: AtomicBool,
-    closing: AtomicBool,
-    flushing: std::sync::Mutex<()>,
-}
-
-impl Unflushed {
-    /// Makes every commit made before the call durable. Waits for a flush in progress: it
-    /// may have taken the flag before our commits and not be done yet.
-    fn flush(&self, db: &Database) -> Result<(), IndexError> {
-        let _one_at_a_time = self.flushing.lock().unwrap();
-        if !self.lazy.swap(false, Ordering::SeqCst) {
-            return Ok(());
-        }
-        durable_commit(db).inspect_err(|_| self.lazy.store(true, Ordering::SeqCst))
-    }
-}
-
 fn in_memory() -> Result<Database, redb::DatabaseError> {
     Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())
 }
@@ -648,11 +479,5 @@ fn unreadable(error: &redb::Error) -> bool {
     }
 }
 
-/// An empty durable commit: it makes every lazy commit before it durable too.
-fn durable_commit(db: &Database) -> Result<(), IndexError> {
-    begin_write(db).map_err(err)?.commit().map_err(err)
-}
-
 #[cfg(test)]
-#[path = "index_tests.rs"]
 mod tests;
