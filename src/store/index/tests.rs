@@ -1,4 +1,4 @@
-//! Tests of `store/index.rs` (a sibling file, so the module itself stays short).
+//! Tests of `store/index/mod.rs` (a sibling file, so the module itself stays short).
 
 use super::*;
 
