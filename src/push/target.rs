@@ -17,8 +17,8 @@ use super::nar::{self, Feed, UploadBody};
 use super::queue::{Entry, Origin};
 use crate::config::{Auth, PushConfig, PushProtocol};
 use crate::http::{display_url, read_limited, snippet};
-use crate::identity::{Identity, Token};
-use crate::upstream::{authorization, error_chain};
+use crate::identity::Identity;
+use crate::upstream::{error_chain, Credential, Refused};
 
 pub type UploadClient = crate::http::ClientFor<UploadBody>;
 
@@ -322,9 +322,11 @@ impl Target {
         make_body: impl Fn() -> UploadBody,
         missing_ok: bool,
     ) -> Result<Response<Incoming>, PushError> {
-        let mut fresh_token = false;
+        let mut credential = Credential::of(self.identity.as_ref(), auth);
         loop {
-            let token = self.token().await?;
+            let header = credential.header().await.map_err(|e| {
+                PushError::Retry(format!("no token for upstream `{}`: {e}", self.name))
+            })?;
             let body = make_body();
             let mut request = Request::builder()
                 .method(method.clone())
@@ -337,11 +339,8 @@ impl Target {
             for (name, value) in headers {
                 request = request.header(name, value);
             }
-            if let Some(token) = &token {
-                request = request.header(
-                    http::header::AUTHORIZATION,
-                    authorization(auth, token).map_err(PushError::Fatal)?,
-                );
+            if let Some(header) = header {
+                request = request.header(http::header::AUTHORIZATION, header);
             }
             let request = request
                 .body(body)
@@ -358,20 +357,15 @@ impl Target {
             if status.is_success() || (missing_ok && status == StatusCode::NOT_FOUND) {
                 return Ok(response);
             }
-            if status == StatusCode::UNAUTHORIZED && !fresh_token {
-                if let (Some(identity), Some(token)) = (&self.identity, &token) {
-                    identity.invalidate(token.generation);
-                    fresh_token = true;
+            if status == StatusCode::UNAUTHORIZED {
+                if let Refused::Retry = credential.refused() {
                     continue;
                 }
             }
             let said = read_limited(response.into_body(), 4096, Duration::from_secs(5))
                 .await
                 .unwrap_or_default();
-            let said = match &token {
-                Some(token) => token.secret.scrub(&String::from_utf8_lossy(&said)),
-                None => String::from_utf8_lossy(&said).into_owned(),
-            };
+            let said = credential.scrub(&String::from_utf8_lossy(&said));
             let what = format!(
                 "{method} {} answered HTTP {}: {}",
                 display_url(url),
@@ -394,15 +388,6 @@ impl Target {
                 }
                 _ => PushError::Fatal(what),
             });
-        }
-    }
-
-    async fn token(&self) -> Result<Option<Token>, PushError> {
-        match &self.identity {
-            Some(identity) => identity.token().await.map(Some).map_err(|e| {
-                PushError::Retry(format!("no token for upstream `{}`: {e}", self.name))
-            }),
-            None => Ok(None),
         }
     }
 }

@@ -16,9 +16,12 @@ use base64::Engine;
 
 use crate::config::Auth;
 use crate::http::{display_url, read_limited, snippet, Client};
+mod credential;
+
 use crate::identity::{Identity, IdentityError, Token};
 use crate::metrics::Metrics;
 pub use crate::status::UpstreamHealth;
+pub use credential::{Credential, Refused};
 
 /// Attempts for one request on 5xx, 429, timeouts and connection errors.
 const ATTEMPTS: u32 = 3;
@@ -43,6 +46,9 @@ pub enum UpstreamError {
     Rejected { upstream: String, identity: String },
     #[error("upstream `{upstream}` answered 401 and no identity is configured for it")]
     NeedsIdentity { upstream: String },
+    /// The credential of the sidecar this request is made for (site tier) was refused.
+    #[error("upstream `{upstream}` refused the caller's credential (HTTP 401)")]
+    CallerRejected { upstream: String },
     #[error("upstream `{upstream}`: {source}")]
     Identity {
         upstream: String,
@@ -133,26 +139,29 @@ impl Upstream {
     }
 
     async fn fetch_inner(&self, url: &Url, method: Method) -> Result<Answer, UpstreamError> {
-        let mut retried_auth = false;
+        let credential = Credential::of(self.identity.as_ref(), &self.auth);
+        self.fetch_with(url, method, credential).await
+    }
+
+    /// [`Upstream::fetch`] presenting `credential`; every rule of the module doc applied.
+    async fn fetch_with(
+        &self,
+        url: &Url,
+        method: Method,
+        mut credential: Credential<'_>,
+    ) -> Result<Answer, UpstreamError> {
         let mut attempt = 0;
         let mut waited = Duration::ZERO;
         loop {
-            let token = match &self.identity {
-                Some(identity) => {
-                    Some(
-                        identity
-                            .token()
-                            .await
-                            .map_err(|source| UpstreamError::Identity {
-                                upstream: self.name.clone(),
-                                source,
-                            })?,
-                    )
-                }
-                None => None,
-            };
+            let header = credential
+                .header()
+                .await
+                .map_err(|source| UpstreamError::Identity {
+                    upstream: self.name.clone(),
+                    source,
+                })?;
             let started = Instant::now();
-            let result = self.send(url, &method, token.as_ref()).await;
+            let result = self.send(url, &method, header).await;
             self.metrics.upstream_answered(
                 &self.name,
                 result.as_ref().ok().map(|r| r.0.status().as_u16()),
@@ -172,31 +181,29 @@ impl Upstream {
                     StatusCode::NOT_FOUND | StatusCode::GONE | StatusCode::FORBIDDEN => {
                         return Ok(Answer::Missing)
                     }
-                    StatusCode::UNAUTHORIZED => match (&self.identity, &token) {
-                        (Some(identity), Some(token)) if !retried_auth => {
-                            identity.invalidate(token.generation);
-                            retried_auth = true;
-                            continue;
-                        }
-                        (Some(identity), Some(token)) => {
+                    StatusCode::UNAUTHORIZED => match credential.refused() {
+                        Refused::Retry => continue,
+                        Refused::Rejected { identity } => {
                             let body =
                                 read_limited(response.into_body(), 4096, Duration::from_secs(5))
                                     .await
                                     .unwrap_or_default();
                             // Scrubbed whole, then cut: a token cut in half would slip through.
                             let body = snippet(
-                                token
-                                    .secret
-                                    .scrub(&String::from_utf8_lossy(&body))
-                                    .as_bytes(),
+                                credential.scrub(&String::from_utf8_lossy(&body)).as_bytes(),
                             );
-                            tracing::warn!(upstream = %self.name, identity = identity.name(), answer = %body, "upstream rejected a fresh token");
+                            tracing::warn!(upstream = %self.name, identity, answer = %body, "upstream rejected a fresh token");
                             return Err(UpstreamError::Rejected {
                                 upstream: self.name.clone(),
-                                identity: identity.name().to_string(),
+                                identity,
                             });
                         }
-                        _ => {
+                        Refused::Caller => {
+                            return Err(UpstreamError::CallerRejected {
+                                upstream: self.name.clone(),
+                            })
+                        }
+                        Refused::NeedsIdentity => {
                             return Err(UpstreamError::NeedsIdentity {
                                 upstream: self.name.clone(),
                             })
@@ -276,7 +283,7 @@ impl Upstream {
         &self,
         url: &Url,
         method: &Method,
-        token: Option<&Token>,
+        authorization: Option<http::HeaderValue>,
     ) -> Result<(Response<Incoming>, bool), String> {
         let mut url = url.clone();
         for _ in 0..=MAX_REDIRECTS {
@@ -286,8 +293,8 @@ impl Upstream {
                 .method(method.clone())
                 .uri(url.as_str())
                 .header("user-agent", crate::http::USER_AGENT);
-            if let (true, Some(token)) = (same_origin, token) {
-                request = request.header("authorization", authorization(&self.auth, token)?);
+            if let (true, Some(value)) = (same_origin, &authorization) {
+                request = request.header(http::header::AUTHORIZATION, value.clone());
             }
             let request = request
                 .body(Full::new(Bytes::new()))
