@@ -68,8 +68,12 @@ enum Command {
         /// (`min-free-space` still wins).
         #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "forever")]
         pin: Option<String>,
+        /// Also the paths listed in FILE (`-`: standard input), one per line: a whole closure
+        /// (`nix path-info -r` on the builder) is asked at once instead of level by level.
+        #[arg(long, value_name = "FILE")]
+        paths_from: Option<PathBuf>,
         /// Store paths (`/nix/store/<hash>-<name>`), their basenames or hashes.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "paths_from")]
         paths: Vec<String>,
     },
     /// Queue store paths (with their closures) for upload to the upstreams that take pushes.
@@ -269,8 +273,14 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             config,
             url,
             pin,
-            paths,
-        } => cli::prefetch::run(&daemon_url(config, url)?, &paths, pin.as_deref()).await,
+            paths_from,
+            mut paths,
+        } => {
+            if let Some(source) = paths_from {
+                paths.extend(cli::prefetch::read_paths_from(&source)?);
+            }
+            cli::prefetch::run(&daemon_url(config, url)?, &paths, pin.as_deref()).await
+        }
         Command::Push {
             config,
             url,

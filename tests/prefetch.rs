@@ -165,3 +165,94 @@ async fn pinned_nars_survive_an_eviction_pass_until_unpinned() {
         String::from_utf8_lossy(&cli(&["cache", "stats", "--cache-dir", cache]).stdout).to_string();
     assert!(stats.contains("stored: 0 B (0 bytes)"), "{stats}");
 }
+
+/// Runs `nix-sidecar ARGS` with `input` on its standard input.
+fn cli_with_stdin(args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    tokio::task::block_in_place(|| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+}
+
+/// `prefetch --paths-from -` takes a whole closure (as `nix path-info -r` prints it) from
+/// standard input and `--paths-from FILE` from a file: every path is fetched, each narinfo
+/// asked upstream exactly once (none found again through References); an empty or unreadable
+/// list is a clear error, and so is a line that is not a store path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_list_is_prefetched_whole_from_stdin_or_a_file() {
+    let fx = fixture();
+    let (upstream, dir, sidecar) = setup("").await;
+    let url = sidecar.url.as_str();
+    let list = fx.closure.join("\n") + "\n\n";
+    let out = cli_with_stdin(&["prefetch", "--url", url, "--paths-from", "-"], &list);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", sidecar.logs());
+    let n = fx.closure.len();
+    assert!(
+        stdout.contains(&format!("prefetch: {n}/{n} paths")),
+        "{stdout}"
+    );
+    assert_eq!(upstream.count(".narinfo"), n, "{:?}", upstream.requests());
+    assert_eq!(upstream.count("/nar/"), n);
+
+    // Again from a file, with a root on the command line too: all local now, nothing asked.
+    let file = dir.path().join("closure.txt");
+    std::fs::write(&file, &list).unwrap();
+    let file = file.display().to_string();
+    let out = cli(&["prefetch", "--url", url, "--paths-from", &file, &fx.top]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(upstream.count("/nar/"), n);
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = cli(&[
+        "prefetch",
+        "--url",
+        url,
+        "--paths-from",
+        &empty.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no paths in it"),
+        "{stderr}"
+    );
+    let out = cli(&[
+        "prefetch",
+        "--url",
+        url,
+        "--paths-from",
+        "/nonexistent/list",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--paths-from /nonexistent/list"),
+        "{stderr}"
+    );
+    let out = cli_with_stdin(
+        &["prefetch", "--url", url, "--paths-from", "-"],
+        "/nix/store/not-a-path\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not-a-path"),
+        "{stderr}"
+    );
+}

@@ -3,6 +3,7 @@
 //! per update otherwise. Exit 1 when anything was unavailable, listing it.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
 
 use super::daemon::{post, read_lines, store_paths, SILENCE};
@@ -22,6 +23,26 @@ pub async fn unpin(base: &str, json: bool) -> Result<ExitCode, String> {
         _ => println!("{}", text.trim()),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The paths listed in `source` (`-`: standard input), one per line; blank lines skipped.
+pub fn read_paths_from(source: &Path) -> Result<Vec<String>, String> {
+    let text = if source == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(source)
+    }
+    .map_err(|e| format!("--paths-from {}: {e}", source.display()))?;
+    let paths: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_string)
+        .collect();
+    if paths.is_empty() {
+        return Err(format!("--paths-from {}: no paths in it", source.display()));
+    }
+    Ok(paths)
 }
 
 pub async fn run(base: &str, paths: &[String], pin: Option<&str>) -> Result<ExitCode, String> {

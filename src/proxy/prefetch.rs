@@ -13,8 +13,9 @@ use tokio::sync::watch;
 use super::{Content, NarAnswer, NarInfoAnswer, Proxy};
 use crate::nix::narinfo::NarInfo;
 
-/// Paths worked on at once (narinfo, then NAR).
-const AT_ONCE: usize = 8;
+/// Paths worked on at once (narinfo, then NAR): each waits a round trip to a distant cache
+/// twice, and a closure given whole (`--paths-from`) is as wide as it is long.
+const AT_ONCE: usize = 32;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
