@@ -25,4 +25,6 @@ pub(super) struct FileUpstream {
     pub(super) flakehub_api: Option<String>,
     pub(super) flakehub_project: Option<String>,
     pub(super) unavailable: Option<String>,
+    pub(super) site: Option<String>,
+    pub(super) site_ca_file: Option<PathBuf>,
 }

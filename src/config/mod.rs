@@ -19,6 +19,7 @@ mod file_upstream;
 mod identity;
 mod push;
 mod render;
+mod site;
 mod units;
 mod upstream;
 
@@ -28,6 +29,7 @@ pub use identity::{
     DEFAULT_NETRC_PATH, KUBERNETES_TOKEN_PATH,
 };
 pub use push::{PushConfig, PushProtocol};
+pub use site::{Network, SiteConfig};
 pub use units::{format_size, human_size, parse_duration, parse_size};
 pub use upstream::{Auth, Unavailable, UpstreamConfig};
 
@@ -73,6 +75,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     push_signing_key_file: Option<PathBuf>,
     unavailable: Option<String>,
+    site: Option<site::FileSite>,
     #[serde(default)]
     upstream: Vec<FileUpstream>,
     #[serde(default)]
@@ -132,6 +135,8 @@ pub struct Config {
     /// trusted here too).
     pub push_signing_key: Option<Arc<SigningKey>>,
     pub push_signing_key_file: Option<PathBuf>,
+    /// `[site]`: the listener other sidecars pull through.
+    pub site: Option<SiteConfig>,
 }
 
 /// Command-line values that override the file.
@@ -347,6 +352,7 @@ impl Config {
             identities,
             push_signing_key,
             push_signing_key_file: file.push_signing_key_file,
+            site: file.site.map(site::check).transpose()?,
         })
     }
 }

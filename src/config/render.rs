@@ -69,6 +69,26 @@ impl Config {
             "shutdown-grace = \"{}\"",
             humantime::format_duration(self.shutdown_grace)
         );
+        if let Some(site) = &self.site {
+            let listen: Vec<String> = site
+                .listen
+                .iter()
+                .map(|a| toml_str(&a.to_string()))
+                .collect();
+            let _ = writeln!(out, "\n[site]\nlisten = [{}]", listen.join(", "));
+            if let Some((cert, key)) = &site.tls {
+                let _ = writeln!(out, "tls-cert = {}", toml_str(&cert.display().to_string()));
+                let _ = writeln!(out, "tls-key = {}", toml_str(&key.display().to_string()));
+            }
+            if !site.allow_from.is_empty() {
+                let nets: Vec<String> = site
+                    .allow_from
+                    .iter()
+                    .map(|n| toml_str(&n.to_string()))
+                    .collect();
+                let _ = writeln!(out, "allow-from = [{}]", nets.join(", "));
+            }
+        }
         for up in &self.upstreams {
             let _ = writeln!(
                 out,
@@ -91,6 +111,16 @@ impl Config {
             }
             if let Some(ca) = &up.ca_file {
                 let _ = writeln!(out, "ca-file = {}", toml_str(&ca.display().to_string()));
+            }
+            if let Some(site) = &up.site {
+                let _ = writeln!(out, "site = {}", toml_str(site.as_str()));
+            }
+            if let Some(ca) = &up.site_ca_file {
+                let _ = writeln!(
+                    out,
+                    "site-ca-file = {}",
+                    toml_str(&ca.display().to_string())
+                );
             }
             if let Some(push) = &up.push {
                 let kind = match &push.protocol {

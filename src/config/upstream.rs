@@ -30,6 +30,9 @@ pub struct UpstreamConfig {
     pub push: Option<super::PushConfig>,
     /// What Nix is told of a narinfo this upstream might have while it cannot be asked.
     pub unavailable: Unavailable,
+    /// The site cache asked first (`site = ...`), and the CA it is checked against.
+    pub site: Option<Url>,
+    pub site_ca_file: Option<PathBuf>,
 }
 
 /// `unavailable = "fail" | "miss"` (README, "When the cache is down").
@@ -207,6 +210,7 @@ pub(super) fn check(
     if insecure_http {
         tracing::warn!(upstream = %url_text_for_log(&url), "insecure-http: the token crosses the network unencrypted");
     }
+    let site = check_site(&key, &up, insecure_http)?;
     let push = super::push::check(i, &up, &url, identities)?;
     let name = up
         .name
@@ -255,5 +259,47 @@ pub(super) fn check(
         prefetch_nars: up.prefetch_nars.unwrap_or(false),
         push,
         unavailable,
+        site,
+        site_ca_file: up.site_ca_file,
     })
+}
+
+/// `site` and `site-ca-file`: the site gets this machine's token, so https:// unless it is on
+/// loopback (or insecure-http says so).
+fn check_site(
+    key: &dyn Fn(&str) -> String,
+    up: &FileUpstream,
+    insecure_http: bool,
+) -> Result<Option<Url>, ConfigError> {
+    if let Some(ca) = &up.site_ca_file {
+        if up.site.is_none() {
+            return Err(invalid(key("site-ca-file"), "is only used with site = ..."));
+        }
+        if !ca.is_file() {
+            return Err(invalid(
+                key("site-ca-file"),
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+    }
+    let Some(text) = &up.site else {
+        return Ok(None);
+    };
+    let url = Url::parse(text)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+        .filter(|u| u.query().is_none() && u.fragment().is_none() && !has_userinfo(u))
+        .ok_or_else(|| {
+            invalid(
+                key("site"),
+                format!("`{text}` is not an http:// or https:// URL with a host (and nothing after the path)"),
+            )
+        })?;
+    if url.scheme() == "http" && !is_loopback_host(&url) && !insecure_http {
+        return Err(invalid(
+            key("site"),
+            "sends this machine's token over plain http:// to another host; use https:// (the site's [site] tls-cert)",
+        ));
+    }
+    Ok(Some(url))
 }

@@ -2,16 +2,14 @@
 //! certificate and key re-read when they change) or plain HTTP behind a proxy; request size
 //! limits; graceful stop on SIGTERM.
 
-use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -234,168 +232,19 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let acceptor = match tls {
-        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        Some((cert, key)) => Some(crate::http::tls_server::acceptor(cert, key)?),
         None => None,
     };
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(READ_TIMEOUT);
-    tokio::pin!(shutdown);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let slot = tokio::select! {
-            _ = &mut shutdown => break,
-            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-        };
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let stream = crate::http::idle::IdleTimeout::new(stream, IDLE);
+    let limits = crate::http::listener::Limits {
+        max_connections: MAX_CONNECTIONS,
+        read_timeout: READ_TIMEOUT,
+        idle: IDLE,
+        grace: GRACE,
+    };
+    let handler = move |request| {
         let service = service.clone();
-        let handler = hyper::service::service_fn(move |request| {
-            let service = service.clone();
-            async move { Ok::<_, Infallible>(service.handle(request).await) }
-        });
-        let watcher = graceful.watcher();
-        let (builder, acceptor) = (builder.clone(), acceptor.clone());
-        tokio::spawn(async move {
-            let result = match acceptor {
-                Some(acceptor) => {
-                    match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            watcher
-                                .watch(builder.serve_connection(TokioIo::new(tls), handler))
-                                .await
-                        }
-                        _ => return, // a failed handshake: nothing to answer
-                    }
-                }
-                None => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), handler))
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            drop(slot);
-        });
-    }
-    tracing::info!("shutting down: finishing requests in flight");
-    if tokio::time::timeout(GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "requests still in flight after {}s; closing them",
-            GRACE.as_secs()
-        );
-    }
+        async move { service.handle(request).await }
+    };
+    crate::http::listener::serve(listener, acceptor, limits, |_| true, handler, shutdown).await;
     Ok(())
-}
-
-fn tls_acceptor(cert: PathBuf, key: PathBuf) -> Result<tokio_rustls::TlsAcceptor, String> {
-    let resolver = Reloading::new(cert, key)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
-/// The certificate and key, read again when either file changes (looked at at most once a
-/// second, on a handshake); a change that does not load keeps the old pair, with a warning.
-#[derive(Debug)]
-struct Reloading {
-    cert: PathBuf,
-    key: PathBuf,
-    current: RwLock<Loaded>,
-}
-
-#[derive(Debug)]
-struct Loaded {
-    certified: Arc<rustls::sign::CertifiedKey>,
-    stamps: (Option<SystemTime>, Option<SystemTime>),
-    checked: Instant,
-}
-
-impl Reloading {
-    fn new(cert: PathBuf, key: PathBuf) -> Result<Reloading, String> {
-        let certified = load_pair(&cert, &key)?;
-        let stamps = (modified(&cert), modified(&key));
-        Ok(Reloading {
-            cert,
-            key,
-            current: RwLock::new(Loaded {
-                certified,
-                stamps,
-                checked: Instant::now(),
-            }),
-        })
-    }
-}
-
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-fn load_pair(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", cert.display()));
-    }
-    let private = rustls_pemfile::private_key(&mut read(key)?.as_slice())
-        .map_err(|e| format!("{}: {e}", key.display()))?
-        .ok_or_else(|| format!("{} holds no private key", key.display()))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&private)
-        .map_err(|e| format!("{}: {e}", key.display()))?;
-    Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, signing)))
-}
-
-impl rustls::server::ResolvesServerCert for Reloading {
-    fn resolve(
-        &self,
-        _hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let due = self.current.read().unwrap().checked.elapsed() >= Duration::from_secs(1);
-        if due {
-            let mut current = self.current.write().unwrap();
-            current.checked = Instant::now();
-            let stamps = (modified(&self.cert), modified(&self.key));
-            if stamps != current.stamps {
-                current.stamps = stamps;
-                match load_pair(&self.cert, &self.key) {
-                    Ok(certified) => {
-                        tracing::info!("TLS certificate reloaded");
-                        current.certified = certified;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS certificate changed but does not load; keeping the old one")
-                    }
-                }
-            }
-        }
-        Some(self.current.read().unwrap().certified.clone())
-    }
 }

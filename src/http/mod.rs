@@ -4,6 +4,8 @@
 
 mod egress;
 pub mod idle;
+pub mod listener;
+pub mod tls_server;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +23,8 @@ pub type Client = ClientFor<Body>;
 pub type ClientFor<B> = hyper_util::client::legacy::Client<HttpsConnector<egress::Egress>, B>;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A site is on the LAN: a connection that takes longer means it is down.
+pub const SITE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The `User-Agent` of every request the daemon makes.
 pub const USER_AGENT: &str = concat!("nix-sidecar/", env!("CARGO_PKG_VERSION"));
 
@@ -91,8 +95,23 @@ pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
     client_for(extra_ca)
 }
 
+/// A client for a site cache: as [`client`], but giving up on a connection within
+/// [`SITE_CONNECT_TIMEOUT`] (the upstream itself is the fallback, not a wait).
+pub fn site_client(extra_ca: Option<&Path>) -> Result<Client, String> {
+    build(extra_ca, SITE_CONNECT_TIMEOUT)
+}
+
 /// The same client, for request bodies of type `B` (uploads stream theirs).
 pub fn client_for<B>(extra_ca: Option<&Path>) -> Result<ClientFor<B>, String>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    build(extra_ca, CONNECT_TIMEOUT)
+}
+
+fn build<B>(extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<ClientFor<B>, String>
 where
     B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -125,7 +144,7 @@ where
         .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)

@@ -17,11 +17,13 @@ use base64::Engine;
 use crate::config::Auth;
 use crate::http::{display_url, read_limited, snippet, Client};
 mod credential;
+mod site;
 
 use crate::identity::{Identity, IdentityError, Token};
 use crate::metrics::Metrics;
 pub use crate::status::UpstreamHealth;
 pub use credential::{Credential, Refused};
+pub use site::{SiteRoute, UPSTREAM_HEADER};
 
 /// Attempts for one request on 5xx, 429, timeouts and connection errors.
 const ATTEMPTS: u32 = 3;
@@ -70,6 +72,8 @@ pub struct Upstream {
     client: Client,
     metrics: Arc<Metrics>,
     health: Mutex<UpstreamHealth>,
+    /// This site's cache, asked first (`site = ...`).
+    site: Option<SiteRoute>,
 }
 
 impl Upstream {
@@ -96,7 +100,23 @@ impl Upstream {
                 healthy: true,
                 ..Default::default()
             }),
+            site: None,
         }
+    }
+
+    /// Asks `site` first from now on.
+    pub fn with_site(mut self, site: SiteRoute) -> Upstream {
+        self.site = Some(site);
+        self
+    }
+
+    pub fn site(&self) -> Option<&SiteRoute> {
+        self.site.as_ref()
+    }
+
+    /// The cache URL requests are made below (ending in `/`).
+    pub fn base(&self) -> &Url {
+        &self.base
     }
 
     pub fn name(&self) -> &str {
@@ -161,7 +181,16 @@ impl Upstream {
                     source,
                 })?;
             let started = Instant::now();
-            let result = self.send(url, &method, header).await;
+            let via_site = match &self.site {
+                Some(site) => site.ask(&self.base, url, &method, header.as_ref()).await,
+                None => None,
+            };
+            let result = match via_site {
+                // The site acts with this request's credential: its answers count as the
+                // upstream's own (a 401 there is this token refused upstream).
+                Some(response) => Ok((response, true)),
+                None => self.send(url, &method, header).await,
+            };
             self.metrics.upstream_answered(
                 &self.name,
                 result.as_ref().ok().map(|r| r.0.status().as_u16()),

@@ -1,0 +1,103 @@
+//! The way to an upstream through this site's cache (`site = ...` on an `[[upstream]]`):
+//! requests under the upstream's URL go to the site first, with the same `Authorization` and
+//! the upstream named in [`UPSTREAM_HEADER`]; the site acts for this machine only. A site
+//! that cannot be reached within a second, or answers anything but a cache's answer, is
+//! passed over for the upstream itself: a site never fails a substitution.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use url::Url;
+
+use crate::http::{display_url, Client};
+
+/// Names, on a request to a site, the upstream it is for (its URL, as configured on both).
+pub const UPSTREAM_HEADER: &str = "nix-sidecar-upstream";
+/// Time until the site's response headers arrive: a NAR it fetches upstream first costs the
+/// upstream's round trip, no more.
+const SITE_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct SiteRoute {
+    base: Url,
+    client: Client,
+    up: AtomicBool,
+}
+
+impl SiteRoute {
+    pub fn new(base: &Url, client: Client) -> SiteRoute {
+        let mut base = base.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        SiteRoute {
+            base,
+            client,
+            up: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether the last request reached the site and got a cache's answer.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.base
+    }
+
+    /// The site's answer for `url` (under `upstream`), or `None` to go to the upstream.
+    pub async fn ask(
+        &self,
+        upstream: &Url,
+        url: &Url,
+        method: &Method,
+        authorization: Option<&HeaderValue>,
+    ) -> Option<Response<Incoming>> {
+        let rel = url.as_str().strip_prefix(upstream.as_str())?;
+        let target = self.base.join(rel).ok()?;
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(target.as_str())
+            .header(http::header::USER_AGENT, crate::http::USER_AGENT)
+            .header(UPSTREAM_HEADER, upstream.as_str());
+        if let Some(value) = authorization {
+            request = request.header(http::header::AUTHORIZATION, value.clone());
+        }
+        let request = request.body(Full::new(Bytes::new())).ok()?;
+        let outcome =
+            match tokio::time::timeout(SITE_HEADER_TIMEOUT, self.client.request(request)).await {
+                Ok(Ok(response)) => match response.status() {
+                    StatusCode::OK
+                    | StatusCode::NOT_FOUND
+                    | StatusCode::FORBIDDEN
+                    | StatusCode::GONE
+                    | StatusCode::UNAUTHORIZED => Ok(response),
+                    other => Err(format!("HTTP {}", other.as_u16())),
+                },
+                Ok(Err(e)) => Err(super::error_chain(&e)),
+                Err(_) => Err(format!(
+                    "no answer within {}s",
+                    SITE_HEADER_TIMEOUT.as_secs()
+                )),
+            };
+        let was_up = self.up.swap(outcome.is_ok(), Ordering::Relaxed);
+        match outcome {
+            Ok(response) => {
+                if !was_up {
+                    tracing::info!(site = %display_url(&self.base), "site answers again");
+                }
+                Some(response)
+            }
+            Err(reason) => {
+                if was_up {
+                    tracing::warn!(site = %display_url(&self.base), %reason, "site unavailable: going straight to the upstream");
+                }
+                None
+            }
+        }
+    }
+}
