@@ -14,9 +14,10 @@ use crate::proxy::{partition, Policy, Proxy, UpstreamEntry};
 use crate::push::target::Target;
 use crate::push::{LocalTrust, Pusher};
 use crate::server::{Options, Site};
+use crate::site::SiteCache;
 use crate::status::{CacheStatus, Status};
 use crate::store::{Limits, Store};
-use crate::upstream::Upstream;
+use crate::upstream::{SiteRoute, Upstream};
 
 pub struct App {
     proxy: Arc<Proxy>,
@@ -28,6 +29,8 @@ pub struct App {
     options: Options,
     /// Who may pin and unpin: whoever may push somewhere (`push-uids`), else root.
     pin_uids: Vec<u32>,
+    /// `[site]`: what other sidecars pull through, and where.
+    site: Option<SiteListener>,
 }
 
 impl App {
@@ -51,7 +54,7 @@ impl App {
                 .identity
                 .as_ref()
                 .and_then(|name| identities.iter().find(|i| i.name() == name).cloned());
-            let upstream = Upstream::new(
+            let mut upstream = Upstream::new(
                 &up.name,
                 &up.url,
                 identity,
@@ -59,6 +62,11 @@ impl App {
                 client,
                 metrics.clone(),
             );
+            if let Some(site) = &up.site {
+                let client = crate::http::site_client(up.site_ca_file.as_deref())
+                    .map_err(|e| format!("upstream `{}` site: {e}", up.name))?;
+                upstream = upstream.with_site(SiteRoute::new(site, client));
+            }
             upstreams.push(UpstreamEntry {
                 upstream: Arc::new(upstream),
                 partition: partition(up),
@@ -102,6 +110,12 @@ impl App {
         }
         pin_uids.sort_unstable();
         pin_uids.dedup();
+        let site =
+            SiteCache::new(config, store.clone(), metrics.clone())?.map(|cache| SiteListener {
+                cache: Arc::new(cache),
+                listeners: Vec::new(),
+                acceptor: None,
+            });
         let upstream_list = upstreams.iter().map(|u| u.upstream.clone()).collect();
         let proxy = Proxy::new(upstreams, store.clone(), metrics.clone(), policy);
         Ok(App {
@@ -112,6 +126,7 @@ impl App {
             pusher,
             metrics,
             pin_uids,
+            site,
             options: Options {
                 grace: config.shutdown_grace,
                 allowed_uids: config.allowed_uids.clone(),
@@ -120,10 +135,32 @@ impl App {
         })
     }
 
+    /// Binds the `[site]` listener, if there is one (before `run`: a taken port stops the
+    /// start, as for the main listeners).
+    pub async fn bind_site(&mut self) -> Result<(), String> {
+        if let Some(site) = &mut self.site {
+            let config = &site.cache.config;
+            if let Some((cert, key)) = &config.tls {
+                site.acceptor = Some(crate::http::tls_server::acceptor(
+                    cert.clone(),
+                    key.clone(),
+                )?);
+            }
+            site.listeners = crate::server::bind(&config.listen).await?;
+            for listener in &site.listeners {
+                if let Ok(addr) = listener.local_addr() {
+                    let tls = config.tls.is_some();
+                    tracing::info!(%addr, tls, "site open to other sidecars");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Serves on `listeners` until `shutdown` resolves; then lets responses in flight and
     /// downloads into the cache finish within the grace period, and saves access times.
     pub async fn run(
-        self,
+        mut self,
         listeners: Vec<TcpListener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
@@ -152,8 +189,17 @@ impl App {
             self.pin_uids.clone(),
             status,
         );
+        let (site_stop, site_stopped) = tokio::sync::watch::channel(false);
+        let site_tasks = match self.site.take() {
+            Some(site) => site.serve(site_stopped),
+            None => Vec::new(),
+        };
         let deadline =
             crate::server::serve(listeners, Arc::new(site), self.options, shutdown).await;
+        let _ = site_stop.send(true);
+        for task in site_tasks {
+            let _ = task.await;
+        }
         // Uploads in flight stop here; their paths stay queued on disk.
         drop(stop_pushing);
         if let Some(pushing) = pushing {
@@ -228,5 +274,46 @@ fn snapshot(
             verification_failures: store.verification_failures(),
         },
         push: pusher.map(Pusher::status),
+    }
+}
+
+/// The `[site]` listeners and what they serve.
+struct SiteListener {
+    cache: Arc<SiteCache>,
+    listeners: Vec<TcpListener>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl SiteListener {
+    /// One task per listener, each ending once `stop` turns true and its requests are done.
+    fn serve(self, stop: tokio::sync::watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        let limits = || crate::http::listener::Limits {
+            max_connections: 4096,
+            read_timeout: std::time::Duration::from_secs(10),
+            idle: std::time::Duration::from_secs(60),
+            grace: std::time::Duration::from_secs(10),
+        };
+        self.listeners
+            .into_iter()
+            .map(|listener| {
+                let (cache, acceptor, mut stop) =
+                    (self.cache.clone(), self.acceptor.clone(), stop.clone());
+                let admit = {
+                    let cache = cache.clone();
+                    move |remote| cache.admits(remote)
+                };
+                let handler = move |request| cache.clone().handle(request);
+                tokio::spawn(crate::http::listener::serve(
+                    listener,
+                    acceptor,
+                    limits(),
+                    admit,
+                    handler,
+                    async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    },
+                ))
+            })
+            .collect()
     }
 }

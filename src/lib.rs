@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod push;
 pub mod secret;
 pub mod server;
+pub mod site;
 pub mod status;
 pub mod store;
 pub mod sys;

@@ -323,7 +323,8 @@ async fn serve(config: Config) -> Result<(), String> {
         );
     }
     let listeners = nix_sidecar::server::bind(&config.listen).await?;
-    let app = nix_sidecar::app::App::build(&config)?;
+    let mut app = nix_sidecar::app::App::build(&config)?;
+    app.bind_site().await?;
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, cache_dir = %config.cache_dir.display(), upstreams = config.upstreams.len(), "listening");

@@ -11,16 +11,25 @@ use crate::metrics::Metrics;
 use crate::store::{
     freeze_buffer, take_buffer, ChunkSink, FillWriter, PassThrough, BODY_IDLE_TIMEOUT, CHUNK,
 };
-use crate::upstream::{Answer, Upstream};
+use crate::upstream::{Answer, Upstream, UpstreamError};
 
 /// Downloads `source` into a fill; runs to its end whoever is still reading.
 pub async fn fill(
     up: Arc<Upstream>,
     source: url::Url,
+    writer: Box<FillWriter>,
+    metrics: Arc<Metrics>,
+) {
+    fill_from(up.fetch(&source, Method::GET).await, writer, metrics).await
+}
+
+/// Feeds a fill with an upstream's answer, already asked for (with whatever credential).
+pub async fn fill_from(
+    answer: Result<Answer, UpstreamError>,
     mut writer: Box<FillWriter>,
     metrics: Arc<Metrics>,
 ) {
-    let response = match up.fetch(&source, Method::GET).await {
+    let response = match answer {
         Ok(Answer::Found(response)) => response,
         Ok(Answer::Missing) => return writer.missing(),
         Err(e) => return writer.fail(&e.to_string()),

@@ -2,7 +2,7 @@
 //! mapping of the README's "What Nix is told" table (a miss only when every upstream said so; 503 with a reason
 //! otherwise; stale cache over an error). The bytes themselves move in `download`.
 
-mod download;
+pub(crate) mod download;
 mod lookahead;
 pub mod prefetch;
 mod resolve;

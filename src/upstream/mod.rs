@@ -163,6 +163,18 @@ impl Upstream {
         self.fetch_with(url, method, credential).await
     }
 
+    /// GET or HEAD `url` for another sidecar at this site, presenting its `Authorization`:
+    /// its 401 is the caller's ([`UpstreamError::CallerRejected`]).
+    pub async fn fetch_for_caller(
+        &self,
+        url: &Url,
+        method: Method,
+        authorization: &http::HeaderValue,
+    ) -> Result<Answer, UpstreamError> {
+        self.fetch_with(url, method, Credential::of_caller(authorization))
+            .await
+    }
+
     /// [`Upstream::fetch`] presenting `credential`; every rule of the module doc applied.
     async fn fetch_with(
         &self,

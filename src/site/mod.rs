@@ -1,0 +1,309 @@
+//! The site side of the site tier (README, "A site cache for a fleet"): a second listener
+//! through which the other sidecars of a site pull. It holds no identity and no view of its
+//! own: every upstream request it makes carries the asking machine's `Authorization`, for that
+//! request only, and what it serves from its cache it serves only to a caller the upstream
+//! lately answered for that very path (`entitled`). NARs are fetched once per site, verified
+//! against their narinfo as on any machine, and shared.
+
+mod entitled;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use url::Url;
+
+use crate::config::{Config, SiteConfig};
+use crate::metrics::{Kind, Metrics};
+use crate::nix::narinfo::{NarInfo, MAX_NARINFO_BYTES};
+use crate::nix::request::{self, CachePath};
+use crate::proxy::download;
+use crate::server::body::{self, Body};
+use crate::store::{stream_file, Expected, NarSource, NewNarInfo, Slot, Store};
+use crate::upstream::{Answer, Upstream, UpstreamError, UPSTREAM_HEADER};
+use entitled::{Caller, Entitlements};
+
+pub struct SiteCache {
+    /// This machine's upstreams as the site asks them: no identity of their own.
+    upstreams: Vec<Arc<Upstream>>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    narinfo_ttl: Duration,
+    entitled: Entitlements,
+    pub config: SiteConfig,
+}
+
+impl SiteCache {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<SiteCache>, String> {
+        let Some(site) = &config.site else {
+            return Ok(None);
+        };
+        let mut upstreams = Vec::new();
+        for up in &config.upstreams {
+            let client = crate::http::client(up.ca_file.as_deref())
+                .map_err(|e| format!("upstream `{}`: {e}", up.name))?;
+            upstreams.push(Arc::new(Upstream::new(
+                &up.name,
+                &up.url,
+                None,
+                up.auth.clone(),
+                client,
+                metrics.clone(),
+            )));
+        }
+        Ok(Some(SiteCache {
+            upstreams,
+            store,
+            metrics,
+            narinfo_ttl: config.narinfo_ttl,
+            entitled: Entitlements::default(),
+            config: site.clone(),
+        }))
+    }
+
+    /// Whether a connection from `remote` may be served (`allow-from`).
+    pub fn admits(&self, remote: std::net::SocketAddr) -> bool {
+        self.config.allow_from.is_empty()
+            || self
+                .config
+                .allow_from
+                .iter()
+                .any(|n| n.contains(remote.ip()))
+    }
+
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let method = request.method().clone();
+        if method != Method::GET && method != Method::HEAD {
+            return body::text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the site answers GET and HEAD\n",
+            );
+        }
+        let Some(path) = request::parse(request.uri().path(), request.uri().query()) else {
+            return body::text(StatusCode::NOT_FOUND, "not a binary cache path\n");
+        };
+        let Some(i) = self.upstream_for(&request) else {
+            // Not a cache's answer: the machine goes to its upstream itself.
+            return body::text(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("not an upstream of this site (the {UPSTREAM_HEADER} header names it)\n"),
+            );
+        };
+        if let CachePath::CacheInfo = path {
+            return body::text(
+                StatusCode::OK,
+                "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n",
+            );
+        }
+        let Some(authorization) = request.headers().get(header::AUTHORIZATION).cloned() else {
+            return body::text(
+                StatusCode::UNAUTHORIZED,
+                "the site acts only with the asking machine's own credential\n",
+            );
+        };
+        let caller = Caller::new(i, &authorization);
+        match path {
+            CachePath::NarInfo(hash) => self.narinfo(i, &caller, &authorization, &hash).await,
+            CachePath::Nar(key) => self.nar(i, &caller, &authorization, &key, &method).await,
+            _ => body::text(StatusCode::NOT_FOUND, "the site serves narinfos and NARs\n"),
+        }
+    }
+
+    /// The upstream the request names (or the only one).
+    fn upstream_for(&self, request: &Request<Incoming>) -> Option<usize> {
+        match request.headers().get(UPSTREAM_HEADER) {
+            Some(named) => {
+                let named = Url::parse(named.to_str().ok()?).ok()?;
+                let slash = |u: &Url| u.as_str().trim_end_matches('/').to_string();
+                self.upstreams
+                    .iter()
+                    .position(|up| slash(up.base()) == slash(&named))
+            }
+            None => (self.upstreams.len() == 1).then_some(0),
+        }
+    }
+
+    fn partition(&self, i: usize) -> String {
+        format!("site|{}", self.upstreams[i].base())
+    }
+
+    async fn narinfo(
+        &self,
+        i: usize,
+        caller: &Caller,
+        authorization: &HeaderValue,
+        hash: &str,
+    ) -> Response<Body> {
+        if self.entitled.holds(caller, hash, self.narinfo_ttl) {
+            if let Some(cached) = self.store.narinfo(&self.partition(i), hash) {
+                if cached.age < self.narinfo_ttl {
+                    self.metrics.cache_hit(Kind::narinfo);
+                    return narinfo_response(cached.text);
+                }
+            }
+        }
+        self.metrics.cache_miss(Kind::narinfo);
+        let up = &self.upstreams[i];
+        let Some(url) = up.resolve(&format!("{hash}.narinfo")) else {
+            return body::text(StatusCode::BAD_GATEWAY, "cannot form the narinfo URL\n");
+        };
+        let response = match up.fetch_for_caller(&url, Method::GET, authorization).await {
+            Ok(Answer::Found(response)) => response,
+            Ok(Answer::Missing) => {
+                self.entitled.revoke(caller, hash);
+                return body::text(StatusCode::NOT_FOUND, "not in this caller's view\n");
+            }
+            Err(e) => return upstream_failed(&e),
+        };
+        let bytes = match crate::http::read_limited(
+            response.into_body(),
+            MAX_NARINFO_BYTES,
+            Duration::from_secs(30),
+        )
+        .await
+        {
+            Ok(bytes) => bytes,
+            Err(e) => return body::text(StatusCode::BAD_GATEWAY, format!("narinfo {hash}: {e}\n")),
+        };
+        let (Ok(info), Ok(text)) = (NarInfo::parse(&bytes), String::from_utf8(bytes.to_vec()))
+        else {
+            return body::text(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream sent a malformed narinfo for {hash}\n"),
+            );
+        };
+        if info.hash_part() != hash {
+            return body::text(
+                StatusCode::BAD_GATEWAY,
+                format!("asked for {hash}, upstream answered {}\n", info.store_path),
+            );
+        }
+        // The NAR is kept under the name the narinfo gives it below the upstream, which is
+        // the name the machine asks for; another URL is not the site's to serve.
+        let nar_key = match request::parse(&format!("/{}", info.url), None) {
+            Some(CachePath::Nar(key)) if !info.url.contains("://") => Some(key),
+            _ => None,
+        };
+        if let (Some(key), Some(source)) = (&nar_key, up.resolve(&info.url)) {
+            let nar = NarSource {
+                upstream: up.name().to_string(),
+                url: source.to_string(),
+                expected: Expected::from_narinfo(&info),
+            };
+            let new = NewNarInfo::new(&self.partition(i), hash, &text, key, nar);
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
+        }
+        self.entitled.grant(caller, hash, nar_key.as_deref());
+        narinfo_response(text)
+    }
+
+    async fn nar(
+        &self,
+        i: usize,
+        caller: &Caller,
+        authorization: &HeaderValue,
+        key: &str,
+        method: &Method,
+    ) -> Response<Body> {
+        let up = &self.upstreams[i];
+        let row = self
+            .store
+            .nar(key)
+            .filter(|r| r.source.upstream == up.name());
+        let entitled = self.entitled.holds(caller, key, self.narinfo_ttl);
+        if let (true, Some(row)) = (entitled, row) {
+            let expected = row.source.expected.clone();
+            if method == Method::HEAD {
+                return nar_head(expected.file_len());
+            }
+            match self.store.fill(key, &expected) {
+                Slot::Stored(file, size) => {
+                    self.metrics.cache_hit(Kind::nar);
+                    let stream = stream_file(file, 0, size);
+                    return nar_body(Some(size), body::stream(stream, self.metrics.served()));
+                }
+                Slot::Join(reader) => {
+                    self.metrics.cache_hit(Kind::nar);
+                    let len = expected.file_len();
+                    return nar_body(len, body::stream(reader.stream(), self.metrics.served()));
+                }
+                Slot::Lead(writer, reader) => {
+                    self.metrics.cache_miss(Kind::nar);
+                    let source = Url::parse(&row.source.url).ok();
+                    let (up, auth, metrics) =
+                        (up.clone(), authorization.clone(), self.metrics.clone());
+                    // The fill runs to its end whoever is still reading: the next machine
+                    // finds it stored.
+                    tokio::spawn(async move {
+                        let answer = match source {
+                            Some(url) => up.fetch_for_caller(&url, Method::GET, &auth).await,
+                            None => Err(UpstreamError::Broken {
+                                upstream: up.name().to_string(),
+                                detail: "the NAR's URL does not parse".into(),
+                            }),
+                        };
+                        download::fill_from(answer, writer, metrics).await;
+                    });
+                    let len = expected.file_len();
+                    return nar_body(len, body::stream(reader.stream(), self.metrics.served()));
+                }
+                Slot::Bypass(reason) => {
+                    tracing::debug!(nar = %key, reason, "site cache cannot take the NAR; passing it through");
+                }
+            }
+        }
+        // Not one this caller was granted through the site: the upstream decides, the bytes
+        // pass through unstored (the machine checks them against its narinfo).
+        let Some(url) = up.resolve(key) else {
+            return body::text(StatusCode::BAD_REQUEST, "cannot form the NAR URL\n");
+        };
+        match up
+            .fetch_for_caller(&url, method.clone(), authorization)
+            .await
+        {
+            Ok(Answer::Found(response)) => {
+                let len = download::content_length(&response);
+                let stream = response.into_body().map_err(std::io::Error::other).boxed();
+                if method == Method::HEAD {
+                    return nar_head(len);
+                }
+                nar_body(len, stream)
+            }
+            Ok(Answer::Missing) => body::text(StatusCode::NOT_FOUND, "not in this caller's view\n"),
+            Err(e) => upstream_failed(&e),
+        }
+    }
+}
+
+fn narinfo_response(text: String) -> Response<Body> {
+    body::typed(StatusCode::OK, "text/x-nix-narinfo", text)
+}
+
+fn nar_head(len: Option<u64>) -> Response<Body> {
+    nar_body(len, body::empty())
+}
+
+fn nar_body(len: Option<u64>, body: Body) -> Response<Body> {
+    let mut builder = Response::builder().header(header::CONTENT_TYPE, "application/x-nix-nar");
+    if let Some(len) = len {
+        builder = builder.header(header::CONTENT_LENGTH, len);
+    }
+    builder.body(body).unwrap()
+}
+
+/// The caller's own credential refused is the caller's 401; anything else is a 502 the machine
+/// answers by going to the upstream itself.
+fn upstream_failed(e: &UpstreamError) -> Response<Body> {
+    let status = match e {
+        UpstreamError::CallerRejected { .. } => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    body::text(status, format!("{e}\n"))
+}

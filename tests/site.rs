@@ -1,0 +1,198 @@
+//! The site tier: machines pull through a site cache that holds no identity of its own. NAR
+//! bytes cross to the upstream once per site; every machine's view is still the upstream's
+//! answer for its own token; a site that goes away costs no substitution.
+
+mod support;
+
+use support::http::get;
+use support::issuer::Issuer;
+use support::nix::{fixture, in_store, substitute};
+use support::sidecar::Sidecar;
+use support::upstream::UpstreamDouble;
+
+const AUD: &str = "https://cache.test";
+
+/// A port free on loopback a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A machine: a sidecar whose identity is a token file minted for `sub`, asking `site` first.
+fn machine(
+    dir: &std::path::Path,
+    issuer: &Issuer,
+    upstream: &str,
+    site: &str,
+    sub: &str,
+) -> Sidecar {
+    std::fs::create_dir_all(dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, issuer.mint(sub, AUD, 3600, false)).unwrap();
+    let config = format!(
+        "trusted-public-keys = [\"{}\"]\nnarinfo-lookahead = false\nnar-lookahead = false\n\
+         [[upstream]]\nname = \"org\"\nurl = \"{upstream}\"\nidentity = \"id\"\nsite = \"{site}\"\n\
+         [identity.id]\nprovider = \"file\"\npath = \"{}\"\n",
+        fixture().public_key,
+        token.display()
+    );
+    Sidecar::start(dir, &config, &[])
+}
+
+/// The `URL:` of a store path's narinfo in the binary cache `cache`.
+fn nar_url_of(cache: &std::path::Path, path: &str) -> String {
+    let hash = &path["/nix/store/".len()..][..32];
+    let text = std::fs::read_to_string(cache.join(format!("{hash}.narinfo"))).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string()
+}
+
+/// Nix substitutes the fixture's closure through `sidecar` into a store under `dir`.
+async fn nix_pulls(sidecar: &Sidecar, dir: std::path::PathBuf) {
+    let fx = fixture();
+    let (url, pk, top, d) = (
+        sidecar.url.clone(),
+        fx.public_key.clone(),
+        fx.top.clone(),
+        dir.clone(),
+    );
+    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &d))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sidecar.logs()
+    );
+    assert!(fx.closure.iter().all(|p| in_store(&dir, p)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_go_away() {
+    let fx = fixture();
+    let issuer = Issuer::start().await;
+    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
+    for sub in ["alice", "bob", "dave"] {
+        upstream.grant(sub, &fx.closure);
+    }
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let site_url = format!("http://127.0.0.1:{port}");
+    std::fs::create_dir_all(root.path().join("site")).unwrap();
+    let mut site = Sidecar::start(
+        &root.path().join("site"),
+        &format!(
+            "[site]\nlisten = [\"127.0.0.1:{port}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\n",
+            upstream.url
+        ),
+        &[],
+    );
+    let n = fx.closure.len();
+
+    // The first machine: every NAR crosses once, through the site.
+    let alice = machine(
+        &root.path().join("alice"),
+        &issuer,
+        &upstream.url,
+        &site_url,
+        "alice",
+    );
+    nix_pulls(&alice, root.path().join("alice-store")).await;
+    assert_eq!(upstream.count("/nar/"), n, "{:?}", upstream.requests());
+    let narinfos_after_alice = upstream.count(".narinfo");
+
+    // The second: the upstream is asked each narinfo with bob's own token (his view), and
+    // not one NAR byte.
+    let bob = machine(
+        &root.path().join("bob"),
+        &issuer,
+        &upstream.url,
+        &site_url,
+        "bob",
+    );
+    nix_pulls(&bob, root.path().join("bob-store")).await;
+    assert_eq!(
+        upstream.count("/nar/"),
+        n,
+        "NARs crossed again: {:?}",
+        upstream.requests()
+    );
+    let bob_asked: Vec<_> = upstream.requests()[..]
+        .iter()
+        .filter(|r| r.path.ends_with(".narinfo"))
+        .skip(narinfos_after_alice)
+        .map(|r| r.authorization.clone().unwrap_or_default())
+        .collect();
+    assert!(!bob_asked.is_empty());
+    let bob_token = std::fs::read_to_string(root.path().join("bob/token")).unwrap();
+    assert!(
+        bob_asked.iter().all(|a| a.contains(bob_token.trim())),
+        "asked with bob's own token"
+    );
+
+    // Carol's view excludes the closure: nothing, though others pulled it.
+    let carol = machine(
+        &root.path().join("carol"),
+        &issuer,
+        &upstream.url,
+        &site_url,
+        "carol",
+    );
+    assert_eq!(carol.narinfo(&fx.top).await.status, 404);
+    let carol_token = std::fs::read_to_string(root.path().join("carol/token")).unwrap();
+    let nar_url = nar_url_of(&fx.cache, &fx.top);
+    let bearer = format!("Bearer {}", carol_token.trim());
+    let got = get(
+        &format!("{site_url}/{nar_url}"),
+        "GET",
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(
+        got.status, 404,
+        "a NAR outside carol's view, asked of the site directly"
+    );
+    assert!(!got
+        .body
+        .unwrap_or_default()
+        .starts_with(b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive"));
+    let top_hash = &fx.top["/nix/store/".len()..][..32];
+    let got = get(
+        &format!("{site_url}/{top_hash}.narinfo"),
+        "GET",
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(got.status, 404);
+    // No credential, or a forged one naming alice: nothing from the cache.
+    let got = get(&format!("{site_url}/{top_hash}.narinfo"), "GET", &[]).await;
+    assert_eq!(got.status, 401);
+    let forged = format!("Bearer {}", issuer.forge("alice", AUD));
+    let got = get(
+        &format!("{site_url}/{top_hash}.narinfo"),
+        "GET",
+        &[("authorization", &forged)],
+    )
+    .await;
+    assert_ne!(got.status, 200, "a forged token naming alice gets nothing");
+
+    // The site goes away: a new machine still substitutes, straight from the upstream.
+    site.kill();
+    let before = upstream.count("/nar/");
+    let dave = machine(
+        &root.path().join("dave"),
+        &issuer,
+        &upstream.url,
+        &site_url,
+        "dave",
+    );
+    nix_pulls(&dave, root.path().join("dave-store")).await;
+    assert_eq!(upstream.count("/nar/"), before + n);
+    drop((alice, bob, carol, dave));
+}
