@@ -29,12 +29,31 @@ fn machine(
     site: &str,
     sub: &str,
 ) -> Sidecar {
+    machine_with(
+        dir,
+        issuer,
+        upstream,
+        &format!("site = \"{site}\""),
+        sub,
+        "",
+    )
+}
+
+/// [`machine`] with `site_lines` for the upstream's site keys and `top` at the file's top.
+fn machine_with(
+    dir: &std::path::Path,
+    issuer: &Issuer,
+    upstream: &str,
+    site_lines: &str,
+    sub: &str,
+    top: &str,
+) -> Sidecar {
     std::fs::create_dir_all(dir).unwrap();
     let token = dir.join("token");
     std::fs::write(&token, issuer.mint(sub, AUD, 3600, false)).unwrap();
     let config = format!(
-        "trusted-public-keys = [\"{}\"]\nnarinfo-lookahead = false\nnar-lookahead = false\n\
-         [[upstream]]\nname = \"org\"\nurl = \"{upstream}\"\nidentity = \"id\"\nsite = \"{site}\"\n\
+        "{top}\ntrusted-public-keys = [\"{}\"]\nnarinfo-lookahead = false\nnar-lookahead = false\n\
+         [[upstream]]\nname = \"org\"\nurl = \"{upstream}\"\nidentity = \"id\"\n{site_lines}\n\
          [identity.id]\nprovider = \"file\"\npath = \"{}\"\n",
         fixture().public_key,
         token.display()
@@ -194,5 +213,111 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
     );
     nix_pulls(&dave, root.path().join("dave-store")).await;
     assert_eq!(upstream.count("/nar/"), before + n);
-    drop((alice, bob, carol, dave));
+
+    // The site back (its disk cache kept): used again, no NAR crosses for the next machine.
+    site.restart();
+    let before = upstream.count("/nar/");
+    let eve = machine(
+        &root.path().join("eve"),
+        &issuer,
+        &upstream.url,
+        &site_url,
+        "alice",
+    );
+    nix_pulls(&eve, root.path().join("eve-store")).await;
+    assert_eq!(upstream.count("/nar/"), before, "{}", site.logs());
+    drop((alice, bob, carol, dave, eve));
+}
+
+/// A site on TLS, trusted through `site-ca-file`; a path taken out of a view upstream is
+/// refused through the site once `narinfo-ttl` has passed, though the site holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_site_and_a_revocation_that_reaches_the_machine_within_narinfo_ttl() {
+    let fx = fixture();
+    let issuer = Issuer::start().await;
+    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
+    upstream.grant("alice", &fx.closure);
+    let root = tempfile::tempdir().unwrap();
+    let site_dir = root.path().join("site");
+    std::fs::create_dir_all(&site_dir).unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (site_dir.join("site.pem"), site_dir.join("site.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let port = free_port();
+    let site = Sidecar::start(
+        &site_dir,
+        &format!(
+            "narinfo-ttl = \"1s\"\n[site]\nlisten = [\"127.0.0.1:{port}\"]\ntls-cert = \"{}\"\ntls-key = \"{}\"\nallow-from = [\"127.0.0.0/8\"]\n\
+             [[upstream]]\nname = \"org\"\nurl = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            upstream.url
+        ),
+        &[],
+    );
+    let site_lines = format!(
+        "site = \"https://127.0.0.1:{port}\"\nsite-ca-file = \"{}\"",
+        cert.display()
+    );
+    let alice = machine_with(
+        &root.path().join("alice"),
+        &issuer,
+        &upstream.url,
+        &site_lines,
+        "alice",
+        "narinfo-ttl = \"1s\"",
+    );
+    nix_pulls(&alice, root.path().join("alice-store")).await;
+    let n = fx.closure.len();
+    assert_eq!(upstream.count("/nar/"), n);
+    assert!(
+        site.logs().contains("site open to other sidecars"),
+        "{}",
+        site.logs()
+    );
+
+    upstream.state.views.lock().unwrap().remove("alice");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(alice.narinfo(&fx.top).await.status, 404, "{}", alice.logs());
+    // Through the site, not around it: the site is up, and the machine never said otherwise.
+    assert!(
+        !alice.logs().contains("site unavailable"),
+        "{}",
+        alice.logs()
+    );
+}
+
+/// `[site]` off loopback needs TLS; a machine's `site` over plain http to another host is
+/// refused; each error names its key.
+#[test]
+fn site_settings_that_would_send_tokens_in_clear_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |config: &str| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout),
+        )
+    };
+    let (ok, said) = check("[site]\nlisten = [\"0.0.0.0:37516\"]\n");
+    assert!(!ok && said.contains("site.tls-cert"), "{said}");
+    let (ok, said) =
+        check("[site]\nlisten = [\"127.0.0.1:37516\"]\nallow-from = [\"10.0.0.0/33\"]\n");
+    assert!(!ok && said.contains("site.allow-from[0]"), "{said}");
+    let (ok, said) = check("[[upstream]]\nurl = \"https://cache.example.org\"\nsite = \"http://site.example.org:37516\"\n");
+    assert!(!ok && said.contains("upstream[0].site"), "{said}");
+    let (ok, said) = check("[site]\nlisten = [\"127.0.0.1:37516\"]\n[[upstream]]\nurl = \"https://cache.example.org\"\nsite = \"https://site.example.org:37516\"\n");
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("[site]") && said.contains("site = \"https://site.example.org:37516/\""),
+        "{said}"
+    );
 }
