@@ -53,6 +53,33 @@ struct UpstreamStatus {
     status: String,
 }
 
+/// What the site did with a machine's request (`[site]`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SiteOutcome {
+    /// Served from the site's cache to a caller the upstream lately answered for it.
+    cached,
+    /// Asked upstream with the caller's credential, and granted.
+    granted,
+    /// Asked upstream with the caller's credential, and refused (or missing).
+    refused,
+    /// A NAR the caller was not granted through the site: passed through, not stored.
+    passed_through,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SiteLabels {
+    kind: Kind,
+    outcome: SiteOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SiteRouteLabels {
+    upstream: String,
+    /// `answered` by the site, or `passed_over` for the upstream itself.
+    outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabel {
     identity: String,
@@ -73,6 +100,8 @@ pub struct Metrics {
     signature_failures: Family<UpstreamLabel, Counter>,
     upstream_requests: Family<UpstreamStatus, Counter>,
     upstream_seconds: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
+    site_answers: Family<SiteLabels, Counter>,
+    site_route: Family<SiteRouteLabels, Counter>,
 }
 
 impl Metrics {
@@ -90,6 +119,8 @@ impl Metrics {
             signature_failures: Family::default(),
             upstream_requests: Family::default(),
             upstream_seconds: Family::new_with_constructor(latency_histogram),
+            site_answers: Family::default(),
+            site_route: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -138,6 +169,16 @@ impl Metrics {
             "Time to an upstream's answer headers",
             metrics.upstream_seconds.clone(),
         );
+        r.register(
+            "site_answers",
+            "Requests of other sidecars the site answered, by kind and what it took",
+            metrics.site_answers.clone(),
+        );
+        r.register(
+            "site_route",
+            "Requests to an upstream this machine sent its site first, by outcome",
+            metrics.site_route.clone(),
+        );
         for kind in [Kind::narinfo, Kind::nar] {
             drop(metrics.cache_hits.get_or_create(&KindLabel { kind }));
             drop(metrics.cache_misses.get_or_create(&KindLabel { kind }));
@@ -156,6 +197,24 @@ impl Metrics {
     pub fn request(&self, route: &'static str, status: u16) {
         self.requests
             .get_or_create(&RouteStatus { route, status })
+            .inc();
+    }
+
+    /// The site answered another sidecar's request for `kind` this way.
+    pub fn site_answered(&self, kind: Kind, outcome: SiteOutcome) {
+        self.site_answers
+            .get_or_create(&SiteLabels { kind, outcome })
+            .inc();
+    }
+
+    /// A request this machine sent its site first: answered there, or passed over.
+    pub fn site_routed(&self, upstream: &str, answered: bool) {
+        let outcome = if answered { "answered" } else { "passed_over" };
+        self.site_route
+            .get_or_create(&SiteRouteLabels {
+                upstream: upstream.to_string(),
+                outcome,
+            })
             .inc();
     }
 

@@ -55,6 +55,16 @@ pub struct UpstreamHealth {
     pub last_success: Option<u64>,
     pub last_failure: Option<u64>,
     pub last_error: Option<String>,
+    /// Its site (`site = ...`): whether the last request got a cache's answer there. A site
+    /// down costs speed, not substitutions: it does not make the machine unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteHealth>,
+}
+
+#[derive(Clone, serde::Serialize)]
+pub struct SiteHealth {
+    pub url: String,
+    pub answering: bool,
 }
 
 /// One identity's line of `/_sidecar/health`.

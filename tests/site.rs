@@ -155,6 +155,19 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
         "asked with bob's own token"
     );
 
+    let metrics = |url: String| async move {
+        let got = get(&format!("{url}/_sidecar/metrics"), "GET", &[]).await;
+        String::from_utf8_lossy(&got.body.unwrap()).into_owned()
+    };
+    let site_metrics = metrics(site.url.clone()).await;
+    let cached = format!("nix_sidecar_site_answers_total{{kind=\"nar\",outcome=\"cached\"}} {n}");
+    assert!(site_metrics.contains(&cached), "{site_metrics}");
+    let bob_metrics = metrics(bob.url.clone()).await;
+    assert!(
+        bob_metrics.contains("nix_sidecar_site_route_total{upstream=\"org\",outcome=\"answered\"}"),
+        "{bob_metrics}"
+    );
+
     // Carol's view excludes the closure: nothing, though others pulled it.
     let carol = machine(
         &root.path().join("carol"),
@@ -213,6 +226,18 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
     );
     nix_pulls(&dave, root.path().join("dave-store")).await;
     assert_eq!(upstream.count("/nar/"), before + n);
+    let health = get(&format!("{}/_sidecar/health", dave.url), "GET", &[]).await;
+    assert_eq!(health.status, 200, "a site down leaves the machine healthy");
+    let health: serde_json::Value = serde_json::from_slice(&health.body.unwrap()).unwrap();
+    assert_eq!(
+        health["upstreams"]["org"]["site"]["answering"], false,
+        "{health}"
+    );
+    let dave_metrics = metrics(dave.url.clone()).await;
+    assert!(
+        dave_metrics.contains("outcome=\"passed_over\""),
+        "{dave_metrics}"
+    );
 
     // The site back (its disk cache kept): used again, no NAR crosses for the next machine.
     site.restart();

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use url::Url;
 
 use crate::config::{Config, SiteConfig};
-use crate::metrics::{Kind, Metrics};
+use crate::metrics::{Kind, Metrics, SiteOutcome};
 use crate::nix::narinfo::{NarInfo, MAX_NARINFO_BYTES};
 use crate::nix::request::{self, CachePath};
 use crate::proxy::download;
@@ -143,12 +143,12 @@ impl SiteCache {
         if self.entitled.holds(caller, hash, self.narinfo_ttl) {
             if let Some(cached) = self.store.narinfo(&self.partition(i), hash) {
                 if cached.age < self.narinfo_ttl {
-                    self.metrics.cache_hit(Kind::narinfo);
+                    self.metrics
+                        .site_answered(Kind::narinfo, SiteOutcome::cached);
                     return narinfo_response(cached.text);
                 }
             }
         }
-        self.metrics.cache_miss(Kind::narinfo);
         let up = &self.upstreams[i];
         let Some(url) = up.resolve(&format!("{hash}.narinfo")) else {
             return body::text(StatusCode::BAD_GATEWAY, "cannot form the narinfo URL\n");
@@ -156,6 +156,8 @@ impl SiteCache {
         let response = match up.fetch_for_caller(&url, Method::GET, authorization).await {
             Ok(Answer::Found(response)) => response,
             Ok(Answer::Missing) => {
+                self.metrics
+                    .site_answered(Kind::narinfo, SiteOutcome::refused);
                 self.entitled.revoke(caller, hash);
                 return body::text(StatusCode::NOT_FOUND, "not in this caller's view\n");
             }
@@ -201,6 +203,8 @@ impl SiteCache {
             let _ = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
         }
         self.entitled.grant(caller, hash, nar_key.as_deref());
+        self.metrics
+            .site_answered(Kind::narinfo, SiteOutcome::granted);
         narinfo_response(text)
     }
 
@@ -225,17 +229,17 @@ impl SiteCache {
             }
             match self.store.fill(key, &expected) {
                 Slot::Stored(file, size) => {
-                    self.metrics.cache_hit(Kind::nar);
+                    self.metrics.site_answered(Kind::nar, SiteOutcome::cached);
                     let stream = stream_file(file, 0, size);
                     return nar_body(Some(size), body::stream(stream, self.metrics.served()));
                 }
                 Slot::Join(reader) => {
-                    self.metrics.cache_hit(Kind::nar);
+                    self.metrics.site_answered(Kind::nar, SiteOutcome::cached);
                     let len = expected.file_len();
                     return nar_body(len, body::stream(reader.stream(), self.metrics.served()));
                 }
                 Slot::Lead(writer, reader) => {
-                    self.metrics.cache_miss(Kind::nar);
+                    self.metrics.site_answered(Kind::nar, SiteOutcome::granted);
                     let source = Url::parse(&row.source.url).ok();
                     let (up, auth, metrics) =
                         (up.clone(), authorization.clone(), self.metrics.clone());

@@ -133,7 +133,12 @@ impl Upstream {
     }
 
     pub fn health(&self) -> UpstreamHealth {
-        self.health.lock().unwrap().clone()
+        let mut health = self.health.lock().unwrap().clone();
+        health.site = self.site.as_ref().map(|site| crate::status::SiteHealth {
+            url: display_url(site.url()),
+            answering: site.is_up(),
+        });
+        health
     }
 
     /// GET (or HEAD) `url`, with every rule of the module doc applied.
@@ -194,7 +199,13 @@ impl Upstream {
                 })?;
             let started = Instant::now();
             let via_site = match &self.site {
-                Some(site) => site.ask(&self.base, url, &method, header.as_ref()).await,
+                Some(site) => {
+                    let answer = site.ask(&self.base, url, &method, header.as_ref()).await;
+                    if url.as_str().starts_with(self.base.as_str()) {
+                        self.metrics.site_routed(&self.name, answer.is_some());
+                    }
+                    answer
+                }
                 None => None,
             };
             let result = match via_site {
