@@ -6,7 +6,14 @@ let
   settingsFormat = pkgs.formats.toml { };
   listen = cfg.settings.listen or [ "127.0.0.1:37515" ];
   port = lib.last (lib.splitString ":" (builtins.head listen));
-  configFile = settingsFormat.generate "nix-sidecar.toml" cfg.settings;
+  portOf = address: lib.toInt (lib.last (lib.splitString ":" address));
+  # The site's TLS key is handed to the unit as a credential; the config names the copy.
+  settings = cfg.settings // lib.optionalAttrs (cfg.site.tlsKeyFile != null) {
+    site = (cfg.settings.site or { }) // {
+      tls-key = "/run/credentials/nix-sidecar.service/site-tls-key";
+    };
+  };
+  configFile = settingsFormat.generate "nix-sidecar.toml" settings;
 in
 {
   imports = [ ./exchange.nix ];
@@ -47,6 +54,19 @@ in
       description = "Set nix.settings.post-build-hook to queue every local build's outputs with `nix-sidecar push` (for builders whose upstreams have `push` set). The hook only enqueues; it never fails a build.";
     };
 
+    site = {
+      tlsKeyFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        description = "The private key of the site listener's certificate (settings.site.tls-cert), readable by root only; passed to the unit as a credential. The site listener (settings.site, README \"A site cache for a fleet\") needs TLS unless it listens on loopback.";
+      };
+      openFirewall = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Open the ports of settings.site.listen to the other machines of the site (allow-from still applies).";
+      };
+    };
+
     addSubstituter = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -55,6 +75,9 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.site.openFirewall
+      (map portOf (cfg.settings.site.listen or [ ]));
+
     # Only nix-daemon (root) reads through the sidecar unless the settings say otherwise:
     # without it every local user reads what this machine's identity can.
     services.nix-sidecar.settings.allowed-uids = lib.mkDefault [ 0 ];
@@ -90,6 +113,7 @@ in
         WatchdogSec = "30s";
         TimeoutStopSec = "20s";
         EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
+        LoadCredential = lib.mkIf (cfg.site.tlsKeyFile != null) [ "site-tls-key:${cfg.site.tlsKeyFile}" ];
 
         CacheDirectory = "nix-sidecar";
         CacheDirectoryMode = "0700";
