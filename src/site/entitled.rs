@@ -24,13 +24,18 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn new(upstream: usize, authorization: &HeaderValue) -> Caller {
-        let digest = Sha256::digest(authorization.as_bytes());
+    /// `authorization`: what the machine sent (none: it asks anonymously, and is granted
+    /// what the upstream gives anyone).
+    pub fn new(upstream: usize, authorization: Option<&HeaderValue>) -> Caller {
+        let sent = authorization.map_or(&[][..], |h| h.as_bytes());
+        let digest = Sha256::digest(sent);
         let mut fingerprint = [0u8; 16];
         fingerprint.copy_from_slice(&digest[..16]);
         Caller {
             upstream,
-            subject: subject_of(authorization).unwrap_or_else(|| "-".into()),
+            subject: authorization
+                .and_then(subject_of)
+                .unwrap_or_else(|| "-".into()),
             fingerprint,
         }
     }
@@ -110,15 +115,15 @@ mod tests {
     #[test]
     fn a_grant_holds_for_that_token_only_and_not_past_its_ttl() {
         let e = Entitlements::default();
-        let alice = Caller::new(0, &bearer("alice", "1"));
+        let alice = Caller::new(0, Some(&bearer("alice", "1")));
         assert_eq!(alice.subject, "alice");
         e.grant(&alice, "h1", Some("nar/x.nar"));
         let ttl = Duration::from_secs(60);
         assert!(e.holds(&alice, "h1", ttl) && e.holds(&alice, "nar/x.nar", ttl));
         // The same subject in another token (forged, or a refresh) holds nothing yet.
-        assert!(!e.holds(&Caller::new(0, &bearer("alice", "2")), "h1", ttl));
+        assert!(!e.holds(&Caller::new(0, Some(&bearer("alice", "2"))), "h1", ttl));
         // Nor the same token for another upstream.
-        assert!(!e.holds(&Caller::new(1, &bearer("alice", "1")), "h1", ttl));
+        assert!(!e.holds(&Caller::new(1, Some(&bearer("alice", "1"))), "h1", ttl));
         assert!(!e.holds(&alice, "h1", Duration::ZERO));
         e.revoke(&alice, "h1");
         assert!(!e.holds(&alice, "h1", ttl));

@@ -101,16 +101,17 @@ impl SiteCache {
                 "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n",
             );
         }
-        let Some(authorization) = request.headers().get(header::AUTHORIZATION).cloned() else {
-            return body::text(
-                StatusCode::UNAUTHORIZED,
-                "the site acts only with the asking machine's own credential\n",
-            );
-        };
-        let caller = Caller::new(i, &authorization);
+        let authorization = request.headers().get(header::AUTHORIZATION).cloned();
+        let caller = Caller::new(i, authorization.as_ref());
         match path {
-            CachePath::NarInfo(hash) => self.narinfo(i, &caller, &authorization, &hash).await,
-            CachePath::Nar(key) => self.nar(i, &caller, &authorization, &key, &method).await,
+            CachePath::NarInfo(hash) => {
+                self.narinfo(i, &caller, authorization.as_ref(), &hash)
+                    .await
+            }
+            CachePath::Nar(key) => {
+                self.nar(i, &caller, authorization.as_ref(), &key, &method)
+                    .await
+            }
             _ => body::text(StatusCode::NOT_FOUND, "the site serves narinfos and NARs\n"),
         }
     }
@@ -137,7 +138,7 @@ impl SiteCache {
         &self,
         i: usize,
         caller: &Caller,
-        authorization: &HeaderValue,
+        authorization: Option<&HeaderValue>,
         hash: &str,
     ) -> Response<Body> {
         if self.entitled.holds(caller, hash, self.narinfo_ttl) {
@@ -212,7 +213,7 @@ impl SiteCache {
         &self,
         i: usize,
         caller: &Caller,
-        authorization: &HeaderValue,
+        authorization: Option<&HeaderValue>,
         key: &str,
         method: &Method,
     ) -> Response<Body> {
@@ -242,12 +243,14 @@ impl SiteCache {
                     self.metrics.site_answered(Kind::nar, SiteOutcome::granted);
                     let source = Url::parse(&row.source.url).ok();
                     let (up, auth, metrics) =
-                        (up.clone(), authorization.clone(), self.metrics.clone());
+                        (up.clone(), authorization.cloned(), self.metrics.clone());
                     // The fill runs to its end whoever is still reading: the next machine
                     // finds it stored.
                     tokio::spawn(async move {
                         let answer = match source {
-                            Some(url) => up.fetch_for_caller(&url, Method::GET, &auth).await,
+                            Some(url) => {
+                                up.fetch_for_caller(&url, Method::GET, auth.as_ref()).await
+                            }
                             None => Err(UpstreamError::Broken {
                                 upstream: up.name().to_string(),
                                 detail: "the NAR's URL does not parse".into(),
@@ -306,7 +309,9 @@ fn nar_body(len: Option<u64>, body: Body) -> Response<Body> {
 /// answers by going to the upstream itself.
 fn upstream_failed(e: &UpstreamError) -> Response<Body> {
     let status = match e {
-        UpstreamError::CallerRejected { .. } => StatusCode::UNAUTHORIZED,
+        UpstreamError::CallerRejected { .. } | UpstreamError::NeedsIdentity { .. } => {
+            StatusCode::UNAUTHORIZED
+        }
         _ => StatusCode::BAD_GATEWAY,
     };
     body::text(status, format!("{e}\n"))

@@ -168,16 +168,19 @@ impl Upstream {
         self.fetch_with(url, method, credential).await
     }
 
-    /// GET or HEAD `url` for another sidecar at this site, presenting its `Authorization`:
-    /// its 401 is the caller's ([`UpstreamError::CallerRejected`]).
+    /// GET or HEAD `url` for another sidecar at this site, presenting its `Authorization`
+    /// (none: as it came, anonymous): its 401 is the caller's.
     pub async fn fetch_for_caller(
         &self,
         url: &Url,
         method: Method,
-        authorization: &http::HeaderValue,
+        authorization: Option<&http::HeaderValue>,
     ) -> Result<Answer, UpstreamError> {
-        self.fetch_with(url, method, Credential::of_caller(authorization))
-            .await
+        let credential = match authorization {
+            Some(header) => Credential::of_caller(header),
+            None => Credential::Anonymous,
+        };
+        self.fetch_with(url, method, credential).await
     }
 
     /// [`Upstream::fetch`] presenting `credential`; every rule of the module doc applied.
