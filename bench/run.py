@@ -532,6 +532,9 @@ class DelayingProxy:
 
     def __init__(self, target_port: int):
         self.target = target_port
+        # Response bytes of NAR requests (`/nar/` in the path) that crossed it.
+        self.nar_bytes = 0
+        self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self.accept, daemon=True).start()
@@ -575,6 +578,9 @@ class DelayingProxy:
                 length = next((int(l.split(":", 1)[1]) for l in lines if l.lower().startswith("content-length:")), 0)
                 if request.startswith(b"HEAD") or status in (204, 304):
                     length = 0
+                if b"/nar/" in request.split(b"\r\n", 1)[0]:
+                    with self.lock:
+                        self.nar_bytes += length
                 left = length - len(body)
                 # Head and the body read with it in one write: two small writes would wait
                 # for the client's delayed ACK (Nagle), doubling the round trip.
@@ -964,10 +970,141 @@ def current_nix_wan(b: Bench, results: list):
     proxy.listener.close()
 
 
+FLEET = int(os.environ.get("BENCH_FLEET", "4"))
+
+
+def start_extra_sidecar(b: Bench, name: str, config: str) -> tuple:
+    """Another nix-sidecar (a fleet's machine or site) with `config` beside its own listen
+    and cache-dir; returns (process, URL)."""
+    port = free_port()
+    cache_dir = os.path.join(b.work, f"{name}-cache")
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    path = os.path.join(b.work, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write(f'listen = ["127.0.0.1:{port}"]\ncache-dir = "{cache_dir}"\nmin-free-space = "1GiB"\n'
+                f'max-cache-size = "50GiB"\n{config}')
+    log = open(os.path.join(b.work, f"{name}.log"), "a")
+    proc = subprocess.Popen([os.path.join(ROOT, "target/release/nix-sidecar"), "serve", "--config", path],
+                            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "NIX_SIDECAR_LOG": "warn"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(3000):
+        try:
+            urllib.request.urlopen(url + "/nix-cache-info", timeout=1).read()
+            return proc, url
+        except Exception:
+            time.sleep(0.01)
+    raise SystemExit(f"{name} did not start")
+
+
+def fleet(b: Bench, results: list):
+    """14. A fleet of FLEET machines at one site behind a WAN (WAN_DELAY_S per request,
+    WAN_UPSTREAM_MIB per connection), each its own nix-sidecar and its own cache, realising
+    the system-shaped closure one after another (16 jobs, Nix 2.26 when there): NAR bytes that
+    cross the WAN, and each later machine's time, with a site cache against without one."""
+    top, key, count = system_closure(b)
+    client = clients()[-1]
+    proxy = DelayingProxy(b.ports["static"])
+    upstream = f"http://127.0.0.1:{proxy.port}/wan-all"
+    runs = {}
+    for with_site in [False, True]:
+        procs, extra = [], ""
+        if with_site:
+            site_port = free_port()
+            site, _ = start_extra_sidecar(b, "site", f'[site]\nlisten = ["127.0.0.1:{site_port}"]\n'
+                                                     f'[[upstream]]\nname = "up"\nurl = "{upstream}"\n')
+            procs.append(site)
+            extra = f'site = "http://127.0.0.1:{site_port}"\n'
+        before = proxy.nar_bytes
+        seconds = []
+        for m in range(FLEET):
+            machine, url = start_extra_sidecar(b, f"machine-{m}", f'[[upstream]]\nname = "up"\nurl = "{upstream}"\n{extra}')
+            procs.append(machine)
+            seconds.append(nix_seconds(["nix-store", "--realise", top, "--option", "substituters", url,
+                                        "--option", "trusted-public-keys", key, "--max-jobs", "16",
+                                        "--option", "max-substitution-jobs", "16"], b.work, client=client))
+        runs[with_site] = (proxy.nar_bytes - before, seconds)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            p.wait()
+    proxy.listener.close()
+    # Bytes of the NARs the closure holds (the binary cache has the chain's too: count ours).
+    home = os.path.join(b.work, "system-home")
+    paths = nix(["nix-store", "-qR", top], home).split()
+    closure_bytes = 0
+    for path in paths:
+        with open(os.path.join(b.cache, f"{os.path.basename(path)[:32]}.narinfo")) as f:
+            closure_bytes += int(next(l.split(": ", 1)[1] for l in f if l.startswith("FileSize: ")))
+    (site_bytes, site_s), (alone_bytes, alone_s) = runs[True], runs[False]
+    what = f"{FLEET} machines, {count} paths, Nix {client}"
+    results.append((f"14. fleet over the WAN, upstream NAR bytes / closure, {what}", site_bytes / closure_bytes,
+                    "without a site", alone_bytes / closure_bytes, "<= 1.1 (site)"))
+    results.append((f"14b. fleet, machines after the first, realise, s", median(site_s[1:]),
+                    "each machine straight (cold sidecar)", median(alone_s[1:]), "(info)"))
+
+
+DEEP = int(os.environ.get("BENCH_DEEP", "301"))
+
+
+def deep_chain(b: Bench) -> tuple:
+    """DEEP paths of 4 KiB, each referring to the one before (a closure as deep as it is
+    long), signed into the binary cache; (top path, public key, every path)."""
+    if hasattr(b, "deep"):
+        return b.deep
+    home = os.path.join(b.work, "deep-home")
+    os.makedirs(home, exist_ok=True)
+    expr = os.path.join(home, "deep.nix")
+    with open(expr, "w") as f:
+        f.write(f"""
+let
+  mk = n: builtins.derivation {{
+    name = "deep-${{toString n}}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "/usr/bin/head -c 4096 /dev/urandom > $out; echo ${{if n == 0 then "" else toString (mk (n - 1))}} >> $out" ];
+  }};
+in mk {DEEP - 1}
+""")
+    top = nix(["nix-build", "--no-out-link", expr], home).strip()
+    paths = nix(["nix-store", "-qR", top], home).split()
+    sk, pk = os.path.join(home, "sk"), os.path.join(home, "pk")
+    nix(["nix-store", "--generate-binary-cache-key", "bench-deep-1", sk, pk], home)
+    nix(["nix", "copy", "--to", f"file://{b.cache}?secret-key={sk}&compression=none", top], home)
+    with open(pk) as f:
+        b.deep = (top, f.read().strip(), paths)
+    return b.deep
+
+
+def prefetch_paths_from(b: Bench, results: list):
+    """15. `nix-sidecar prefetch` of a DEEP-deep chain behind the WAN into a cold sidecar: the
+    whole closure list (`--paths-from -`, as `nix path-info -r` on the builder prints it)
+    against the root alone (found level by level through References)."""
+    top, _key, paths = deep_chain(b)
+    proxy = DelayingProxy(b.ports["static"])
+    upstream = f"http://127.0.0.1:{proxy.port}/wan-all"
+    cli = os.path.join(ROOT, "target/release/nix-sidecar")
+    listed, root_only = [], []
+    for _ in range(max(3, ROUNDS // 2)):
+        for mode in ["list", "root"]:
+            b.start_sidecar(fresh=True, upstream_url=upstream)
+            url = b.url("sidecar", "").rstrip("/")
+            started = time.monotonic()
+            if mode == "list":
+                subprocess.run([cli, "prefetch", "--url", url, "--paths-from", "-"], input="\n".join(paths),
+                               text=True, check=True, capture_output=True)
+                listed.append(time.monotonic() - started)
+            else:
+                subprocess.run([cli, "prefetch", "--url", url, top], check=True, capture_output=True)
+                root_only.append(time.monotonic() - started)
+    b.stop_sidecar()
+    proxy.listener.close()
+    results.append((f"15. prefetch of a {DEEP}-deep chain over the WAN, `--paths-from`, s", median(listed),
+                    "the root only", median(root_only), "<= 0.2"))
+
+
 SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "6": real_nix,
              "7": big_index, "8": crowd_cold, "9": wan, "10": exchange_throughput,
              "11": system_deploy, "12": hit_path,
-             "13": current_nix_wan}
+             "13": current_nix_wan, "14": fleet, "15": prefetch_paths_from}
 
 
 def main():
