@@ -8,7 +8,7 @@ use support::http::get;
 use support::issuer::Issuer;
 use support::nix::{fixture, in_store, substitute};
 use support::sidecar::Sidecar;
-use support::upstream::UpstreamDouble;
+use support::upstream::{Fault, Target, UpstreamDouble};
 
 const AUD: &str = "https://cache.test";
 
@@ -35,9 +35,12 @@ fn machine(
         upstream,
         &format!("site = \"{site}\""),
         sub,
-        "",
+        QUIET,
     )
 }
+
+/// Lookahead off: the tests count the upstream's requests.
+const QUIET: &str = "narinfo-lookahead = false\nnar-lookahead = false";
 
 /// [`machine`] with `site_lines` for the upstream's site keys and `top` at the file's top.
 fn machine_with(
@@ -52,7 +55,7 @@ fn machine_with(
     let token = dir.join("token");
     std::fs::write(&token, issuer.mint(sub, AUD, 3600, false)).unwrap();
     let config = format!(
-        "{top}\ntrusted-public-keys = [\"{}\"]\nnarinfo-lookahead = false\nnar-lookahead = false\n\
+        "{top}\ntrusted-public-keys = [\"{}\"]\n\
          [[upstream]]\nname = \"org\"\nurl = \"{upstream}\"\nidentity = \"id\"\n{site_lines}\n\
          [identity.id]\nprovider = \"file\"\npath = \"{}\"\n",
         fixture().public_key,
@@ -291,7 +294,7 @@ async fn a_tls_site_and_a_revocation_that_reaches_the_machine_within_narinfo_ttl
         &upstream.url,
         &site_lines,
         "alice",
-        "narinfo-ttl = \"1s\"",
+        &format!("narinfo-ttl = \"1s\"\n{QUIET}"),
     );
     nix_pulls(&alice, root.path().join("alice-store")).await;
     let n = fx.closure.len();
@@ -345,4 +348,92 @@ fn site_settings_that_would_send_tokens_in_clear_are_refused() {
         said.contains("[site]") && said.contains("site = \"https://site.example.org:37516/\""),
         "{said}"
     );
+}
+
+/// Closure hints: once the site knows a closure, a machine that asks for its root gets every
+/// narinfo of it from the site at once (each checked upstream with that machine's own token)
+/// and answers the rest of Nix's walk locally, even with the upstream's narinfos down; a
+/// caller outside the view gets none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closure_hints_answer_a_machines_whole_walk_locally_within_its_view() {
+    let fx = fixture();
+    let issuer = Issuer::start().await;
+    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
+    upstream.grant("alice", &fx.closure);
+    upstream.grant("bob", &fx.closure);
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let site_url = format!("http://127.0.0.1:{port}");
+    std::fs::create_dir_all(root.path().join("site")).unwrap();
+    let _site = Sidecar::start(
+        &root.path().join("site"),
+        &format!(
+            "[site]\nlisten = [\"127.0.0.1:{port}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\n",
+            upstream.url
+        ),
+        &[],
+    );
+    let alice = machine(
+        &root.path().join("alice"),
+        &issuer,
+        &upstream.url,
+        &site_url,
+        "alice",
+    );
+    nix_pulls(&alice, root.path().join("alice-store")).await;
+
+    // Bob asks for the root alone (lookahead off: only the hints can bring the rest). Checked
+    // with the upstream's narinfos down.
+    let site_lines = format!("site = \"{site_url}\"");
+    let bob_dir = root.path().join("bob");
+    let bob = machine_with(&bob_dir, &issuer, &upstream.url, &site_lines, "bob", QUIET);
+    assert_eq!(bob.narinfo(&fx.top).await.status, 200);
+    // The hints are in once the machine says so (its debug log), not before: a fault set
+    // earlier would fail the site's checks of them.
+    for _ in 0..200 {
+        if bob.logs().contains("closure hints from the site") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    upstream.fault(Target::NarInfo, Fault::Status(503), None);
+    for path in &fx.closure {
+        let got = bob.narinfo(path).await;
+        assert_eq!(
+            got.status,
+            200,
+            "{path} not answered locally:\n{}",
+            bob.logs()
+        );
+    }
+    upstream.clear_faults();
+
+    let top_hash = &fx.top["/nix/store/".len()..][..32];
+    let hints_for = |token: String| {
+        let url = format!("{site_url}/_sidecar/closure/{top_hash}");
+        async move {
+            let bearer = format!("Bearer {token}");
+            let got = get(&url, "GET", &[("authorization", &bearer)]).await;
+            assert_eq!(got.status, 200);
+            let v: serde_json::Value = serde_json::from_slice(&got.body.unwrap()).unwrap();
+            v["narinfos"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!(
+        hints_for(issuer.mint("bob", AUD, 300, false)).await,
+        fx.closure.len()
+    );
+    assert_eq!(
+        hints_for(issuer.mint("carol", AUD, 300, false)).await,
+        0,
+        "outside carol's view"
+    );
+    let bad = get(
+        &format!("{site_url}/_sidecar/closure/not-a-hash"),
+        "GET",
+        &[],
+    )
+    .await;
+    assert_eq!(bad.status, 404);
+    drop((alice, bob));
 }

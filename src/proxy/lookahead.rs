@@ -95,8 +95,52 @@ pub(super) fn after_serving(
         remember_nar(ahead, text, uid);
     }
     if fetched {
+        closure_hints(proxy, text, upstream);
         look_ahead(proxy, text, DEPTH, &Arc::new(AtomicUsize::new(BUDGET)));
     }
+}
+
+/// For an upstream with a site: the narinfos of the closure the site already knows, asked at
+/// once, each checked as if the upstream had sent it and stored, so Nix's walk of the rest is
+/// answered locally instead of level by level across the WAN.
+fn closure_hints(proxy: &Arc<Proxy>, text: &str, upstream: usize) {
+    if proxy.upstreams[upstream].site().is_none() {
+        return;
+    }
+    let Ok(info) = NarInfo::parse(text.as_bytes()) else {
+        return;
+    };
+    let root = info.hash_part().to_string();
+    {
+        let mut hinted = proxy.hinted.lock().unwrap();
+        if hinted.len() >= REMEMBERED {
+            hinted.clear();
+        }
+        if !hinted.insert(root.clone()) {
+            return;
+        }
+    }
+    let proxy = proxy.clone();
+    tokio::spawn(async move {
+        let hints = proxy.upstreams[upstream].closure_hints(&root).await;
+        let (offered, mut stored) = (hints.len(), 0);
+        for hint in hints {
+            let Ok(info) = NarInfo::parse(hint.as_bytes()) else {
+                continue;
+            };
+            let hash = info.hash_part();
+            if !proxy.is_cached(hash) {
+                // A hint that fails the checks is dropped; Nix's own request asks again.
+                match proxy.admit(upstream, hash, hint.as_bytes()).await {
+                    Ok(super::resolve::Lookup::Found(_)) => stored += 1,
+                    Ok(_) => tracing::debug!(%hash, "closure hint not trusted; dropped"),
+                    Err(e) => tracing::debug!(%hash, error = %e, "closure hint unusable; dropped"),
+                }
+            }
+        }
+        tracing::debug!(%root, offered, stored, "closure hints from the site");
+        proxy.hinted.lock().unwrap().remove(&root);
+    });
 }
 
 /// Remembers `text`'s NAR. Whether it is stored is asked only if Nix starts downloading: an

@@ -144,6 +144,8 @@ pub struct Proxy {
     narinfo_slots: Vec<tokio::sync::Semaphore>,
     lookahead: Option<Arc<lookahead::Lookahead>>,
     nars_ahead: Option<Arc<lookahead::NarsAhead>>,
+    /// Roots whose closure hints are being asked of a site (see `lookahead`).
+    hinted: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The index partition of an upstream's narinfos: one identity's view must not answer for
@@ -184,6 +186,7 @@ impl Proxy {
             policy,
             misses: Mutex::default(),
             flights: Mutex::default(),
+            hinted: Mutex::default(),
         }
     }
 

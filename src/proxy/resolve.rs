@@ -231,10 +231,6 @@ impl Proxy {
 
     async fn fetch_narinfo(&self, i: usize, hash: &str) -> NarInfoResult {
         let up = &self.upstreams[i];
-        let bad = |detail: String| UpstreamError::Broken {
-            upstream: up.name().to_string(),
-            detail,
-        };
         let url =
             up.resolve(&format!("{hash}.narinfo"))
                 .ok_or_else(|| UpstreamError::Unavailable {
@@ -257,8 +253,20 @@ impl Proxy {
             upstream: up.name().to_string(),
             detail: format!("narinfo {hash}: {e}"),
         })?;
+        self.admit(i, hash, &body).await
+    }
+
+    /// A narinfo for `hash` that upstream `i` answered (or its site hinted): checked (it
+    /// names `hash`, a trusted key signed it) and stored in that upstream's partition, its
+    /// NAR recorded under its local name.
+    pub(super) async fn admit(&self, i: usize, hash: &str, body: &[u8]) -> NarInfoResult {
+        let up = &self.upstreams[i];
+        let bad = |detail: String| UpstreamError::Broken {
+            upstream: up.name().to_string(),
+            detail,
+        };
         let info =
-            NarInfo::parse(&body).map_err(|e| bad(format!("narinfo {hash} is malformed: {e}")))?;
+            NarInfo::parse(body).map_err(|e| bad(format!("narinfo {hash} is malformed: {e}")))?;
         if info.hash_part() != hash {
             return Err(bad(format!(
                 "asked for narinfo {hash}, got one for {}",

@@ -85,7 +85,7 @@ impl SiteCache {
                 "the site answers GET and HEAD\n",
             );
         }
-        let Some(path) = request::parse(request.uri().path(), request.uri().query()) else {
+        let Some(route) = SiteRoute::of(request.uri()) else {
             return body::text(StatusCode::NOT_FOUND, "not a binary cache path\n");
         };
         let Some(i) = self.upstream_for(&request) else {
@@ -95,25 +95,57 @@ impl SiteCache {
                 format!("not an upstream of this site (the {UPSTREAM_HEADER} header names it)\n"),
             );
         };
-        if let CachePath::CacheInfo = path {
-            return body::text(
-                StatusCode::OK,
-                "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n",
-            );
-        }
         let authorization = request.headers().get(header::AUTHORIZATION).cloned();
         let caller = Caller::new(i, authorization.as_ref());
-        match path {
-            CachePath::NarInfo(hash) => {
-                self.narinfo(i, &caller, authorization.as_ref(), &hash)
-                    .await
-            }
-            CachePath::Nar(key) => {
-                self.nar(i, &caller, authorization.as_ref(), &key, &method)
-                    .await
-            }
-            _ => body::text(StatusCode::NOT_FOUND, "the site serves narinfos and NARs\n"),
+        let auth = authorization.as_ref();
+        match route {
+            SiteRoute::CacheInfo => body::text(
+                StatusCode::OK,
+                "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n",
+            ),
+            SiteRoute::NarInfo(hash) => self.narinfo(i, &caller, auth, &hash).await,
+            SiteRoute::Nar(key) => self.nar(i, &caller, auth, &key, &method).await,
+            SiteRoute::Closure(root) => self.closure(i, caller, authorization, root).await,
         }
+    }
+
+    /// `GET /_sidecar/closure/<hash>`: the narinfos of `root`'s closure that the site holds
+    /// (References followed through its index), each one as this caller may have it (a grant
+    /// it holds, else the upstream asked with its credential, [`CHECKS_AT_ONCE`] at a time);
+    /// those the upstream refuses it are left out. JSON: `{"narinfos": [text, ...]}`.
+    async fn closure(
+        self: Arc<Self>,
+        i: usize,
+        caller: Caller,
+        authorization: Option<HeaderValue>,
+        root: String,
+    ) -> Response<Body> {
+        let (store, partition) = (self.store.clone(), self.partition(i));
+        let known = tokio::task::spawn_blocking(move || known_closure(&store, &partition, &root))
+            .await
+            .unwrap_or_default();
+        let slots = Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE));
+        let mut checks = tokio::task::JoinSet::new();
+        for hash in known {
+            let (site, caller, auth, slots) = (
+                self.clone(),
+                caller.clone(),
+                authorization.clone(),
+                slots.clone(),
+            );
+            checks.spawn(async move {
+                let _slot = slots.acquire_owned().await;
+                site.narinfo_text(i, &caller, auth.as_ref(), &hash)
+                    .await
+                    .ok()
+            });
+        }
+        let mut narinfos = Vec::new();
+        while let Some(checked) = checks.join_next().await {
+            narinfos.extend(checked.ok().flatten());
+        }
+        let json = serde_json::json!({ "narinfos": narinfos }).to_string();
+        body::typed(StatusCode::OK, "application/json", json)
     }
 
     /// The upstream the request names (or the only one).
@@ -141,18 +173,36 @@ impl SiteCache {
         authorization: Option<&HeaderValue>,
         hash: &str,
     ) -> Response<Body> {
+        match self.narinfo_text(i, caller, authorization, hash).await {
+            Ok(text) => narinfo_response(text),
+            Err(refusal) => refusal,
+        }
+    }
+
+    /// The narinfo for `hash` as this caller may have it: from the cache if the upstream
+    /// lately granted it to this caller, else asked upstream with its credential.
+    async fn narinfo_text(
+        &self,
+        i: usize,
+        caller: &Caller,
+        authorization: Option<&HeaderValue>,
+        hash: &str,
+    ) -> Result<String, Response<Body>> {
         if self.entitled.holds(caller, hash, self.narinfo_ttl) {
             if let Some(cached) = self.store.narinfo(&self.partition(i), hash) {
                 if cached.age < self.narinfo_ttl {
                     self.metrics
                         .site_answered(Kind::narinfo, SiteOutcome::cached);
-                    return narinfo_response(cached.text);
+                    return Ok(cached.text);
                 }
             }
         }
         let up = &self.upstreams[i];
         let Some(url) = up.resolve(&format!("{hash}.narinfo")) else {
-            return body::text(StatusCode::BAD_GATEWAY, "cannot form the narinfo URL\n");
+            return Err(body::text(
+                StatusCode::BAD_GATEWAY,
+                "cannot form the narinfo URL\n",
+            ));
         };
         let response = match up.fetch_for_caller(&url, Method::GET, authorization).await {
             Ok(Answer::Found(response)) => response,
@@ -160,9 +210,12 @@ impl SiteCache {
                 self.metrics
                     .site_answered(Kind::narinfo, SiteOutcome::refused);
                 self.entitled.revoke(caller, hash);
-                return body::text(StatusCode::NOT_FOUND, "not in this caller's view\n");
+                return Err(body::text(
+                    StatusCode::NOT_FOUND,
+                    "not in this caller's view\n",
+                ));
             }
-            Err(e) => return upstream_failed(&e),
+            Err(e) => return Err(upstream_failed(&e)),
         };
         let bytes = match crate::http::read_limited(
             response.into_body(),
@@ -172,20 +225,23 @@ impl SiteCache {
         .await
         {
             Ok(bytes) => bytes,
-            Err(e) => return body::text(StatusCode::BAD_GATEWAY, format!("narinfo {hash}: {e}\n")),
+            Err(e) => {
+                let reason = format!("narinfo {hash}: {e}\n");
+                return Err(body::text(StatusCode::BAD_GATEWAY, reason));
+            }
         };
         let (Ok(info), Ok(text)) = (NarInfo::parse(&bytes), String::from_utf8(bytes.to_vec()))
         else {
-            return body::text(
+            return Err(body::text(
                 StatusCode::BAD_GATEWAY,
                 format!("upstream sent a malformed narinfo for {hash}\n"),
-            );
+            ));
         };
         if info.hash_part() != hash {
-            return body::text(
+            return Err(body::text(
                 StatusCode::BAD_GATEWAY,
                 format!("asked for {hash}, upstream answered {}\n", info.store_path),
-            );
+            ));
         }
         // The NAR is kept under the name the narinfo gives it below the upstream, which is
         // the name the machine asks for; another URL is not the site's to serve.
@@ -206,7 +262,7 @@ impl SiteCache {
         self.entitled.grant(caller, hash, nar_key.as_deref());
         self.metrics
             .site_answered(Kind::narinfo, SiteOutcome::granted);
-        narinfo_response(text)
+        Ok(text)
     }
 
     async fn nar(
@@ -287,6 +343,64 @@ impl SiteCache {
             Err(e) => upstream_failed(&e),
         }
     }
+}
+
+/// What a site request asks for.
+enum SiteRoute {
+    CacheInfo,
+    NarInfo(String),
+    Nar(String),
+    /// `/_sidecar/closure/<hash>`: closure hints.
+    Closure(String),
+}
+
+impl SiteRoute {
+    fn of(uri: &http::Uri) -> Option<SiteRoute> {
+        if let Some(hash) = uri.path().strip_prefix(CLOSURE_PREFIX) {
+            let valid = crate::proxy::prefetch::hash_of(hash).as_deref() == Some(hash);
+            return valid.then(|| SiteRoute::Closure(hash.to_string()));
+        }
+        match request::parse(uri.path(), uri.query())? {
+            CachePath::CacheInfo => Some(SiteRoute::CacheInfo),
+            CachePath::NarInfo(hash) => Some(SiteRoute::NarInfo(hash)),
+            CachePath::Nar(key) => Some(SiteRoute::Nar(key)),
+            _ => None,
+        }
+    }
+}
+
+/// Where closure hints are asked (`/_sidecar/closure/<hash>`).
+pub const CLOSURE_PREFIX: &str = "/_sidecar/closure/";
+/// Narinfos of one closure the site answers at most.
+const CLOSURE_MOST: usize = 20_000;
+/// Entitlement checks (upstream narinfo requests with the caller's credential) at once for
+/// one closure request.
+const CHECKS_AT_ONCE: usize = 64;
+
+/// The hashes of `root`'s closure whose narinfos `partition` holds, breadth first.
+fn known_closure(store: &Store, partition: &str, root: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut queue = std::collections::VecDeque::from([root.to_string()]);
+    let mut known = Vec::new();
+    while let Some(hash) = queue.pop_front() {
+        if known.len() >= CLOSURE_MOST || !seen.insert(hash.clone()) {
+            continue;
+        }
+        let Some(cached) = store.narinfo(partition, &hash) else {
+            continue;
+        };
+        let Ok(info) = NarInfo::parse(cached.text.as_bytes()) else {
+            continue;
+        };
+        queue.extend(
+            info.references
+                .iter()
+                .filter_map(|r| r.get(..32))
+                .map(str::to_string),
+        );
+        known.push(hash);
+    }
+    known
 }
 
 fn narinfo_response(text: String) -> Response<Body> {

@@ -114,6 +114,19 @@ impl Upstream {
         self.site.as_ref()
     }
 
+    /// The narinfos of `hash`'s closure that this upstream's site knows and this machine may
+    /// have, asked with this machine's credential (closure hints); empty without a site.
+    pub async fn closure_hints(&self, hash: &str) -> Vec<String> {
+        let Some(site) = &self.site else {
+            return Vec::new();
+        };
+        let mut credential = Credential::of(self.identity.as_ref(), &self.auth);
+        let Ok(header) = credential.header().await else {
+            return Vec::new();
+        };
+        site.closure(&self.base, hash, header.as_ref()).await
+    }
+
     /// The cache URL requests are made below (ending in `/`).
     pub fn base(&self) -> &Url {
         &self.base

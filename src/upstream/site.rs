@@ -20,6 +20,8 @@ pub const UPSTREAM_HEADER: &str = "nix-sidecar-upstream";
 /// Time until the site's response headers arrive: a NAR it fetches upstream first costs the
 /// upstream's round trip, no more.
 const SITE_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A closure's hints at most (20,000 narinfos of ~1.6 KiB).
+const HINTS_MOST_BYTES: usize = 32 << 20;
 
 pub struct SiteRoute {
     base: Url,
@@ -47,6 +49,47 @@ impl SiteRoute {
 
     pub fn url(&self) -> &Url {
         &self.base
+    }
+
+    /// The narinfos of `hash`'s closure the site knows and this machine may have (closure
+    /// hints); empty when it has none or cannot be asked.
+    pub async fn closure(
+        &self,
+        upstream: &Url,
+        hash: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Vec<String> {
+        #[derive(serde::Deserialize)]
+        struct Hints {
+            narinfos: Vec<String>,
+        }
+        let Ok(target) = self.base.join(&format!("_sidecar/closure/{hash}")) else {
+            return Vec::new();
+        };
+        let mut request = Request::builder()
+            .uri(target.as_str())
+            .header(http::header::USER_AGENT, crate::http::USER_AGENT)
+            .header(UPSTREAM_HEADER, upstream.as_str());
+        if let Some(value) = authorization {
+            request = request.header(http::header::AUTHORIZATION, value.clone());
+        }
+        let Ok(request) = request.body(Full::new(Bytes::new())) else {
+            return Vec::new();
+        };
+        let answer = tokio::time::timeout(SITE_HEADER_TIMEOUT, self.client.request(request)).await;
+        let Ok(Ok(response)) = answer else {
+            return Vec::new();
+        };
+        if response.status() != StatusCode::OK {
+            return Vec::new();
+        }
+        let body =
+            crate::http::read_limited(response.into_body(), HINTS_MOST_BYTES, SITE_HEADER_TIMEOUT)
+                .await;
+        body.ok()
+            .and_then(|b| serde_json::from_slice::<Hints>(&b).ok())
+            .map(|h| h.narinfos)
+            .unwrap_or_default()
     }
 
     /// The site's answer for `url` (under `upstream`), or `None` to go to the upstream.
