@@ -1005,7 +1005,13 @@ def fleet(b: Bench, results: list):
     client = clients()[-1]
     proxy = DelayingProxy(b.ports["static"])
     upstream = f"http://127.0.0.1:{proxy.port}/wan-all"
-    runs = {}
+    runs, walks, walks_direct = {}, [], []
+
+    def realise(url, dry=False):
+        return nix_seconds(["nix-store", "--realise", top, "--option", "substituters", url,
+                            "--option", "trusted-public-keys", key, "--max-jobs", "16",
+                            "--option", "max-substitution-jobs", "16"] + (["--dry-run"] if dry else []),
+                           b.work, client=client)
     for with_site in [False, True]:
         procs, extra = [], ""
         if with_site:
@@ -1019,10 +1025,16 @@ def fleet(b: Bench, results: list):
         for m in range(FLEET):
             machine, url = start_extra_sidecar(b, f"machine-{m}", f'[[upstream]]\nname = "up"\nurl = "{upstream}"\n{extra}')
             procs.append(machine)
-            seconds.append(nix_seconds(["nix-store", "--realise", top, "--option", "substituters", url,
-                                        "--option", "trusted-public-keys", key, "--max-jobs", "16",
-                                        "--option", "max-substitution-jobs", "16"], b.work, client=client))
+            seconds.append(realise(url))
         runs[with_site] = (proxy.nar_bytes - before, seconds)
+        if with_site:
+            # A closure walk (narinfos only, `--dry-run`) by a machine after the first, through
+            # its own cold sidecar, against Nix walking the upstream itself.
+            for w in range(max(3, ROUNDS // 2)):
+                machine, url = start_extra_sidecar(b, f"walker-{w}", f'[[upstream]]\nname = "up"\nurl = "{upstream}"\n{extra}')
+                procs.append(machine)
+                walks.append(realise(url, dry=True))
+                walks_direct.append(realise(upstream, dry=True))
         for p in procs:
             p.send_signal(signal.SIGTERM)
             p.wait()
@@ -1040,6 +1052,8 @@ def fleet(b: Bench, results: list):
                     "without a site", alone_bytes / closure_bytes, "<= 1.1 (site)"))
     results.append((f"14b. fleet, machines after the first, realise, s", median(site_s[1:]),
                     "each machine straight (cold sidecar)", median(alone_s[1:]), "(info)"))
+    results.append((f"14c. fleet, a later machine's closure walk (narinfos only), s", median(walks),
+                    "Nix walking the upstream itself", median(walks_direct), "<= 0.25"))
 
 
 DEEP = int(os.environ.get("BENCH_DEEP", "301"))
