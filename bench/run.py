@@ -274,15 +274,22 @@ def warm_nar(b: Bench, results: list):
     results.append(("1. warm NAR, MiB/s", median(side), "nginx static", median(stat), ">= 0.9"))
 
 
-def warm_narinfo(b: Bench, results: list):
-    """2. Small narinfos, all cached, 64 connections."""
-    b.start_sidecar()
+def warm_narinfos(b: Bench, who: list) -> str:
+    """Asks each of `who` for every small narinfo once (so they are cached); the file of their
+    paths, for wrk."""
     paths_file = os.path.join(b.work, "paths.txt")
     with open(paths_file, "w") as f:
         f.write("\n".join("/" + narinfo_path(h) for h in b.small) + "\n")
     for h in b.small:
-        urllib.request.urlopen(b.url("sidecar", narinfo_path(h))).read()
-        urllib.request.urlopen(b.url("proxy", narinfo_path(h))).read()
+        for contestant in who:
+            urllib.request.urlopen(b.url(contestant, narinfo_path(h))).read()
+    return paths_file
+
+
+def warm_narinfo(b: Bench, results: list):
+    """2. Small narinfos, all cached, 64 connections."""
+    b.start_sidecar()
+    paths_file = warm_narinfos(b, ["sidecar", "proxy"])
     side, proxy, stat = [], [], []
     for _ in range(max(3, ROUNDS // 2)):
         side.append(wrk_rps(b.url("sidecar", ""), paths_file))
@@ -296,11 +303,7 @@ def hit_path(b: Bench, results: list):
     """12. The hit path at its floor: cached narinfos asked one after another on one keep-alive
     connection (`wrk -t1 -c1`), as a lone Nix walking a closure does. Microseconds per request."""
     b.start_sidecar()
-    paths_file = os.path.join(b.work, "paths.txt")
-    with open(paths_file, "w") as f:
-        f.write("\n".join("/" + narinfo_path(h) for h in b.small) + "\n")
-    for h in b.small:
-        urllib.request.urlopen(b.url("sidecar", narinfo_path(h))).read()
+    paths_file = warm_narinfos(b, ["sidecar"])
     side, stat = [], []
     for _ in range(max(3, ROUNDS // 2)):
         side.append(1e6 / wrk_rps(b.url("sidecar", ""), paths_file, connections=1, threads=1))

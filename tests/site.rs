@@ -6,62 +6,89 @@ mod support;
 
 use support::http::get;
 use support::issuer::Issuer;
-use support::nix::{fixture, in_store, substitute};
+use support::nix::fixture;
 use support::sidecar::Sidecar;
 use support::upstream::{Fault, Target, UpstreamDouble};
+use support::world::nix_pulls_into;
 
 const AUD: &str = "https://cache.test";
-
-/// A port free on loopback a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A machine: a sidecar whose identity is a token file minted for `sub`, asking `site` first.
-fn machine(
-    dir: &std::path::Path,
-    issuer: &Issuer,
-    upstream: &str,
-    site: &str,
-    sub: &str,
-) -> Sidecar {
-    machine_with(
-        dir,
-        issuer,
-        upstream,
-        &format!("site = \"{site}\""),
-        sub,
-        QUIET,
-    )
-}
 
 /// Lookahead off: the tests count the upstream's requests.
 const QUIET: &str = "narinfo-lookahead = false\nnar-lookahead = false";
 
-/// [`machine`] with `site_lines` for the upstream's site keys and `top` at the file's top.
-fn machine_with(
-    dir: &std::path::Path,
-    issuer: &Issuer,
-    upstream: &str,
-    site_lines: &str,
-    sub: &str,
-    top: &str,
-) -> Sidecar {
-    std::fs::create_dir_all(dir).unwrap();
-    let token = dir.join("token");
-    std::fs::write(&token, issuer.mint(sub, AUD, 3600, false)).unwrap();
-    let config = format!(
-        "{top}\ntrusted-public-keys = [\"{}\"]\n\
-         [[upstream]]\nname = \"org\"\nurl = \"{upstream}\"\nidentity = \"id\"\n{site_lines}\n\
-         [identity.id]\nprovider = \"file\"\npath = \"{}\"\n",
-        fixture().public_key,
-        token.display()
-    );
-    Sidecar::start(dir, &config, &[])
+/// An issuer, an upstream that checks its JWTs (with views granted per subject), and a
+/// directory for a site and its machines, the site on a port free a moment ago.
+struct Fleet {
+    issuer: Issuer,
+    upstream: UpstreamDouble,
+    root: tempfile::TempDir,
+    port: u16,
+    site_url: String,
+}
+
+impl Fleet {
+    async fn start(granted: &[&str]) -> Fleet {
+        let issuer = Issuer::start().await;
+        let upstream =
+            UpstreamDouble::start(fixture().cache.clone(), Some((&issuer.url, AUD))).await;
+        for sub in granted {
+            upstream.grant(sub, &fixture().closure);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Fleet {
+            issuer,
+            upstream,
+            root: tempfile::tempdir().unwrap(),
+            port,
+            site_url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn dir(&self, name: &str) -> std::path::PathBuf {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The site: `top` at the file's top, `site` more keys of `[site]`.
+    fn site(&self, top: &str, site: &str) -> Sidecar {
+        let config = format!(
+            "{top}\n[site]\nlisten = [\"127.0.0.1:{}\"]\n{site}\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\n",
+            self.port, self.upstream.url
+        );
+        Sidecar::start(&self.dir("site"), &config, &[])
+    }
+
+    /// A machine named `name`: a sidecar whose identity is a token file minted for `sub`,
+    /// asking the site first.
+    fn machine(&self, name: &str, sub: &str) -> Sidecar {
+        self.machine_with(name, sub, &format!("site = \"{}\"", self.site_url), QUIET)
+    }
+
+    /// [`Fleet::machine`] with `site_lines` for the upstream's site keys and `top` at the
+    /// file's top.
+    fn machine_with(&self, name: &str, sub: &str, site_lines: &str, top: &str) -> Sidecar {
+        let dir = self.dir(name);
+        let token = dir.join("token");
+        std::fs::write(&token, self.issuer.mint(sub, AUD, 3600, false)).unwrap();
+        let config = format!(
+            "{top}\ntrusted-public-keys = [\"{}\"]\n\
+             [[upstream]]\nname = \"org\"\nurl = \"{}\"\nidentity = \"id\"\n{site_lines}\n\
+             [identity.id]\nprovider = \"file\"\npath = \"{}\"\n",
+            fixture().public_key,
+            self.upstream.url,
+            token.display()
+        );
+        Sidecar::start(&dir, &config, &[])
+    }
+
+    fn store(&self, name: &str) -> std::path::PathBuf {
+        self.root.path().join(format!("{name}-store"))
+    }
 }
 
 /// The `URL:` of a store path's narinfo in the binary cache `cache`.
@@ -74,71 +101,24 @@ fn nar_url_of(cache: &std::path::Path, path: &str) -> String {
         .to_string()
 }
 
-/// Nix substitutes the fixture's closure through `sidecar` into a store under `dir`.
-async fn nix_pulls(sidecar: &Sidecar, dir: std::path::PathBuf) {
-    let fx = fixture();
-    let (url, pk, top, d) = (
-        sidecar.url.clone(),
-        fx.public_key.clone(),
-        fx.top.clone(),
-        dir.clone(),
-    );
-    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &d))
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        sidecar.logs()
-    );
-    assert!(fx.closure.iter().all(|p| in_store(&dir, p)));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_go_away() {
     let fx = fixture();
-    let issuer = Issuer::start().await;
-    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
-    for sub in ["alice", "bob", "dave"] {
-        upstream.grant(sub, &fx.closure);
-    }
-    let root = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let site_url = format!("http://127.0.0.1:{port}");
-    std::fs::create_dir_all(root.path().join("site")).unwrap();
-    let mut site = Sidecar::start(
-        &root.path().join("site"),
-        &format!(
-            "[site]\nlisten = [\"127.0.0.1:{port}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\n",
-            upstream.url
-        ),
-        &[],
-    );
+    let fleet = Fleet::start(&["alice", "bob", "dave"]).await;
+    let (issuer, upstream, site_url) = (&fleet.issuer, &fleet.upstream, &fleet.site_url);
+    let mut site = fleet.site("", "");
     let n = fx.closure.len();
 
     // The first machine: every NAR crosses once, through the site.
-    let alice = machine(
-        &root.path().join("alice"),
-        &issuer,
-        &upstream.url,
-        &site_url,
-        "alice",
-    );
-    nix_pulls(&alice, root.path().join("alice-store")).await;
+    let alice = fleet.machine("alice", "alice");
+    nix_pulls_into(&alice, fleet.store("alice")).await;
     assert_eq!(upstream.count("/nar/"), n, "{:?}", upstream.requests());
     let narinfos_after_alice = upstream.count(".narinfo");
 
     // The second: the upstream is asked each narinfo with bob's own token (his view), and
     // not one NAR byte.
-    let bob = machine(
-        &root.path().join("bob"),
-        &issuer,
-        &upstream.url,
-        &site_url,
-        "bob",
-    );
-    nix_pulls(&bob, root.path().join("bob-store")).await;
+    let bob = fleet.machine("bob", "bob");
+    nix_pulls_into(&bob, fleet.store("bob")).await;
     assert_eq!(
         upstream.count("/nar/"),
         n,
@@ -152,7 +132,7 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
         .map(|r| r.authorization.clone().unwrap_or_default())
         .collect();
     assert!(!bob_asked.is_empty());
-    let bob_token = std::fs::read_to_string(root.path().join("bob/token")).unwrap();
+    let bob_token = std::fs::read_to_string(fleet.dir("bob").join("token")).unwrap();
     assert!(
         bob_asked.iter().all(|a| a.contains(bob_token.trim())),
         "asked with bob's own token"
@@ -172,15 +152,9 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
     );
 
     // Carol's view excludes the closure: nothing, though others pulled it.
-    let carol = machine(
-        &root.path().join("carol"),
-        &issuer,
-        &upstream.url,
-        &site_url,
-        "carol",
-    );
+    let carol = fleet.machine("carol", "carol");
     assert_eq!(carol.narinfo(&fx.top).await.status, 404);
-    let carol_token = std::fs::read_to_string(root.path().join("carol/token")).unwrap();
+    let carol_token = std::fs::read_to_string(fleet.dir("carol").join("token")).unwrap();
     let nar_url = nar_url_of(&fx.cache, &fx.top);
     let bearer = format!("Bearer {}", carol_token.trim());
     let got = get(
@@ -220,14 +194,8 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
     // The site goes away: a new machine still substitutes, straight from the upstream.
     site.kill();
     let before = upstream.count("/nar/");
-    let dave = machine(
-        &root.path().join("dave"),
-        &issuer,
-        &upstream.url,
-        &site_url,
-        "dave",
-    );
-    nix_pulls(&dave, root.path().join("dave-store")).await;
+    let dave = fleet.machine("dave", "dave");
+    nix_pulls_into(&dave, fleet.store("dave")).await;
     assert_eq!(upstream.count("/nar/"), before + n);
     let health = get(&format!("{}/_sidecar/health", dave.url), "GET", &[]).await;
     assert_eq!(health.status, 200, "a site down leaves the machine healthy");
@@ -245,14 +213,8 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
     // The site back (its disk cache kept): used again, no NAR crosses for the next machine.
     site.restart();
     let before = upstream.count("/nar/");
-    let eve = machine(
-        &root.path().join("eve"),
-        &issuer,
-        &upstream.url,
-        &site_url,
-        "alice",
-    );
-    nix_pulls(&eve, root.path().join("eve-store")).await;
+    let eve = fleet.machine("eve", "alice");
+    nix_pulls_into(&eve, fleet.store("eve")).await;
     assert_eq!(upstream.count("/nar/"), before, "{}", site.logs());
     drop((alice, bob, carol, dave, eve));
 }
@@ -262,41 +224,27 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_site_and_a_revocation_that_reaches_the_machine_within_narinfo_ttl() {
     let fx = fixture();
-    let issuer = Issuer::start().await;
-    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
-    upstream.grant("alice", &fx.closure);
-    let root = tempfile::tempdir().unwrap();
-    let site_dir = root.path().join("site");
-    std::fs::create_dir_all(&site_dir).unwrap();
+    let fleet = Fleet::start(&["alice"]).await;
+    let upstream = &fleet.upstream;
+    let site_dir = fleet.dir("site");
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     let (cert, key) = (site_dir.join("site.pem"), site_dir.join("site.key"));
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
-    let port = free_port();
-    let site = Sidecar::start(
-        &site_dir,
-        &format!(
-            "narinfo-ttl = \"1s\"\n[site]\nlisten = [\"127.0.0.1:{port}\"]\ntls-cert = \"{}\"\ntls-key = \"{}\"\nallow-from = [\"127.0.0.0/8\"]\n\
-             [[upstream]]\nname = \"org\"\nurl = \"{}\"\n",
-            cert.display(),
-            key.display(),
-            upstream.url
-        ),
-        &[],
+    let tls = format!(
+        "tls-cert = \"{}\"\ntls-key = \"{}\"\nallow-from = [\"127.0.0.0/8\"]",
+        cert.display(),
+        key.display()
     );
+    let site = fleet.site("narinfo-ttl = \"1s\"", &tls);
     let site_lines = format!(
-        "site = \"https://127.0.0.1:{port}\"\nsite-ca-file = \"{}\"",
+        "site = \"https://127.0.0.1:{}\"\nsite-ca-file = \"{}\"",
+        fleet.port,
         cert.display()
     );
-    let alice = machine_with(
-        &root.path().join("alice"),
-        &issuer,
-        &upstream.url,
-        &site_lines,
-        "alice",
-        &format!("narinfo-ttl = \"1s\"\n{QUIET}"),
-    );
-    nix_pulls(&alice, root.path().join("alice-store")).await;
+    let ttl = format!("narinfo-ttl = \"1s\"\n{QUIET}");
+    let alice = fleet.machine_with("alice", "alice", &site_lines, &ttl);
+    nix_pulls_into(&alice, fleet.store("alice")).await;
     let n = fx.closure.len();
     assert_eq!(upstream.count("/nar/"), n);
     assert!(
@@ -357,36 +305,15 @@ fn site_settings_that_would_send_tokens_in_clear_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closure_hints_answer_a_machines_whole_walk_locally_within_its_view() {
     let fx = fixture();
-    let issuer = Issuer::start().await;
-    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
-    upstream.grant("alice", &fx.closure);
-    upstream.grant("bob", &fx.closure);
-    let root = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let site_url = format!("http://127.0.0.1:{port}");
-    std::fs::create_dir_all(root.path().join("site")).unwrap();
-    let _site = Sidecar::start(
-        &root.path().join("site"),
-        &format!(
-            "[site]\nlisten = [\"127.0.0.1:{port}\"]\n[[upstream]]\nname = \"org\"\nurl = \"{}\"\n",
-            upstream.url
-        ),
-        &[],
-    );
-    let alice = machine(
-        &root.path().join("alice"),
-        &issuer,
-        &upstream.url,
-        &site_url,
-        "alice",
-    );
-    nix_pulls(&alice, root.path().join("alice-store")).await;
+    let fleet = Fleet::start(&["alice", "bob"]).await;
+    let (issuer, upstream, site_url) = (&fleet.issuer, &fleet.upstream, &fleet.site_url);
+    let _site = fleet.site("", "");
+    let alice = fleet.machine("alice", "alice");
+    nix_pulls_into(&alice, fleet.store("alice")).await;
 
     // Bob asks for the root alone (lookahead off: only the hints can bring the rest). Checked
     // with the upstream's narinfos down.
-    let site_lines = format!("site = \"{site_url}\"");
-    let bob_dir = root.path().join("bob");
-    let bob = machine_with(&bob_dir, &issuer, &upstream.url, &site_lines, "bob", QUIET);
+    let bob = fleet.machine("bob", "bob");
     assert_eq!(bob.narinfo(&fx.top).await.status, 200);
     // The hints are in once the machine says so (its debug log), not before: a fault set
     // earlier would fail the site's checks of them.

@@ -61,13 +61,15 @@ impl World {
 
 /// Real Nix substitutes the closure; the outside path is a miss.
 pub async fn nix_pulls_the_view(sidecar: &Sidecar, client: &str) {
+    nix_pulls_into(sidecar, sidecar.dir.join(client)).await;
+    let outside = sidecar.narinfo(&fixture().outside).await;
+    assert_eq!(outside.status, 404, "outside the view");
+}
+
+/// Real Nix substitutes the fixture's closure through `sidecar` into a store under `dir`.
+pub async fn nix_pulls_into(sidecar: &Sidecar, dir: std::path::PathBuf) {
     let fx = fixture();
-    let (url, pk, top, dir) = (
-        sidecar.url.clone(),
-        fx.public_key.clone(),
-        fx.top.clone(),
-        sidecar.dir.join(client),
-    );
+    let (url, pk, top) = (sidecar.url.clone(), fx.public_key.clone(), fx.top.clone());
     let d = dir.clone();
     let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &d))
         .await
@@ -79,6 +81,4 @@ pub async fn nix_pulls_the_view(sidecar: &Sidecar, client: &str) {
         sidecar.logs()
     );
     assert!(fx.closure.iter().all(|p| in_store(&dir, p)));
-    let outside = sidecar.narinfo(&fx.outside).await;
-    assert_eq!(outside.status, 404, "outside the view");
 }
