@@ -364,3 +364,155 @@ async fn closure_hints_answer_a_machines_whole_walk_locally_within_its_view() {
     assert_eq!(bad.status, 404);
     drop((alice, bob));
 }
+
+/// The site under load as a site's machines bring it: 8 machines (each its own token) x 25
+/// connections asking narinfos then NARs of 40 paths for a few seconds, one machine outside
+/// every view, 4 paths in no view, and a cache a third of the closure's size (fills and
+/// evictions all the time). Every NAR answered 200 is the upstream's bytes; nothing outside a
+/// view is ever answered; the site's books equal its files and never exceed its limit; its
+/// memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_machines_by_25_connections_keep_the_sites_books_and_views_exact() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use support::upstream::hash_part;
+
+    let fx = support::nix::build_many(40, 30_000, "xz");
+    let issuer = Issuer::start().await;
+    let upstream = UpstreamDouble::start(fx.cache.clone(), Some((&issuer.url, AUD))).await;
+    let machines: Vec<String> = (0..8).map(|m| format!("machine-{m}")).collect();
+    for sub in &machines[..7] {
+        upstream.grant(sub, &fx.closure[..36]);
+    }
+    let closure_bytes = support::dir_bytes(&fx.cache.join("nar"));
+    let root = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let limit = closure_bytes / 3;
+    let site = Sidecar::start(
+        root.path(),
+        &format!(
+            "max-cache-size = \"{limit}\"\n[site]\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [[upstream]]\nname = \"org\"\nurl = \"{}\"\n",
+            upstream.url
+        ),
+        &[("NIX_SIDECAR_LOG", "info")],
+    );
+    let site_url = format!("http://127.0.0.1:{port}");
+    let expected: Arc<std::collections::BTreeMap<String, Vec<u8>>> = Arc::new(
+        std::fs::read_dir(fx.cache.join("nar"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let key = format!("nar/{}", e.file_name().to_string_lossy());
+                (key, std::fs::read(e.path()).unwrap())
+            })
+            .collect(),
+    );
+    let granted: Arc<std::collections::HashSet<String>> = Arc::new(
+        fx.closure[..36]
+            .iter()
+            .map(|p| hash_part(p).to_string())
+            .collect(),
+    );
+    let (served, corrupt, leaked) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let peak_dir = Arc::new(AtomicU64::new(0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (peak_dir, cache) = (peak_dir.clone(), site.cache_dir());
+        tasks.spawn(async move {
+            while std::time::Instant::now() < deadline {
+                peak_dir.fetch_max(support::cache_bytes(&cache), Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+    }
+    for (m, sub) in machines.iter().enumerate() {
+        let bearer = format!("Bearer {}", issuer.mint(sub, AUD, 3600, false));
+        let inside = m < 7;
+        for c in 0..25u64 {
+            let (url, closure, bearer) = (site_url.clone(), fx.closure.clone(), bearer.clone());
+            let cache = fx.cache.clone();
+            let (expected, granted) = (expected.clone(), granted.clone());
+            let (served, corrupt, leaked) = (served.clone(), corrupt.clone(), leaked.clone());
+            tasks.spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(m as u64 * 100 + c);
+                let auth = [("authorization", bearer.as_str())];
+                while std::time::Instant::now() < deadline {
+                    let path = &closure[rng.usize(..closure.len())];
+                    let may = inside && granted.contains(hash_part(path));
+                    let info =
+                        get(&format!("{url}/{}.narinfo", hash_part(path)), "GET", &auth).await;
+                    if info.status == 200 && !may {
+                        leaked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let Ok(body) = &info.body else { continue };
+                    let text = String::from_utf8_lossy(body);
+                    let nar = match text.lines().find_map(|l| l.strip_prefix("URL: ")) {
+                        Some(nar) => nar.to_string(),
+                        // Refused: ask its NAR anyway, by the name another machine got.
+                        None => {
+                            let named = cache.join(format!("{}.narinfo", hash_part(path)));
+                            let named = std::fs::read_to_string(named).unwrap_or_default();
+                            match named.lines().find_map(|l| l.strip_prefix("URL: ")) {
+                                Some(nar) => nar.to_string(),
+                                None => continue,
+                            }
+                        }
+                    };
+                    let got = get(&format!("{url}/{nar}"), "GET", &auth).await;
+                    if let (Ok(bytes), 200) = (&got.body, got.status.as_u16()) {
+                        let counter = if !may {
+                            &leaked
+                        } else if Some(&bytes.to_vec()) != expected.get(&nar) {
+                            &corrupt
+                        } else {
+                            &served
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let (served, corrupt, leaked) = (
+        served.load(Ordering::Relaxed),
+        corrupt.load(Ordering::Relaxed),
+        leaked.load(Ordering::Relaxed),
+    );
+    assert!(
+        served > 100,
+        "too little got through to mean anything: {served}\n{}",
+        site.logs()
+    );
+    assert_eq!(corrupt, 0, "corrupt NARs served");
+    assert_eq!(leaked, 0, "answers outside a view");
+    let peak = peak_dir.load(Ordering::Relaxed);
+    assert!(
+        peak <= limit,
+        "the cache directory held {peak} bytes, over {limit}"
+    );
+    // Once quiet, the books equal the files.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let metrics = get(&format!("{}/_sidecar/metrics", site.url), "GET", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body.unwrap()).into_owned();
+    let books: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nix_sidecar_cache_size_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    let files = support::dir_bytes(&site.cache_dir().join("nars"));
+    assert_eq!(books, files, "the site's books against its files");
+    let rss_mib = support::rss_kib(site.pid()) / 1024;
+    assert!(rss_mib < 100, "site RSS {rss_mib} MiB after the load");
+    eprintln!("site load: {served} NARs served whole, peak dir {peak} of {limit} bytes, books {books} = files, RSS {rss_mib} MiB");
+}

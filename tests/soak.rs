@@ -9,7 +9,7 @@
 
 mod support;
 
-use support::dir_bytes;
+use support::{cache_bytes, dir_bytes, rss_kib};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,36 +22,6 @@ use support::issuer::Issuer;
 use support::nix::build_many;
 use support::sidecar::Sidecar;
 use support::upstream::{hash_part, Fault, Target, UpstreamDouble};
-
-/// The bytes of the cache's files (`tmp/`, then `nars/`), each file once. Two directory
-/// listings are not one instant, so the order matters: listing `nars/` first counted a file
-/// an eviction removed right after, plus the new download the freed room went to in `tmp/`
-/// (a 10-minute soak saw 64 bytes over the limit that way, while the daemon's own count and
-/// the files at the end agreed). Listed `tmp/` first, a file is counted at most once, by
-/// inode, however it moves meanwhile.
-fn cache_bytes(cache: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut sizes = std::collections::HashMap::new();
-    for dir in ["tmp", "nars"] {
-        let Ok(entries) = std::fs::read_dir(cache.join(dir)) else {
-            continue;
-        };
-        for meta in entries.filter_map(|e| e.ok()?.metadata().ok()) {
-            let size = sizes.entry(meta.ino()).or_insert(0);
-            *size = meta.len().max(*size);
-        }
-    }
-    sizes.values().sum()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

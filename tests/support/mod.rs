@@ -57,3 +57,33 @@ pub fn spawn_copied(command: &mut std::process::Command) -> std::io::Result<std:
         }
     }
 }
+
+/// The bytes of the cache's files (`tmp/`, then `nars/`), each file once. Two directory
+/// listings are not one instant, so the order matters: listing `nars/` first counted a file
+/// an eviction removed right after, plus the new download the freed room went to in `tmp/`
+/// (a 10-minute soak saw 64 bytes over the limit that way, while the daemon's own count and
+/// the files at the end agreed). Listed `tmp/` first, a file is counted at most once, by
+/// inode, however it moves meanwhile.
+pub fn cache_bytes(cache: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut sizes = std::collections::HashMap::new();
+    for dir in ["tmp", "nars"] {
+        let Ok(entries) = std::fs::read_dir(cache.join(dir)) else {
+            continue;
+        };
+        for meta in entries.filter_map(|e| e.ok()?.metadata().ok()) {
+            let size = sizes.entry(meta.ino()).or_insert(0);
+            *size = meta.len().max(*size);
+        }
+    }
+    sizes.values().sum()
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
