@@ -98,3 +98,23 @@ fn exchange_policy_corpus() {
         nix_sidecar::exchange::policy::fuzz_one(&data);
     }
 }
+
+#[test]
+fn closure_corpus() {
+    let inputs = inputs("closure");
+    assert!(!inputs.is_empty());
+    let mut roots = 0;
+    for data in inputs {
+        if let Ok(text) = std::str::from_utf8(&data) {
+            if let Some(root) = nix_sidecar::site::closure_root(text) {
+                assert_eq!(root.len(), 32);
+                assert!(!root.contains('/') && !root.contains('.'));
+                roots += 1;
+            }
+        }
+        for hint in nix_sidecar::upstream::parse_hints(&data) {
+            let _ = NarInfo::parse(hint.as_bytes());
+        }
+    }
+    assert_eq!(roots, 1, "only the bare hash is a root");
+}

@@ -356,9 +356,8 @@ enum SiteRoute {
 
 impl SiteRoute {
     fn of(uri: &http::Uri) -> Option<SiteRoute> {
-        if let Some(hash) = uri.path().strip_prefix(CLOSURE_PREFIX) {
-            let valid = crate::proxy::prefetch::hash_of(hash).as_deref() == Some(hash);
-            return valid.then(|| SiteRoute::Closure(hash.to_string()));
+        if uri.path().starts_with(CLOSURE_PREFIX) {
+            return closure_root(uri.path()).map(SiteRoute::Closure);
         }
         match request::parse(uri.path(), uri.query())? {
             CachePath::CacheInfo => Some(SiteRoute::CacheInfo),
@@ -371,6 +370,14 @@ impl SiteRoute {
 
 /// Where closure hints are asked (`/_sidecar/closure/<hash>`).
 pub const CLOSURE_PREFIX: &str = "/_sidecar/closure/";
+
+/// The store path hash a closure-hints path asks for: exactly 32 nixbase32 characters after
+/// [`CLOSURE_PREFIX`], nothing more.
+pub fn closure_root(path: &str) -> Option<String> {
+    let hash = path.strip_prefix(CLOSURE_PREFIX)?;
+    let valid = crate::proxy::prefetch::hash_of(hash).as_deref() == Some(hash);
+    valid.then(|| hash.to_string())
+}
 /// Narinfos of one closure the site answers at most.
 const CLOSURE_MOST: usize = 20_000;
 /// Entitlement checks (upstream narinfo requests with the caller's credential) at once for

@@ -23,7 +23,7 @@ use crate::identity::{Identity, IdentityError, Token};
 use crate::metrics::Metrics;
 pub use crate::status::UpstreamHealth;
 pub use credential::{Credential, Refused};
-pub use site::{SiteRoute, UPSTREAM_HEADER};
+pub use site::{parse_hints, SiteRoute, UPSTREAM_HEADER};
 
 /// Attempts for one request on 5xx, 429, timeouts and connection errors.
 const ATTEMPTS: u32 = 3;

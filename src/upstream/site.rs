@@ -59,10 +59,6 @@ impl SiteRoute {
         hash: &str,
         authorization: Option<&HeaderValue>,
     ) -> Vec<String> {
-        #[derive(serde::Deserialize)]
-        struct Hints {
-            narinfos: Vec<String>,
-        }
         let Ok(target) = self.base.join(&format!("_sidecar/closure/{hash}")) else {
             return Vec::new();
         };
@@ -86,10 +82,7 @@ impl SiteRoute {
         let body =
             crate::http::read_limited(response.into_body(), HINTS_MOST_BYTES, SITE_HEADER_TIMEOUT)
                 .await;
-        body.ok()
-            .and_then(|b| serde_json::from_slice::<Hints>(&b).ok())
-            .map(|h| h.narinfos)
-            .unwrap_or_default()
+        body.map(|b| parse_hints(&b)).unwrap_or_default()
     }
 
     /// The site's answer for `url` (under `upstream`), or `None` to go to the upstream.
@@ -143,4 +136,16 @@ impl SiteRoute {
             }
         }
     }
+}
+
+/// The narinfo texts of a site's closure-hints answer (`{"narinfos": [...]}`); nothing when it
+/// is anything else. Each is still only a candidate: the proxy checks it as an upstream's.
+pub fn parse_hints(body: &[u8]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Hints {
+        narinfos: Vec<String>,
+    }
+    serde_json::from_slice::<Hints>(body)
+        .map(|h| h.narinfos)
+        .unwrap_or_default()
 }
