@@ -516,3 +516,27 @@ async fn eight_machines_by_25_connections_keep_the_sites_books_and_views_exact()
     assert!(rss_mib < 100, "site RSS {rss_mib} MiB after the load");
     eprintln!("site load: {served} NARs served whole, peak dir {peak} of {limit} bytes, books {books} = files, RSS {rss_mib} MiB");
 }
+
+/// The site killed while a pull is under way (NAR requests waiting at the site for a slow
+/// upstream): the machine goes straight to the upstream and Nix's substitution succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_site_killed_in_the_middle_of_a_pull_fails_no_substitution() {
+    let fleet = Fleet::start(&["alice"]).await;
+    let mut site = fleet.site("", "");
+    let alice = fleet.machine("alice", "alice");
+    fleet.upstream.fault(
+        Target::Nar,
+        Fault::Delay(std::time::Duration::from_millis(800)),
+        None,
+    );
+    let store = fleet.store("alice");
+    let pull = nix_pulls_into(&alice, store);
+    let kill = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        site.kill();
+    };
+    tokio::join!(pull, kill);
+    let got = get(&format!("{}/_sidecar/metrics", alice.url), "GET", &[]).await;
+    let metrics = String::from_utf8_lossy(&got.body.unwrap()).into_owned();
+    assert!(metrics.contains("outcome=\"passed_over\""), "{metrics}");
+}
