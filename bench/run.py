@@ -145,7 +145,7 @@ http {{
         subprocess.run(["nginx", "-c", os.path.join(self.work, "nginx.conf"), "-p", self.work], check=True)
         time.sleep(0.5)
 
-    def sidecar_config(self, cache_name="sidecar-cache", upstream_path="", upstream_url=None) -> str:
+    def sidecar_config(self, cache_name="sidecar-cache", upstream_path="", upstream_url=None, extra="") -> str:
         """Writes the config of a nix-sidecar in front of the upstream (or the part of it under
         `upstream_path`, or the plain-HTTP `upstream_url`); returns its path."""
         cache_dir = os.path.join(self.work, cache_name)
@@ -154,17 +154,17 @@ http {{
                     f'url = "https://127.0.0.1:{self.ports["upstream"]}{upstream_path}"\nca-file = "{self.cert}"\n')
         with open(config, "w") as f:
             f.write(f'listen = ["127.0.0.1:{self.ports["sidecar"]}"]\ncache-dir = "{cache_dir}"\n'
-                    f'min-free-space = "1GiB"\nmax-cache-size = "50GiB"\n'
+                    f'min-free-space = "1GiB"\nmax-cache-size = "50GiB"\n{extra}'
                     f'[[upstream]]\nname = "up"\n{upstream}')
         return config
 
     def start_sidecar(self, fresh=True, cache_name="sidecar-cache", ready_path="nix-cache-info", upstream_path="",
-                      upstream_url=None) -> float:
+                      upstream_url=None, extra="") -> float:
         """Starts nix-sidecar; returns the seconds until it answered `ready_path` with 200."""
         self.stop_sidecar()
         if fresh:
             shutil.rmtree(os.path.join(self.work, cache_name), ignore_errors=True)
-        config = self.sidecar_config(cache_name, upstream_path, upstream_url)
+        config = self.sidecar_config(cache_name, upstream_path, upstream_url, extra)
         log = open(os.path.join(self.work, "sidecar.log"), "a")
         started = time.monotonic()
         self.sidecar = subprocess.Popen([os.environ.get("BENCH_SIDECAR_BIN", os.path.join(ROOT, "target/release/nix-sidecar")), "serve", "--config", config],
@@ -1118,10 +1118,37 @@ def prefetch_paths_from(b: Bench, results: list):
                     "the root only", median(root_only), "<= 0.2"))
 
 
+def stale_redeploy(b: Bench, results: list):
+    """16. One machine re-deploys a DEEP-deep chain it knows, its narinfos gone stale
+    (`narinfo-ttl` passed), behind the WAN: Nix's walk (`nix-store --realise --dry-run`)
+    against the same walk through a cold sidecar."""
+    top, key, _paths = deep_chain(b)
+    proxy = DelayingProxy(b.ports["static"])
+    upstream = f"http://127.0.0.1:{proxy.port}/wan-all"
+    client = clients()[-1]
+    ttl = 3
+
+    def walk():
+        return nix_seconds(["nix-store", "--realise", top, "--dry-run", "--option", "substituters",
+                            b.url("sidecar", "").rstrip("/"), "--option", "trusted-public-keys", key],
+                           b.work, client=client)
+    cold, stale = [], []
+    for _ in range(max(3, ROUNDS // 2)):
+        b.start_sidecar(fresh=True, upstream_url=upstream, extra=f'narinfo-ttl = "{ttl}s"\n')
+        cold.append(walk())
+        time.sleep(ttl + 0.5)
+        stale.append(walk())
+    b.stop_sidecar()
+    proxy.listener.close()
+    results.append((f"16. re-deploy of a known {DEEP}-deep chain gone stale, walk, Nix {client}, s", median(stale),
+                    "the same walk, cold", median(cold), "<= 0.3"))
+
+
 SCENARIOS = {"1": warm_nar, "2": warm_narinfo, "3": cold_nar, "4": herd, "5": peak_rss, "6": real_nix,
              "7": big_index, "8": crowd_cold, "9": wan, "10": exchange_throughput,
              "11": system_deploy, "12": hit_path,
-             "13": current_nix_wan, "14": fleet, "15": prefetch_paths_from}
+             "13": current_nix_wan, "14": fleet, "15": prefetch_paths_from,
+             "16": stale_redeploy}
 
 
 def main():

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use support::http::{get, respond, serve};
 use support::sidecar::Sidecar;
+use support::upstream::UpstreamDouble;
 
 /// A well-formed NarHash; nothing here downloads the NAR it describes.
 const NAR_HASH: &str = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
@@ -417,5 +418,44 @@ async fn a_nar_request_brings_along_a_bounded_few_of_the_askers_own_narinfos() {
     assert!(
         (2..=2 + 64).contains(&after),
         "{after} NAR requests upstream after asking for one"
+    );
+}
+
+/// A re-deploy of a known closure gone stale: asking for its root alone has every stale
+/// narinfo of it asked again at once, far below what level-by-level lookahead reaches (three
+/// levels) before Nix asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_known_closure_is_revalidated_at_once_from_its_root() {
+    let fx = support::nix::build_chain(12);
+    let upstream = UpstreamDouble::start(fx.cache.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(
+        dir.path(),
+        &format!(
+            "narinfo-ttl = \"1s\"\nnar-lookahead = false\ntrusted-public-keys = [\"{}\"]\n\
+             [[upstream]]\nname = \"u\"\nurl = \"{}\"\n",
+            fx.public_key, upstream.url
+        ),
+        &[],
+    );
+    for path in &fx.closure {
+        assert_eq!(sidecar.narinfo(path).await.status, 200);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let before = upstream.count(".narinfo");
+    assert_eq!(sidecar.narinfo(&fx.top).await.status, 200);
+    let mut asked = 0;
+    for _ in 0..200 {
+        asked = upstream.count(".narinfo") - before;
+        if asked >= fx.closure.len() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        asked,
+        fx.closure.len(),
+        "the whole 12-deep closure, not 1 + 3 levels:\n{}",
+        sidecar.logs()
     );
 }

@@ -96,8 +96,88 @@ pub(super) fn after_serving(
     }
     if fetched {
         closure_hints(proxy, text, upstream);
+        revalidate_known(proxy, text);
         look_ahead(proxy, text, DEPTH, &Arc::new(AtomicUsize::new(BUDGET)));
     }
+}
+
+/// Narinfos one revalidation asks again at most.
+const REVALIDATE_MOST: usize = 20_000;
+
+/// A narinfo just fetched whose references the cache holds, gone stale: a re-deploy of a
+/// known closure. A store path's References never change, so the stale copies still say what
+/// the closure is; every stale narinfo of it is asked again at once ([`RUNNING`] at a time)
+/// instead of one level per round trip as Nix would find them. Only stale entries are followed:
+/// a fresh one was checked within `narinfo-ttl`, and so was what it was found with.
+fn revalidate_known(proxy: &Arc<Proxy>, text: &str) {
+    let Some(lookahead) = proxy.lookahead.clone() else {
+        return;
+    };
+    let Ok(info) = NarInfo::parse(text.as_bytes()) else {
+        return;
+    };
+    let roots: Vec<String> = info
+        .references
+        .iter()
+        .filter_map(|r| r.get(..32))
+        .filter(|h| *h != info.hash_part())
+        .map(str::to_string)
+        .collect();
+    let proxy = proxy.clone();
+    tokio::spawn(async move {
+        let walker = proxy.clone();
+        let stale = tokio::task::spawn_blocking(move || stale_closure(&walker, roots))
+            .await
+            .unwrap_or_default();
+        if stale.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            narinfos = stale.len(),
+            "revalidating a known closure at once"
+        );
+        let mut asked = tokio::task::JoinSet::new();
+        for hash in stale {
+            if !lookahead.seen.lock().unwrap().insert(hash.clone()) {
+                continue; // being looked up already
+            }
+            let (proxy, lookahead) = (proxy.clone(), lookahead.clone());
+            asked.spawn(async move {
+                let permit = lookahead.running.acquire().await;
+                let _ = proxy.resolve(&hash).await;
+                drop(permit);
+                lookahead.seen.lock().unwrap().remove(&hash);
+            });
+        }
+        while asked.join_next().await.is_some() {}
+    });
+}
+
+/// The stale narinfos reachable from `roots` through stale cached narinfos, breadth first.
+fn stale_closure(proxy: &Proxy, roots: Vec<String>) -> Vec<String> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut queue: std::collections::VecDeque<String> = roots.into();
+    let mut stale = Vec::new();
+    while let Some(hash) = queue.pop_front() {
+        if stale.len() >= REVALIDATE_MOST || !seen.insert(hash.clone()) {
+            continue;
+        }
+        let Some((text, false)) = proxy.known(&hash) else {
+            continue; // fresh, or unknown: nothing stale to follow
+        };
+        if let Ok(info) = NarInfo::parse(text.as_bytes()) {
+            let own = info.hash_part();
+            queue.extend(
+                info.references
+                    .iter()
+                    .filter_map(|r| r.get(..32))
+                    .filter(|h| *h != own)
+                    .map(str::to_string),
+            );
+        }
+        stale.push(hash);
+    }
+    stale
 }
 
 /// For an upstream with a site: the narinfos of the closure the site already knows, asked at

@@ -172,6 +172,15 @@ impl Proxy {
         (0..self.upstreams.len()).all(|i| self.recent_miss(i, hash))
     }
 
+    /// Some upstream's cached narinfo for `hash`, fresh or not, and whether it is fresh.
+    pub(super) fn known(&self, hash: &str) -> Option<(String, bool)> {
+        self.partitions.iter().find_map(|p| {
+            self.store
+                .narinfo(p, hash)
+                .map(|n| (n.text, n.age < self.policy.narinfo_ttl))
+        })
+    }
+
     /// Whether some upstream's narinfo for `hash` is in the cache and fresh.
     pub(super) fn is_cached(&self, hash: &str) -> bool {
         self.partitions.iter().any(|p| {

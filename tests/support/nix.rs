@@ -336,6 +336,42 @@ builtins.genList (i: builtins.derivation {{
     }
 }
 
+/// A chain `depth` paths deep (each refers to the one built before it), signed into a binary
+/// cache; `top` is the deepest path's dependant, the last one built.
+pub fn build_chain(depth: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let expr = format!(
+        r#"
+let
+  mk = n: builtins.derivation {{
+    name = "sidecar-chain-${{toString n}}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo ${{toString n}} ${{if n == 0 then "" else toString (mk (n - 1))}} > $out" ];
+  }};
+in mk {}
+"#,
+        depth - 1
+    );
+    let top = build_expr(home, "chain.nix", &expr).trim().to_string();
+    let paths: Vec<String> = ok(nix(&["nix-store", "-qR", &top], home), "nix-store -qR")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(paths.len(), depth);
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let (cache, public_key) = signed_cache(home, &refs, "none");
+    Fixture {
+        cache,
+        public_key,
+        outside: paths[0].clone(),
+        top,
+        closure: paths,
+        _dir: dir,
+    }
+}
+
 /// `count` leaves of about `lines` * 6 bytes each and a root that refers to all of them,
 /// built into the local store (no binary cache). Returns the root and the leaves.
 pub fn build_fan(count: usize, lines: u32, home: &Path) -> (String, Vec<String>) {
