@@ -203,21 +203,16 @@ fn closure_hints(proxy: &Arc<Proxy>, text: &str, upstream: usize) {
     let proxy = proxy.clone();
     tokio::spawn(async move {
         let hints = proxy.upstreams[upstream].closure_hints(&root).await;
-        let (offered, mut stored) = (hints.len(), 0);
-        for hint in hints {
-            let Ok(info) = NarInfo::parse(hint.as_bytes()) else {
-                continue;
-            };
-            let hash = info.hash_part();
-            if !proxy.is_cached(hash) {
-                // A hint that fails the checks is dropped; Nix's own request asks again.
-                match proxy.admit(upstream, hash, hint.as_bytes()).await {
-                    Ok(super::resolve::Lookup::Found(_)) => stored += 1,
-                    Ok(_) => tracing::debug!(%hash, "closure hint not trusted; dropped"),
-                    Err(e) => tracing::debug!(%hash, error = %e, "closure hint unusable; dropped"),
-                }
-            }
-        }
+        let offered = hints.len();
+        let fresh: Vec<String> = hints
+            .into_iter()
+            .filter(|hint| {
+                NarInfo::parse(hint.as_bytes()).is_ok_and(|info| !proxy.is_cached(info.hash_part()))
+            })
+            .collect();
+        // Checked and stored in one commit; one that fails the checks is left out, and Nix's
+        // own request for it asks again.
+        let stored = proxy.admit_all(upstream, fresh).await;
         tracing::debug!(%root, offered, stored, "closure hints from the site");
         proxy.hinted.lock().unwrap().remove(&root);
     });

@@ -269,6 +269,50 @@ impl Proxy {
     /// names `hash`, a trusted key signed it) and stored in that upstream's partition, its
     /// NAR recorded under its local name.
     pub(super) async fn admit(&self, i: usize, hash: &str, body: &[u8]) -> NarInfoResult {
+        let new = match self.vet(i, hash, body)? {
+            Ok(new) => new,
+            Err(refused) => return Ok(refused),
+        };
+        let (store, text) = (self.store.clone(), new.text().to_string());
+        let stored = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
+        Ok(Lookup::Found(
+            stored
+                .ok()
+                .and_then(|mut texts| texts.pop())
+                .unwrap_or(text),
+        ))
+    }
+
+    /// Stores many narinfos of upstream `i` (a site's closure hints) in one index commit,
+    /// each vetted as [`Proxy::admit`] does (signatures checked off the runtime); how many
+    /// were stored.
+    pub(super) async fn admit_all(self: &Arc<Self>, i: usize, bodies: Vec<String>) -> usize {
+        let proxy = self.clone();
+        let vetted = tokio::task::spawn_blocking(move || {
+            let batch: Vec<NewNarInfo> = bodies
+                .iter()
+                .filter_map(|body| {
+                    let hash = NarInfo::parse(body.as_bytes())
+                        .ok()?
+                        .hash_part()
+                        .to_string();
+                    // One that fails is left out: Nix's own request for it asks again.
+                    proxy.vet(i, &hash, body.as_bytes()).ok()?.ok()
+                })
+                .collect();
+            proxy.store.put_narinfos(&batch).len()
+        });
+        vetted.await.unwrap_or(0)
+    }
+
+    /// A narinfo for `hash` from upstream `i`, ready to store, or why it is no hit (an
+    /// untrusted one), or why it is unusable.
+    fn vet(
+        &self,
+        i: usize,
+        hash: &str,
+        body: &[u8],
+    ) -> Result<Result<NewNarInfo, Lookup>, UpstreamError> {
         let up = &self.upstreams[i];
         let bad = |detail: String| UpstreamError::Broken {
             upstream: up.name().to_string(),
@@ -294,7 +338,7 @@ impl Proxy {
                 .iter()
                 .filter_map(|sig| sig.split_once(':').map(|(name, _)| name))
                 .collect();
-            return Ok(Lookup::Untrusted(format!(
+            return Ok(Err(Lookup::Untrusted(format!(
                 "upstream `{}` has it, but no trusted key signed it (signed by: {}; trusted: {})",
                 up.name(),
                 if names.is_empty() {
@@ -303,7 +347,7 @@ impl Proxy {
                     names.join(", ")
                 },
                 self.policy.trusted_keys.names().join(", ")
-            )));
+            ))));
         }
         let text =
             String::from_utf8(body.to_vec()).map_err(|_| bad("narinfo is not UTF-8".into()))?;
@@ -315,22 +359,18 @@ impl Proxy {
         } else {
             narinfo::replace_url(&text, &nar_key)
         };
-        let store = self.store.clone();
-        let (partition, hash_owned, text_owned) =
-            (self.partitions[i].clone(), hash.to_string(), text.clone());
         let nar = NarSource {
             upstream: up.name().to_string(),
             url: source.to_string(),
             expected: Expected::from_narinfo(&info),
         };
-        let new = NewNarInfo::new(&partition, &hash_owned, &text_owned, &nar_key, nar);
-        let stored = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
-        Ok(Lookup::Found(
-            stored
-                .ok()
-                .and_then(|mut texts| texts.pop())
-                .unwrap_or(text),
-        ))
+        Ok(Ok(NewNarInfo::new(
+            &self.partitions[i],
+            hash,
+            &text,
+            &nar_key,
+            nar,
+        )))
     }
 
     /// The local NAR key for a narinfo `URL:` and the absolute upstream URL behind it. A plain

@@ -382,7 +382,7 @@ pub fn closure_root(path: &str) -> Option<String> {
 const CLOSURE_MOST: usize = 20_000;
 /// Entitlement checks (upstream narinfo requests with the caller's credential) at once for
 /// one closure request.
-const CHECKS_AT_ONCE: usize = 64;
+const CHECKS_AT_ONCE: usize = 192;
 
 /// The hashes of `root`'s closure whose narinfos `partition` holds, breadth first.
 fn known_closure(store: &Store, partition: &str, root: &str) -> Vec<String> {
