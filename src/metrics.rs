@@ -74,6 +74,15 @@ struct SiteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubjectLabel {
+    subject: String,
+}
+
+/// Distinct subjects the site counts bytes for; past it, they count as `other` (a caller
+/// choosing subjects must not grow the series without bound).
+const SITE_SUBJECTS: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SiteRouteLabels {
     upstream: String,
     /// `answered` by the site, or `passed_over` for the upstream itself.
@@ -102,6 +111,8 @@ pub struct Metrics {
     upstream_seconds: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
     site_answers: Family<SiteLabels, Counter>,
     site_route: Family<SiteRouteLabels, Counter>,
+    site_upstream_bytes: Family<SubjectLabel, Counter>,
+    site_subjects: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Metrics {
@@ -121,6 +132,8 @@ impl Metrics {
             upstream_seconds: Family::new_with_constructor(latency_histogram),
             site_answers: Family::default(),
             site_route: Family::default(),
+            site_upstream_bytes: Family::default(),
+            site_subjects: Default::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -175,6 +188,11 @@ impl Metrics {
             metrics.site_answers.clone(),
         );
         r.register(
+            "site_upstream_bytes",
+            "NAR bytes the site fetched upstream, by the subject whose token fetched them",
+            metrics.site_upstream_bytes.clone(),
+        );
+        r.register(
             "site_route",
             "Requests to an upstream this machine sent its site first, by outcome",
             metrics.site_route.clone(),
@@ -205,6 +223,22 @@ impl Metrics {
         self.site_answers
             .get_or_create(&SiteLabels { kind, outcome })
             .inc();
+    }
+
+    /// The site fetched `bytes` of NARs upstream with `subject`'s token.
+    pub fn site_fetched(&self, subject: &str, bytes: u64) {
+        let subject = {
+            let mut known = self.site_subjects.lock().unwrap();
+            if known.contains(subject) || known.len() < SITE_SUBJECTS {
+                known.insert(subject.to_string());
+                subject.to_string()
+            } else {
+                "other".to_string()
+            }
+        };
+        self.site_upstream_bytes
+            .get_or_create(&SubjectLabel { subject })
+            .inc_by(bytes);
     }
 
     /// A request this machine sent its site first: answered there, or passed over.
@@ -361,5 +395,22 @@ mod tests {
         assert!(text.contains("nix_sidecar_bytes_served_total 7"));
         assert!(text.contains("nix_sidecar_cache_hits_total{kind=\"nar\"} 0"));
         assert!(text.contains("nix_sidecar_signature_failures_total{upstream=\"org\"} 0"));
+    }
+
+    #[test]
+    fn site_bytes_per_subject_stop_growing_new_series_past_the_cap() {
+        let m = Metrics::new(&[]);
+        for i in 0..SITE_SUBJECTS + 5 {
+            m.site_fetched(&format!("machine-{i}"), 10);
+        }
+        m.site_fetched("machine-0", 1);
+        let text = m.render(&Status::default());
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("nix_sidecar_site_upstream_bytes_total{"))
+            .count();
+        assert_eq!(series, SITE_SUBJECTS + 1, "every known subject and `other`");
+        assert!(text.contains("nix_sidecar_site_upstream_bytes_total{subject=\"other\"} 50"));
+        assert!(text.contains("nix_sidecar_site_upstream_bytes_total{subject=\"machine-0\"} 11"));
     }
 }

@@ -144,6 +144,10 @@ async fn a_fleet_pulls_through_the_site_once_each_view_its_own_and_the_site_may_
     };
     let site_metrics = metrics(site.url.clone()).await;
     let cached = format!("nix_sidecar_site_answers_total{{kind=\"nar\",outcome=\"cached\"}} {n}");
+    assert!(
+        site_metrics.contains("nix_sidecar_site_upstream_bytes_total{subject=\"alice\"}"),
+        "the NAR bytes fetched with alice's token: {site_metrics}"
+    );
     assert!(site_metrics.contains(&cached), "{site_metrics}");
     let bob_metrics = metrics(bob.url.clone()).await;
     assert!(

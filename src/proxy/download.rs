@@ -20,31 +20,41 @@ pub async fn fill(
     writer: Box<FillWriter>,
     metrics: Arc<Metrics>,
 ) {
-    fill_from(up.fetch(&source, Method::GET).await, writer, metrics).await
+    fill_from(up.fetch(&source, Method::GET).await, writer, metrics).await;
 }
 
-/// Feeds a fill with an upstream's answer, already asked for (with whatever credential).
+/// Feeds a fill with an upstream's answer, already asked for (with whatever credential);
+/// the bytes the upstream sent.
 pub async fn fill_from(
     answer: Result<Answer, UpstreamError>,
     mut writer: Box<FillWriter>,
     metrics: Arc<Metrics>,
-) {
+) -> u64 {
     let response = match answer {
         Ok(Answer::Found(response)) => response,
-        Ok(Answer::Missing) => return writer.missing(),
-        Err(e) => return writer.fail(&e.to_string()),
+        Ok(Answer::Missing) => {
+            writer.missing();
+            return 0;
+        }
+        Err(e) => {
+            writer.fail(&e.to_string());
+            return 0;
+        }
     };
     if let Err(reason) = writer.start(content_length(&response)) {
-        return writer.fail(&reason);
+        writer.fail(&reason);
+        return 0;
     }
     match copy_body(response.into_body(), &mut *writer).await {
         Ok(n) => {
             metrics.fetched(n);
-            writer.finish().await
+            writer.finish().await;
+            n
         }
         Err(reason) => {
             metrics.upstream_body_failed();
-            writer.fail(&reason)
+            writer.fail(&reason);
+            0
         }
     }
 }

@@ -300,6 +300,7 @@ impl SiteCache {
                     let source = Url::parse(&row.source.url).ok();
                     let (up, auth, metrics) =
                         (up.clone(), authorization.cloned(), self.metrics.clone());
+                    let subject = caller.subject.clone();
                     // The fill runs to its end whoever is still reading: the next machine
                     // finds it stored.
                     tokio::spawn(async move {
@@ -312,7 +313,8 @@ impl SiteCache {
                                 detail: "the NAR's URL does not parse".into(),
                             }),
                         };
-                        download::fill_from(answer, writer, metrics).await;
+                        let fetched = download::fill_from(answer, writer, metrics.clone()).await;
+                        metrics.site_fetched(&subject, fetched);
                     });
                     let len = expected.file_len();
                     return nar_body(len, body::stream(reader.stream(), self.metrics.served()));
