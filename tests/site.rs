@@ -29,8 +29,12 @@ struct Fleet {
 impl Fleet {
     async fn start(granted: &[&str]) -> Fleet {
         let issuer = Issuer::start().await;
+        // Ranges answered, as nginx and S3 do: a NAR cut off at a dying site goes on there.
         let upstream =
-            UpstreamDouble::start(fixture().cache.clone(), Some((&issuer.url, AUD))).await;
+            UpstreamDouble::start_with(fixture().cache.clone(), Some((&issuer.url, AUD)), |s| {
+                s.ranges = true
+            })
+            .await;
         for sub in granted {
             upstream.grant(sub, &fixture().closure);
         }
@@ -535,11 +539,24 @@ async fn the_site_killed_in_the_middle_of_a_pull_fails_no_substitution() {
     );
     let store = fleet.store("alice");
     let pull = nix_pulls_into(&alice, store);
+    // Killed once a NAR is being fetched through it: the site has answered the machine's
+    // request (its headers are out) and waits for the upstream, so the body breaks off.
     let kill = async {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for _ in 0..400 {
+            if fleet.upstream.count("/nar/") > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         site.kill();
     };
     tokio::join!(pull, kill);
+    assert!(
+        alice.logs().contains("asking the upstream for the rest"),
+        "the kill did not land mid-body:\n{}",
+        alice.logs()
+    );
     let got = get(&format!("{}/_sidecar/metrics", alice.url), "GET", &[]).await;
     let metrics = String::from_utf8_lossy(&got.body.unwrap()).into_owned();
     assert!(metrics.contains("outcome=\"passed_over\""), "{metrics}");

@@ -13,14 +13,49 @@ use crate::store::{
 };
 use crate::upstream::{Answer, Upstream, UpstreamError};
 
-/// Downloads `source` into a fill; runs to its end whoever is still reading.
+/// Downloads `source` into a fill; runs to its end whoever is still reading. A body that
+/// breaks off (a site killed mid-NAR, a reset) goes on once from where it stopped, straight
+/// from the upstream (`Range`): the bytes already sent to Nix cannot be taken back.
 pub async fn fill(
     up: Arc<Upstream>,
     source: url::Url,
-    writer: Box<FillWriter>,
+    mut writer: Box<FillWriter>,
     metrics: Arc<Metrics>,
 ) {
-    fill_from(up.fetch(&source, Method::GET).await, writer, metrics).await;
+    let response = match up.fetch(&source, Method::GET).await {
+        Ok(Answer::Found(response)) => response,
+        Ok(Answer::Missing) => return writer.missing(),
+        Err(e) => return writer.fail(&e.to_string()),
+    };
+    if let Err(reason) = writer.start(content_length(&response)) {
+        return writer.fail(&reason);
+    }
+    let mut body = response.into_body();
+    let mut resumed = false;
+    loop {
+        match copy_body(body, &mut *writer).await {
+            Ok(_) => {
+                metrics.fetched(writer.written());
+                return writer.finish().await;
+            }
+            Err(Copy::Broke(reason)) if !resumed => {
+                resumed = true;
+                let offset = writer.written();
+                tracing::info!(nar = %source.path(), offset, reason, "NAR body broke off; asking the upstream for the rest");
+                match up.fetch_rest(&source, offset).await {
+                    Ok(rest) => body = rest.into_body(),
+                    Err(e) => {
+                        metrics.upstream_body_failed();
+                        return writer.fail(&format!("{reason}; {e}"));
+                    }
+                }
+            }
+            Err(Copy::Broke(reason) | Copy::Refused(reason)) => {
+                metrics.upstream_body_failed();
+                return writer.fail(&reason);
+            }
+        }
+    }
 }
 
 /// Feeds a fill with an upstream's answer, already asked for (with whatever credential);
@@ -51,7 +86,7 @@ pub async fn fill_from(
             writer.finish().await;
             n
         }
-        Err(reason) => {
+        Err(Copy::Broke(reason) | Copy::Refused(reason)) => {
             metrics.upstream_body_failed();
             writer.fail(&reason);
             0
@@ -69,7 +104,12 @@ pub async fn pass_through(
     if let Ok(n) = outcome {
         metrics.fetched(n);
     }
-    sink.finish(outcome.map(|_| ())).await
+    sink.finish(
+        outcome
+            .map(|_| ())
+            .map_err(|(Copy::Broke(r) | Copy::Refused(r))| r),
+    )
+    .await
 }
 
 pub fn content_length<B>(response: &http::Response<B>) -> Option<u64> {
@@ -99,7 +139,7 @@ fn ready_frame(
 /// 256 KiB) so the sink hashes, writes and wakes its readers once per chunk, not per frame.
 /// A frame that comes alone (a slow upstream) goes on as it is: a gathering buffer per slow
 /// download made memory grow with the number of downloads.
-async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, String> {
+async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64, Copy> {
     let mut copied = 0u64;
     let mut pending = Gathered::default();
     loop {
@@ -108,31 +148,44 @@ async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64,
             Some(frame) => frame,
             None => {
                 if let Some(chunk) = pending.take() {
-                    sink.write(chunk).await?;
+                    sink.write(chunk).await.map_err(Copy::Refused)?;
                 }
                 tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame())
                     .await
-                    .map_err(|_| format!("upstream stalled for {}s", BODY_IDLE_TIMEOUT.as_secs()))?
+                    .map_err(|_| {
+                        Copy::Broke(format!(
+                            "upstream stalled for {}s",
+                            BODY_IDLE_TIMEOUT.as_secs()
+                        ))
+                    })?
             }
         };
         match frame {
             None => {
                 if let Some(chunk) = pending.take() {
-                    sink.write(chunk).await?;
+                    sink.write(chunk).await.map_err(Copy::Refused)?;
                 }
                 return Ok(copied);
             }
-            Some(Err(e)) => return Err(format!("upstream body failed: {e}")),
+            Some(Err(e)) => return Err(Copy::Broke(format!("upstream body failed: {e}"))),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     copied += data.len() as u64;
                     if let Some(full) = pending.add(data) {
-                        sink.write(full).await?;
+                        sink.write(full).await.map_err(Copy::Refused)?;
                     }
                 }
             }
         }
     }
+}
+
+/// Why a copy stopped short.
+enum Copy {
+    /// The body broke off or stalled: the rest may be asked for again.
+    Broke(String),
+    /// The sink refused a chunk (the bytes do not match, the client went away).
+    Refused(String),
 }
 
 /// Frames gathered into a chunk: one frame is kept as it is; a buffer is taken only once a

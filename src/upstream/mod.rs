@@ -17,6 +17,7 @@ use base64::Engine;
 use crate::config::Auth;
 use crate::http::{display_url, read_limited, snippet, Client};
 mod credential;
+mod resume;
 mod site;
 
 use crate::identity::{Identity, IdentityError, Token};

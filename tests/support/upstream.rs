@@ -69,6 +69,9 @@ pub struct State {
     /// Attic's permission model: the claim `https://jwt.attic.rs/v1` grants pull (`r`) per
     /// cache; no claim (or a bad token) is 401, a claim without pull is 403.
     pub attic_cache: Option<String>,
+    /// Answer `Range: bytes=N-` on NARs with 206 (nginx and S3 do; off by default so the
+    /// tests of broken bodies see them break).
+    pub ranges: bool,
 }
 
 pub struct Auth {
@@ -109,6 +112,7 @@ impl UpstreamDouble {
             prefix: String::new(),
             basic_user: None,
             attic_cache: None,
+            ranges: false,
         };
         tweak(&mut state);
         let state = Arc::new(state);
@@ -185,6 +189,13 @@ fn take_fault(state: &State, path: &str) -> Option<Fault> {
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
+    let range_from = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<usize>().ok());
     let authorization = req
         .headers()
         .get("authorization")
@@ -283,6 +294,22 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             .map(|l| format!("{l}\n"))
             .collect::<String>()
             .into_bytes();
+    }
+    let body_intact = matches!(fault, None | Some(Fault::Delay(_)));
+    let ranged = state.ranges && rel.starts_with("nar/") && body_intact;
+    if let (true, Some(from)) = (ranged, range_from) {
+        if from < bytes.len() {
+            let total = bytes.len();
+            return Response::builder()
+                .status(206)
+                .header(
+                    "content-range",
+                    format!("bytes {from}-{}/{total}", total - 1),
+                )
+                .header("content-length", total - from)
+                .body(full(bytes[from..].to_vec()))
+                .unwrap();
+        }
     }
     // Attic streams NARs from chunks, without a length.
     let streamed = state.strip_file_hash && !rel.ends_with(".narinfo");

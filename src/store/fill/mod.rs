@@ -253,6 +253,11 @@ impl FillWriter {
         Ok(())
     }
 
+    /// Bytes taken so far: where a resumed download must go on from.
+    pub fn written(&self) -> u64 {
+        self.fill.progress.borrow().written
+    }
+
     pub fn missing(mut self) {
         self.end(FillState::Missing);
     }
