@@ -3,7 +3,7 @@
 
 use super::cloud::Cloud;
 use super::issuer::Issuer;
-use super::nix::{fixture, in_store, substitute};
+use super::nix::{fixture, in_store, Client};
 use super::sidecar::Sidecar;
 use super::upstream::UpstreamDouble;
 
@@ -66,12 +66,17 @@ pub async fn nix_pulls_the_view(sidecar: &Sidecar, client: &str) {
     assert_eq!(outside.status, 404, "outside the view");
 }
 
-/// Real Nix substitutes the fixture's closure through `sidecar` into a store under `dir`.
+/// Real Nix (2.8) substitutes the fixture's closure through `sidecar` into a store under `dir`.
 pub async fn nix_pulls_into(sidecar: &Sidecar, dir: std::path::PathBuf) {
+    nix_pulls_with(Client::Nix28, sidecar, dir).await
+}
+
+/// [`nix_pulls_into`] with `client`.
+pub async fn nix_pulls_with(client: Client, sidecar: &Sidecar, dir: std::path::PathBuf) {
     let fx = fixture();
     let (url, pk, top) = (sidecar.url.clone(), fx.public_key.clone(), fx.top.clone());
     let d = dir.clone();
-    let out = tokio::task::spawn_blocking(move || substitute(&url, &pk, &[&top], &d))
+    let out = tokio::task::spawn_blocking(move || client.substitute(&url, &pk, &[&top], &d))
         .await
         .unwrap();
     assert!(
