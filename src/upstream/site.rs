@@ -62,14 +62,7 @@ impl SiteRoute {
         let Ok(target) = self.base.join(&format!("_sidecar/closure/{hash}")) else {
             return Vec::new();
         };
-        let mut request = Request::builder()
-            .uri(target.as_str())
-            .header(http::header::USER_AGENT, crate::http::USER_AGENT)
-            .header(UPSTREAM_HEADER, upstream.as_str());
-        if let Some(value) = authorization {
-            request = request.header(http::header::AUTHORIZATION, value.clone());
-        }
-        let Ok(request) = request.body(Full::new(Bytes::new())) else {
+        let Some(request) = request(&Method::GET, &target, upstream, authorization) else {
             return Vec::new();
         };
         let answer = tokio::time::timeout(SITE_HEADER_TIMEOUT, self.client.request(request)).await;
@@ -95,15 +88,7 @@ impl SiteRoute {
     ) -> Option<Response<Incoming>> {
         let rel = url.as_str().strip_prefix(upstream.as_str())?;
         let target = self.base.join(rel).ok()?;
-        let mut request = Request::builder()
-            .method(method.clone())
-            .uri(target.as_str())
-            .header(http::header::USER_AGENT, crate::http::USER_AGENT)
-            .header(UPSTREAM_HEADER, upstream.as_str());
-        if let Some(value) = authorization {
-            request = request.header(http::header::AUTHORIZATION, value.clone());
-        }
-        let request = request.body(Full::new(Bytes::new())).ok()?;
+        let request = request(method, &target, upstream, authorization)?;
         let outcome =
             match tokio::time::timeout(SITE_HEADER_TIMEOUT, self.client.request(request)).await {
                 Ok(Ok(response)) => match response.status() {
@@ -136,6 +121,24 @@ impl SiteRoute {
             }
         }
     }
+}
+
+/// A request to the site for `upstream`, with the machine's credential.
+fn request(
+    method: &Method,
+    target: &Url,
+    upstream: &Url,
+    authorization: Option<&HeaderValue>,
+) -> Option<Request<Full<Bytes>>> {
+    let mut request = Request::builder()
+        .method(method.clone())
+        .uri(target.as_str())
+        .header(http::header::USER_AGENT, crate::http::USER_AGENT)
+        .header(UPSTREAM_HEADER, upstream.as_str());
+    if let Some(value) = authorization {
+        request = request.header(http::header::AUTHORIZATION, value.clone());
+    }
+    request.body(Full::new(Bytes::new())).ok()
 }
 
 /// The narinfo texts of a site's closure-hints answer (`{"narinfos": [...]}`); nothing when it
