@@ -113,17 +113,29 @@ impl Write for NarSink {
     }
 }
 
-/// Checks a NAR while it streams. Chunks queue (up to 8) for a blocking worker that exists
-/// only while there is work: a fast download keeps one busy, so hashing (and decompressing)
-/// overlaps with receiving, writing and serving (on a cold fill it is the largest single
-/// cost); a slow one holds no thread between chunks (a thread per download made memory grow
+/// Checks a NAR while it streams. A check that is one SHA-256 of the bytes as served (an
+/// uncompressed NAR, or a FileHash) runs inline, chunk by chunk: handing each chunk to another
+/// thread cost more than hashing it (a cold copy of 1 GiB in 16-64 KiB chunks spent a sixth of
+/// the sidecar's CPU in wake-ups and context switches), and a chunk is at most 256 KiB (under
+/// 0.2 ms of hashing). A check that decompresses queues its chunks (up to 8) for a blocking
+/// worker that exists only while there is work: decompressing can take milliseconds a chunk,
+/// and a slow download holds no thread between chunks (a thread per download made memory grow
 /// with the number of downloads). Overlong streams are refused here, before their bytes go
 /// anywhere.
 pub struct Verifier {
-    chunks: mpsc::Sender<Bytes>,
-    shared: Arc<Shared>,
+    mode: Mode,
     promise: Option<Promise>,
     received: u64,
+}
+
+enum Mode {
+    /// Hashed as it comes, on the caller's thread (`None` once failed or finished).
+    Inline(Option<ContentCheck>),
+    /// Decompressed and hashed by a blocking worker.
+    Worker {
+        chunks: mpsc::Sender<Bytes>,
+        shared: Arc<Shared>,
+    },
 }
 
 struct Shared {
@@ -174,18 +186,24 @@ impl Verifier {
     /// Must be called within the runtime.
     pub fn start(expected: &Expected) -> Result<Verifier, String> {
         let check = ContentCheck::new(expected)?;
-        let (chunks, queue) = mpsc::channel(8);
-        Ok(Verifier {
-            promise: check.promise,
-            chunks,
-            shared: Arc::new(Shared {
+        let promise = check.promise;
+        let mode = if check.nar.is_none() {
+            Mode::Inline(Some(check))
+        } else {
+            let (chunks, queue) = mpsc::channel(8);
+            let shared = Arc::new(Shared {
                 work: std::sync::Mutex::new(Work {
                     queue,
                     check: Some(check),
                 }),
                 running: AtomicBool::new(false),
                 failed: std::sync::Mutex::new(None),
-            }),
+            });
+            Mode::Worker { chunks, shared }
+        };
+        Ok(Verifier {
+            mode,
+            promise,
             received: 0,
         })
     }
@@ -195,23 +213,34 @@ impl Verifier {
         if let Some(promise) = &self.promise {
             promise.allows(self.received)?;
         }
-        if let Some(reason) = self.shared.failure() {
-            return Err(reason);
+        match &mut self.mode {
+            Mode::Inline(check) => {
+                let running = check.as_mut().ok_or("verification stopped")?;
+                running.update(&chunk).inspect_err(|_| *check = None)
+            }
+            Mode::Worker { chunks, shared } => {
+                if let Some(reason) = shared.failure() {
+                    return Err(reason);
+                }
+                chunks
+                    .send(chunk)
+                    .await
+                    .map_err(|_| "verification stopped".to_string())?;
+                if !shared.running.swap(true, Ordering::SeqCst) {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || shared.drain());
+                }
+                Ok(())
+            }
         }
-        self.chunks
-            .send(chunk)
-            .await
-            .map_err(|_| "verification stopped".to_string())?;
-        if !self.shared.running.swap(true, Ordering::SeqCst) {
-            let shared = self.shared.clone();
-            tokio::task::spawn_blocking(move || shared.drain());
-        }
-        Ok(())
     }
 
     /// Ends the stream; returns the SHA-256 of the bytes as stored.
     pub async fn finish(self) -> Result<Sha256, String> {
-        let Verifier { chunks, shared, .. } = self;
+        let (chunks, shared) = match self.mode {
+            Mode::Inline(check) => return check.ok_or("verification stopped")?.finish(),
+            Mode::Worker { chunks, shared } => (chunks, shared),
+        };
         drop(chunks);
         tokio::task::spawn_blocking(move || {
             // Waits for a worker still draining, then takes what is left.
