@@ -80,7 +80,8 @@ impl App {
                 max_size: config.max_cache_size,
                 min_free: config.min_free_space,
             },
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         let policy = Policy {
             trusted_keys: TrustedKeys::parse(&config.trusted_public_keys)
                 .map_err(|e| e.to_string())?,

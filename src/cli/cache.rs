@@ -33,7 +33,7 @@ pub fn run(config: Config, action: CacheAction) -> Result<ExitCode, String> {
             config.cache_dir.display()
         ));
     }
-    let store = Store::open(&config.cache_dir, limits)?;
+    let store = Store::open(&config.cache_dir, limits).map_err(|e| e.to_string())?;
     match action {
         CacheAction::Stats => {
             let s = store.stats();
@@ -57,7 +57,8 @@ pub fn run(config: Config, action: CacheAction) -> Result<ExitCode, String> {
                 None => config.max_cache_size,
             };
             drop(store);
-            let store = Store::open(&config.cache_dir, Limits { max_size, ..limits })?;
+            let store = Store::open(&config.cache_dir, Limits { max_size, ..limits })
+                .map_err(|e| e.to_string())?;
             let before = store.size();
             store.enforce_limits(0);
             println!(
@@ -75,17 +76,19 @@ pub fn run(config: Config, action: CacheAction) -> Result<ExitCode, String> {
                 config::human_size(total.stored_bytes)
             );
             let mut last = std::time::Instant::now();
-            let report = store.verify_with_progress(|files, bytes| {
-                if last.elapsed() >= std::time::Duration::from_secs(2) {
-                    last = std::time::Instant::now();
-                    eprintln!(
-                        "verify: {files}/{} files, {} of {}",
-                        total.stored_files,
-                        config::human_size(bytes),
-                        config::human_size(total.stored_bytes)
-                    );
-                }
-            })?;
+            let report = store
+                .verify_with_progress(|files, bytes| {
+                    if last.elapsed() >= std::time::Duration::from_secs(2) {
+                        last = std::time::Instant::now();
+                        eprintln!(
+                            "verify: {files}/{} files, {} of {}",
+                            total.stored_files,
+                            config::human_size(bytes),
+                            config::human_size(total.stored_bytes)
+                        );
+                    }
+                })
+                .map_err(|e| e.to_string())?;
             println!(
                 "checked: {}\ncorrupt: {}\nmissing: {}\nleftovers removed: {}",
                 report.checked, report.corrupt, report.missing, report.leftovers

@@ -9,7 +9,8 @@ use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
 use crate::store::{
-    freeze_buffer, take_buffer, ChunkSink, FillWriter, PassThrough, BODY_IDLE_TIMEOUT, CHUNK,
+    freeze_buffer, take_buffer, ChunkSink, FillWriter, PassThrough, SinkError, BODY_IDLE_TIMEOUT,
+    CHUNK,
 };
 use crate::upstream::{Answer, Upstream, UpstreamError};
 
@@ -28,7 +29,7 @@ pub async fn fill(
         Err(e) => return writer.fail(&e.to_string()),
     };
     if let Err(reason) = writer.start(content_length(&response)) {
-        return writer.fail(&reason);
+        return writer.fail(&reason.to_string());
     }
     let mut body = response.into_body();
     let mut resumed = false;
@@ -50,9 +51,9 @@ pub async fn fill(
                     }
                 }
             }
-            Err(Copy::Broke(reason) | Copy::Refused(reason)) => {
+            Err(stopped) => {
                 metrics.upstream_body_failed();
-                return writer.fail(&reason);
+                return writer.fail(&stopped.to_string());
             }
         }
     }
@@ -77,7 +78,7 @@ pub async fn fill_from(
         }
     };
     if let Err(reason) = writer.start(content_length(&response)) {
-        writer.fail(&reason);
+        writer.fail(&reason.to_string());
         return 0;
     }
     match copy_body(response.into_body(), &mut *writer).await {
@@ -86,9 +87,9 @@ pub async fn fill_from(
             writer.finish().await;
             n
         }
-        Err(Copy::Broke(reason) | Copy::Refused(reason)) => {
+        Err(stopped) => {
             metrics.upstream_body_failed();
-            writer.fail(&reason);
+            writer.fail(&stopped.to_string());
             0
         }
     }
@@ -104,12 +105,8 @@ pub async fn pass_through(
     if let Ok(n) = outcome {
         metrics.fetched(n);
     }
-    sink.finish(
-        outcome
-            .map(|_| ())
-            .map_err(|(Copy::Broke(r) | Copy::Refused(r))| r),
-    )
-    .await
+    sink.finish(outcome.err().map(|stopped| stopped.to_string()))
+        .await
 }
 
 pub fn content_length<B>(response: &http::Response<B>) -> Option<u64> {
@@ -181,11 +178,14 @@ async fn copy_body(mut body: Incoming, sink: &mut impl ChunkSink) -> Result<u64,
 }
 
 /// Why a copy stopped short.
+#[derive(Debug, thiserror::Error)]
 enum Copy {
     /// The body broke off or stalled: the rest may be asked for again.
+    #[error("{0}")]
     Broke(String),
     /// The sink refused a chunk (the bytes do not match, the client went away).
-    Refused(String),
+    #[error(transparent)]
+    Refused(SinkError),
 }
 
 /// Frames gathered into a chunk: one frame is kept as it is; a buffer is taken only once a

@@ -191,7 +191,7 @@ impl Proxy {
     }
 
     /// Lets every pinned NAR be evicted again; how many pins there were.
-    pub fn unpin_all(&self) -> Result<u64, String> {
+    pub fn unpin_all(&self) -> Result<u64, crate::store::IndexError> {
         self.store.unpin(None)
     }
 
@@ -280,7 +280,7 @@ impl Proxy {
             }
             Slot::Stored(file, size) => return NarAnswer::Found(Content::File(file, size)),
             Slot::Bypass(reason) => {
-                tracing::debug!(nar = %key, reason, "passing through without caching");
+                tracing::debug!(nar = %key, %reason, "passing through without caching");
                 return self
                     .pass_through(up, &source, Some(&row.source.expected))
                     .await;
@@ -360,8 +360,8 @@ impl Proxy {
         let (sink, stream) = match PassThrough::new(&self.store, expected, length) {
             Ok(pass) => pass,
             Err(reason) => {
-                tracing::warn!(upstream = %up.name(), reason, "refusing a NAR that cannot be verified");
-                return NarAnswer::Failed(Failure::Unavailable(reason));
+                tracing::warn!(upstream = %up.name(), %reason, "refusing a NAR that cannot be verified");
+                return NarAnswer::Failed(Failure::Unavailable(reason.to_string()));
             }
         };
         tokio::spawn(download::pass_through(response, sink, self.metrics.clone()));

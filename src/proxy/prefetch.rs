@@ -164,7 +164,10 @@ async fn one(proxy: Arc<Proxy>, hash: String, pin_until: Option<u64>) -> Outcome
         NarAnswer::Failed(failure) => Err(failure.reason().to_string()),
     };
     let stored = stored.and_then(|()| match pin_until {
-        Some(until) => proxy.store.pin(std::slice::from_ref(&info.url), until),
+        Some(until) => proxy
+            .store
+            .pin(std::slice::from_ref(&info.url), until)
+            .map_err(|e| e.to_string()),
         None => Ok(()),
     });
     match stored {

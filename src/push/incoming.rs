@@ -19,7 +19,7 @@ use super::queue::Origin;
 use super::Pusher;
 use crate::nix::narinfo::{NarInfo, MAX_NARINFO_BYTES};
 use crate::nix::request::is_file_name;
-use crate::store::{check_nar, ChunkSink, Expected};
+use crate::store::{check_nar, CheckError, ChunkSink, Expected};
 use crate::store::{NarSource, NewNarInfo, Slot};
 
 pub type Refusal = (StatusCode, String);
@@ -319,11 +319,12 @@ async fn private_file(path: &Path) -> std::io::Result<tokio::fs::File> {
 }
 
 /// FileHash/FileSize of the file as uploaded, then NarHash/NarSize of the NAR inside.
-fn check_staged(path: &Path, expected: &Expected) -> Result<(), String> {
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+fn check_staged(path: &Path, expected: &Expected) -> Result<(), CheckError> {
+    let read = |e: std::io::Error| CheckError::Read(e.to_string());
+    let mut file = std::fs::File::open(path).map_err(read)?;
     let (mut hasher, mut len, mut buf) = (Hasher::new(), 0u64, vec![0u8; 256 * 1024]);
     loop {
-        let n = file.read(&mut buf).map_err(|e| e.to_string())?;
+        let n = file.read(&mut buf).map_err(read)?;
         if n == 0 {
             break;
         }
@@ -331,13 +332,16 @@ fn check_staged(path: &Path, expected: &Expected) -> Result<(), String> {
         hasher.update(&buf[..n]);
     }
     if let Some(size) = expected.file_size.filter(|s| *s != len) {
-        return Err(format!("it is {len} bytes, FileSize says {size}"));
+        return Err(CheckError::WrongSize {
+            sent: len,
+            field: "FileSize",
+            size,
+        });
     }
     let sha: [u8; 32] = hasher.finalize().into();
     if expected.file_hash.is_some_and(|h| h.0 != sha) {
-        return Err("its SHA-256 is not FileHash".into());
+        return Err(CheckError::WrongFileHash("FileHash"));
     }
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    check_nar(&mut file, expected)?;
-    Ok(())
+    let mut file = std::fs::File::open(path).map_err(read)?;
+    check_nar(&mut file, expected)
 }

@@ -137,7 +137,7 @@ impl Pusher {
         trust: LocalTrust,
     ) -> Result<Arc<Pusher>, String> {
         let dir = store.dir().join("push");
-        crate::store::private_dir(&dir)?;
+        crate::store::private_dir(&dir).map_err(|e| e.to_string())?;
         let queue = Queue::open(&store.dir().join("push.redb"))?;
         let names: HashSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         let mut live = BTreeMap::new();

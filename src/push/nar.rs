@@ -83,66 +83,77 @@ pub fn body(source: Feed, info: &PathInfo, preamble: Bytes, len: u64) -> UploadB
             let (hasher, len) = std::mem::take(&mut *state.lock().unwrap());
             let hash: [u8; 32] = hasher.finalize().into();
             if len != size {
-                Err(format!("the {what} is {len} bytes, not the {size} checked"))
+                Err(std::io::Error::other(format!(
+                    "the {what} is {len} bytes, not the {size} checked"
+                )))
             } else if hash != sha256.0 {
-                Err(format!(
+                Err(std::io::Error::other(format!(
                     "the {what} is not the one that was checked (its SHA-256 differs)"
-                ))
+                )))
             } else {
                 Ok(())
             }
         });
         if let Err(reason) = result {
             tracing::warn!(path = %expected.store_path, %reason, "upload cut short");
-            let _ = tx.blocking_send(Err(std::io::Error::other(reason)));
+            let _ = tx.blocking_send(Err(reason));
         }
     });
     UploadBody::new(rx).with_len(total)
 }
 
-fn dump(path: &str, mut out: Out) -> Result<(), String> {
+/// The NAR of a store path, as `nix-store --dump` writes it.
+fn dump(path: &str, mut out: Out) -> std::io::Result<()> {
+    let failed = |what: String| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
     let mut child = std::process::Command::new("nix-store")
         .args(["--dump", path])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run nix-store --dump: {e}"))?;
+        .map_err(failed("cannot run nix-store --dump".into()))?;
     let copied =
         std::io::copy(&mut child.stdout.take().expect("piped"), &mut out).and_then(|_| out.flush());
     let output = child
         .wait_with_output()
-        .map_err(|e| format!("nix-store --dump: {e}"))?;
+        .map_err(failed("nix-store --dump".into()))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(format!("nix-store --dump {path} failed: {}", stderr.trim()));
+        return Err(std::io::Error::other(format!(
+            "nix-store --dump {path} failed: {}",
+            stderr.trim()
+        )));
     }
-    copied.map(drop).map_err(|e| format!("reading {path}: {e}"))
+    copied.map(drop).map_err(failed(format!("reading {path}")))
 }
 
-fn decompress(path: &std::path::Path, compression: &str, out: Out) -> Result<(), String> {
-    let mut file =
-        std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let mut decoder = crate::store::decoder(compression, out)?;
+fn decompress(path: &std::path::Path, compression: &str, out: Out) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path).map_err(about("opening", path))?;
+    let mut decoder = crate::store::decoder(compression, out).map_err(std::io::Error::other)?;
     std::io::copy(&mut file, &mut decoder)
         .and_then(|_| decoder.flush())
         .map(drop)
-        .map_err(|e| format!("decompressing {}: {e}", path.display()))
+        .map_err(about("decompressing", path))
 }
 
-fn copy_file(path: &std::path::Path, mut out: Out) -> Result<(), String> {
-    let mut file =
-        std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+fn copy_file(path: &std::path::Path, mut out: Out) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path).map_err(about("opening", path))?;
     let mut buf = vec![0; CHUNK];
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let n = file.read(&mut buf).map_err(about("reading", path))?;
         if n == 0 {
-            return out.flush().map_err(|e| e.to_string());
+            return out.flush();
         }
-        out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        out.write_all(&buf[..n])?;
     }
+}
+
+/// Says what was being done to which file, keeping the error's kind.
+fn about(what: &'static str, path: &std::path::Path) -> impl Fn(std::io::Error) -> std::io::Error {
+    let shown = path.display().to_string();
+    move |e| std::io::Error::new(e.kind(), format!("{what} {shown}: {e}"))
 }
 
 /// Gathers bytes into chunks for the body, hashing and counting them.

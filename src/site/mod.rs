@@ -320,7 +320,7 @@ impl SiteCache {
                     return nar_body(len, body::stream(reader.stream(), self.metrics.served()));
                 }
                 Slot::Bypass(reason) => {
-                    tracing::debug!(nar = %key, reason, "site cache cannot take the NAR; passing it through");
+                    tracing::debug!(nar = %key, %reason, "site cache cannot take the NAR; passing it through");
                 }
             }
         }

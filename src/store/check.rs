@@ -49,6 +49,38 @@ impl Expected {
     }
 }
 
+/// Why NAR bytes were refused. The messages name the narinfo field that was not kept, as
+/// clients and logs have always seen them.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CheckError {
+    #[error("upstream sent more than {field} ({size} bytes)")]
+    TooLong { field: &'static str, size: u64 },
+    #[error("{sent} bytes came, {field} says {size}")]
+    WrongSize {
+        sent: u64,
+        field: &'static str,
+        size: u64,
+    },
+    #[error("NAR file does not match {0}")]
+    WrongFileHash(&'static str),
+    #[error("NAR is {got} bytes, NarSize says {size}")]
+    WrongNarSize { got: u64, size: u64 },
+    #[error("upstream announced {sent} bytes, the narinfo promises {promised}")]
+    Announced { sent: u64, promised: u64 },
+    #[error("NAR does not match NarHash")]
+    WrongNarHash,
+    #[error("NAR does not decompress as promised: {0}")]
+    Decompress(String),
+    #[error(
+        "cannot verify a `{0}` NAR without FileHash (supported: none, xz, bzip2, zstd, gzip, br)"
+    )]
+    Unsupported(String),
+    #[error("reading the stored file: {0}")]
+    Read(String),
+    #[error("verification stopped")]
+    Stopped,
+}
+
 /// What the bytes as served must hash to and how long they must be, with the narinfo
 /// fields that said so (for the error messages).
 #[derive(Clone, Copy)]
@@ -61,12 +93,12 @@ struct Promise {
 
 impl Promise {
     /// Refuses a stream that has grown past the promised size.
-    fn allows(&self, received: u64) -> Result<(), String> {
+    fn allows(&self, received: u64) -> Result<(), CheckError> {
         match self.size {
-            Some(size) if received > size => Err(format!(
-                "upstream sent more than {} ({size} bytes)",
-                self.size_field
-            )),
+            Some(size) if received > size => Err(CheckError::TooLong {
+                field: self.size_field,
+                size,
+            }),
             _ => Ok(()),
         }
     }
@@ -144,7 +176,7 @@ struct Shared {
     /// A worker is draining (or about to).
     running: AtomicBool,
     /// Set once a chunk failed; later chunks are dropped unhashed.
-    failed: std::sync::Mutex<Option<String>>,
+    failed: std::sync::Mutex<Option<CheckError>>,
 }
 
 struct Work {
@@ -177,14 +209,14 @@ impl Shared {
         }
     }
 
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<CheckError> {
         self.failed.lock().unwrap().clone()
     }
 }
 
 impl Verifier {
     /// Must be called within the runtime.
-    pub fn start(expected: &Expected) -> Result<Verifier, String> {
+    pub fn start(expected: &Expected) -> Result<Verifier, CheckError> {
         let check = ContentCheck::new(expected)?;
         let promise = check.promise;
         let mode = if check.nar.is_none() {
@@ -208,24 +240,21 @@ impl Verifier {
         })
     }
 
-    pub async fn update(&mut self, chunk: Bytes) -> Result<(), String> {
+    pub async fn update(&mut self, chunk: Bytes) -> Result<(), CheckError> {
         self.received += chunk.len() as u64;
         if let Some(promise) = &self.promise {
             promise.allows(self.received)?;
         }
         match &mut self.mode {
             Mode::Inline(check) => {
-                let running = check.as_mut().ok_or("verification stopped")?;
+                let running = check.as_mut().ok_or(CheckError::Stopped)?;
                 running.update(&chunk).inspect_err(|_| *check = None)
             }
             Mode::Worker { chunks, shared } => {
                 if let Some(reason) = shared.failure() {
                     return Err(reason);
                 }
-                chunks
-                    .send(chunk)
-                    .await
-                    .map_err(|_| "verification stopped".to_string())?;
+                chunks.send(chunk).await.map_err(|_| CheckError::Stopped)?;
                 if !shared.running.swap(true, Ordering::SeqCst) {
                     let shared = shared.clone();
                     tokio::task::spawn_blocking(move || shared.drain());
@@ -236,9 +265,9 @@ impl Verifier {
     }
 
     /// Ends the stream; returns the SHA-256 of the bytes as stored.
-    pub async fn finish(self) -> Result<Sha256, String> {
+    pub async fn finish(self) -> Result<Sha256, CheckError> {
         let (chunks, shared) = match self.mode {
-            Mode::Inline(check) => return check.ok_or("verification stopped")?.finish(),
+            Mode::Inline(check) => return check.ok_or(CheckError::Stopped)?.finish(),
             Mode::Worker { chunks, shared } => (chunks, shared),
         };
         drop(chunks);
@@ -249,12 +278,10 @@ impl Verifier {
                 return Err(reason);
             }
             let check = shared.work.lock().unwrap().check.take();
-            check
-                .ok_or_else(|| "verification already finished".to_string())?
-                .finish()
+            check.ok_or(CheckError::Stopped)?.finish()
         })
         .await
-        .unwrap_or_else(|e| Err(format!("verification task: {e}")))
+        .unwrap_or(Err(CheckError::Stopped))
     }
 }
 
@@ -262,7 +289,7 @@ impl Verifier {
 /// the NAR inside it (decompressed as needed). FileHash and FileSize, which a lying upstream
 /// can swap for another path's, are checked on the way in; this is the check they cannot
 /// satisfy.
-pub fn check_nar(file: &mut impl std::io::Read, expected: &Expected) -> Result<(), String> {
+pub fn check_nar(file: &mut impl std::io::Read, expected: &Expected) -> Result<(), CheckError> {
     let signed_only = Expected {
         file_hash: None,
         file_size: None,
@@ -273,7 +300,7 @@ pub fn check_nar(file: &mut impl std::io::Read, expected: &Expected) -> Result<(
     loop {
         let n = file
             .read(&mut buf)
-            .map_err(|e| format!("reading the stored file: {e}"))?;
+            .map_err(|e| CheckError::Read(e.to_string()))?;
         if n == 0 {
             return check.finish().map(drop);
         }
@@ -282,7 +309,7 @@ pub fn check_nar(file: &mut impl std::io::Read, expected: &Expected) -> Result<(
 }
 
 impl ContentCheck {
-    fn new(expected: &Expected) -> Result<ContentCheck, String> {
+    fn new(expected: &Expected) -> Result<ContentCheck, CheckError> {
         let nar_hash = expected.nar_hash.0;
         // An uncompressed NAR is its own file: without a FileHash, NarHash and NarSize
         // check the bytes as they come, and one SHA-256 pass does it.
@@ -323,7 +350,7 @@ impl ContentCheck {
         })
     }
 
-    fn update(&mut self, chunk: &[u8]) -> Result<(), String> {
+    fn update(&mut self, chunk: &[u8]) -> Result<(), CheckError> {
         self.raw_len += chunk.len() as u64;
         if let Some(promise) = &self.promise {
             promise.allows(self.raw_len)?;
@@ -331,39 +358,40 @@ impl ContentCheck {
         self.raw.update(chunk);
         if let Some(nar) = &mut self.nar {
             nar.write_all(chunk)
-                .map_err(|e| format!("NAR does not decompress as promised: {e}"))?;
+                .map_err(|e| CheckError::Decompress(e.to_string()))?;
         }
         Ok(())
     }
 
     /// Checks the end of the stream; returns the SHA-256 of the bytes as stored.
-    fn finish(mut self) -> Result<Sha256, String> {
+    fn finish(mut self) -> Result<Sha256, CheckError> {
         let raw: [u8; 32] = self.raw.finalize().into();
         if let Some(promise) = self.promise {
             if let Some(size) = promise.size.filter(|size| self.raw_len != *size) {
-                return Err(format!(
-                    "upstream sent {} bytes, {} says {size}",
-                    self.raw_len, promise.size_field
-                ));
+                return Err(CheckError::WrongSize {
+                    sent: self.raw_len,
+                    field: promise.size_field,
+                    size,
+                });
             }
             if raw != promise.sha256 {
-                return Err(format!("NAR file does not match {}", promise.hash_field));
+                return Err(CheckError::WrongFileHash(promise.hash_field));
             }
         }
         if let Some(mut nar) = self.nar.take() {
             nar.flush()
-                .map_err(|e| format!("NAR does not decompress as promised: {e}"))?;
+                .map_err(|e| CheckError::Decompress(e.to_string()))?;
             drop(nar); // finishes the decoder, writing its last bytes
             let state = std::mem::take(&mut *self.nar_state.lock().unwrap());
             if state.len != self.nar_size {
-                return Err(format!(
-                    "NAR is {} bytes, NarSize says {}",
-                    state.len, self.nar_size
-                ));
+                return Err(CheckError::WrongNarSize {
+                    got: state.len,
+                    size: self.nar_size,
+                });
             }
             let hash: [u8; 32] = state.hasher.finalize().into();
             if hash != self.nar_hash {
-                return Err("NAR does not match NarHash".into());
+                return Err(CheckError::WrongNarHash);
             }
         }
         Ok(Sha256(raw))
@@ -375,7 +403,7 @@ impl ContentCheck {
 pub fn decoder<W: Write + Send + 'static>(
     compression: &str,
     sink: W,
-) -> Result<Box<dyn Write + Send>, String> {
+) -> Result<Box<dyn Write + Send>, CheckError> {
     Ok(match compression {
         "none" | "" => Box::new(sink),
         "xz" => Box::new(FinishOnDrop(Some(xz2::write::XzDecoder::new(sink)))),
@@ -386,18 +414,15 @@ pub fn decoder<W: Write + Send + 'static>(
             ended: false,
         }),
         "zstd" => Box::new(
-            zstd::stream::write::Decoder::new(sink).map_err(|e| format!("zstd decoder: {e}"))?,
+            zstd::stream::write::Decoder::new(sink)
+                .map_err(|e| CheckError::Decompress(e.to_string()))?,
         ),
         "gzip" => Box::new(FinishOnDrop(Some(flate2::write::GzDecoder::new(sink)))),
         "br" => Box::new(FinishOnDrop(Some(brotli::DecompressorWriter::new(
             sink,
             64 * 1024,
         )))),
-        other => {
-            return Err(format!(
-                "cannot verify a `{other}` NAR without FileHash (supported: none, xz, bzip2, zstd, gzip, br)"
-            ))
-        }
+        other => return Err(CheckError::Unsupported(other.to_string())),
     })
 }
 

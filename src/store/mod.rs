@@ -7,6 +7,7 @@
 // The store's parts are its own; what others use is re-exported below (its face).
 mod buffers;
 mod check;
+mod error;
 mod fill;
 mod index;
 mod passthrough;
@@ -28,6 +29,7 @@ use sha2::{Digest, Sha256};
 pub use buffers::{freeze as freeze_buffer, take as take_buffer};
 use check::Verifier;
 pub use check::{check_nar, decoder, Expected};
+pub use error::{CheckError, IndexError, SinkError, StoreError};
 use fill::Fill;
 pub use fill::{
     ChunkSink, FillReader, FillState, FillWriter, Piece, PieceStream, BODY_IDLE_TIMEOUT, CHUNK,
@@ -89,7 +91,7 @@ pub enum Slot {
     /// It was stored meanwhile (a fill ended since the caller looked).
     Stored(File, u64),
     /// The cache cannot take it now (disk full, ...): pass it through uncached.
-    Bypass(String),
+    Bypass(StoreError),
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -117,18 +119,15 @@ pub use crate::clock::unix_now;
 impl Store {
     /// Opens (or creates) the cache and repairs what a crash may have left: temporary
     /// files, files the index does not know, rows whose file is missing or of the wrong size.
-    pub fn open(dir: &Path, limits: Limits) -> Result<Store, String> {
+    pub fn open(dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         private_dir(dir)?;
         for sub in ["nars", "tmp"] {
             private_dir(&dir.join(sub))?;
         }
         let index_path = dir.join("index.redb");
         let index = Index::open(&index_path).map_err(|e| match e {
-            index::OpenError::InUse => format!(
-                "{} is in use: another nix-sidecar (or a `cache` command) has it open",
-                dir.display()
-            ),
-            index::OpenError::Other(e) => e,
+            index::OpenError::InUse => StoreError::InUse(dir.to_path_buf()),
+            index::OpenError::Other(e) => e.into(),
         })?;
         let _ = std::fs::set_permissions(&index_path, Permissions::from_mode(0o600));
         let store = Store(Arc::new(Inner {
@@ -225,7 +224,7 @@ impl Store {
         }
         let check = match Verifier::start(expected) {
             Ok(check) => check,
-            Err(reason) => return Slot::Bypass(reason),
+            Err(reason) => return Slot::Bypass(reason.into()),
         };
         // Without a known length the fill reserves as it grows (FillWriter::write).
         let needed = expected.file_len().unwrap_or(0);
@@ -247,7 +246,7 @@ impl Store {
             Ok(f) => f,
             Err(e) => {
                 self.release(needed);
-                return Slot::Bypass(format!("cannot create a cache file: {e}"));
+                return Slot::Bypass(StoreError::io("cannot create the cache file", &tmp)(e));
             }
         };
         let mut fills = self.0.fills.lock().unwrap();
@@ -336,14 +335,15 @@ impl Store {
         (tmp, file): (&Path, File),
         blob: Blob,
         reserved: u64,
-    ) -> Result<(), String> {
-        file.sync_all().map_err(|e| format!("fsync: {e}"))?;
+    ) -> Result<(), StoreError> {
+        file.sync_all()
+            .map_err(StoreError::io("cannot fsync", tmp))?;
         let dest = self.blob_path(key);
         let size = blob.size;
         // Under the ledger's lock from the rename on: an eviction reading the rows cannot see
         // the row before its size counts, nor a recount the file before its row.
         let mut ledger = self.0.ledger.lock().unwrap();
-        std::fs::rename(tmp, &dest).map_err(|e| format!("rename: {e}"))?;
+        std::fs::rename(tmp, &dest).map_err(StoreError::io("cannot rename", tmp))?;
         if let Ok(dir) = File::open(self.0.dir.join("nars")) {
             let _ = dir.sync_all();
         }
@@ -351,7 +351,7 @@ impl Store {
             let _ = std::fs::remove_file(&dest);
             drop(ledger);
             self.reconcile_if_reopened();
-            return Err(e);
+            return Err(e.into());
         }
         Ledger::take(&mut ledger.reserved, reserved, "reserved");
         ledger.stored = ledger.stored.saturating_add(size);
@@ -399,25 +399,25 @@ impl Store {
 /// unit's `UMask`, 0755 would let every local user read the NARs that `allowed-uids` guards.
 /// A symlink in its place is replaced by a directory, never followed: start-up deletes what
 /// it finds in `tmp/` and `nars/`.
-pub fn private_dir(dir: &Path) -> Result<(), String> {
+pub fn private_dir(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::DirBuilderExt;
     let shown = dir.display();
     if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
         tracing::warn!(dir = %shown, "a symlink stands where the cache keeps a directory; replacing it");
-        std::fs::remove_file(dir).map_err(|e| format!("cannot remove the symlink {shown}: {e}"))?;
+        std::fs::remove_file(dir).map_err(StoreError::io("cannot remove the symlink", dir))?;
     }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create {shown}: {e}"))?;
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{shown}: {e}"))?;
+        .map_err(StoreError::io("cannot create", dir))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(StoreError::io("cannot inspect", dir))?;
     if !meta.is_dir() {
-        return Err(format!("{shown} is not a directory"));
+        return Err(StoreError::NotADirectory(dir.to_path_buf()));
     }
     if meta.uid() == crate::sys::euid() && meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot make {shown} private: {e}"))?;
+            .map_err(StoreError::io("cannot make private", dir))?;
     }
     Ok(())
 }

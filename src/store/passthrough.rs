@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use super::check::{Expected, Verifier};
 use super::fill::ChunkSink;
 use super::read::ByteStream;
-use super::Store;
+use super::{CheckError, SinkError, Store};
 
 /// Pass-through for when the cache cannot take the file (disk full, no narinfo known):
 /// verifies what it can and aborts the client's stream on a mismatch.
@@ -30,7 +30,7 @@ impl PassThrough {
         store: &Store,
         expected: Option<&Expected>,
         length: Option<u64>,
-    ) -> Result<(PassThrough, ByteStream), String> {
+    ) -> Result<(PassThrough, ByteStream), CheckError> {
         let (tx, rx) = mpsc::channel(4);
         let check = expected.map(Verifier::start).transpose()?;
         Ok((
@@ -46,17 +46,22 @@ impl PassThrough {
         ))
     }
 
-    pub async fn finish(mut self, outcome: Result<(), String>) {
-        let outcome = outcome.and_then(|()| match self.length {
-            Some(length) if length != self.received => Err(format!(
-                "upstream sent {} bytes of the {length} announced",
-                self.received
-            )),
-            _ => Ok(()),
-        });
+    /// Ends the stream: `failed` says why the upstream body did not come whole, if it did not.
+    pub async fn finish(mut self, failed: Option<String>) {
+        let outcome = match failed {
+            Some(reason) => Err(reason),
+            None => match self.length {
+                Some(length) if length != self.received => Err(format!(
+                    "upstream sent {} bytes of the {length} announced",
+                    self.received
+                )),
+                _ => Ok(()),
+            },
+        };
         let outcome = match (outcome, self.check.take()) {
-            (Ok(()), Some(check)) => check.finish().await.map(drop).inspect_err(|_| {
+            (Ok(()), Some(check)) => check.finish().await.map(drop).map_err(|e| {
                 self.store.count_verification_failure();
+                e.to_string()
             }),
             (outcome, _) => outcome,
         };
@@ -75,13 +80,11 @@ impl PassThrough {
 }
 
 impl ChunkSink for PassThrough {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
         self.received += chunk.len() as u64;
         if let Some(length) = self.length.filter(|l| self.received > *l) {
             self.store.count_verification_failure();
-            return Err(format!(
-                "upstream sent more than the {length} bytes announced"
-            ));
+            return Err(SinkError::Overlong(length));
         }
         if let Some(check) = &mut self.check {
             check
@@ -94,7 +97,7 @@ impl ChunkSink for PassThrough {
                 .tx
                 .send(Ok(previous))
                 .await
-                .map_err(|_| "client went away".to_string()),
+                .map_err(|_| SinkError::ClientGone),
             None => Ok(()),
         }
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::space::Ledger;
-use super::{check, Expected, Store, VerifyReport};
+use super::{check, Expected, IndexError, Store, StoreError, VerifyReport};
 
 /// Stored files waiting for their NarHash check at most; past it a check is skipped (and
 /// `cache verify` still does it).
@@ -23,7 +23,7 @@ const NAR_CHECK_DEFER: Duration = Duration::from_secs(10);
 impl Store {
     /// The thread that checks stored files against NarHash (see [`Store::check_nar_later`]).
     /// It holds the store weakly and ends with it.
-    pub(super) fn start_nar_checks(&self) -> Result<SyncSender<(String, Expected)>, String> {
+    pub(super) fn start_nar_checks(&self) -> Result<SyncSender<(String, Expected)>, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Expected)>(NAR_CHECK_QUEUE);
         let store = Arc::downgrade(&self.0);
         std::thread::Builder::new()
@@ -49,7 +49,7 @@ impl Store {
                     }
                 }
             })
-            .map_err(|e| format!("cannot start the NAR checker: {e}"))?;
+            .map_err(|e| StoreError::Thread("NAR check", e))?;
         Ok(tx)
     }
 
@@ -92,7 +92,7 @@ impl Store {
             return; // evicted meanwhile
         };
         if let Err(reason) = check::check_nar(&mut file, expected) {
-            tracing::warn!(nar = %key, reason, "a stored NAR does not match its signed NarHash; removed");
+            tracing::warn!(nar = %key, %reason, "a stored NAR does not match its signed NarHash; removed");
             self.count_verification_failure();
             self.drop_stored(key);
         }
@@ -117,7 +117,7 @@ impl Store {
         }
     }
 
-    pub(super) fn recover(&self) -> Result<VerifyReport, String> {
+    pub(super) fn recover(&self) -> Result<VerifyReport, IndexError> {
         let mut tmp_files = 0;
         for entry in read_dir(&self.0.dir.join("tmp")) {
             let _ = std::fs::remove_file(entry);
@@ -147,7 +147,7 @@ impl Store {
 
     /// Drops rows whose file is missing or of another size and files no row knows, and sets
     /// the stored size from what is left. Under the ledger's lock, so no file lands meanwhile.
-    fn reconcile(&self) -> Result<VerifyReport, String> {
+    fn reconcile(&self) -> Result<VerifyReport, IndexError> {
         let mut report = VerifyReport::default();
         let mut ledger = self.0.ledger.lock().unwrap();
         let rows = self.0.index.blobs()?;
@@ -182,7 +182,7 @@ impl Store {
 
     /// Re-hashes every stored file and drops those that do not match the index, or whose NAR
     /// does not match the NarHash and NarSize its narinfo promised.
-    pub fn verify(&self) -> Result<VerifyReport, String> {
+    pub fn verify(&self) -> Result<VerifyReport, IndexError> {
         self.verify_with_progress(|_, _| {})
     }
 
@@ -190,7 +190,7 @@ impl Store {
     pub fn verify_with_progress(
         &self,
         mut progress: impl FnMut(u64, u64),
-    ) -> Result<VerifyReport, String> {
+    ) -> Result<VerifyReport, IndexError> {
         let mut report = VerifyReport::default();
         let mut bad = Vec::new();
         let mut bytes = 0u64;
@@ -201,7 +201,8 @@ impl Store {
             let path = self.blob_path(&key);
             let promise = self.nar(&key).map(|row| row.source.expected);
             let keeps_promise = || {
-                let mut file = File::open(&path).map_err(|e| e.to_string())?;
+                let mut file =
+                    File::open(&path).map_err(|e| check::CheckError::Read(e.to_string()))?;
                 promise
                     .as_ref()
                     .map_or(Ok(()), |p| check::check_nar(&mut file, p))
@@ -209,7 +210,7 @@ impl Store {
             match hash_file(&path) {
                 Ok((size, sha)) if size == blob.size && sha == blob.sha256 => {
                     if let Err(reason) = keeps_promise() {
-                        tracing::warn!(nar = %key, reason, "stored file does not match its narinfo; dropped");
+                        tracing::warn!(nar = %key, %reason, "stored file does not match its narinfo; dropped");
                         report.corrupt += 1;
                         bad.push(key);
                     }

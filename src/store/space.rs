@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{free_space, unix_now, Limits, Store};
+use super::{free_space, unix_now, IndexError, Limits, Store, StoreError};
 
 /// Bytes outside the cache's files counted against its limits until dropped.
 pub struct Held {
@@ -60,7 +60,7 @@ impl Ledger {
 impl Store {
     /// Reserves room for `incoming` more bytes, evicting if needed; an error means caching
     /// must be skipped.
-    pub(crate) fn reserve(&self, incoming: u64) -> Result<(), String> {
+    pub(crate) fn reserve(&self, incoming: u64) -> Result<(), StoreError> {
         let limits = self.0.limits;
         let try_reserve = |store: &Store| {
             let free = free_space(&store.0.dir);
@@ -88,13 +88,13 @@ impl Store {
             );
             *last = Some(Instant::now());
         }
-        Err("not enough disk space for the cache".into())
+        Err(StoreError::NoRoom)
     }
 
     /// Counts `bytes` kept outside the cache's files (an upload staged for push) against its
     /// limits until the returned guard is dropped: evicts to make room, and refuses when
     /// there is none.
-    pub fn hold(&self, bytes: u64) -> Result<Held, String> {
+    pub fn hold(&self, bytes: u64) -> Result<Held, StoreError> {
         self.reserve(bytes)?;
         Ok(Held {
             store: self.clone(),
@@ -175,12 +175,12 @@ impl Store {
 
     /// Keeps `keys` (NAR keys) from eviction until `until` (unix seconds; `u64::MAX`: until
     /// unpinned), except to keep `min-free-space` free.
-    pub fn pin(&self, keys: &[String], until: u64) -> Result<(), String> {
+    pub fn pin(&self, keys: &[String], until: u64) -> Result<(), IndexError> {
         self.0.index.pin(keys, until)
     }
 
     /// Removes the pins of `keys`, or all pins; how many there were.
-    pub fn unpin(&self, keys: Option<&[String]>) -> Result<u64, String> {
+    pub fn unpin(&self, keys: Option<&[String]>) -> Result<u64, IndexError> {
         self.0.index.unpin(keys)
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::check::{Expected, Verifier};
 use super::index::Blob;
 use super::read::read_at;
-use super::Store;
+use super::{CheckError, SinkError, Store, StoreError};
 
 mod reader;
 pub use reader::FillReader;
@@ -158,7 +158,7 @@ impl Fill {
     /// chunk kept is one a reader has not taken yet. A cached fill keeps nothing: its readers
     /// read the file (by `sendfile`, from the page cache), so memory does not grow with the
     /// number of downloads.
-    async fn remember(&self, offset: u64, chunk: Bytes) -> Result<(), String> {
+    async fn remember(&self, offset: u64, chunk: Bytes) -> Result<(), SinkError> {
         loop {
             let advanced = self.advanced.notified();
             tokio::pin!(advanced);
@@ -188,10 +188,7 @@ impl Fill {
                 .await
                 .is_err()
             {
-                return Err(format!(
-                    "no client took bytes for {}s",
-                    BODY_IDLE_TIMEOUT.as_secs()
-                ));
+                return Err(SinkError::Stalled(BODY_IDLE_TIMEOUT.as_secs()));
             }
         }
     }
@@ -213,7 +210,7 @@ pub trait ChunkSink {
     fn write(
         &mut self,
         chunk: Bytes,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
 }
 
 pub struct FillWriter {
@@ -236,14 +233,12 @@ impl FillWriter {
     /// The upstream answered 200 with this Content-Length; readers may start. The length
     /// told to clients is the narinfo's if it gives one; an upstream that disagrees with it
     /// is refused before any byte is served.
-    pub fn start(&self, content_length: Option<u64>) -> Result<(), String> {
+    pub fn start(&self, content_length: Option<u64>) -> Result<(), CheckError> {
         let promised = self.expected.file_len();
         if let (Some(promised), Some(sent)) = (promised, content_length) {
             if promised != sent {
                 self.store.count_verification_failure();
-                return Err(format!(
-                    "upstream announced {sent} bytes, the narinfo promises {promised}"
-                ));
+                return Err(CheckError::Announced { sent, promised });
             }
         }
         self.fill.progress.send_modify(|p| {
@@ -289,7 +284,7 @@ impl FillWriter {
             Ok(sha) => sha,
             Err(reason) => {
                 self.store.count_verification_failure();
-                return self.fail(&reason);
+                return self.fail(&reason.to_string());
             }
         };
         // An uncompressed file is its NAR: NarHash checks it now, whatever FileHash said.
@@ -329,7 +324,7 @@ impl FillWriter {
             store.commit_blob(&key, &expected, (&tmp, file), blob, reserved)
         })
         .await
-        .unwrap_or_else(|e| Err(format!("commit task: {e}")));
+        .unwrap_or_else(|e| Err(StoreError::Thread("commit", std::io::Error::other(e))));
         match stored {
             Ok(()) => {
                 self.finished = true; // the temporary file is now the blob
@@ -343,7 +338,7 @@ impl FillWriter {
             }
             Err(reason) => {
                 // The bytes were right; only storing them failed. Readers still get them.
-                tracing::warn!(nar = %self.key, reason, "could not store a verified NAR");
+                tracing::warn!(nar = %self.key, %reason, "could not store a verified NAR");
                 self.end(FillState::Complete);
             }
         }
@@ -363,7 +358,7 @@ impl FillWriter {
     }
 
     /// Makes sure the reservation covers `end` bytes.
-    fn reserve_up_to(&mut self, end: u64) -> Result<(), String> {
+    fn reserve_up_to(&mut self, end: u64) -> Result<(), StoreError> {
         if end <= self.reserved {
             return Ok(());
         }
@@ -390,7 +385,7 @@ impl FillWriter {
 }
 
 impl ChunkSink for FillWriter {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
         let (offset, length) = {
             let p = self.fill.progress.borrow();
             (p.written, p.length)
@@ -398,25 +393,22 @@ impl ChunkSink for FillWriter {
         let end = offset + chunk.len() as u64;
         if length.is_some_and(|length| end > length) {
             self.store.count_verification_failure();
-            return Err(format!(
-                "upstream sent more than the {} bytes announced",
-                length.unwrap_or_default()
-            ));
+            return Err(SinkError::Overlong(length.unwrap_or_default()));
         }
         let check = self.check.as_mut().expect("write before finish");
         if let Err(reason) = check.update(chunk.clone()).await {
             self.store.count_verification_failure();
-            return Err(reason);
+            return Err(reason.into());
         }
         if !self.uncached() {
             let stored = self.reserve_up_to(end).and_then(|()| {
                 self.fill
                     .file
                     .write_all_at(&chunk, offset)
-                    .map_err(|e| format!("writing the cache file: {e}"))
+                    .map_err(StoreError::io("cannot write the cache file", &self.tmp))
             });
             if let Err(reason) = stored {
-                self.give_up_file(offset, &reason);
+                self.give_up_file(offset, &reason.to_string());
             }
         }
         self.fill.remember(offset, chunk).await?;

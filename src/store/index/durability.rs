@@ -64,5 +64,5 @@ impl Unflushed {
 
 /// An empty durable commit: it makes every lazy commit before it durable too.
 pub(super) fn durable_commit(db: &Database) -> Result<(), IndexError> {
-    begin_write(db).map_err(err)?.commit().map_err(err)
+    begin_write(db)?.commit().map_err(err)
 }

@@ -61,19 +61,16 @@ pub struct Index {
     flusher: Option<std::thread::JoinHandle<()>>,
 }
 
-pub type IndexError = String;
+use super::error::db as err;
+pub use super::error::IndexError;
 
 /// Why the index could not be opened: the caller says which directory is in use.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("the cache index is locked by another process")]
     InUse,
-    #[error("{0}")]
-    Other(String),
-}
-
-fn err(e: impl std::fmt::Display) -> IndexError {
-    format!("cache index: {e}")
+    #[error(transparent)]
+    Other(IndexError),
 }
 
 impl Index {
@@ -103,7 +100,7 @@ impl Index {
             path = %path.display(),
             "cannot write the cache index (disk full?): keeping it in memory until restart"
         );
-        Index::with_db(in_memory(), None).map_err(|e| OpenError::Other(err(e)))
+        Index::with_db(in_memory(), None).map_err(|e| OpenError::Other(e.into()))
     }
 
     fn with_db(
@@ -196,8 +193,8 @@ impl Index {
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, IndexError> {
         match begin_write(&self.db()) {
-            Err(e) if self.reopen_after(&e) => begin_write(&self.db()).map_err(err),
-            other => other.map_err(err),
+            Err(e) if self.reopen_after(&e) => Ok(begin_write(&self.db())?),
+            other => Ok(other?),
         }
     }
 
@@ -262,7 +259,7 @@ impl Index {
                 if holds_other(&nars, &nar_key)? {
                     nar_key = derived_nar_key(&new.nar_key, &encoded);
                     if holds_other(&nars, &nar_key)? {
-                        return Err(err("two NAR sources share a derived name"));
+                        return Err(IndexError::Conflict("two NAR sources share a derived name"));
                     }
                 }
                 let mut row = new.row.clone();
@@ -297,9 +294,11 @@ impl Index {
                 .map_err(err)?
                 .and_then(|v| decode_source(v.value()));
             match source {
-                None => return Err(err("the NAR is no longer known")),
+                None => return Err(IndexError::Conflict("the NAR is no longer known")),
                 Some(source) if source.expected != *verified_against => {
-                    return Err(err("a newer narinfo promises other bytes under this name"))
+                    return Err(IndexError::Conflict(
+                        "a newer narinfo promises other bytes under this name",
+                    ))
                 }
                 Some(_) => {}
             }
