@@ -37,7 +37,7 @@ impl App {
     pub fn build(config: &Config) -> Result<App, String> {
         let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
         let metrics = Arc::new(Metrics::new(&names));
-        let default_client = crate::http::client(None)?;
+        let default_client = crate::http::client(None).map_err(|e| e.to_string())?;
         let identities: Vec<Arc<Identity>> = config
             .identities
             .values()

@@ -387,7 +387,7 @@ async fn token(
     };
     let identity = Identity::new(
         &config.identities[id_name],
-        nix_sidecar::http::client(None)?,
+        nix_sidecar::http::client(None).map_err(|e| e.to_string())?,
     );
     let token = identity.token().await.map_err(|e| e.to_string())?;
     let c = &token.claims;

@@ -496,7 +496,8 @@ async fn azure_arc_answers_the_challenge_with_the_key_file_only_from_its_directo
     let elsewhere = tempfile::tempdir().unwrap();
     let e = nix_sidecar::identity::azure::arc(&client, &endpoint, AUD, elsewhere.path())
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a .key file"), "{e}");
     assert!(!e.contains("arc-key-SECRET"));
 }

@@ -11,7 +11,7 @@ pub const SILENCE: Duration = Duration::from_secs(60);
 
 /// POSTs `body` to the daemon's `path`; its answer's body, if it is a success.
 pub async fn post(base: &str, path: &str, body: String) -> Result<hyper::body::Incoming, String> {
-    let client = nix_sidecar::http::client(None)?;
+    let client = nix_sidecar::http::client(None).map_err(|e| e.to_string())?;
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let request = http::Request::post(&url)
         .header("content-type", "application/json")

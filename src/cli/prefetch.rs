@@ -13,7 +13,9 @@ use nix_sidecar::proxy::prefetch::Progress;
 /// `nix-sidecar unpin`: how many pins were removed (`--json`: the daemon's answer as it is).
 pub async fn unpin(base: &str, json: bool) -> Result<ExitCode, String> {
     let body = post(base, "/_sidecar/unpin", String::new()).await?;
-    let text = nix_sidecar::http::read_limited(body, 64 * 1024, SILENCE).await?;
+    let text = nix_sidecar::http::read_limited(body, 64 * 1024, SILENCE)
+        .await
+        .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&text);
     let unpinned = serde_json::from_str::<serde_json::Value>(&text)
         .ok()

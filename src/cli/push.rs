@@ -25,7 +25,9 @@ async fn as_hook(base: &str) -> ExitCode {
         }
         let ask = serde_json::json!({ "paths": paths, "wait": false }).to_string();
         let body = post(base, "/_sidecar/push", ask).await?;
-        nix_sidecar::http::read_limited(body, 64 * 1024, super::daemon::SILENCE).await?;
+        nix_sidecar::http::read_limited(body, 64 * 1024, super::daemon::SILENCE)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok::<usize, String>(paths.len())
     };
     match queued.await {
@@ -78,7 +80,9 @@ pub async fn run(
     let ask = serde_json::json!({ "paths": paths, "wait": wait }).to_string();
     let body = post(base, "/_sidecar/push", ask).await?;
     if !wait {
-        let text = nix_sidecar::http::read_limited(body, 64 * 1024, super::daemon::SILENCE).await?;
+        let text = nix_sidecar::http::read_limited(body, 64 * 1024, super::daemon::SILENCE)
+            .await
+            .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&text);
         let queued = serde_json::from_str::<serde_json::Value>(&text)
             .ok()

@@ -133,7 +133,7 @@ pub struct Decider {
 
 impl Decider {
     pub fn new(config: &ExchangeConfig) -> Result<Decider, String> {
-        let client = crate::http::client(None)?;
+        let client = crate::http::client(None).map_err(|e| e.to_string())?;
         let issuers = config
             .issuers
             .iter()

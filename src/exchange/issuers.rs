@@ -60,7 +60,7 @@ impl Issuer {
     /// `client` serves issuers without a `ca-file` of their own.
     pub fn new(config: IssuerConfig, client: &Client) -> Result<Issuer, String> {
         let client = match &config.ca_file {
-            Some(ca) => crate::http::client(Some(ca))?,
+            Some(ca) => crate::http::client(Some(ca)).map_err(|e| e.to_string())?,
             None => client.clone(),
         };
         Ok(Issuer {
@@ -227,7 +227,9 @@ impl Issuer {
     async fn get(&self, url: &str) -> Result<bytes::Bytes, String> {
         let accept = [("accept", "application/json")];
         let (status, body) =
-            fetch_small(&self.client, http::Method::GET, url, &accept, FETCH_TIMEOUT).await?;
+            fetch_small(&self.client, http::Method::GET, url, &accept, FETCH_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
         if !status.is_success() {
             return Err(format!("{url} answered {status}"));
         }

@@ -3,6 +3,7 @@
 //! through the environment's proxy where one is set (see [`egress`]).
 
 mod egress;
+mod error;
 pub mod idle;
 pub mod listener;
 pub mod tls_server;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use error::{BodyError, CallError, ClientError};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -91,18 +93,18 @@ impl hyper::body::Body for ChannelBody {
 }
 
 /// Builds a client trusting the system roots and, if given, the certificates in `extra_ca`.
-pub fn client(extra_ca: Option<&Path>) -> Result<Client, String> {
+pub fn client(extra_ca: Option<&Path>) -> Result<Client, ClientError> {
     client_for(extra_ca)
 }
 
 /// A client for a site cache: as [`client`], but giving up on a connection within
 /// [`SITE_CONNECT_TIMEOUT`] (the upstream itself is the fallback, not a wait).
-pub fn site_client(extra_ca: Option<&Path>) -> Result<Client, String> {
+pub fn site_client(extra_ca: Option<&Path>) -> Result<Client, ClientError> {
     build(extra_ca, SITE_CONNECT_TIMEOUT)
 }
 
 /// The same client, for request bodies of type `B` (uploads stream theirs).
-pub fn client_for<B>(extra_ca: Option<&Path>) -> Result<ClientFor<B>, String>
+pub fn client_for<B>(extra_ca: Option<&Path>) -> Result<ClientFor<B>, ClientError>
 where
     B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -111,7 +113,7 @@ where
     build(extra_ca, CONNECT_TIMEOUT)
 }
 
-fn build<B>(extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<ClientFor<B>, String>
+fn build<B>(extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<ClientFor<B>, ClientError>
 where
     B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -123,23 +125,27 @@ where
         let _ = roots.add(cert);
     }
     if let Some(path) = extra_ca {
-        let pem = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|source| ClientError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |detail: String| ClientError::Certificate {
+            path: path.to_path_buf(),
+            detail,
+        };
         let mut found = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let cert = cert.map_err(|e| bad(e.to_string()))?;
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
             found += 1;
         }
         if found == 0 {
-            return Err(format!("{} holds no PEM certificate", path.display()));
+            return Err(ClientError::NoCertificate(path.to_path_buf()));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
     let mut http = HttpConnector::new();
@@ -168,7 +174,7 @@ where
 }
 
 /// Reads a whole (small) body, refusing more than `limit` bytes or taking longer than `timeout`.
-pub async fn read_limited<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, String>
+pub async fn read_limited<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, BodyError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -176,11 +182,11 @@ where
     match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) => Err(if e.is::<http_body_util::LengthLimitError>() {
-            format!("answer is larger than {limit} bytes")
+            BodyError::TooLarge(limit)
         } else {
-            format!("reading the answer failed: {e}")
+            BodyError::Failed(e.to_string())
         }),
-        Err(_) => Err(format!("no complete answer within {}s", timeout.as_secs())),
+        Err(_) => Err(BodyError::Timeout(timeout.as_secs())),
     }
 }
 
@@ -202,7 +208,7 @@ pub async fn fetch_small(
     url: &str,
     headers: &[(&str, &str)],
     timeout: Duration,
-) -> Result<(http::StatusCode, Bytes), String> {
+) -> Result<(http::StatusCode, Bytes), CallError> {
     send_small(client, method, url, headers, Bytes::new(), timeout).await
 }
 
@@ -214,7 +220,7 @@ pub async fn send_small(
     headers: &[(&str, &str)],
     body: Bytes,
     timeout: Duration,
-) -> Result<(http::StatusCode, Bytes), String> {
+) -> Result<(http::StatusCode, Bytes), CallError> {
     let call = SmallCall {
         method,
         url,
@@ -245,7 +251,7 @@ pub struct SmallCall<'a> {
 
 impl SmallCall<'_> {
     /// The whole answer, headers included, after at most [`SMALL_ATTEMPTS`] attempts.
-    pub async fn send(&self, client: &Client) -> Result<http::Response<Bytes>, String> {
+    pub async fn send(&self, client: &Client) -> Result<http::Response<Bytes>, CallError> {
         let mut attempt = 1;
         loop {
             let result = self.send_once(client).await;
@@ -269,8 +275,8 @@ impl SmallCall<'_> {
     }
 
     /// One attempt, for probes that must not wait for retries.
-    pub async fn send_once(&self, client: &Client) -> Result<http::Response<Bytes>, String> {
-        let shown = self.url.split('?').next().unwrap_or(self.url);
+    pub async fn send_once(&self, client: &Client) -> Result<http::Response<Bytes>, CallError> {
+        let url = self.url.split('?').next().unwrap_or(self.url).to_string();
         let mut request = hyper::Request::builder()
             .method(self.method.clone())
             .uri(self.url)
@@ -278,18 +284,29 @@ impl SmallCall<'_> {
         for (name, value) in self.headers {
             request = request.header(*name, *value);
         }
-        let request = request
-            .body(Full::new(self.body.clone()))
-            .map_err(|e| format!("bad request for {shown}: {e}"))?;
+        let request =
+            request
+                .body(Full::new(self.body.clone()))
+                .map_err(|e| CallError::BadRequest {
+                    url: url.clone(),
+                    detail: e.to_string(),
+                })?;
         let timeout = self.timeout;
-        let response = tokio::time::timeout(timeout, client.request(request))
-            .await
-            .map_err(|_| format!("{shown} did not answer within {}s", timeout.as_secs()))?
-            .map_err(|e| format!("{shown} unreachable: {e}"))?;
+        let response = match tokio::time::timeout(timeout, client.request(request)).await {
+            Err(_) => {
+                let secs = timeout.as_secs();
+                return Err(CallError::Timeout { url, secs });
+            }
+            Ok(Err(e)) => {
+                let detail = e.to_string();
+                return Err(CallError::Unreachable { url, detail });
+            }
+            Ok(Ok(response)) => response,
+        };
         let (parts, body) = response.into_parts();
         let body = read_limited(body, 256 * 1024, timeout)
             .await
-            .map_err(|e| format!("{shown}: {e}"))?;
+            .map_err(|source| CallError::Body { url, source })?;
         Ok(http::Response::from_parts(parts, body))
     }
 }

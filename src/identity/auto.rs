@@ -8,6 +8,7 @@
 //! within a second. Detection runs again on every attempt until something is found (a token
 //! file mounted after start is picked up), then the choice is kept.
 
+use super::FetchError;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,7 +22,11 @@ use crate::http::{Client, SmallCall};
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// The provider to use, or what was looked for (for the 503 bodies and the log).
-pub async fn detect(keys: &AutoKeys, audience: &str, client: &Client) -> Result<Provider, String> {
+pub async fn detect(
+    keys: &AutoKeys,
+    audience: &str,
+    client: &Client,
+) -> Result<Provider, FetchError> {
     let mut tried = Vec::new();
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
 
@@ -102,10 +107,10 @@ pub async fn detect(keys: &AutoKeys, audience: &str, client: &Client) -> Result<
             "AWS (no credentials in the environment or files; IMDS: {why})"
         )),
     }
-    Err(format!(
+    Err(FetchError::NoToken(format!(
         "no identity found; looked for {}",
         tried.join(", ")
-    ))
+    )))
 }
 
 /// One short attempt; any answer at all is returned.
@@ -114,7 +119,7 @@ async fn probe(
     method: Method,
     url: &str,
     headers: &[(&str, &str)],
-) -> Result<http::Response<Bytes>, String> {
+) -> Result<http::Response<Bytes>, FetchError> {
     SmallCall {
         method,
         url,
@@ -125,11 +130,11 @@ async fn probe(
     }
     .send_once(client)
     .await
-    .map_err(|_| "no answer".to_string())
+    .map_err(|_| FetchError::NoToken("no answer".to_string()))
 }
 
 /// The metadata server answers its root with `Metadata-Flavor: Google` (google-auth's test).
-async fn probe_gcp(client: &Client) -> Result<(), String> {
+async fn probe_gcp(client: &Client) -> Result<(), FetchError> {
     let answer = probe(
         client,
         Method::GET,
@@ -144,7 +149,9 @@ async fn probe_gcp(client: &Client) -> Result<(), String> {
     if flavor == Some("Google") {
         Ok(())
     } else {
-        Err("the metadata address is not Google's".into())
+        Err(FetchError::NoToken(
+            "the metadata address is not Google's".into(),
+        ))
     }
 }
 
@@ -154,12 +161,12 @@ async fn probe_azure_imds(
     client: &Client,
     host: &azure::Host,
     audience: &str,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
     let azure::Host::Vm { imds } = host else {
         return Ok(());
     };
     let mut url = url::Url::parse(&format!("{imds}/metadata/identity/oauth2/token"))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| FetchError::NoToken(e.to_string()))?;
     url.query_pairs_mut()
         .append_pair("api-version", "2018-02-01")
         .append_pair("resource", audience);
@@ -168,20 +175,25 @@ async fn probe_azure_imds(
     if answer.status() == http::StatusCode::BAD_REQUEST && text.contains("metadata") {
         Ok(())
     } else {
-        Err(format!("answered {}, not as Azure's", answer.status()))
+        Err(FetchError::NoToken(format!(
+            "answered {}, not as Azure's",
+            answer.status()
+        )))
     }
 }
 
-async fn probe_aws_imds(client: &Client, not_needed: bool) -> Result<(), String> {
+async fn probe_aws_imds(client: &Client, not_needed: bool) -> Result<(), FetchError> {
     if not_needed {
         return Ok(());
     }
-    let endpoint = aws::imds_endpoint().ok_or("disabled by AWS_EC2_METADATA_DISABLED")?;
+    let endpoint = aws::imds_endpoint().ok_or(FetchError::NoToken(
+        "disabled by AWS_EC2_METADATA_DISABLED".into(),
+    ))?;
     let (url, headers) = aws::imds_session_request(&endpoint);
     let answer = probe(client, Method::PUT, &url, &headers).await?;
     if answer.status().is_success() {
         Ok(())
     } else {
-        Err(format!("answered {}", answer.status()))
+        Err(FetchError::NoToken(format!("answered {}", answer.status())))
     }
 }

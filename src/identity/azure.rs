@@ -20,6 +20,7 @@
 //! `expires_in` the token's own `exp - iat` decides. A scope such as `api://x/.default` is
 //! the resource `api://x` for the managed identity endpoints.
 
+use super::FetchError;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -109,14 +110,14 @@ pub async fn fetch(
     client: &Client,
     audience: &str,
     select: Option<&ManagedIdentity>,
-) -> Result<RawToken, String> {
+) -> Result<RawToken, FetchError> {
     let host = Host::detect();
     let resource = resource(audience);
     let shown = host.name();
     let unsupported = |what: &str| {
-        Err(format!(
+        Err(FetchError::NoToken(format!(
             "{shown} does not support {what}; remove client-id/object-id/resource-id"
-        ))
+        )))
     };
     let answer = match &host {
         Host::AppService { endpoint, header } => {
@@ -130,7 +131,7 @@ pub async fn fetch(
             get(client, &url, &[("x-identity-header", header.expose())], &[]).await?
         }
         Host::ServiceFabric => {
-            return Err("Service Fabric managed identity (IDENTITY_SERVER_THUMBPRINT) is not supported; use provider `exec` with a helper".into())
+            return Err(FetchError::NoToken("Service Fabric managed identity (IDENTITY_SERVER_THUMBPRINT) is not supported; use provider `exec` with a helper".into()))
         }
         Host::Arc { endpoint } => {
             if select.is_some() {
@@ -193,8 +194,9 @@ fn form(pairs: &[(&str, &str)]) -> String {
     form.finish()
 }
 
-fn with_query(base: &str, pairs: &[(&str, &str)]) -> Result<String, String> {
-    let mut url = url::Url::parse(base).map_err(|e| format!("`{base}` is not a URL: {e}"))?;
+fn with_query(base: &str, pairs: &[(&str, &str)]) -> Result<String, FetchError> {
+    let mut url = url::Url::parse(base)
+        .map_err(|e| FetchError::NoToken(format!("`{base}` is not a URL: {e}")))?;
     url.query_pairs_mut().extend_pairs(pairs);
     Ok(url.into())
 }
@@ -204,7 +206,7 @@ async fn get(
     url: &str,
     headers: &[(&str, &str)],
     also_retry: &[u16],
-) -> Result<http::Response<Bytes>, String> {
+) -> Result<http::Response<Bytes>, FetchError> {
     SmallCall {
         method: Method::GET,
         url,
@@ -215,6 +217,7 @@ async fn get(
     }
     .send(client)
     .await
+    .map_err(FetchError::from)
 }
 
 /// Azure Arc's challenge: the first request is refused with the path of a key file, whose
@@ -225,17 +228,17 @@ pub async fn arc(
     endpoint: &str,
     resource: &str,
     key_dir: &Path,
-) -> Result<http::Response<Bytes>, String> {
+) -> Result<http::Response<Bytes>, FetchError> {
     let url = with_query(
         endpoint,
         &[("api-version", "2020-06-01"), ("resource", resource)],
     )?;
     let challenge = get(client, &url, &[("metadata", "true")], &[]).await?;
     if challenge.status() != http::StatusCode::UNAUTHORIZED {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "Azure Arc answered {} where it challenges with 401",
             challenge.status()
-        ));
+        )));
     }
     let realm = challenge
         .headers()
@@ -243,7 +246,9 @@ pub async fn arc(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once("realm="))
         .map(|(_, path)| path.trim().to_string())
-        .ok_or("Azure Arc's 401 has no WWW-Authenticate realm")?;
+        .ok_or(FetchError::NoToken(
+            "Azure Arc's 401 has no WWW-Authenticate realm".into(),
+        ))?;
     let key = read_arc_key(Path::new(&realm), key_dir)?;
     let authorization = format!("Basic {}", key.expose());
     get(
@@ -255,24 +260,26 @@ pub async fn arc(
     .await
 }
 
-fn read_arc_key(path: &Path, key_dir: &Path) -> Result<Secret, String> {
+fn read_arc_key(path: &Path, key_dir: &Path) -> Result<Secret, FetchError> {
     let shown = path.display();
     if path.parent() != Some(key_dir) || path.extension().is_none_or(|e| e != "key") {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "Azure Arc pointed at {shown}, which is not a .key file in {}",
             key_dir.display()
-        ));
+        )));
     }
     let size = std::fs::metadata(path)
-        .map_err(|e| format!("Azure Arc key file {shown}: {e}"))?
+        .map_err(|e| FetchError::NoToken(format!("Azure Arc key file {shown}: {e}")))?
         .len();
     if size > ARC_MAX_KEY {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "Azure Arc key file {shown} is larger than {ARC_MAX_KEY} bytes"
-        ));
+        )));
     }
     let key = std::fs::read_to_string(path).map_err(|e| {
-        format!("Azure Arc key file {shown}: {e} (is this user in the himds group?)")
+        FetchError::NoToken(format!(
+            "Azure Arc key file {shown}: {e} (is this user in the himds group?)"
+        ))
     })?;
     Ok(Secret::new(key.trim()))
 }
@@ -284,23 +291,32 @@ async fn workload_identity(
     token_file: &Path,
     resource: &str,
     select: Option<&ManagedIdentity>,
-) -> Result<http::Response<Bytes>, String> {
+) -> Result<http::Response<Bytes>, FetchError> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let client_id = match select {
         Some(ManagedIdentity::ClientId(id)) => id.clone(),
         Some(_) => {
-            return Err("AKS workload identity selects the identity by client-id only".to_string())
+            return Err(FetchError::NoToken(
+                "AKS workload identity selects the identity by client-id only".to_string(),
+            ))
         }
-        None => var("AZURE_CLIENT_ID")
-            .ok_or("AZURE_FEDERATED_TOKEN_FILE is set but AZURE_CLIENT_ID is not")?,
+        None => var("AZURE_CLIENT_ID").ok_or(FetchError::NoToken(
+            "AZURE_FEDERATED_TOKEN_FILE is set but AZURE_CLIENT_ID is not".into(),
+        ))?,
     };
-    let tenant = var("AZURE_TENANT_ID")
-        .ok_or("AZURE_FEDERATED_TOKEN_FILE is set but AZURE_TENANT_ID is not")?;
+    let tenant = var("AZURE_TENANT_ID").ok_or(FetchError::NoToken(
+        "AZURE_FEDERATED_TOKEN_FILE is set but AZURE_TENANT_ID is not".into(),
+    ))?;
     let authority =
         var("AZURE_AUTHORITY_HOST").unwrap_or_else(|| "https://login.microsoftonline.com".into());
     let assertion = Secret::new(
         std::fs::read_to_string(token_file)
-            .map_err(|e| format!("AZURE_FEDERATED_TOKEN_FILE {}: {e}", token_file.display()))?
+            .map_err(|e| {
+                FetchError::NoToken(format!(
+                    "AZURE_FEDERATED_TOKEN_FILE {}: {e}",
+                    token_file.display()
+                ))
+            })?
             .trim(),
     );
     let scope = format!("{resource}/.default");
@@ -355,7 +371,7 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64
     })
 }
 
-fn token_from(host: &str, answer: http::Response<Bytes>) -> Result<RawToken, String> {
+fn token_from(host: &str, answer: http::Response<Bytes>) -> Result<RawToken, FetchError> {
     let status = answer.status();
     let body = answer.body();
     if !status.is_success() {
@@ -363,10 +379,13 @@ fn token_from(host: &str, answer: http::Response<Bytes>) -> Result<RawToken, Str
             400 if host == "Azure IMDS" => " (is a managed identity assigned to this VM?)",
             _ => "",
         };
-        return Err(format!("{host} answered {status}{hint}: {}", snippet(body)));
+        return Err(FetchError::NoToken(format!(
+            "{host} answered {status}{hint}: {}",
+            snippet(body)
+        )));
     }
     let answer: Answer = serde_json::from_slice(body)
-        .map_err(|_| format!("{host} answered without an access_token"))?;
+        .map_err(|_| FetchError::NoToken(format!("{host} answered without an access_token")))?;
     Ok(RawToken {
         expires_in: answer.expires_in.map(Duration::from_secs),
         ..RawToken::new(Secret::new(answer.access_token))
@@ -392,11 +411,12 @@ mod tests {
         for bad in [dir.path().join("abc.txt"), PathBuf::from("/etc/shadow")] {
             std::fs::write(dir.path().join("abc.txt"), "x").unwrap();
             let e = read_arc_key(&bad, dir.path()).unwrap_err();
-            assert!(e.contains("not a .key file"), "{e}");
+            assert!(e.to_string().contains("not a .key file"), "{e}");
         }
         std::fs::write(&key, vec![b'k'; 5000]).unwrap();
         assert!(read_arc_key(&key, dir.path())
             .unwrap_err()
+            .to_string()
             .contains("larger than"));
     }
 }

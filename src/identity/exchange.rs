@@ -1,5 +1,6 @@
 //! RFC 8693 token exchange: trade the source token for an upstream access token.
 
+use super::FetchError;
 use std::time::Duration;
 
 use base64::Engine;
@@ -48,7 +49,11 @@ impl Exchange {
         Exchange { config, client }
     }
 
-    pub async fn exchange(&self, subject: &Secret, subject_type: &str) -> Result<RawToken, String> {
+    pub async fn exchange(
+        &self,
+        subject: &Secret,
+        subject_type: &str,
+    ) -> Result<RawToken, FetchError> {
         let body = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             form.append_pair(
@@ -97,27 +102,30 @@ impl Exchange {
         )
         .await
         .map_err(|e| {
-            let e = subject.scrub(&e);
-            match &client_auth {
+            let e = subject.scrub(&e.to_string());
+            FetchError::NoToken(match &client_auth {
                 Some(auth) => auth.scrub(&e),
                 None => e,
-            }
+            })
         })?;
         if !status.is_success() {
             let detail = match serde_json::from_slice::<ErrorAnswer>(&body) {
                 Ok(e) => format!("{}: {}", e.error, e.error_description.unwrap_or_default()),
                 Err(_) => snippet(&body),
             };
-            return Err(subject.scrub(&format!(
+            return Err(FetchError::NoToken(subject.scrub(&format!(
                 "token exchange at {url} refused ({status}): {detail}"
-            )));
+            ))));
         }
-        let answer: Answer = serde_json::from_slice(&body)
-            .map_err(|_| format!("token exchange at {url} answered without an access_token"))?;
+        let answer: Answer = serde_json::from_slice(&body).map_err(|_| {
+            FetchError::NoToken(format!(
+                "token exchange at {url} answered without an access_token"
+            ))
+        })?;
         if answer.access_token.is_empty() {
-            return Err(format!(
+            return Err(FetchError::NoToken(format!(
                 "token exchange at {url} answered an empty access_token"
-            ));
+            )));
         }
         Ok(RawToken {
             expires_in: answer.expires_in(),
@@ -127,13 +135,17 @@ impl Exchange {
 
     /// `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 2.3.1), the secret read from
     /// its file now, so a rotated secret is used at once.
-    fn client_authentication(&self) -> Result<Option<Secret>, String> {
+    fn client_authentication(&self) -> Result<Option<Secret>, FetchError> {
         let (Some(id), Some(path)) = (&self.config.client_id, &self.config.client_secret_file)
         else {
             return Ok(None);
         };
-        let secret = std::fs::read_to_string(path)
-            .map_err(|e| format!("exchange client-secret-file {}: {e}", path.display()))?;
+        let secret = std::fs::read_to_string(path).map_err(|e| {
+            FetchError::NoToken(format!(
+                "exchange client-secret-file {}: {e}",
+                path.display()
+            ))
+        })?;
         let encode =
             |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
         let pair = format!("{}:{}", encode(id), encode(secret.trim()));

@@ -2,6 +2,7 @@
 //! "expires_in"}`. Its stderr goes to the log line by line once the command is done, with
 //! anything it printed on stdout (the secret) scrubbed from it; its stdout never does.
 
+use super::FetchError;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -36,13 +37,14 @@ struct JsonToken {
     expires_in: Option<u64>,
 }
 
-pub async fn fetch(identity: &str, command: &[String]) -> Result<RawToken, String> {
+pub async fn fetch(identity: &str, command: &[String]) -> Result<RawToken, FetchError> {
     let shown = command.first().cloned().unwrap_or_default();
     let printed = run(identity, command).await?;
     let text = printed.expose();
     if text.starts_with('{') {
-        let json: JsonToken = serde_json::from_str(text)
-            .map_err(|_| format!("`{shown}` printed JSON without a token field"))?;
+        let json: JsonToken = serde_json::from_str(text).map_err(|_| {
+            FetchError::NoToken(format!("`{shown}` printed JSON without a token field"))
+        })?;
         return Ok(RawToken {
             expires_in: json.expires_in.map(Duration::from_secs),
             ..RawToken::new(Secret::new(json.token))
@@ -53,7 +55,7 @@ pub async fn fetch(identity: &str, command: &[String]) -> Result<RawToken, Strin
 
 /// Runs a helper that prints a secret: its trimmed, non-empty stdout. Its stderr is logged
 /// (scrubbed) once it is done.
-pub async fn run(identity: &str, command: &[String]) -> Result<Secret, String> {
+pub async fn run(identity: &str, command: &[String]) -> Result<Secret, FetchError> {
     let shown = command.first().cloned().unwrap_or_default();
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
@@ -62,7 +64,7 @@ pub async fn run(identity: &str, command: &[String]) -> Result<Secret, String> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+        .map_err(|e| FetchError::NoToken(format!("cannot run `{shown}`: {e}")))?;
     let stderr = child.stderr.take().expect("piped");
     let identity_name = identity.to_string();
     let collect_stderr = tokio::spawn(async move {
@@ -82,13 +84,19 @@ pub async fn run(identity: &str, command: &[String]) -> Result<Secret, String> {
             .take(MAX_OUTPUT + 1)
             .read_to_end(&mut out)
             .await
-            .map_err(|e| format!("reading the output of `{shown}`: {e}"))?;
-        let status = child.wait().await.map_err(|e| format!("`{shown}`: {e}"))?;
-        Ok::<_, String>((status, out))
+            .map_err(|e| FetchError::NoToken(format!("reading the output of `{shown}`: {e}")))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| FetchError::NoToken(format!("`{shown}`: {e}")))?;
+        Ok::<_, FetchError>((status, out))
     };
-    let (status, out) = tokio::time::timeout(TIMEOUT, run)
-        .await
-        .map_err(|_| format!("`{shown}` did not finish within {}s", TIMEOUT.as_secs()))??;
+    let (status, out) = tokio::time::timeout(TIMEOUT, run).await.map_err(|_| {
+        FetchError::NoToken(format!(
+            "`{shown}` did not finish within {}s",
+            TIMEOUT.as_secs()
+        ))
+    })??;
     let stderr = collect_stderr.await.unwrap_or_default();
     let printed = String::from_utf8_lossy(&out);
     let printed = Secret::new(printed.trim());
@@ -97,15 +105,18 @@ pub async fn run(identity: &str, command: &[String]) -> Result<Secret, String> {
         tracing::info!(identity = %identity_name, "exec stderr: {line}");
     }
     if !status.success() {
-        return Err(format!("`{shown}` failed ({status})"));
+        return Err(FetchError::NoToken(format!("`{shown}` failed ({status})")));
     }
     if out.len() as u64 > MAX_OUTPUT {
-        return Err(format!("`{shown}` printed more than {MAX_OUTPUT} bytes"));
+        return Err(FetchError::NoToken(format!(
+            "`{shown}` printed more than {MAX_OUTPUT} bytes"
+        )));
     }
-    let text = String::from_utf8(out).map_err(|_| format!("`{shown}` printed non-UTF-8 output"))?;
+    let text = String::from_utf8(out)
+        .map_err(|_| FetchError::NoToken(format!("`{shown}` printed non-UTF-8 output")))?;
     let text = text.trim();
     if text.is_empty() {
-        return Err(format!("`{shown}` printed nothing"));
+        return Err(FetchError::NoToken(format!("`{shown}` printed nothing")));
     }
     Ok(Secret::new(text))
 }

@@ -3,6 +3,7 @@
 //! `Metadata-Flavor: Google`. The answer is the raw JWT. Under GKE workload identity
 //! `format=full` has been seen to answer 400, so that is retried without it.
 
+use super::FetchError;
 use std::time::Duration;
 
 use http::Method;
@@ -20,7 +21,7 @@ pub fn metadata_host() -> String {
         .unwrap_or_else(|_| "metadata.google.internal".into())
 }
 
-pub async fn fetch(client: &Client, audience: &str) -> Result<RawToken, String> {
+pub async fn fetch(client: &Client, audience: &str) -> Result<RawToken, FetchError> {
     let host = metadata_host();
     let audience: String = url::form_urlencoded::byte_serialize(audience.as_bytes()).collect();
     let base = format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}");
@@ -41,14 +42,15 @@ pub async fn fetch(client: &Client, audience: &str) -> Result<RawToken, String> 
             404 => " (no service account is attached to this instance)",
             _ => "",
         };
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "GCP metadata server answered {status}{hint}: {}",
             snippet(&body)
-        ));
+        )));
     }
     let token = String::from_utf8(body.to_vec())
-        .map_err(|_| "GCP metadata server answered non-text".to_string())?;
+        .map_err(|_| FetchError::NoToken("GCP metadata server answered non-text".to_string()))?;
     let token = token.trim();
-    super::jwt::claims(token).map_err(|e| format!("GCP metadata server: {e}"))?;
+    super::jwt::claims(token)
+        .map_err(|e| FetchError::NoToken(format!("GCP metadata server: {e}")))?;
     Ok(RawToken::new(Secret::new(token)))
 }

@@ -1,6 +1,7 @@
 //! Reading the claims of a JWT without verifying it: nix-sidecar only forwards tokens, the
 //! upstream verifies them. Claims drive refresh timing and what `token` and logs show.
 
+use super::FetchError;
 use base64::Engine;
 use serde::Deserialize;
 
@@ -17,28 +18,34 @@ pub struct Claims {
 const MAX_JWT: usize = 64 * 1024;
 
 /// The claims of a compact JWS (`header.payload.signature`), or why it is not one.
-pub fn claims(token: &str) -> Result<Claims, String> {
+pub fn claims(token: &str) -> Result<Claims, FetchError> {
     if token.len() > MAX_JWT {
-        return Err(format!("token is longer than {MAX_JWT} bytes"));
+        return Err(FetchError::NoToken(format!(
+            "token is longer than {MAX_JWT} bytes"
+        )));
     }
     let parts: Vec<&str> = token.split('.').collect();
     if parts.len() != 3 || parts[0].is_empty() || parts[1].is_empty() {
-        return Err("not a JWT (expected three base64url parts)".into());
+        return Err(FetchError::NoToken(
+            "not a JWT (expected three base64url parts)".into(),
+        ));
     }
     let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let decode = |part: &str, what: &str| {
         engine
             .decode(part.trim_end_matches('='))
-            .map_err(|_| format!("not a JWT ({what} is not base64url)"))
+            .map_err(|_| FetchError::NoToken(format!("not a JWT ({what} is not base64url)")))
     };
     let header = decode(parts[0], "header")?;
     serde_json::from_slice::<serde_json::Value>(&header)
         .ok()
         .filter(|v| v.is_object())
-        .ok_or("not a JWT (header is not a JSON object)")?;
+        .ok_or(FetchError::NoToken(
+            "not a JWT (header is not a JSON object)".into(),
+        ))?;
     let payload = decode(parts[1], "payload")?;
     serde_json::from_slice(&payload)
-        .map_err(|_| "not a JWT (payload is not a JSON claims object)".into())
+        .map_err(|_| FetchError::NoToken("not a JWT (payload is not a JSON claims object)".into()))
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

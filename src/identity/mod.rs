@@ -7,6 +7,8 @@
 //! receipt time so a skewed clock cannot make a token look fresh for longer than it lives.
 //! This module knows nothing about caches or Nix.
 
+mod error;
+pub use error::FetchError;
 pub mod auto;
 pub mod aws;
 pub mod azure;
@@ -221,11 +223,15 @@ impl Identity {
         }
         let fetched = match tokio::time::timeout(PROVIDER_TIMEOUT, self.fetch()).await {
             Ok(result) => result,
-            Err(_) => Err(format!("no answer within {}s", PROVIDER_TIMEOUT.as_secs())),
+            Err(_) => Err(FetchError::NoToken(format!(
+                "no answer within {}s",
+                PROVIDER_TIMEOUT.as_secs()
+            ))),
         };
         match fetched {
             Ok(raw) => Ok(self.accept(raw, now)),
             Err(reason) => {
+                let reason = reason.to_string();
                 self.record_failure(now, &reason);
                 self.last_good_or_error(now, Some(reason))
             }
@@ -303,7 +309,7 @@ impl Identity {
         (token.is_valid(now) && (refresh_running || backing_off)).then(|| token.clone())
     }
 
-    async fn fetch(&self) -> Result<RawToken, String> {
+    async fn fetch(&self) -> Result<RawToken, FetchError> {
         let raw = self.source.fetch().await?;
         match &self.exchange {
             Some(exchange) => {

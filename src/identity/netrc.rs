@@ -3,6 +3,7 @@
 //! the token is refreshed). The file is read afresh on every refresh, so a replaced file is
 //! picked up without a restart.
 
+use super::FetchError;
 use std::path::Path;
 
 use crate::secret::Secret;
@@ -10,19 +11,24 @@ use crate::secret::Secret;
 pub use crate::config::DEFAULT_NETRC_PATH as DEFAULT_PATH;
 const MAX_FILE: u64 = 256 * 1024;
 
-pub async fn fetch(path: &Path, machine: &str) -> Result<Secret, String> {
+pub async fn fetch(path: &Path, machine: &str) -> Result<Secret, FetchError> {
     let shown = path.display();
     let meta = tokio::fs::metadata(path)
         .await
-        .map_err(|e| format!("cannot read netrc {shown}: {e}"))?;
+        .map_err(|e| FetchError::NoToken(format!("cannot read netrc {shown}: {e}")))?;
     if meta.len() > MAX_FILE {
-        return Err(format!("netrc {shown} is larger than {MAX_FILE} bytes"));
+        return Err(FetchError::NoToken(format!(
+            "netrc {shown} is larger than {MAX_FILE} bytes"
+        )));
     }
     let text = tokio::fs::read_to_string(path)
         .await
-        .map_err(|e| format!("cannot read netrc {shown}: {e}"))?;
-    let password = password_for(&text, machine)
-        .ok_or_else(|| format!("netrc {shown} has no password for machine {machine}"))?;
+        .map_err(|e| FetchError::NoToken(format!("cannot read netrc {shown}: {e}")))?;
+    let password = password_for(&text, machine).ok_or_else(|| {
+        FetchError::NoToken(format!(
+            "netrc {shown} has no password for machine {machine}"
+        ))
+    })?;
     Ok(Secret::new(password))
 }
 

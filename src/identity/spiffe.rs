@@ -9,6 +9,7 @@
 //! a gRPC stack (tonic, prost, a build script) for two messages. Every call carries the
 //! `workload.spiffe.io: true` metadata the API requires (agents refuse calls without it).
 
+use super::FetchError;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,70 +26,81 @@ pub const METHOD_PATH: &str = "/SpiffeWorkloadAPI/FetchJWTSVID";
 
 /// The socket from the configuration, else `SPIFFE_ENDPOINT_SOCKET` (`unix:///path` or
 /// `unix:/path`, as the SPIFFE spec writes it).
-pub fn socket_path(configured: Option<&Path>) -> Result<PathBuf, String> {
+pub fn socket_path(configured: Option<&Path>) -> Result<PathBuf, FetchError> {
     if let Some(path) = configured {
         return Ok(path.to_path_buf());
     }
-    let value = std::env::var("SPIFFE_ENDPOINT_SOCKET")
-        .map_err(|_| "SPIFFE_ENDPOINT_SOCKET is not set and no `socket` is configured")?;
+    let value = std::env::var("SPIFFE_ENDPOINT_SOCKET").map_err(|_| {
+        FetchError::NoToken(
+            "SPIFFE_ENDPOINT_SOCKET is not set and no `socket` is configured".into(),
+        )
+    })?;
     parse_endpoint(&value)
 }
 
-fn parse_endpoint(value: &str) -> Result<PathBuf, String> {
+fn parse_endpoint(value: &str) -> Result<PathBuf, FetchError> {
     let path = value
         .strip_prefix("unix://")
         .or_else(|| value.strip_prefix("unix:"))
         .ok_or_else(|| {
-            format!(
+            FetchError::NoToken(format!(
                 "SPIFFE_ENDPOINT_SOCKET `{value}` is not a unix: address (tcp is not supported)"
-            )
+            ))
         })?;
     if !path.starts_with('/') {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "SPIFFE_ENDPOINT_SOCKET `{value}` does not name an absolute path"
-        ));
+        )));
     }
     Ok(PathBuf::from(path))
 }
 
-pub async fn fetch(socket: Option<&Path>, audience: &str) -> Result<RawToken, String> {
+pub async fn fetch(socket: Option<&Path>, audience: &str) -> Result<RawToken, FetchError> {
     let path = socket_path(socket)?;
     tokio::time::timeout(TIMEOUT, fetch_from(&path, audience))
         .await
         .map_err(|_| {
-            format!(
+            FetchError::NoToken(format!(
                 "the SPIFFE Workload API at {} did not answer within {}s",
                 path.display(),
                 TIMEOUT.as_secs()
-            )
+            ))
         })?
 }
 
-async fn fetch_from(path: &Path, audience: &str) -> Result<RawToken, String> {
+async fn fetch_from(path: &Path, audience: &str) -> Result<RawToken, FetchError> {
     let shown = path.display();
-    let stream = tokio::net::UnixStream::connect(path)
-        .await
-        .map_err(|e| format!("cannot reach the SPIFFE Workload API at {shown}: {e}"))?;
+    let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        FetchError::NoToken(format!(
+            "cannot reach the SPIFFE Workload API at {shown}: {e}"
+        ))
+    })?;
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
-            .map_err(|e| format!("SPIFFE Workload API at {shown}: HTTP/2: {e}"))?;
+            .map_err(|e| {
+                FetchError::NoToken(format!("SPIFFE Workload API at {shown}: HTTP/2: {e}"))
+            })?;
     tokio::spawn(connection);
     let request = hyper::Request::post(format!("http://localhost{METHOD_PATH}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("workload.spiffe.io", "true")
         .body(Full::new(frame(&jwt_svid_request(audience))))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| FetchError::NoToken(e.to_string()))?;
     let response = sender
         .send_request(request)
         .await
-        .map_err(|e| format!("SPIFFE Workload API at {shown}: {e}"))?;
+        .map_err(|e| FetchError::NoToken(format!("SPIFFE Workload API at {shown}: {e}")))?;
     let (parts, body) = response.into_parts();
     let collected = http_body_util::Limited::new(body, MAX_ANSWER)
         .collect()
         .await
-        .map_err(|e| format!("SPIFFE Workload API at {shown}: reading the answer: {e}"))?;
+        .map_err(|e| {
+            FetchError::NoToken(format!(
+                "SPIFFE Workload API at {shown}: reading the answer: {e}"
+            ))
+        })?;
     // A failing call may answer with headers only ("trailers-only"); else the status is in
     // the trailers.
     let status_from = |map: &http::HeaderMap| {
@@ -99,10 +111,10 @@ async fn fetch_from(path: &Path, audience: &str) -> Result<RawToken, String> {
     let trailers = collected.trailers().cloned().unwrap_or_default();
     let status = status_from(&trailers).or_else(|| status_from(&parts.headers));
     if parts.status != http::StatusCode::OK {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "SPIFFE Workload API at {shown} answered HTTP {}",
             parts.status
-        ));
+        )));
     }
     match status.as_deref() {
         Some("0") => {}
@@ -118,15 +130,20 @@ async fn fetch_from(path: &Path, audience: &str) -> Result<RawToken, String> {
             } else {
                 ""
             };
-            return Err(format!(
+            return Err(FetchError::NoToken(format!(
                 "SPIFFE Workload API refused FetchJWTSVID: gRPC status {code} {message}{hint}"
-            ));
+            )));
         }
-        None => return Err("SPIFFE Workload API answered without a gRPC status".into()),
+        None => {
+            return Err(FetchError::NoToken(
+                "SPIFFE Workload API answered without a gRPC status".into(),
+            ))
+        }
     }
     let message = unframe(&collected.to_bytes())?;
     let svid = first_svid(&message)?;
-    super::jwt::claims(&svid).map_err(|e| format!("SPIFFE Workload API: the JWT-SVID: {e}"))?;
+    super::jwt::claims(&svid)
+        .map_err(|e| FetchError::NoToken(format!("SPIFFE Workload API: the JWT-SVID: {e}")))?;
     Ok(RawToken::new(Secret::new(svid)))
 }
 
@@ -147,17 +164,21 @@ pub fn frame(message: &[u8]) -> Bytes {
 }
 
 /// The one message of a unary answer.
-pub fn unframe(body: &[u8]) -> Result<Bytes, String> {
+pub fn unframe(body: &[u8]) -> Result<Bytes, FetchError> {
     if body.len() < 5 {
-        return Err("SPIFFE Workload API answered no message".into());
+        return Err(FetchError::NoToken(
+            "SPIFFE Workload API answered no message".into(),
+        ));
     }
     if body[0] != 0 {
-        return Err("SPIFFE Workload API answered a compressed message".into());
+        return Err(FetchError::NoToken(
+            "SPIFFE Workload API answered a compressed message".into(),
+        ));
     }
     let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    let message = body
-        .get(5..5 + length)
-        .ok_or("SPIFFE Workload API answered a truncated message")?;
+    let message = body.get(5..5 + length).ok_or(FetchError::NoToken(
+        "SPIFFE Workload API answered a truncated message".into(),
+    ))?;
     Ok(Bytes::copy_from_slice(message))
 }
 
@@ -183,18 +204,20 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 
 /// The fields of a protobuf message as (number, bytes) for the length-delimited ones;
 /// others are skipped.
-pub fn length_delimited_fields(mut data: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
-    fn varint(data: &mut &[u8]) -> Result<u64, String> {
+pub fn length_delimited_fields(mut data: &[u8]) -> Result<Vec<(u64, &[u8])>, FetchError> {
+    fn varint(data: &mut &[u8]) -> Result<u64, FetchError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
-            let (&byte, rest) = data.split_first().ok_or("truncated protobuf varint")?;
+            let (&byte, rest) = data
+                .split_first()
+                .ok_or(FetchError::NoToken("truncated protobuf varint".into()))?;
             *data = rest;
             value |= u64::from(byte & 0x7f) << shift;
             if byte < 0x80 {
                 return Ok(value);
             }
         }
-        Err("protobuf varint too long".into())
+        Err(FetchError::NoToken("protobuf varint too long".into()))
     }
     let mut fields = Vec::new();
     while !data.is_empty() {
@@ -208,33 +231,50 @@ pub fn length_delimited_fields(mut data: &[u8]) -> Result<Vec<(u64, &[u8])>, Str
             5 => 4,
             2 => {
                 let length = varint(&mut data)? as usize;
-                let value = data.get(..length).ok_or("truncated protobuf field")?;
+                let value = data
+                    .get(..length)
+                    .ok_or(FetchError::NoToken("truncated protobuf field".into()))?;
                 fields.push((key >> 3, value));
                 length
             }
-            other => return Err(format!("protobuf wire type {other} is not expected here")),
+            other => {
+                return Err(FetchError::NoToken(format!(
+                    "protobuf wire type {other} is not expected here"
+                )))
+            }
         };
-        data = data.get(skip..).ok_or("truncated protobuf field")?;
+        data = data
+            .get(skip..)
+            .ok_or(FetchError::NoToken("truncated protobuf field".into()))?;
     }
     Ok(fields)
 }
 
 /// The `svid` of the first JWT-SVID in a `JWTSVIDResponse`.
-fn first_svid(message: &[u8]) -> Result<String, String> {
-    let bad = |e: String| format!("SPIFFE Workload API answered a malformed JWTSVIDResponse: {e}");
+fn first_svid(message: &[u8]) -> Result<String, FetchError> {
+    let bad = |e: FetchError| {
+        FetchError::NoToken(format!(
+            "SPIFFE Workload API answered a malformed JWTSVIDResponse: {e}"
+        ))
+    };
     let first = length_delimited_fields(message)
         .map_err(bad)?
         .into_iter()
         .find(|(field, _)| *field == 1)
-        .ok_or("SPIFFE Workload API answered no JWT-SVID")?
+        .ok_or(FetchError::NoToken(
+            "SPIFFE Workload API answered no JWT-SVID".into(),
+        ))?
         .1;
     let svid = length_delimited_fields(first)
         .map_err(bad)?
         .into_iter()
         .find(|(field, _)| *field == 2)
-        .ok_or("SPIFFE Workload API answered a JWT-SVID without its token")?
+        .ok_or(FetchError::NoToken(
+            "SPIFFE Workload API answered a JWT-SVID without its token".into(),
+        ))?
         .1;
-    String::from_utf8(svid.to_vec()).map_err(|_| "the JWT-SVID is not text".into())
+    String::from_utf8(svid.to_vec())
+        .map_err(|_| FetchError::NoToken("the JWT-SVID is not text".into()))
 }
 
 #[cfg(test)]

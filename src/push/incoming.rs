@@ -143,7 +143,7 @@ impl Pusher {
         let text =
             crate::http::read_limited(body, MAX_NARINFO_BYTES, std::time::Duration::from_secs(30))
                 .await
-                .map_err(bad)?;
+                .map_err(|e| bad(e.to_string()))?;
         let text = String::from_utf8(text.to_vec()).map_err(|_| bad("the narinfo is not UTF-8"))?;
         let mut info = NarInfo::parse(text.as_bytes()).map_err(|e| bad(e.to_string()))?;
         if info.hash_part() != hash {

@@ -128,7 +128,7 @@ impl Target {
                 }
                 let answer = read_limited(response.into_body(), 16 << 20, ANSWER_TIMEOUT)
                     .await
-                    .map_err(PushError::Retry)?;
+                    .map_err(|e| PushError::Retry(e.to_string()))?;
                 let missing: Missing = serde_json::from_slice(&answer).map_err(|e| {
                     PushError::Retry(format!(
                         "get-missing-paths answered something unusable: {e}"
@@ -284,7 +284,7 @@ impl Target {
                 }
                 let body = read_limited(response.into_body(), 1 << 20, ANSWER_TIMEOUT)
                     .await
-                    .map_err(PushError::Retry)?;
+                    .map_err(|e| PushError::Retry(e.to_string()))?;
                 let project: Project = serde_json::from_slice(&body).map_err(|e| {
                     PushError::Fatal(format!(
                         "FlakeHub's project lookup answered something unusable: {e}"

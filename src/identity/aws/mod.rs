@@ -12,6 +12,7 @@
 
 mod profile;
 
+use crate::identity::FetchError;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -25,7 +26,7 @@ use http::Method;
 use serde::Deserialize;
 
 use super::RawToken;
-use crate::http::{fetch_small, snippet, Client};
+use crate::http::{fetch_small, snippet, CallError, Client};
 use crate::secret::Secret;
 
 pub const TOKEN_PREFIX: &str = "nix-sidecar-aws-v1.";
@@ -59,7 +60,7 @@ impl Aws {
         }
     }
 
-    pub async fn fetch(&self, client: &Client) -> Result<RawToken, String> {
+    pub async fn fetch(&self, client: &Client) -> Result<RawToken, FetchError> {
         let credentials = self.credentials(client).await?;
         let now = SystemTime::now();
         let (validity, resign_after) = lifetimes(credentials.expiration, now)?;
@@ -75,7 +76,7 @@ impl Aws {
         })
     }
 
-    async fn credentials(&self, client: &Client) -> Result<AwsCredentials, String> {
+    async fn credentials(&self, client: &Client) -> Result<AwsCredentials, FetchError> {
         let fresh = |c: &AwsCredentials| {
             c.expiration
                 .is_none_or(|at| at > SystemTime::now() + RENEW_BEFORE)
@@ -106,16 +107,18 @@ impl Aws {
 fn lifetimes(
     expiration: Option<SystemTime>,
     now: SystemTime,
-) -> Result<(Duration, Duration), String> {
+) -> Result<(Duration, Duration), FetchError> {
     let Some(at) = expiration else {
         return Ok((VALIDITY, RESIGN_AFTER));
     };
     let left = at
         .duration_since(now)
-        .map_err(|_| "the AWS credentials have already expired".to_string())?;
+        .map_err(|_| FetchError::NoToken("the AWS credentials have already expired".to_string()))?;
     let validity = VALIDITY.min(left);
     if validity < Duration::from_secs(1) {
-        return Err("the AWS credentials expire within a second".into());
+        return Err(FetchError::NoToken(
+            "the AWS credentials expire within a second".into(),
+        ));
     }
     Ok((validity, RESIGN_AFTER.min(validity * 2 / 3)))
 }
@@ -126,7 +129,7 @@ pub fn presign(
     region: &str,
     audience: &str,
     time: SystemTime,
-) -> Result<Secret, String> {
+) -> Result<Secret, FetchError> {
     presign_for(credentials, region, audience, time, VALIDITY)
 }
 
@@ -137,7 +140,7 @@ fn presign_for(
     audience: &str,
     time: SystemTime,
     validity: Duration,
-) -> Result<Secret, String> {
+) -> Result<Secret, FetchError> {
     let identity = Credentials::new(
         &credentials.access_key_id,
         credentials.secret_access_key.expose(),
@@ -159,17 +162,17 @@ fn presign_for(
         .time(time)
         .settings(settings)
         .build()
-        .map_err(|e| format!("SigV4 parameters: {e}"))?
+        .map_err(|e| FetchError::NoToken(format!("SigV4 parameters: {e}")))?
         .into();
     let host = format!("sts.{region}.{}", dns_suffix(region));
     let base = format!("https://{host}/?Action=GetCallerIdentity&Version=2011-06-15");
     let headers = [("host", host.as_str()), (AUDIENCE_HEADER, audience)];
     let request = SignableRequest::new("GET", &base, headers.into_iter(), SignableBody::Bytes(&[]))
-        .map_err(|e| format!("SigV4 request: {e}"))?;
+        .map_err(|e| FetchError::NoToken(format!("SigV4 request: {e}")))?;
     let (instructions, _) = sign(request, &params)
-        .map_err(|e| format!("SigV4 signing failed: {e}"))?
+        .map_err(|e| FetchError::NoToken(format!("SigV4 signing failed: {e}")))?
         .into_parts();
-    let mut url = url::Url::parse(&base).map_err(|e| e.to_string())?;
+    let mut url = url::Url::parse(&base).map_err(|e| FetchError::NoToken(e.to_string()))?;
     for (name, value) in instructions.params() {
         url.query_pairs_mut().append_pair(name, value);
     }
@@ -178,7 +181,7 @@ fn presign_for(
 
 /// Where credentials would come from before IMDS, if anywhere: `auto` picks AWS on these
 /// without probing the link-local address.
-pub fn source_without_imds() -> Result<Option<&'static str>, String> {
+pub fn source_without_imds() -> Result<Option<&'static str>, FetchError> {
     let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty());
     Ok(if from_env().is_some() {
         Some("AWS environment credentials")
@@ -195,7 +198,7 @@ pub fn source_without_imds() -> Result<Option<&'static str>, String> {
     })
 }
 
-async fn from_profile() -> Result<Option<AwsCredentials>, String> {
+async fn from_profile() -> Result<Option<AwsCredentials>, FetchError> {
     Ok(match profile::load()? {
         Some(profile::ProfileCredentials::Static(c)) => Some(c),
         Some(profile::ProfileCredentials::Process(command)) => {
@@ -260,11 +263,14 @@ struct JsonCredentials {
 }
 
 impl JsonCredentials {
-    fn parse(body: &[u8], source: &str) -> Result<AwsCredentials, String> {
-        let c: JsonCredentials = serde_json::from_slice(body)
-            .map_err(|_| format!("{source} answered without AWS credentials"))?;
+    fn parse(body: &[u8], source: &str) -> Result<AwsCredentials, FetchError> {
+        let c: JsonCredentials = serde_json::from_slice(body).map_err(|_| {
+            FetchError::NoToken(format!("{source} answered without AWS credentials"))
+        })?;
         if let Some(code) = c.code.as_deref().filter(|c| *c != "Success") {
-            return Err(format!("{source} answered Code={code}"));
+            return Err(FetchError::NoToken(format!(
+                "{source} answered Code={code}"
+            )));
         }
         Ok(AwsCredentials {
             access_key_id: c.access_key_id,
@@ -273,8 +279,11 @@ impl JsonCredentials {
             expiration: c
                 .expiration
                 .map(|e| {
-                    humantime::parse_rfc3339_weak(&e)
-                        .map_err(|_| format!("{source} answered an unreadable Expiration `{e}`"))
+                    humantime::parse_rfc3339_weak(&e).map_err(|_| {
+                        FetchError::NoToken(format!(
+                            "{source} answered an unreadable Expiration `{e}`"
+                        ))
+                    })
                 })
                 .transpose()?,
         })
@@ -288,7 +297,7 @@ impl JsonCredentials {
 async fn from_web_identity(
     client: &Client,
     region: &str,
-) -> Result<Option<AwsCredentials>, String> {
+) -> Result<Option<AwsCredentials>, FetchError> {
     let (Ok(token_file), Ok(role)) = (
         std::env::var("AWS_WEB_IDENTITY_TOKEN_FILE"),
         std::env::var("AWS_ROLE_ARN"),
@@ -297,7 +306,9 @@ async fn from_web_identity(
     };
     let token = Secret::new(
         std::fs::read_to_string(&token_file)
-            .map_err(|e| format!("AWS_WEB_IDENTITY_TOKEN_FILE {token_file}: {e}"))?
+            .map_err(|e| {
+                FetchError::NoToken(format!("AWS_WEB_IDENTITY_TOKEN_FILE {token_file}: {e}"))
+            })?
             .trim(),
     );
     let session = std::env::var("AWS_ROLE_SESSION_NAME")
@@ -325,24 +336,27 @@ async fn from_web_identity(
     let text = token.scrub(&String::from_utf8_lossy(&body));
     if !status.is_success() {
         let code = xml_text(&text, "Code").unwrap_or("no error code");
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "STS AssumeRoleWithWebIdentity for {role} answered {status}: {code}"
-        ));
+        )));
     }
     let field = |name: &str| {
-        xml_text(&text, name)
-            .map(str::to_string)
-            .ok_or_else(|| format!("STS AssumeRoleWithWebIdentity answered without {name}"))
+        xml_text(&text, name).map(str::to_string).ok_or_else(|| {
+            FetchError::NoToken(format!(
+                "STS AssumeRoleWithWebIdentity answered without {name}"
+            ))
+        })
     };
     let expiration = field("Expiration")?;
     Ok(Some(AwsCredentials {
         access_key_id: field("AccessKeyId")?,
         secret_access_key: Secret::new(field("SecretAccessKey")?),
         session_token: Some(Secret::new(field("SessionToken")?)),
-        expiration: Some(
-            humantime::parse_rfc3339_weak(&expiration)
-                .map_err(|_| format!("STS answered an unreadable Expiration `{expiration}`"))?,
-        ),
+        expiration: Some(humantime::parse_rfc3339_weak(&expiration).map_err(|_| {
+            FetchError::NoToken(format!(
+                "STS answered an unreadable Expiration `{expiration}`"
+            ))
+        })?),
     }))
 }
 
@@ -363,7 +377,7 @@ fn dns_suffix(region: &str) -> &'static str {
 }
 
 /// ECS task roles and EKS Pod Identity.
-async fn from_container(client: &Client) -> Result<Option<AwsCredentials>, String> {
+async fn from_container(client: &Client) -> Result<Option<AwsCredentials>, FetchError> {
     let Some(url) = container_url(
         std::env::var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").ok(),
         std::env::var("AWS_CONTAINER_CREDENTIALS_FULL_URI").ok(),
@@ -374,7 +388,11 @@ async fn from_container(client: &Client) -> Result<Option<AwsCredentials>, Strin
     let token = match std::env::var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE") {
         Ok(path) => Some(Secret::new(
             std::fs::read_to_string(&path)
-                .map_err(|e| format!("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE {path}: {e}"))?
+                .map_err(|e| {
+                    FetchError::NoToken(format!(
+                        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE {path}: {e}"
+                    ))
+                })?
                 .trim(),
         )),
         Err(_) => std::env::var("AWS_CONTAINER_AUTHORIZATION_TOKEN")
@@ -388,9 +406,9 @@ async fn from_container(client: &Client) -> Result<Option<AwsCredentials>, Strin
     }
     let (status, body) = fetch_small(client, Method::GET, &url, &headers, TIMEOUT).await?;
     if !status.is_success() {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "AWS container credentials endpoint answered {status}"
-        ));
+        )));
     }
     JsonCredentials::parse(&body, "the AWS container credentials endpoint").map(Some)
 }
@@ -398,15 +416,21 @@ async fn from_container(client: &Client) -> Result<Option<AwsCredentials>, Strin
 /// The container credentials URL, as the SDKs choose it: the relative URI (on the ECS agent's
 /// address) first; a full URI only over https, or over http to a loopback address or the ECS
 /// and EKS Pod Identity agents' addresses (anything else could be a credential thief's).
-fn container_url(relative: Option<String>, full: Option<String>) -> Result<Option<String>, String> {
+fn container_url(
+    relative: Option<String>,
+    full: Option<String>,
+) -> Result<Option<String>, FetchError> {
     if let Some(relative) = relative {
         return Ok(Some(format!("http://169.254.170.2{relative}")));
     }
     let Some(full) = full else {
         return Ok(None);
     };
-    let url = url::Url::parse(&full)
-        .map_err(|e| format!("AWS_CONTAINER_CREDENTIALS_FULL_URI is not a URL: {e}"))?;
+    let url = url::Url::parse(&full).map_err(|e| {
+        FetchError::NoToken(format!(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI is not a URL: {e}"
+        ))
+    })?;
     let allowed_host = match url.host() {
         Some(url::Host::Ipv4(ip)) => {
             ip.is_loopback()
@@ -422,7 +446,7 @@ fn container_url(relative: Option<String>, full: Option<String>) -> Result<Optio
     if url.scheme() == "https" || (url.scheme() == "http" && allowed_host) {
         Ok(Some(full))
     } else {
-        Err("AWS_CONTAINER_CREDENTIALS_FULL_URI must be https, or http to a loopback or container agent address".into())
+        Err(FetchError::NoToken("AWS_CONTAINER_CREDENTIALS_FULL_URI must be https, or http to a loopback or container agent address".into()))
     }
 }
 
@@ -430,9 +454,9 @@ fn container_url(relative: Option<String>, full: Option<String>) -> Result<Optio
 const IMDS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// EC2 instance metadata, version 2 (a session token first).
-async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
+async fn from_imds(client: &Client) -> Result<AwsCredentials, FetchError> {
     let Some(endpoint) = imds_endpoint() else {
-        return Err("no AWS credentials in the environment, the shared files or a container endpoint, and IMDS is disabled (AWS_EC2_METADATA_DISABLED)".into());
+        return Err(FetchError::NoToken("no AWS credentials in the environment, the shared files or a container endpoint, and IMDS is disabled (AWS_EC2_METADATA_DISABLED)".into()));
     };
     let endpoint = endpoint.as_str();
     let (session_url, session_headers) = imds_session_request(endpoint);
@@ -445,17 +469,19 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
     )
     .await
     .map_err(|e| {
-        let hint = if e.contains("did not answer") {
+        let hint = if matches!(e, CallError::Timeout { .. }) {
             " (in a container on EC2, the instance's metadata hop limit must be at least 2)"
         } else {
             ""
         };
-        format!(
+        FetchError::NoToken(format!(
             "no AWS credentials in the environment, the shared files or a container endpoint, and IMDS failed: {e}{hint}"
-        )
+        ))
     })?;
     if !status.is_success() {
-        return Err(format!("IMDSv2 session token request answered {status}"));
+        return Err(FetchError::NoToken(format!(
+            "IMDSv2 session token request answered {status}"
+        )));
     }
     let session = Secret::new(String::from_utf8_lossy(&session).trim());
     let header = [("x-aws-ec2-metadata-token", session.expose())];
@@ -463,9 +489,9 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
     let (status, roles) =
         fetch_small(client, Method::GET, &roles_url, &header, IMDS_TIMEOUT).await?;
     if !status.is_success() {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "IMDS answered {status} for the instance role (is an instance profile attached?)"
-        ));
+        )));
     }
     let roles = String::from_utf8_lossy(&roles);
     let role = roles
@@ -473,7 +499,7 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
         .next()
         .map(str::trim)
         .filter(|r| !r.is_empty())
-        .ok_or("IMDS lists no instance role")?;
+        .ok_or(FetchError::NoToken("IMDS lists no instance role".into()))?;
     let (status, body) = fetch_small(
         client,
         Method::GET,
@@ -483,10 +509,10 @@ async fn from_imds(client: &Client) -> Result<AwsCredentials, String> {
     )
     .await?;
     if !status.is_success() {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "IMDS answered {status} for role {role}: {}",
             snippet(&body)
-        ));
+        )));
     }
     JsonCredentials::parse(&body, "IMDS")
 }

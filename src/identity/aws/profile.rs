@@ -5,6 +5,7 @@
 //! `credential_process` are supported. A profile that assumes roles or uses SSO is refused
 //! rather than skipped: falling through to the instance's role would sign as someone else.
 
+use crate::identity::FetchError;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -32,7 +33,7 @@ const UNSUPPORTED: &[&str] = &[
 
 /// The selected profile's credentials; `None` when there are no files, or the `default`
 /// profile is absent or holds no credentials (other sources then decide).
-pub fn load() -> Result<Option<ProfileCredentials>, String> {
+pub fn load() -> Result<Option<ProfileCredentials>, FetchError> {
     let named = std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty());
     let profile = named.clone().unwrap_or_else(|| "default".into());
     let home = std::env::var_os("HOME").map(PathBuf::from);
@@ -56,7 +57,12 @@ pub fn load() -> Result<Option<ProfileCredentials>, String> {
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("AWS shared file {}: {e}", path.display())),
+            Err(e) => {
+                return Err(FetchError::NoToken(format!(
+                    "AWS shared file {}: {e}",
+                    path.display()
+                )))
+            }
         };
         if let Some(section) = parse_ini(&text).remove(section) {
             found = true;
@@ -65,9 +71,9 @@ pub fn load() -> Result<Option<ProfileCredentials>, String> {
     }
     if !found {
         return match named {
-            Some(name) => Err(format!(
+            Some(name) => Err(FetchError::NoToken(format!(
                 "AWS_PROFILE is `{name}`, but no such profile is in the AWS config or credentials file"
-            )),
+            ))),
             None => Ok(None),
         };
     }
@@ -77,7 +83,7 @@ pub fn load() -> Result<Option<ProfileCredentials>, String> {
 fn credentials_from(
     profile: &str,
     keys: &HashMap<String, String>,
-) -> Result<Option<ProfileCredentials>, String> {
+) -> Result<Option<ProfileCredentials>, FetchError> {
     let get = |k: &str| keys.get(k).filter(|v| !v.is_empty()).cloned();
     if let (Some(id), Some(secret)) = (get("aws_access_key_id"), get("aws_secret_access_key")) {
         return Ok(Some(ProfileCredentials::Static(AwsCredentials {
@@ -91,9 +97,9 @@ fn credentials_from(
         return Ok(Some(ProfileCredentials::Process(command)));
     }
     if let Some(key) = UNSUPPORTED.iter().find(|k| keys.contains_key(**k)) {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "AWS profile `{profile}` uses `{key}`, which nix-sidecar does not follow; give it a credential_process (e.g. `aws configure export-credentials --format process`)"
-        ));
+        )));
     }
     Ok(None)
 }
@@ -110,16 +116,17 @@ struct ProcessOutput {
 }
 
 /// Runs the profile's `credential_process` and reads its JSON.
-pub async fn run_process(command: &str) -> Result<AwsCredentials, String> {
+pub async fn run_process(command: &str) -> Result<AwsCredentials, FetchError> {
     let argv = ["sh".to_string(), "-c".to_string(), command.to_string()];
     let printed = crate::identity::exec::run("aws credential_process", &argv).await?;
-    let output: ProcessOutput = serde_json::from_str(printed.expose())
-        .map_err(|_| "the AWS credential_process printed no credentials JSON".to_string())?;
+    let output: ProcessOutput = serde_json::from_str(printed.expose()).map_err(|_| {
+        FetchError::NoToken("the AWS credential_process printed no credentials JSON".to_string())
+    })?;
     if output.version != 1 {
-        return Err(format!(
+        return Err(FetchError::NoToken(format!(
             "the AWS credential_process printed Version {}, expected 1",
             output.version
-        ));
+        )));
     }
     Ok(AwsCredentials {
         access_key_id: output.access_key_id,
@@ -129,7 +136,9 @@ pub async fn run_process(command: &str) -> Result<AwsCredentials, String> {
             .expiration
             .map(|e| {
                 humantime::parse_rfc3339_weak(&e).map_err(|_| {
-                    format!("the AWS credential_process printed an unreadable Expiration `{e}`")
+                    FetchError::NoToken(format!(
+                        "the AWS credential_process printed an unreadable Expiration `{e}`"
+                    ))
                 })
             })
             .transpose()?,
@@ -189,7 +198,7 @@ mod tests {
         ]);
         let e = credentials_from("deploy", &keys).err().unwrap();
         assert!(
-            e.contains("role_arn") && e.contains("credential_process"),
+            e.to_string().contains("role_arn") && e.to_string().contains("credential_process"),
             "{e}"
         );
         let region_only = HashMap::from([("region".to_string(), "us-west-2".to_string())]);

@@ -41,7 +41,7 @@ fn a_token_never_outlives_the_credentials_that_signed_it() {
     let bad = br#"{"AccessKeyId":"A","SecretAccessKey":"S","Expiration":"next tuesday"}"#;
     assert!(JsonCredentials::parse(bad, "IMDS")
         .err()
-        .is_some_and(|e| e.contains("unreadable Expiration")));
+        .is_some_and(|e| e.to_string().contains("unreadable Expiration")));
     assert_eq!(dns_suffix("cn-north-1"), "amazonaws.com.cn");
 }
 
