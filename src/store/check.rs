@@ -162,7 +162,7 @@ pub struct Verifier {
 
 enum Mode {
     /// Hashed as it comes, on the caller's thread (`None` once failed or finished).
-    Inline(Option<ContentCheck>),
+    Inline(Option<Box<ContentCheck>>),
     /// Decompressed and hashed by a blocking worker.
     Worker {
         chunks: mpsc::Sender<Bytes>,
@@ -220,7 +220,7 @@ impl Verifier {
         let check = ContentCheck::new(expected)?;
         let promise = check.promise;
         let mode = if check.nar.is_none() {
-            Mode::Inline(Some(check))
+            Mode::Inline(Some(Box::new(check)))
         } else {
             let (chunks, queue) = mpsc::channel(8);
             let shared = Arc::new(Shared {
