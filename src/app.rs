@@ -33,11 +33,35 @@ pub struct App {
     site: Option<SiteListener>,
 }
 
+/// Why the daemon cannot start with this configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Client(#[from] crate::http::ClientError),
+    #[error(transparent)]
+    UpstreamClient(#[from] crate::http::UpstreamClientError),
+    #[error("upstream `{upstream}` site: {source}")]
+    SiteClient {
+        upstream: String,
+        source: crate::http::ClientError,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Keys(String),
+    #[error(transparent)]
+    Push(#[from] crate::push::QueueError),
+    #[error(transparent)]
+    Listen(#[from] crate::http::ListenError),
+    #[error(transparent)]
+    Tls(#[from] crate::http::ServerTlsError),
+}
+
 impl App {
-    pub fn build(config: &Config) -> Result<App, String> {
+    pub fn build(config: &Config) -> Result<App, StartError> {
         let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
         let metrics = Arc::new(Metrics::new(&names));
-        let default_client = crate::http::client(None).map_err(|e| e.to_string())?;
+        let default_client = crate::http::client(None)?;
         let identities: Vec<Arc<Identity>> = config
             .identities
             .values()
@@ -46,8 +70,10 @@ impl App {
         let mut upstreams = Vec::new();
         for up in &config.upstreams {
             let client = match &up.ca_file {
-                Some(ca) => crate::http::client(Some(ca))
-                    .map_err(|e| format!("upstream `{}`: {e}", up.name))?,
+                Some(ca) => crate::http::client(Some(ca)).map_err(|source| {
+                    let upstream = up.name.clone();
+                    crate::http::UpstreamClientError { upstream, source }
+                })?,
                 None => default_client.clone(),
             };
             let identity = up
@@ -63,8 +89,11 @@ impl App {
                 metrics.clone(),
             );
             if let Some(site) = &up.site {
-                let client = crate::http::site_client(up.site_ca_file.as_deref())
-                    .map_err(|e| format!("upstream `{}` site: {e}", up.name))?;
+                let client =
+                    crate::http::site_client(up.site_ca_file.as_deref()).map_err(|source| {
+                        let upstream = up.name.clone();
+                        StartError::SiteClient { upstream, source }
+                    })?;
                 upstream = upstream.with_site(SiteRoute::new(site, client));
             }
             upstreams.push(UpstreamEntry {
@@ -80,11 +109,10 @@ impl App {
                 max_size: config.max_cache_size,
                 min_free: config.min_free_space,
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let policy = Policy {
             trusted_keys: TrustedKeys::parse(&config.trusted_public_keys)
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| StartError::Keys(e.to_string()))?,
             require_signatures: config.require_signatures,
             narinfo_ttl: config.narinfo_ttl,
             negative_ttl: config.negative_ttl,
@@ -99,7 +127,8 @@ impl App {
         };
         let pusher = push_targets(config, &identities)?
             .map(|(targets, partition)| Pusher::open(targets, store.clone(), partition, trust))
-            .transpose()?;
+            .transpose()
+            .map_err(StartError::Push)?;
         let mut pin_uids: Vec<u32> = config
             .upstreams
             .iter()
@@ -138,7 +167,7 @@ impl App {
 
     /// Binds the `[site]` listener, if there is one (before `run`: a taken port stops the
     /// start, as for the main listeners).
-    pub async fn bind_site(&mut self) -> Result<(), String> {
+    pub async fn bind_site(&mut self) -> Result<(), StartError> {
         if let Some(site) = &mut self.site {
             let config = &site.cache.config;
             if let Some((cert, key)) = &config.tls {
@@ -218,7 +247,7 @@ impl App {
 fn push_targets(
     config: &Config,
     identities: &[Arc<Identity>],
-) -> Result<Option<(Vec<Arc<Target>>, String)>, String> {
+) -> Result<Option<(Vec<Arc<Target>>, String)>, StartError> {
     let mut targets = Vec::new();
     let mut partition_of_first = None;
     // One client for the upstreams without a CA file of their own (the system roots are read
@@ -229,8 +258,10 @@ fn push_targets(
         let client = match (&up.ca_file, &shared) {
             (None, Some(client)) => Clone::clone(client),
             (ca, _) => {
-                let client = crate::http::client_for(ca.as_deref())
-                    .map_err(|e| format!("upstream `{}`: {e}", up.name))?;
+                let client = crate::http::client_for(ca.as_deref()).map_err(|source| {
+                    let upstream = up.name.clone();
+                    crate::http::UpstreamClientError { upstream, source }
+                })?;
                 if ca.is_none() {
                     shared = Some(Clone::clone(&client));
                 }

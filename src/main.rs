@@ -233,7 +233,7 @@ fn init_logging(format: LogFormat) {
 async fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Serve(flags) => {
-            serve(flags.load()?).await?;
+            serve(flags.load()?).await.map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig(flags) if flags.is_exchange() => {
@@ -314,7 +314,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config) -> Result<(), nix_sidecar::app::StartError> {
     // Many clients means many sockets: the hard limit on open files, not the soft default.
     nix_sidecar::sys::raise_fd_limit();
     if config.upstreams.is_empty() {

@@ -163,12 +163,11 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn push_of(upstream: &str) -> Result<Option<PushConfig>, String> {
+    fn push_of(upstream: &str) -> Result<Option<PushConfig>, crate::config::ConfigError> {
         Config::parse_str(&format!(
             "[[upstream]]\n{upstream}\n[identity.p]\nprovider = \"static\"\nvariable = \"T\"\n"
         ))
         .map(|c| c.upstreams[0].push.clone())
-        .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -202,7 +201,7 @@ mod tests {
 
     #[test]
     fn push_errors_name_their_key() {
-        let err = |upstream: &str| push_of(upstream).unwrap_err();
+        let err = |upstream: &str| push_of(upstream).unwrap_err().to_string();
         assert!(err("url = \"https://x/c\"\npush = \"s3\"").contains("upstream[0].push"));
         assert!(err("url = \"https://x\"\npush = \"attic\"").contains("upstream[0].url"));
         assert!(err("url = \"https://x/c\"\npush-uids = [0]").contains("upstream[0].push-uids"));

@@ -47,17 +47,27 @@ fn is_sts_host(host: &str) -> bool {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
     })
 }
+/// Why a presented AWS token is not one this exchange takes.
+#[derive(Debug, thiserror::Error)]
+pub enum BadToken {
+    #[error("{0}")]
+    Invalid(&'static str),
+    #[error("the AWS token's URL has an unexpected or repeated `{0}`")]
+    Parameter(String),
+}
 
 /// The presigned URL inside `token`, checked as docs/exchange.md says, before any use.
-pub fn check(token: &str, now: u64) -> Result<Url, String> {
+pub fn check(token: &str, now: u64) -> Result<Url, BadToken> {
     let encoded = token
         .strip_prefix(PREFIX)
-        .ok_or("not a nix-sidecar AWS token")?;
+        .ok_or(BadToken::Invalid("not a nix-sidecar AWS token"))?;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(encoded)
-        .map_err(|_| "the AWS token is not base64url")?;
-    let url = Url::parse(std::str::from_utf8(&raw).map_err(|_| "the AWS token is not text")?)
-        .map_err(|_| "the AWS token holds no URL")?;
+        .map_err(|_| BadToken::Invalid("the AWS token is not base64url"))?;
+    let url = Url::parse(
+        std::str::from_utf8(&raw).map_err(|_| BadToken::Invalid("the AWS token is not text"))?,
+    )
+    .map_err(|_| BadToken::Invalid("the AWS token holds no URL"))?;
     if url.scheme() != "https"
         || !url.host_str().is_some_and(is_sts_host)
         || url.port().is_some()
@@ -65,7 +75,9 @@ pub fn check(token: &str, now: u64) -> Result<Url, String> {
         || url.fragment().is_some()
         || !url.username().is_empty()
     {
-        return Err("the AWS token's URL is not an STS endpoint".into());
+        return Err(BadToken::Invalid(
+            "the AWS token's URL is not an STS endpoint",
+        ));
     }
     const ALLOWED: [&str; 9] = [
         "Action",
@@ -81,30 +93,38 @@ pub fn check(token: &str, now: u64) -> Result<Url, String> {
     let mut query = HashMap::new();
     for (k, v) in url.query_pairs() {
         if !ALLOWED.contains(&k.as_ref()) || query.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(format!(
-                "the AWS token's URL has an unexpected or repeated `{k}`"
-            ));
+            return Err(BadToken::Parameter(k.to_string()));
         }
     }
     let get = |k: &str| query.get(k).map(String::as_str);
     if get("Action") != Some("GetCallerIdentity") || get("Version") != Some("2011-06-15") {
-        return Err("the AWS token is not for GetCallerIdentity (2011-06-15)".into());
+        return Err(BadToken::Invalid(
+            "the AWS token is not for GetCallerIdentity (2011-06-15)",
+        ));
     }
     if get("X-Amz-Algorithm") != Some("AWS4-HMAC-SHA256") || get("X-Amz-Signature").is_none() {
-        return Err("the AWS token is not signed with AWS4-HMAC-SHA256".into());
+        return Err(BadToken::Invalid(
+            "the AWS token is not signed with AWS4-HMAC-SHA256",
+        ));
     }
     if !get("X-Amz-SignedHeaders").is_some_and(|h| h.split(';').any(|h| h == AUDIENCE_HEADER)) {
-        return Err("the AWS token's signature does not cover its audience".into());
+        return Err(BadToken::Invalid(
+            "the AWS token's signature does not cover its audience",
+        ));
     }
     let expires = get("X-Amz-Expires").and_then(|e| e.parse::<u64>().ok());
     if expires.is_none_or(|e| e > 900) {
-        return Err("the AWS token's X-Amz-Expires is missing or over 900".into());
+        return Err(BadToken::Invalid(
+            "the AWS token's X-Amz-Expires is missing or over 900",
+        ));
     }
     let signed_at = get("X-Amz-Date")
         .and_then(parse_amz_date)
-        .ok_or("the AWS token has no valid X-Amz-Date")?;
+        .ok_or(BadToken::Invalid("the AWS token has no valid X-Amz-Date"))?;
     if signed_at > now + super::issuers::LEEWAY || now.saturating_sub(signed_at) > MAX_AGE {
-        return Err("the AWS token was not signed within the last 15 minutes".into());
+        return Err(BadToken::Invalid(
+            "the AWS token was not signed within the last 15 minutes",
+        ));
     }
     Ok(url)
 }
@@ -139,7 +159,8 @@ impl Aws {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Subject, Refused> {
-        let url = check(token, crate::clock::unix_now()).map_err(Refused::Token)?;
+        let url =
+            check(token, crate::clock::unix_now()).map_err(|e| Refused::Token(e.to_string()))?;
         let host = url.host_str().unwrap_or_default().to_string();
         let target = match &self.config.sts_endpoint {
             Some(endpoint) => {
@@ -225,7 +246,11 @@ mod tests {
     #[test]
     fn every_check_before_anything_is_sent() {
         assert!(check(&token(GOOD), NOW).is_ok());
-        let bad = |from: &str, to: &str| check(&token(&GOOD.replace(from, to)), NOW).unwrap_err();
+        let bad = |from: &str, to: &str| {
+            check(&token(&GOOD.replace(from, to)), NOW)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(bad(
             "https://sts.us-east-1.amazonaws.com/",
             "https://evil.example/"

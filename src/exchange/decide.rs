@@ -16,6 +16,7 @@ use super::config::ExchangeConfig;
 use super::issuers::{Issuers, Refused};
 use super::mint::Minter;
 use super::policy::{self, Narrowing, Subject};
+use super::SetupError;
 
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
@@ -132,8 +133,8 @@ pub struct Decider {
 }
 
 impl Decider {
-    pub fn new(config: &ExchangeConfig) -> Result<Decider, String> {
-        let client = crate::http::client(None).map_err(|e| e.to_string())?;
+    pub fn new(config: &ExchangeConfig) -> Result<Decider, SetupError> {
+        let client = crate::http::client(None)?;
         let issuers = config
             .issuers
             .iter()
@@ -242,10 +243,10 @@ impl Decider {
             };
             self.refuse(Some(&name), refusal)
         })?;
-        let minted = self
-            .minter
-            .mint(&name, &grant)
-            .map_err(|e| self.refuse(Some(&name), Refusal::new(500, "server_error", e)))?;
+        let minted = self.minter.mint(&name, &grant).map_err(|e| {
+            let why = format!("cannot sign: {e}");
+            self.refuse(Some(&name), Refusal::new(500, "server_error", why))
+        })?;
         self.audit.write(json!({
             "result": "granted", "subject": name, "rules": matched, "grant": grant,
             "jti": minted.jti, "exp": minted.exp,
@@ -325,7 +326,7 @@ struct DenyState {
 impl DenyList {
     /// The list at `path`, which must be readable now: an exchange that cannot tell who is
     /// denied does not start.
-    fn open(path: Option<PathBuf>) -> Result<DenyList, String> {
+    fn open(path: Option<PathBuf>) -> Result<DenyList, SetupError> {
         let list = DenyList {
             path,
             state: Mutex::default(),
@@ -336,7 +337,7 @@ impl DenyList {
             let mut state = list.state.lock().unwrap();
             list.reload(path, &mut state);
             if let Some(why) = &state.unreadable {
-                return Err(format!("deny-file: {why}"));
+                return Err(SetupError::DenyFile(why.clone()));
             }
         }
         Ok(list)
@@ -386,7 +387,7 @@ impl DenyList {
 
     /// Which entry denies this subject or token, if one does; `Err` while the list cannot
     /// be read (a deny list that fails open would let a revoked subject in).
-    fn denies(&self, subject: &Subject, jti: Option<&str>) -> Result<Option<String>, String> {
+    fn denies(&self, subject: &Subject, jti: Option<&str>) -> Result<Option<String>, Unreadable> {
         let Some(path) = self.path.as_ref() else {
             return Ok(None);
         };
@@ -399,7 +400,7 @@ impl DenyList {
             self.reload(path, &mut state);
         }
         if let Some(why) = &state.unreadable {
-            return Err(why.clone());
+            return Err(Unreadable(why.clone()));
         }
         let mut names = vec![subject.name()];
         match subject {
@@ -412,6 +413,11 @@ impl DenyList {
         Ok(names.into_iter().find(|n| state.entries.contains(n)))
     }
 }
+
+/// The deny file cannot be read now: why, with its path.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unreadable(String);
 
 /// A token bucket per subject: `per_minute` exchanges, refilled evenly.
 struct RateLimiter {
@@ -456,14 +462,17 @@ impl RateLimiter {
 struct Audit(Option<Mutex<std::fs::File>>);
 
 impl Audit {
-    fn open(path: Option<&PathBuf>) -> Result<Audit, String> {
+    fn open(path: Option<&PathBuf>) -> Result<Audit, SetupError> {
         let file = path
             .map(|p| {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|e| format!("audit-log {}: {e}", p.display()))
+                    .map_err(|source| SetupError::AuditLog {
+                        path: p.clone(),
+                        source,
+                    })
             })
             .transpose()?;
         Ok(Audit(file.map(Mutex::new)))

@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
 use super::config::{IssuerConfig, JwksSource};
-use crate::http::{fetch_small, Client};
+use crate::http::{fetch_small, Client, ClientError};
 
 pub const LEEWAY: u64 = 60;
 pub const REFETCH_EVERY: Duration = Duration::from_secs(30);
@@ -58,9 +58,9 @@ pub struct Issuer {
 
 impl Issuer {
     /// `client` serves issuers without a `ca-file` of their own.
-    pub fn new(config: IssuerConfig, client: &Client) -> Result<Issuer, String> {
+    pub fn new(config: IssuerConfig, client: &Client) -> Result<Issuer, ClientError> {
         let client = match &config.ca_file {
-            Some(ca) => crate::http::client(Some(ca)).map_err(|e| e.to_string())?,
+            Some(ca) => crate::http::client(Some(ca))?,
             None => client.clone(),
         };
         Ok(Issuer {
@@ -180,23 +180,24 @@ impl Issuer {
     async fn fetch(&self) -> Result<(), Refused> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let unavailable = |e: String| Refused::KeysUnavailable(format!("{}: {e}", self.config.url));
+        let failed = |e: KeysFetch| unavailable(e.to_string());
         let text = match &self.config.jwks {
             JwksSource::File(path) => std::fs::read(path)
                 .map(bytes::Bytes::from)
                 .map_err(|e| unavailable(format!("reading {}: {e}", path.display())))?,
-            JwksSource::Url(url) => self.get(url.as_str()).await.map_err(unavailable)?,
+            JwksSource::Url(url) => self.get(url.as_str()).await.map_err(failed)?,
             JwksSource::Discovery => {
                 let discovery = format!(
                     "{}/.well-known/openid-configuration",
                     self.config.url.trim_end_matches('/')
                 );
-                let document = self.get(&discovery).await.map_err(unavailable)?;
+                let document = self.get(&discovery).await.map_err(failed)?;
                 let document: Value = serde_json::from_slice(&document)
                     .map_err(|e| unavailable(format!("discovery document: {e}")))?;
                 let jwks_uri = document["jwks_uri"]
                     .as_str()
                     .ok_or_else(|| unavailable("discovery document without jwks_uri".into()))?;
-                self.get(jwks_uri).await.map_err(unavailable)?
+                self.get(jwks_uri).await.map_err(failed)?
             }
         };
         let set: JwkSet =
@@ -224,17 +225,30 @@ impl Issuer {
         Ok(())
     }
 
-    async fn get(&self, url: &str) -> Result<bytes::Bytes, String> {
+    async fn get(&self, url: &str) -> Result<bytes::Bytes, KeysFetch> {
         let accept = [("accept", "application/json")];
         let (status, body) =
-            fetch_small(&self.client, http::Method::GET, url, &accept, FETCH_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())?;
+            fetch_small(&self.client, http::Method::GET, url, &accept, FETCH_TIMEOUT).await?;
         if !status.is_success() {
-            return Err(format!("{url} answered {status}"));
+            return Err(KeysFetch::Status {
+                url: url.to_string(),
+                status,
+            });
         }
         Ok(body)
     }
+}
+
+/// Why an issuer's keys (or its discovery document) could not be fetched.
+#[derive(Debug, thiserror::Error)]
+enum KeysFetch {
+    #[error(transparent)]
+    Call(#[from] crate::http::CallError),
+    #[error("{url} answered {status}")]
+    Status {
+        url: String,
+        status: http::StatusCode,
+    },
 }
 
 /// jsonwebtoken's errors in words for the refusal.

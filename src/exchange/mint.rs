@@ -10,6 +10,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Map, Value};
 
 use super::policy::Grant;
+use super::SetupError;
 use crate::secret::Secret;
 
 pub const ATTIC_CLAIM: &str = "https://jwt.attic.rs/v1";
@@ -36,28 +37,32 @@ impl Minter {
         issuer: Option<String>,
         audience: Option<String>,
         ttl: Duration,
-    ) -> Result<Minter, String> {
+    ) -> Result<Minter, SetupError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .map_err(|e| SetupError::SigningKey(format!("cannot read {}: {e}", path.display())))?;
         let (key, algorithm) = if text.contains("-----BEGIN") {
-            let key = EncodingKey::from_rsa_pem(text.as_bytes())
-                .map_err(|e| format!("{}: not an RSA private key in PEM: {e}", path.display()))?;
+            let key = EncodingKey::from_rsa_pem(text.as_bytes()).map_err(|e| {
+                SetupError::SigningKey(format!(
+                    "{}: not an RSA private key in PEM: {e}",
+                    path.display()
+                ))
+            })?;
             (key, Algorithm::RS256)
         } else {
             let secret = base64::engine::general_purpose::STANDARD
                 .decode(text.trim())
                 .map_err(|_| {
-                    format!(
+                    SetupError::SigningKey(format!(
                         "{}: neither a PEM key nor base64 (atticd's token-hs256-secret-base64)",
                         path.display()
-                    )
+                    ))
                 })?;
             if secret.len() < 32 {
-                return Err(format!(
+                return Err(SetupError::SigningKey(format!(
                     "{}: an HS256 secret of {} bytes is too short (32 or more)",
                     path.display(),
                     secret.len()
-                ));
+                )));
             }
             (EncodingKey::from_secret(&secret), Algorithm::HS256)
         };
@@ -74,7 +79,11 @@ impl Minter {
         self.ttl
     }
 
-    pub fn mint(&self, subject: &str, grant: &Grant) -> Result<Minted, String> {
+    pub fn mint(
+        &self,
+        subject: &str,
+        grant: &Grant,
+    ) -> Result<Minted, jsonwebtoken::errors::Error> {
         let now = crate::clock::unix_now();
         let exp = now + self.ttl.as_secs();
         let jti = crate::nix::hash::hex(&fastrand::u128(..).to_le_bytes());
@@ -105,8 +114,7 @@ impl Minter {
         if let Some(aud) = &self.audience {
             claims["aud"] = json!(aud);
         }
-        let token = jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
-            .map_err(|e| format!("cannot sign: {e}"))?;
+        let token = jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)?;
         Ok(Minted {
             token: Secret::new(token),
             jti,
@@ -172,6 +180,7 @@ mod tests {
         assert!(Minter::load(&path, None, None, Duration::from_secs(60))
             .err()
             .unwrap()
+            .to_string()
             .contains("too short"));
         std::fs::write(&path, "not base64 !").unwrap();
         assert!(Minter::load(&path, None, None, Duration::from_secs(60)).is_err());

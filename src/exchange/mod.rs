@@ -4,6 +4,8 @@
 //! `config` reads its file, `issuers` and `aws` verify, `policy` decides (pure), `mint`
 //! signs, `decide` runs one exchange end to end, `service` speaks HTTP(S).
 
+mod error;
+pub use error::SetupError;
 pub mod aws;
 pub mod config;
 pub mod decide;
@@ -21,10 +23,14 @@ pub async fn run(
     config: ExchangeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let service = Arc::new(service::Service::new(&config)?);
+    let service = Arc::new(service::Service::new(&config).map_err(|e| e.to_string())?);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|source| crate::http::ListenError {
+            addr: config.listen,
+            source,
+        })
+        .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     if config.tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "plain HTTP on a non-loopback address: tokens cross the network unencrypted unless a TLS proxy is in front");

@@ -10,10 +10,14 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glob(String);
 
+#[derive(Debug, thiserror::Error)]
+#[error("an empty pattern matches nothing; use `*` for anything")]
+pub struct EmptyPattern;
+
 impl Glob {
-    pub fn new(pattern: &str) -> Result<Glob, String> {
+    pub fn new(pattern: &str) -> Result<Glob, EmptyPattern> {
         if pattern.is_empty() {
-            return Err("an empty pattern matches nothing; use `*` for anything".into());
+            return Err(EmptyPattern);
         }
         Ok(Glob(pattern.to_string()))
     }

@@ -84,7 +84,7 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(config: &ExchangeConfig) -> Result<Service, String> {
+    pub fn new(config: &ExchangeConfig) -> Result<Service, super::SetupError> {
         let decider = Decider::new(config)?;
         let mut metrics = Metrics::new();
         metrics.registry.register(
@@ -232,7 +232,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let acceptor = match tls {
-        Some((cert, key)) => Some(crate::http::tls_server::acceptor(cert, key)?),
+        Some((cert, key)) => {
+            Some(crate::http::tls_server::acceptor(cert, key).map_err(|e| e.to_string())?)
+        }
         None => None,
     };
     let limits = crate::http::listener::Limits {

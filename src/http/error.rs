@@ -43,3 +43,32 @@ pub enum CallError {
     #[error("{url}: {source}")]
     Body { url: String, source: BodyError },
 }
+
+/// An address could not be listened on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: std::net::SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// A served certificate and key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    #[error("{}: {detail}", path.display())]
+    File { path: PathBuf, detail: String },
+    #[error("{} holds no certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("{} holds no private key", .0.display())]
+    NoKey(PathBuf),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The client of one upstream could not be built (its `ca-file`).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream `{upstream}`: {source}")]
+pub struct UpstreamClientError {
+    pub upstream: String,
+    pub source: ClientError,
+}

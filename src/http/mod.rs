@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-pub use error::{BodyError, CallError, ClientError};
+pub use error::{
+    BodyError, CallError, ClientError, ListenError, ServerTlsError, UpstreamClientError,
+};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;

@@ -3,15 +3,16 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+
+use super::ServerTlsError;
 use std::time::{Duration, Instant, SystemTime};
 
 /// A TLS acceptor for HTTP/1.1 with the certificate and key in these PEM files.
-pub fn acceptor(cert: PathBuf, key: PathBuf) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub fn acceptor(cert: PathBuf, key: PathBuf) -> Result<tokio_rustls::TlsAcceptor, ServerTlsError> {
     let resolver = Reloading::new(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -35,7 +36,7 @@ struct Loaded {
 }
 
 impl Reloading {
-    fn new(cert: PathBuf, key: PathBuf) -> Result<Reloading, String> {
+    fn new(cert: PathBuf, key: PathBuf) -> Result<Reloading, ServerTlsError> {
         let certified = load_pair(&cert, &key)?;
         let stamps = (modified(&cert), modified(&key));
         Ok(Reloading {
@@ -57,19 +58,26 @@ fn modified(path: &std::path::Path) -> Option<SystemTime> {
 fn load_pair(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+) -> Result<Arc<rustls::sign::CertifiedKey>, ServerTlsError> {
+    let failed = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |e: &dyn std::fmt::Display| ServerTlsError::File {
+            path,
+            detail: e.to_string(),
+        }
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| failed(p)(&e));
     let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+        .map_err(|e| failed(cert)(&e))?;
     if certs.is_empty() {
-        return Err(format!("{} holds no certificate", cert.display()));
+        return Err(ServerTlsError::NoCertificate(cert.to_path_buf()));
     }
     let private = rustls_pemfile::private_key(&mut read(key)?.as_slice())
-        .map_err(|e| format!("{}: {e}", key.display()))?
-        .ok_or_else(|| format!("{} holds no private key", key.display()))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&private)
-        .map_err(|e| format!("{}: {e}", key.display()))?;
+        .map_err(|e| failed(key)(&e))?
+        .ok_or_else(|| ServerTlsError::NoKey(key.to_path_buf()))?;
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&private).map_err(|e| failed(key)(&e))?;
     Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, signing)))
 }
 

@@ -203,7 +203,7 @@ impl Pusher {
         };
         self.enqueue(targets, vec![(path, origin)])
             .await
-            .map_err(internal)?;
+            .map_err(|e| internal(e.to_string()))?;
         Ok(())
     }
 

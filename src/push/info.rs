@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::error::PathInfoError;
 use crate::nix::hash::Sha256;
 use crate::nix::narinfo::{self, is_store_basename, NarInfo};
 
@@ -107,7 +108,7 @@ impl PathInfo {
 /// Reads `nix path-info --json` output: an array of objects with `path` (Nix up to 2.18) or
 /// an object keyed by path (later), `narHash` as `sha256:<base32>` or SRI, full reference
 /// paths. Paths Nix reports as invalid are left out.
-pub fn parse_path_info_json(json: &[u8]) -> Result<Vec<PathInfo>, String> {
+pub fn parse_path_info_json(json: &[u8]) -> Result<Vec<PathInfo>, PathInfoError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Row {
@@ -122,12 +123,11 @@ pub fn parse_path_info_json(json: &[u8]) -> Result<Vec<PathInfo>, String> {
         ca: Option<String>,
         valid: Option<bool>,
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| format!("nix path-info --json: {e}"))?;
+    let value: serde_json::Value = serde_json::from_slice(json)?;
     let rows: Vec<(Option<String>, serde_json::Value)> = match value {
         serde_json::Value::Array(items) => items.into_iter().map(|v| (None, v)).collect(),
         serde_json::Value::Object(map) => map.into_iter().map(|(k, v)| (Some(k), v)).collect(),
-        _ => return Err("nix path-info --json printed neither a list nor an object".into()),
+        _ => return Err(PathInfoError::Shape("neither a list nor an object".into())),
     };
     let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
     let mut out = Vec::new();
@@ -135,24 +135,25 @@ pub fn parse_path_info_json(json: &[u8]) -> Result<Vec<PathInfo>, String> {
         if value.is_null() {
             continue; // an invalid path, in the keyed format
         }
-        let row: Row =
-            serde_json::from_value(value).map_err(|e| format!("nix path-info --json: {e}"))?;
+        let row: Row = serde_json::from_value(value)?;
         if row.valid == Some(false) {
             continue;
         }
         let store_path = row
             .path
             .or(key)
-            .ok_or("nix path-info --json: an entry without a path")?;
+            .ok_or_else(|| PathInfoError::Shape("an entry without a path".into()))?;
         let nar_hash = row
             .nar_hash
             .as_deref()
             .and_then(Sha256::parse)
-            .ok_or_else(|| format!("{store_path}: no usable narHash"))?;
+            .ok_or_else(|| {
+                PathInfoError::Shape(format!("{store_path} without a usable narHash"))
+            })?;
         out.push(PathInfo {
             nar_size: row
                 .nar_size
-                .ok_or_else(|| format!("{store_path}: no narSize"))?,
+                .ok_or_else(|| PathInfoError::Shape(format!("{store_path} without narSize")))?,
             references: row.references.iter().map(|r| base(r)).collect(),
             deriver: row.deriver.as_deref().map(base),
             sigs: row.signatures,

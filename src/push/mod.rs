@@ -8,6 +8,7 @@
 //! retried with backoff; and records what failed for good, with the reason, for `push
 //! --wait`, health and metrics.
 
+mod error;
 pub mod incoming;
 pub mod info;
 pub mod local;
@@ -17,6 +18,7 @@ pub mod queue;
 mod staging;
 pub mod target;
 
+pub use error::{NotAllowed, PathInfoError, QueueError};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,9 +137,9 @@ impl Pusher {
         store: Store,
         partition: String,
         trust: LocalTrust,
-    ) -> Result<Arc<Pusher>, String> {
+    ) -> Result<Arc<Pusher>, QueueError> {
         let dir = store.dir().join("push");
-        crate::store::private_dir(&dir).map_err(|e| e.to_string())?;
+        crate::store::private_dir(&dir)?;
         let queue = Queue::open(&store.dir().join("push.redb"))?;
         let names: HashSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         let mut live = BTreeMap::new();
@@ -174,7 +176,7 @@ impl Pusher {
     }
 
     /// The upstreams a peer with `uid` may push to; `Err` says why none.
-    pub fn targets_for(&self, uid: Option<u32>) -> Result<Vec<Arc<Target>>, String> {
+    pub fn targets_for(&self, uid: Option<u32>) -> Result<Vec<Arc<Target>>, NotAllowed> {
         let allowed: Vec<Arc<Target>> = self
             .targets
             .iter()
@@ -183,8 +185,8 @@ impl Pusher {
             .collect();
         if allowed.is_empty() {
             return Err(match uid {
-                Some(uid) => format!("uid {uid} may not push here (push-uids)"),
-                None => "the pushing process's uid cannot be told (push-uids)".into(),
+                Some(uid) => NotAllowed::Uid(uid),
+                None => NotAllowed::Unknown,
             });
         }
         Ok(allowed)
@@ -195,7 +197,7 @@ impl Pusher {
         &self,
         targets: &[Arc<Target>],
         paths: Vec<(PathInfo, Origin)>,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, QueueError> {
         let mut entries = Vec::new();
         let mut keys = Vec::new();
         let mut skipped = Vec::new();
@@ -224,7 +226,7 @@ impl Pusher {
         let queue = self.queue.clone();
         let queued = tokio::task::spawn_blocking(move || queue.add(entries))
             .await
-            .map_err(|e| format!("push queue: {e}"))??;
+            .map_err(|e| QueueError::Task(e.to_string()))??;
         {
             let mut state = self.state.lock().unwrap();
             for key in skipped {

@@ -53,23 +53,21 @@ pub struct Queue {
     db: Database,
 }
 
-type Result<T> = std::result::Result<T, String>;
-
-fn err(e: impl std::fmt::Display) -> String {
-    format!("push queue: {e}")
-}
+type Result<T> = std::result::Result<T, QueueError>;
+use super::error::{db as err, QueueError};
 
 impl Queue {
     pub fn open(path: &Path) -> Result<Queue> {
         let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                format!("{} is in use by another nix-sidecar", path.display())
-            }
-            e => format!("{}: {e}", path.display()),
+            redb::DatabaseError::DatabaseAlreadyOpen => QueueError::InUse(path.to_path_buf()),
+            e => err(e),
         })?;
         // What is queued (store paths, narinfos) is this machine's business only.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
+            .map_err(|source| QueueError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
         txn.commit().map_err(err)?;
@@ -115,7 +113,7 @@ impl Queue {
                 entry.seq = next;
                 entry.failed = None;
                 next += 1;
-                let json = serde_json::to_vec(&entry).map_err(err)?;
+                let json = serde_json::to_vec(&entry)?;
                 table.insert(key.as_str(), json.as_slice()).map_err(err)?;
                 out.push(entry);
             }
@@ -142,7 +140,7 @@ impl Queue {
         };
         let txn = self.db.begin_write().map_err(err)?;
         {
-            let json = serde_json::to_vec(&failed).map_err(err)?;
+            let json = serde_json::to_vec(&failed)?;
             let mut table = txn.open_table(ENTRIES).map_err(err)?;
             table
                 .insert(failed.key().as_str(), json.as_slice())

@@ -44,15 +44,24 @@ pub(crate) fn connection_builder() -> http1::Builder {
     builder
 }
 
-pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, crate::http::ListenError> {
     let mut listeners = Vec::new();
-    for addr in addrs {
+    for &addr in addrs {
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            .map_err(|source| crate::http::ListenError { addr, source })?;
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// Why a peer may not pin or unpin (the text is the 403's body).
+#[derive(Debug, thiserror::Error)]
+pub enum PinRefused {
+    #[error("uid {0} may not pin or unpin (push-uids, or root without push)\n")]
+    Uid(u32),
+    #[error("the requesting process's uid cannot be told: pins and unpin refused\n")]
+    Unknown,
 }
 
 /// What the server serves: the answers, the counters it adds to, and the state for health
@@ -69,17 +78,15 @@ pub struct Site {
 
 impl Site {
     /// `Err` (why, for a 403) unless the request's peer may pin and unpin.
-    pub(crate) fn may_pin(&self, request: &Request<Incoming>) -> Result<(), String> {
+    pub(crate) fn may_pin(&self, request: &Request<Incoming>) -> Result<(), PinRefused> {
         let uid = request.extensions().get::<Peer>().and_then(|p| p.uid);
         if uid.is_some_and(|uid| self.pin_uids.contains(&uid)) {
             return Ok(());
         }
         tracing::warn!(?uid, "pin or unpin refused: not a push-uid");
         Err(match uid {
-            Some(uid) => {
-                format!("uid {uid} may not pin or unpin (push-uids, or root without push)\n")
-            }
-            None => "the requesting process's uid cannot be told: pins and unpin refused\n".into(),
+            Some(uid) => PinRefused::Uid(uid),
+            None => PinRefused::Unknown,
         })
     }
 

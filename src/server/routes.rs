@@ -122,7 +122,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             }
         }
         Route::Unpin => match site.may_pin(&request).map(|()| site.answers.unpin_all()) {
-            Err(why) => text(StatusCode::FORBIDDEN, why),
+            Err(why) => text(StatusCode::FORBIDDEN, why.to_string()),
             Ok(Ok(n)) => typed(
                 StatusCode::OK,
                 "application/json",
@@ -219,7 +219,7 @@ async fn prefetch(site: &Site, request: Request<Incoming>) -> Response<Body> {
         );
     }
     if let (Some(_), Err(why)) = (&ask.pin, may_pin) {
-        return text(StatusCode::FORBIDDEN, why);
+        return text(StatusCode::FORBIDDEN, why.to_string());
     }
     let pin_until = match ask.pin.as_deref() {
         None => None,

@@ -40,14 +40,16 @@ impl SiteCache {
         config: &Config,
         store: Store,
         metrics: Arc<Metrics>,
-    ) -> Result<Option<SiteCache>, String> {
+    ) -> Result<Option<SiteCache>, crate::http::UpstreamClientError> {
         let Some(site) = &config.site else {
             return Ok(None);
         };
         let mut upstreams = Vec::new();
         for up in &config.upstreams {
-            let client = crate::http::client(up.ca_file.as_deref())
-                .map_err(|e| format!("upstream `{}`: {e}", up.name))?;
+            let client = crate::http::client(up.ca_file.as_deref()).map_err(|source| {
+                let upstream = up.name.clone();
+                crate::http::UpstreamClientError { upstream, source }
+            })?;
             upstreams.push(Arc::new(Upstream::new(
                 &up.name,
                 &up.url,

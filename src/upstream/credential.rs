@@ -74,9 +74,9 @@ impl<'a> Credential<'a> {
                 ..
             } => {
                 let token = identity.token().await?;
-                let header = authorization(auth, &token).map_err(|reason| IdentityError {
+                let header = authorization(auth, &token).map_err(|_| IdentityError {
                     identity: identity.name().to_string(),
-                    reason,
+                    reason: "the token is not a valid header value".into(),
                 })?;
                 *current = Some(token);
                 Ok(Some(header))

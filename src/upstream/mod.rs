@@ -19,12 +19,14 @@ use crate::http::{display_url, read_limited, snippet, Client};
 mod credential;
 mod resume;
 mod site;
+mod transport;
 
 use crate::identity::{Identity, IdentityError, Token};
 use crate::metrics::Metrics;
 pub use crate::status::UpstreamHealth;
 pub use credential::{Credential, Refused};
 pub use site::{parse_hints, SiteRoute, UPSTREAM_HEADER};
+pub use transport::SendError;
 
 /// Attempts for one request on 5xx, 429, timeouts and connection errors.
 const ATTEMPTS: u32 = 3;
@@ -289,7 +291,7 @@ impl Upstream {
                         return Err(self.unavailable(format!("unexpected HTTP {}", s.as_u16())));
                     }
                 },
-                Err(detail) => (None, detail),
+                Err(detail) => (None, detail.to_string()),
             };
             let (retry_after, detail) = retry_after;
             attempt += 1;
@@ -321,7 +323,7 @@ impl Upstream {
     /// Refuses URLs on link-local addresses (cloud metadata services), and loopback ones
     /// unless the upstream itself is on loopback: a narinfo `URL:` or a redirect must not
     /// turn the sidecar against this machine's own services.
-    fn check_target(&self, url: &Url) -> Result<(), String> {
+    fn check_target(&self, url: &Url) -> Result<(), SendError> {
         let ip = match url.host() {
             Some(url::Host::Ipv4(v4)) => std::net::IpAddr::V4(v4),
             Some(url::Host::Ipv6(v6)) => std::net::IpAddr::V6(v6).to_canonical(),
@@ -338,10 +340,7 @@ impl Upstream {
             None => false,
         };
         if link_local || (ip.is_loopback() && !loopback_upstream) {
-            return Err(format!(
-                "refusing to fetch {}: a link-local or loopback address",
-                display_url(url)
-            ));
+            return Err(SendError::Forbidden(display_url(url)));
         }
         Ok(())
     }
@@ -353,7 +352,7 @@ impl Upstream {
         url: &Url,
         method: &Method,
         authorization: Option<http::HeaderValue>,
-    ) -> Result<(Response<Incoming>, bool), String> {
+    ) -> Result<(Response<Incoming>, bool), SendError> {
         let mut url = url.clone();
         for _ in 0..=MAX_REDIRECTS {
             self.check_target(&url)?;
@@ -365,25 +364,17 @@ impl Upstream {
             if let (true, Some(value)) = (same_origin, &authorization) {
                 request = request.header(http::header::AUTHORIZATION, value.clone());
             }
-            let request = request
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| format!("cannot build request: {e}"))?;
+            let request = request.body(Full::new(Bytes::new()))?;
             let response =
                 match tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request)).await {
                     Ok(Ok(response)) => response,
                     Ok(Err(e)) => {
-                        return Err(format!(
-                            "request to {} failed: {}",
-                            display_url(&url),
-                            error_chain(&e)
-                        ))
+                        let (url, detail) = (display_url(&url), error_chain(&e));
+                        return Err(SendError::Failed { url, detail });
                     }
                     Err(_) => {
-                        return Err(format!(
-                            "no answer from {} within {}s",
-                            display_url(&url),
-                            HEADER_TIMEOUT.as_secs()
-                        ))
+                        let (url, secs) = (display_url(&url), HEADER_TIMEOUT.as_secs());
+                        return Err(SendError::NoAnswer { url, secs });
                     }
                 };
             if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
@@ -395,24 +386,22 @@ impl Upstream {
                 .get("location")
                 .and_then(|l| l.to_str().ok())
                 .and_then(|l| url.join(l).ok())
-                .ok_or_else(|| {
-                    format!(
-                        "redirect from {} without a usable Location",
-                        display_url(&url)
-                    )
-                })?;
+                .ok_or_else(|| SendError::BadRedirect(display_url(&url)))?;
             if !matches!(location.scheme(), "http" | "https") {
-                return Err("redirect to a non-HTTP URL".into());
+                return Err(SendError::NotHttp);
             }
             tracing::debug!(from = %display_url(&url), to = %display_url(&location), "following redirect");
             url = location;
         }
-        Err(format!("more than {MAX_REDIRECTS} redirects"))
+        Err(SendError::TooManyRedirects(MAX_REDIRECTS))
     }
 }
 
 /// The `Authorization` value presenting `token` as `auth` says (marked sensitive: never logged).
-pub fn authorization(auth: &Auth, token: &Token) -> Result<http::HeaderValue, String> {
+pub fn authorization(
+    auth: &Auth,
+    token: &Token,
+) -> Result<http::HeaderValue, http::header::InvalidHeaderValue> {
     let value = match auth {
         Auth::Bearer => format!("Bearer {}", token.secret.expose()),
         Auth::Basic { username } => format!(
@@ -421,8 +410,7 @@ pub fn authorization(auth: &Auth, token: &Token) -> Result<http::HeaderValue, St
                 .encode(format!("{username}:{}", token.secret.expose()))
         ),
     };
-    let mut value = http::HeaderValue::from_str(&value)
-        .map_err(|_| "the token is not a valid header value".to_string())?;
+    let mut value = http::HeaderValue::from_str(&value)?;
     value.set_sensitive(true);
     Ok(value)
 }

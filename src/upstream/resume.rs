@@ -8,15 +8,19 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use url::Url;
 
-use super::{Credential, Upstream, HEADER_TIMEOUT};
+use super::{Credential, SendError, Upstream, HEADER_TIMEOUT};
 use crate::http::display_url;
 
 impl Upstream {
     /// `url`'s bytes from `offset` on, straight from the upstream with this machine's token.
-    pub async fn fetch_rest(&self, url: &Url, offset: u64) -> Result<Response<Incoming>, String> {
+    pub async fn fetch_rest(
+        &self,
+        url: &Url,
+        offset: u64,
+    ) -> Result<Response<Incoming>, SendError> {
         self.check_target(url)?;
         let mut credential = Credential::of(self.identity.as_ref(), &self.auth);
-        let header = credential.header().await.map_err(|e| e.to_string())?;
+        let header = credential.header().await?;
         let mut request = Request::builder()
             .uri(url.as_str())
             .header(http::header::USER_AGENT, crate::http::USER_AGENT)
@@ -24,18 +28,16 @@ impl Upstream {
         if let (true, Some(value)) = (url.origin() == self.base.origin(), header) {
             request = request.header(http::header::AUTHORIZATION, value);
         }
-        let request = request
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| format!("cannot build request: {e}"))?;
+        let request = request.body(Full::new(Bytes::new()))?;
         let response = tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request))
             .await
-            .map_err(|_| format!("no answer from {}", display_url(url)))?
-            .map_err(|e| {
-                format!(
-                    "request to {} failed: {}",
-                    display_url(url),
-                    super::error_chain(&e)
-                )
+            .map_err(|_| SendError::NoAnswer {
+                url: display_url(url),
+                secs: HEADER_TIMEOUT.as_secs(),
+            })?
+            .map_err(|e| SendError::Failed {
+                url: display_url(url),
+                detail: super::error_chain(&e),
             })?;
         let starts_there = response
             .headers()
@@ -46,11 +48,11 @@ impl Upstream {
             .and_then(|start| start.parse::<u64>().ok())
             == Some(offset);
         if response.status() != StatusCode::PARTIAL_CONTENT || !starts_there {
-            return Err(format!(
-                "{} did not answer the rest from byte {offset} (HTTP {})",
-                display_url(url),
-                response.status().as_u16()
-            ));
+            return Err(SendError::NoRange {
+                url: display_url(url),
+                offset,
+                status: response.status().as_u16(),
+            });
         }
         Ok(response)
     }

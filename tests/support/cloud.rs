@@ -559,7 +559,7 @@ async fn verify_aws(state: &State, token: &str) -> Result<String, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let url = nix_sidecar::exchange::aws::check(token, now)?;
+    let url = nix_sidecar::exchange::aws::check(token, now).map_err(|e| e.to_string())?;
     // The replay: the real verifier calls `url` itself; the double's STS stands in for AWS.
     let replay = format!(
         "http://127.0.0.1:{}/sts/?{}",

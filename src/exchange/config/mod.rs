@@ -173,7 +173,7 @@ impl ExchangeConfig {
             )
         })?;
         super::mint::Minter::load(&signing_key_file, None, None, DEFAULT_TTL)
-            .map_err(|e| invalid("signing-key-file", e))?;
+            .map_err(|e| invalid("signing-key-file", e.to_string()))?;
         let ttl = match &file.ttl {
             None => DEFAULT_TTL,
             Some(text) => parse_duration(text)
@@ -313,7 +313,8 @@ fn check_rule(
     aws: bool,
 ) -> Result<Rule, ConfigError> {
     let key = |field: &str| format!("rule[{i}].{field}");
-    let glob = |field: &str, text: &str| Glob::new(text).map_err(|e| invalid(key(field), e));
+    let glob =
+        |field: &str, text: &str| Glob::new(text).map_err(|e| invalid(key(field), e.to_string()));
     let who = match (&rule.issuer, &rule.aws_arn, &rule.aws_account) {
         (Some(issuer), None, None) => {
             if !issuers.iter().any(|c| &c.url == issuer) {
