@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256 as Hasher};
 use tokio::sync::mpsc;
 
 use super::decode::decoder;
+pub use super::error::CheckError;
 use crate::nix::hash::Sha256;
 use crate::nix::narinfo::NarInfo;
 
@@ -48,38 +49,6 @@ impl Expected {
     fn is_uncompressed(&self) -> bool {
         self.compression == "none"
     }
-}
-
-/// Why NAR bytes were refused. The messages name the narinfo field that was not kept, as
-/// clients and logs have always seen them.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CheckError {
-    #[error("upstream sent more than {field} ({size} bytes)")]
-    TooLong { field: &'static str, size: u64 },
-    #[error("{sent} bytes came, {field} says {size}")]
-    WrongSize {
-        sent: u64,
-        field: &'static str,
-        size: u64,
-    },
-    #[error("NAR file does not match {0}")]
-    WrongFileHash(&'static str),
-    #[error("NAR is {got} bytes, NarSize says {size}")]
-    WrongNarSize { got: u64, size: u64 },
-    #[error("upstream announced {sent} bytes, the narinfo promises {promised}")]
-    Announced { sent: u64, promised: u64 },
-    #[error("NAR does not match NarHash")]
-    WrongNarHash,
-    #[error("NAR does not decompress as promised: {0}")]
-    Decompress(String),
-    #[error(
-        "cannot verify a `{0}` NAR without FileHash (supported: none, xz, bzip2, zstd, gzip, br)"
-    )]
-    Unsupported(String),
-    #[error("reading the stored file: {0}")]
-    Read(String),
-    #[error("verification stopped")]
-    Stopped,
 }
 
 /// What the bytes as served must hash to and how long they must be, with the narinfo

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use super::check::CheckError;
+use super::error::CheckError;
 
 /// A writer that decompresses what it is given into `sink`. `flush` ends the stream: it
 /// fails if the stream was cut short.
