@@ -2,35 +2,25 @@
 //! then its narinfo (`PUT /<hash>.narinfo`). The file is kept in the staging directory as it
 //! comes; the narinfo is checked against it (FileHash/FileSize of the file, NarHash/NarSize
 //! of the NAR inside), the NAR joins the local cache (so local pulls hit at once), and the
-//! path is queued. Nix hears 200 only once the queue has it on disk.
+//! path is queued. Nix hears 200 only once the queue has it on disk. What is refused is a
+//! [`Refusal`]; the listener says which status that is.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::StatusCode;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256 as Hasher};
 use std::io::Read;
 
 use super::info::PathInfo;
 use super::queue::Origin;
-use super::Pusher;
-use crate::nix::narinfo::{NarInfo, MAX_NARINFO_BYTES};
+use super::{Pusher, Refusal};
+use crate::nix::narinfo::NarInfo;
 use crate::nix::request::is_file_name;
-use crate::store::{check_nar, CheckError, ChunkSink, Expected};
-use crate::store::{NarSource, NewNarInfo, Slot};
-
-pub type Refusal = (StatusCode, String);
-
-fn bad(reason: impl Into<String>) -> Refusal {
-    (StatusCode::BAD_REQUEST, reason.into())
-}
-
-fn internal(reason: impl Into<String>) -> Refusal {
-    (StatusCode::INTERNAL_SERVER_ERROR, reason.into())
-}
+use crate::store::{check_nar, CheckError, Expected};
+use crate::store::{NarSource, NewNarInfo};
 
 /// A staged upload must move at least this fast on average (after the first minute), so a
 /// body trickling a byte now and then cannot hold its connection and its room for ever.
@@ -48,19 +38,20 @@ impl Pusher {
     /// Keeps the body of `PUT /nar/<file>` (of `length` bytes, from its Content-Length) in the
     /// staging directory, counted against the cache's limits. A file of that name already
     /// staged is never replaced: what a narinfo was checked against is what gets uploaded.
-    pub async fn put_nar(
+    pub async fn put_nar<B>(
         &self,
         file: &str,
         length: Option<u64>,
-        mut body: hyper::body::Incoming,
-    ) -> Result<(), Refusal> {
+        mut body: B,
+    ) -> Result<(), Refusal>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         if !is_file_name(file) {
-            return Err(bad("not a NAR file name"));
+            return Err(Refusal::invalid("not a NAR file name"));
         }
-        let length = length.ok_or((
-            StatusCode::LENGTH_REQUIRED,
-            "PUT /nar/<file> needs a Content-Length".to_string(),
-        ))?;
+        let length = length.ok_or(Refusal::NoLength)?;
         let held = self.hold_staging(length)?;
         let tmp = self.staging_tmp(file);
         let deadline = UPLOAD_GRACE + Duration::from_secs(length / MIN_UPLOAD_RATE);
@@ -68,40 +59,40 @@ impl Pusher {
             use tokio::io::AsyncWriteExt;
             let mut out = private_file(&tmp)
                 .await
-                .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+                .map_err(|e| Refusal::failed(format!("cannot stage the upload: {e}")))?;
             let mut written = 0u64;
             let receive = async {
                 while let Some(frame) = body.frame().await {
-                    let frame = frame.map_err(|e| bad(format!("the upload broke off: {e}")))?;
+                    let frame = frame
+                        .map_err(|e| Refusal::invalid(format!("the upload broke off: {e}")))?;
                     if let Ok(data) = frame.into_data() {
                         written += data.len() as u64;
                         if written > length {
-                            return Err(bad("the body is longer than its Content-Length"));
+                            return Err(Refusal::invalid(
+                                "the body is longer than its Content-Length",
+                            ));
                         }
-                        out.write_all(&data)
-                            .await
-                            .map_err(|e| internal(format!("cannot stage the upload: {e}")))?;
+                        out.write_all(&data).await.map_err(|e| {
+                            Refusal::failed(format!("cannot stage the upload: {e}"))
+                        })?;
                     }
                 }
                 Ok(())
             };
             tokio::time::timeout(deadline, receive)
                 .await
-                .map_err(|_| {
-                    (
-                        StatusCode::REQUEST_TIMEOUT,
-                        format!("the upload took longer than {}s", deadline.as_secs()),
-                    )
-                })??;
+                .map_err(|_| Refusal::TooSlow(deadline.as_secs()))??;
             if written != length {
-                return Err(bad(format!("{written} bytes came of {length}")));
+                return Err(Refusal::invalid(format!(
+                    "{written} bytes came of {length}"
+                )));
             }
             drop(out);
             let (from, to) = (tmp.clone(), self.staging.join(file));
             tokio::task::spawn_blocking(move || publish_new(&from, &to))
                 .await
-                .map_err(|e| internal(e.to_string()))?
-                .map_err(|e| internal(format!("cannot stage the upload: {e}")))
+                .map_err(Refusal::failed)?
+                .map_err(|e| Refusal::failed(format!("cannot stage the upload: {e}")))
         }
         .await;
         let _ = tokio::fs::remove_file(&tmp).await;
@@ -113,7 +104,7 @@ impl Pusher {
 
     /// Room for `bytes` more staged bytes: within the staging cap and the cache's limits.
     fn hold_staging(&self, bytes: u64) -> Result<crate::store::Held, Refusal> {
-        let full = |why: String| (StatusCode::INSUFFICIENT_STORAGE, why);
+        let full = Refusal::NoRoom;
         let staged = self.staged_bytes();
         let cap = self.store.limits().max_size / 2;
         if staged.saturating_add(bytes) > cap {
@@ -132,34 +123,35 @@ impl Pusher {
             .join(format!(".tmp-{}-{file}", fastrand::u64(..)))
     }
 
-    /// Checks the narinfo of `PUT /<hash>.narinfo` against the staged NAR, caches both (when
-    /// the narinfo is one a pull would trust) and queues the path for `targets`.
+    /// Checks the narinfo of `PUT /<hash>.narinfo` (its body, `text`) against the staged NAR,
+    /// caches both (when the narinfo is one a pull would trust) and queues the path for
+    /// `targets`.
     pub async fn put_narinfo(
         &self,
         hash: &str,
-        body: hyper::body::Incoming,
+        text: Bytes,
         targets: &[std::sync::Arc<super::Target>],
     ) -> Result<(), Refusal> {
-        let text =
-            crate::http::read_limited(body, MAX_NARINFO_BYTES, std::time::Duration::from_secs(30))
-                .await
-                .map_err(|e| bad(e.to_string()))?;
-        let text = String::from_utf8(text.to_vec()).map_err(|_| bad("the narinfo is not UTF-8"))?;
-        let mut info = NarInfo::parse(text.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let text = String::from_utf8(text.to_vec())
+            .map_err(|_| Refusal::invalid("the narinfo is not UTF-8"))?;
+        let mut info =
+            NarInfo::parse(text.as_bytes()).map_err(|e| Refusal::invalid(e.to_string()))?;
         if info.hash_part() != hash {
-            return Err(bad(format!(
+            return Err(Refusal::invalid(format!(
                 "the narinfo is for {}, not {hash}",
                 info.store_path
             )));
         }
         if info.file_hash.is_none() && info.compression != "none" {
-            return Err(bad("a compressed NAR's narinfo needs FileHash"));
+            return Err(Refusal::invalid(
+                "a compressed NAR's narinfo needs FileHash",
+            ));
         }
         let file = info
             .url
             .strip_prefix("nar/")
             .filter(|f| is_file_name(f))
-            .ok_or_else(|| bad(format!("URL `{}` is not nar/<file>", info.url)))?
+            .ok_or_else(|| Refusal::invalid(format!("URL `{}` is not nar/<file>", info.url)))?
             .to_string();
         // From here until it is queued, no finished upload takes the file away.
         let _claim = self.claim(&file);
@@ -172,11 +164,11 @@ impl Pusher {
             let (staged, expected) = (staged.clone(), expected.clone());
             tokio::task::spawn_blocking(move || check_staged(&staged, &expected))
                 .await
-                .map_err(|e| internal(e.to_string()))?
+                .map_err(Refusal::failed)?
         };
         if let Err(reason) = checked {
             self.unstage(&file);
-            return Err(bad(format!(
+            return Err(Refusal::invalid(format!(
                 "{} does not match this narinfo: {reason}",
                 info.url
             )));
@@ -184,13 +176,13 @@ impl Pusher {
         let text = match &self.trust.signer {
             Some(signer) if !self.trust.keys.verify(&info) => {
                 let signed = signer.sign_narinfo(&text, &info);
-                info = NarInfo::parse(signed.as_bytes()).map_err(|e| internal(e.to_string()))?;
+                info = NarInfo::parse(signed.as_bytes()).map_err(Refusal::failed)?;
                 signed
             }
             _ => text,
         };
         if self.trust.serves(&info) {
-            self.cache_locally(hash, &text, &info, &file, &staged, &expected)
+            self.cache_locally(hash, &text, &file, &staged, &expected)
                 .await;
         } else {
             tracing::warn!(path = %info.store_path, "a pushed narinfo has no valid signature by a trusted key: queued for upload, not served locally (push-signing-key-file signs local builds)");
@@ -203,7 +195,7 @@ impl Pusher {
         };
         self.enqueue(targets, vec![(path, origin)])
             .await
-            .map_err(|e| internal(e.to_string()))?;
+            .map_err(Refusal::failed)?;
         Ok(())
     }
 
@@ -211,7 +203,7 @@ impl Pusher {
     /// the local cache is staged from there, and checked like an upload.
     async fn stage_cached(&self, info: &NarInfo, file: &str) -> Result<(), Refusal> {
         let Some((mut cached, size)) = self.store.stored(&format!("nar/{file}")) else {
-            return Err(bad(format!(
+            return Err(Refusal::invalid(format!(
                 "{} was not uploaded before its narinfo (PUT /nar/{file} first)",
                 info.url
             )));
@@ -230,8 +222,8 @@ impl Pusher {
             copied
         })
         .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| internal(format!("cannot stage the cached NAR: {e}")))?;
+        .map_err(Refusal::failed)?
+        .map_err(|e| Refusal::failed(format!("cannot stage the cached NAR: {e}")))?;
         if staged {
             self.keep_staged(file, held);
         }
@@ -244,16 +236,10 @@ impl Pusher {
         &self,
         hash: &str,
         text: &str,
-        info: &NarInfo,
         file: &str,
         staged: &Path,
         expected: &Expected,
     ) {
-        // Whatever the local cache holds for this path already (an upstream's signed narinfo,
-        // or an earlier push) stays: a push adds, it never replaces.
-        if self.store.narinfo(&self.partition, hash).is_some() {
-            return;
-        }
         let key = format!("nar/{file}");
         let target = &self.targets[0];
         // Where a pull finds the bytes again once evicted: the upstream the path goes to
@@ -266,29 +252,25 @@ impl Pusher {
             url: url.to_string(),
             expected: expected.clone(),
         };
-        self.store
-            .put_narinfos(&[NewNarInfo::new(&self.partition, hash, text, &key, source)]);
-        let Slot::Lead(mut writer, _reader) = self.store.fill(&key, expected) else {
-            return; // stored already, or being stored, or no room
-        };
-        let Ok(mut from) = std::fs::File::open(staged) else {
-            return writer.fail("the staged upload vanished");
-        };
-        let _ = writer.start(expected.file_len().or(info.file_size));
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if let Err(e) = writer.write(Bytes::copy_from_slice(&buf[..n])).await {
-                        tracing::warn!(nar = %key, error = %e, "could not cache a pushed NAR");
-                        return;
-                    }
-                }
-                Err(e) => return writer.fail(&format!("reading the staged upload: {e}")),
+        let new = NewNarInfo::new(&self.partition, hash, text, &key, source);
+        let (store, partition, hash) =
+            (self.store.clone(), self.partition.clone(), hash.to_string());
+        // Whatever the local cache holds for this path already (an upstream's signed narinfo,
+        // or an earlier push) stays: a push adds, it never replaces.
+        let recorded = tokio::task::spawn_blocking(move || {
+            store.narinfo(&partition, &hash).is_none() && {
+                store.put_narinfos(&[new]);
+                true
             }
+        })
+        .await;
+        if !matches!(recorded, Ok(true)) {
+            return;
         }
-        writer.finish().await;
+        match std::fs::File::open(staged) {
+            Ok(from) => self.store.import(&key, expected, from).await,
+            Err(e) => tracing::warn!(nar = %key, error = %e, "could not cache a pushed NAR"),
+        }
     }
 }
 

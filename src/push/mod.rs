@@ -18,7 +18,7 @@ pub mod queue;
 mod staging;
 pub mod target;
 
-pub use error::{NotAllowed, PathInfoError, QueueError};
+pub use error::{NotAllowed, PathInfoError, QueueError, Refusal};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

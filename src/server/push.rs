@@ -10,9 +10,26 @@ use hyper::body::Incoming;
 
 use super::body::{self, text, typed, Body};
 use super::Peer;
+use crate::nix::narinfo::MAX_NARINFO_BYTES;
 use crate::push::queue::Origin;
 use crate::push::target::Target;
-use crate::push::Pusher;
+use crate::push::{Pusher, Refusal};
+
+/// The status Nix hears for each refusal, in one place.
+fn status_of(refusal: &Refusal) -> StatusCode {
+    match refusal {
+        Refusal::NotAllowed(_) => StatusCode::FORBIDDEN,
+        Refusal::Invalid(_) => StatusCode::BAD_REQUEST,
+        Refusal::NoLength => StatusCode::LENGTH_REQUIRED,
+        Refusal::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+        Refusal::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
+        Refusal::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn refused(refusal: Refusal) -> Response<Body> {
+    text(status_of(&refusal), format!("{refusal}\n"))
+}
 
 /// The upstreams this request's peer may push to, or the 403 that says why none.
 async fn allowed(
@@ -22,12 +39,8 @@ async fn allowed(
     let uid = request.extensions().get::<Peer>().and_then(|peer| peer.uid);
     pusher.targets_for(uid).map_err(|reason| {
         tracing::warn!(?uid, "push refused: {reason}");
-        text(StatusCode::FORBIDDEN, format!("{reason}\n"))
+        refused(reason.into())
     })
-}
-
-fn refused((status, reason): (StatusCode, String)) -> Response<Body> {
-    text(status, format!("{reason}\n"))
 }
 
 pub async fn nar(pusher: &Pusher, key: &str, request: Request<Incoming>) -> Response<Body> {
@@ -35,7 +48,7 @@ pub async fn nar(pusher: &Pusher, key: &str, request: Request<Incoming>) -> Resp
         return refusal;
     }
     let Some(file) = key.strip_prefix("nar/").filter(|f| !f.contains('?')) else {
-        return text(StatusCode::BAD_REQUEST, "PUT /nar/<file> takes no query\n");
+        return refused(Refusal::Invalid("PUT /nar/<file> takes no query".into()));
     };
     let length = request
         .headers()
@@ -52,10 +65,16 @@ pub async fn narinfo(pusher: &Pusher, hash: &str, request: Request<Incoming>) ->
         Ok(targets) => targets,
         Err(refusal) => return refusal,
     };
-    match pusher
-        .put_narinfo(hash, request.into_body(), &targets)
-        .await
-    {
+    let body = crate::http::read_limited(
+        request.into_body(),
+        MAX_NARINFO_BYTES,
+        Duration::from_secs(30),
+    );
+    let put = match body.await {
+        Ok(text) => pusher.put_narinfo(hash, text, &targets).await,
+        Err(e) => Err(Refusal::Invalid(e.to_string())),
+    };
+    match put {
         Ok(()) => text(StatusCode::OK, ""),
         Err(refusal) => refused(refusal),
     }
@@ -74,7 +93,7 @@ pub async fn request(pusher: &Arc<Pusher>, request: Request<Incoming>) -> Respon
         #[serde(default)]
         wait: bool,
     }
-    let usage = "expected a JSON body {\"paths\": [\"/nix/store/...\"], \"wait\": false}\n";
+    let usage = "expected a JSON body {\"paths\": [\"/nix/store/...\"], \"wait\": false}";
     let targets = match allowed(pusher, &request).await {
         Ok(targets) => targets,
         Err(refusal) => return refusal,
@@ -87,10 +106,10 @@ pub async fn request(pusher: &Arc<Pusher>, request: Request<Incoming>) -> Respon
     .await
     {
         Ok(body) => body,
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        Err(e) => return refused(Refusal::Invalid(e.to_string())),
     };
     let Ok(ask) = serde_json::from_slice::<Ask>(&body) else {
-        return text(StatusCode::BAD_REQUEST, usage);
+        return refused(Refusal::Invalid(usage.into()));
     };
     let bad: Vec<&str> = ask
         .paths
@@ -99,22 +118,20 @@ pub async fn request(pusher: &Arc<Pusher>, request: Request<Incoming>) -> Respon
         .map(String::as_str)
         .collect();
     if !bad.is_empty() || (ask.paths.is_empty() && !ask.wait) {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!("not store paths: {}\n{usage}", bad.join(", ")),
-        );
+        let reason = format!("not store paths: {}\n{usage}", bad.join(", "));
+        return refused(Refusal::Invalid(reason));
     }
     let keys = if ask.paths.is_empty() {
         None
     } else {
         let infos = match crate::push::local::closure(&ask.paths).await {
             Ok(infos) => infos,
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            Err(e) => return refused(Refusal::Invalid(e.to_string())),
         };
         let paths = infos.into_iter().map(|i| (i, Origin::Store)).collect();
         match pusher.enqueue(&targets, paths).await {
             Ok(keys) => Some(keys),
-            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            Err(e) => return refused(Refusal::Failed(e.to_string())),
         }
     };
     if !ask.wait {

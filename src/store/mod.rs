@@ -10,6 +10,7 @@ mod check;
 mod decode;
 mod error;
 mod fill;
+mod import;
 mod index;
 mod passthrough;
 mod read;

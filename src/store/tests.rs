@@ -187,3 +187,47 @@ async fn a_narinfo_promising_other_bytes_under_a_stored_name_leaves_the_stored_f
     assert!(store.nar("nar/x.nar").unwrap().blob.is_some());
     assert_eq!(store.nar("nar/x.nar").unwrap().source.expected, old);
 }
+
+/// A file on this machine joins the cache through a fill: checked like a download (a file
+/// that does not match stores nothing and leaves no reservation), counted once when right,
+/// and a second import of a stored key changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imported_file_is_checked_counted_once_and_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_size: 1 << 30,
+        min_free: 0,
+    };
+    let store = Store::open(&dir.path().join("cache"), limits).unwrap();
+    let good: &[u8] = b"the NAR as pushed";
+    let expected = expected_for(good);
+    store.put_narinfos(&[NewNarInfo::new(
+        "p",
+        "h",
+        "text",
+        "nar/x.nar",
+        source(expected.clone()),
+    )]);
+    let file_of = |bytes: &[u8]| {
+        let path = dir.path().join(format!("staged-{}", fastrand::u64(..)));
+        std::fs::write(&path, bytes).unwrap();
+        File::open(path).unwrap()
+    };
+    for wrong in [&b"the NAR as pushed, and more"[..], b"the NAR as PUSHED"] {
+        store.import("nar/x.nar", &expected, file_of(wrong)).await;
+        assert!(
+            store.stored("nar/x.nar").is_none(),
+            "a wrong file is not stored"
+        );
+        assert_eq!(store.0.ledger.lock().unwrap().reserved, 0);
+        assert_eq!(store.size(), 0);
+    }
+    store.import("nar/x.nar", &expected, file_of(good)).await;
+    let (mut file, len) = store.stored("nar/x.nar").expect("stored");
+    let mut kept = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut kept).unwrap();
+    assert_eq!((kept.as_slice(), len), (good, good.len() as u64));
+    store.import("nar/x.nar", &expected, file_of(good)).await;
+    assert_eq!(store.size(), good.len() as u64, "counted once");
+    assert_eq!(store.0.ledger.lock().unwrap().reserved, 0);
+}
