@@ -17,9 +17,9 @@ use std::io::Read;
 use super::info::PathInfo;
 use super::queue::Origin;
 use super::{Pusher, Refusal};
+use crate::nix::nar_check::{check_nar, CheckError, Expected};
 use crate::nix::narinfo::NarInfo;
 use crate::nix::request::is_file_name;
-use crate::store::{check_nar, CheckError, Expected};
 use crate::store::{NarSource, NewNarInfo};
 
 /// A staged upload must move at least this fast on average (after the first minute), so a

@@ -131,7 +131,8 @@ fn dump(path: &str, mut out: Out) -> std::io::Result<()> {
 
 fn decompress(path: &std::path::Path, compression: &str, out: Out) -> std::io::Result<()> {
     let mut file = std::fs::File::open(path).map_err(about("opening", path))?;
-    let mut decoder = crate::store::decoder(compression, out).map_err(std::io::Error::other)?;
+    let mut decoder =
+        crate::nix::decode::decoder(compression, out).map_err(std::io::Error::other)?;
     std::io::copy(&mut file, &mut decoder)
         .and_then(|_| decoder.flush())
         .map(drop)

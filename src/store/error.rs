@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub use crate::nix::nar_check::CheckError;
+
 /// The index could not be read or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -61,36 +63,4 @@ pub enum SinkError {
     Stalled(u64),
     #[error("client went away")]
     ClientGone,
-}
-
-/// Why NAR bytes were refused. The messages name the narinfo field that was not kept, as
-/// clients and logs have always seen them.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CheckError {
-    #[error("upstream sent more than {field} ({size} bytes)")]
-    TooLong { field: &'static str, size: u64 },
-    #[error("{sent} bytes came, {field} says {size}")]
-    WrongSize {
-        sent: u64,
-        field: &'static str,
-        size: u64,
-    },
-    #[error("NAR file does not match {0}")]
-    WrongFileHash(&'static str),
-    #[error("NAR is {got} bytes, NarSize says {size}")]
-    WrongNarSize { got: u64, size: u64 },
-    #[error("upstream announced {sent} bytes, the narinfo promises {promised}")]
-    Announced { sent: u64, promised: u64 },
-    #[error("NAR does not match NarHash")]
-    WrongNarHash,
-    #[error("NAR does not decompress as promised: {0}")]
-    Decompress(String),
-    #[error(
-        "cannot verify a `{0}` NAR without FileHash (supported: none, xz, bzip2, zstd, gzip, br)"
-    )]
-    Unsupported(String),
-    #[error("reading the stored file: {0}")]
-    Read(String),
-    #[error("verification stopped")]
-    Stopped,
 }

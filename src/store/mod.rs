@@ -7,7 +7,6 @@
 // The store's parts are its own; what others use is re-exported below (its face).
 mod buffers;
 mod check;
-mod decode;
 mod error;
 mod fill;
 mod import;
@@ -28,10 +27,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub use crate::nix::nar_check::Expected;
 pub use buffers::{freeze as freeze_buffer, take as take_buffer};
 use check::Verifier;
-pub use check::{check_nar, Expected};
-pub use decode::decoder;
 pub use error::{CheckError, IndexError, SinkError, StoreError};
 use fill::Fill;
 pub use fill::{

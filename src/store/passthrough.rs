@@ -4,9 +4,10 @@
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::check::{Expected, Verifier};
+use super::check::Verifier;
 use super::fill::ChunkSink;
 use super::read::ByteStream;
+use super::Expected;
 use super::{CheckError, SinkError, Store};
 
 /// Pass-through for when the cache cannot take the file (disk full, no narinfo known):

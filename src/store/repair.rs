@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::space::Ledger;
-use super::{check, Expected, IndexError, Store, StoreError, VerifyReport};
+use super::{Expected, IndexError, Store, StoreError, VerifyReport};
+use crate::nix::nar_check::check_nar;
 
 /// Stored files waiting for their NarHash check at most; past it a check is skipped (and
 /// `cache verify` still does it).
@@ -91,7 +92,7 @@ impl Store {
         let Ok(mut file) = File::open(self.blob_path(key)) else {
             return; // evicted meanwhile
         };
-        if let Err(reason) = check::check_nar(&mut file, expected) {
+        if let Err(reason) = check_nar(&mut file, expected) {
             tracing::warn!(nar = %key, %reason, "a stored NAR does not match its signed NarHash; removed");
             self.count_verification_failure();
             self.drop_stored(key);
@@ -201,11 +202,9 @@ impl Store {
             let path = self.blob_path(&key);
             let promise = self.nar(&key).map(|row| row.source.expected);
             let keeps_promise = || {
-                let mut file =
-                    File::open(&path).map_err(|e| check::CheckError::Read(e.to_string()))?;
-                promise
-                    .as_ref()
-                    .map_or(Ok(()), |p| check::check_nar(&mut file, p))
+                let mut file = File::open(&path)
+                    .map_err(|e| crate::nix::nar_check::CheckError::Read(e.to_string()))?;
+                promise.as_ref().map_or(Ok(()), |p| check_nar(&mut file, p))
             };
             match hash_file(&path) {
                 Ok((size, sha)) if size == blob.size && sha == blob.sha256 => {

@@ -17,9 +17,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::check::{Expected, Verifier};
+use super::check::Verifier;
 use super::index::Blob;
 use super::read::read_at;
+use super::Expected;
 use super::{CheckError, SinkError, Store, StoreError};
 
 mod reader;

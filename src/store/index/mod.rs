@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::check::Expected;
+use super::Expected;
 
 mod durability;
 mod rows;

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::check::Expected;
+use crate::store::Expected;
 
 #[derive(Debug, Clone)]
 pub struct NarInfoRow {

@@ -1,9 +1,9 @@
 //! The compressions Nix writes NARs in (none, xz, bzip2, zstd, gzip, br), as writers that
-//! decompress into a sink: the NarHash check (`check.rs`) and push's NAR feed use them.
+//! decompress into a sink: the NarHash check (`nar_check.rs`) and push's NAR feed use them.
 
 use std::io::Write;
 
-use super::error::CheckError;
+use super::nar_check::CheckError;
 
 /// A writer that decompresses what it is given into `sink`. `flush` ends the stream: it
 /// fails if the stream was cut short.
