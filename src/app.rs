@@ -17,6 +17,7 @@ use crate::server::{Options, Site};
 use crate::site::SiteCache;
 use crate::status::{CacheStatus, Status};
 use crate::store::{Limits, Store};
+use crate::tasks::Tasks;
 use crate::upstream::{SiteRoute, Upstream};
 
 pub struct App {
@@ -31,6 +32,8 @@ pub struct App {
     pin_uids: Vec<u32>,
     /// `[site]`: what other sidecars pull through, and where.
     site: Option<SiteListener>,
+    /// Everything that runs in the background, told to stop at shutdown.
+    tasks: Tasks,
 }
 
 /// Why the daemon cannot start with this configuration.
@@ -140,14 +143,23 @@ impl App {
         }
         pin_uids.sort_unstable();
         pin_uids.dedup();
+        let tasks = Tasks::new();
         let site =
-            SiteCache::new(config, store.clone(), metrics.clone())?.map(|cache| SiteListener {
-                cache: Arc::new(cache),
-                listeners: Vec::new(),
-                acceptor: None,
+            SiteCache::new(config, store.clone(), metrics.clone(), tasks.clone())?.map(|cache| {
+                SiteListener {
+                    cache: Arc::new(cache),
+                    listeners: Vec::new(),
+                    acceptor: None,
+                }
             });
         let upstream_list = upstreams.iter().map(|u| u.upstream.clone()).collect();
-        let proxy = Proxy::new(upstreams, store.clone(), metrics.clone(), policy);
+        let proxy = Proxy::new(
+            upstreams,
+            store.clone(),
+            metrics.clone(),
+            policy,
+            tasks.clone(),
+        );
         Ok(App {
             proxy: Arc::new(proxy),
             identities,
@@ -157,6 +169,7 @@ impl App {
             metrics,
             pin_uids,
             site,
+            tasks,
             options: Options {
                 grace: config.shutdown_grace,
                 allowed_uids: config.allowed_uids.clone(),
@@ -197,14 +210,14 @@ impl App {
         // Every identity's token is obtained now and kept fresh, requests or not: health must
         // say a token file is missing before the first pull fails on it.
         for identity in &self.identities {
-            tokio::spawn(identity.clone().keep_fresh());
+            self.tasks
+                .spawn_until_stopped(identity.clone().keep_fresh());
         }
-        let (stop_pushing, pushing_stopped) = tokio::sync::oneshot::channel::<()>();
-        let pushing = self.pusher.clone().map(|pusher| {
-            tokio::spawn(pusher.run(async {
-                let _ = pushing_stopped.await;
-            }))
-        });
+        crate::systemd::spawn_watchdog(&self.tasks);
+        // Uploads in flight stop at shutdown; their paths stay queued on disk.
+        if let Some(pusher) = self.pusher.clone() {
+            self.tasks.spawn(pusher.run(self.tasks.stopping()));
+        }
         let (identities, upstreams, store, pusher) = (
             self.identities.clone(),
             self.upstreams.clone(),
@@ -219,23 +232,20 @@ impl App {
             self.pin_uids.clone(),
             status,
         );
-        let (site_stop, site_stopped) = tokio::sync::watch::channel(false);
-        let site_tasks = match self.site.take() {
-            Some(site) => site.serve(site_stopped),
-            None => Vec::new(),
+        if let Some(site) = self.site.take() {
+            site.serve(&self.tasks);
+        }
+        // Once shutdown starts, walks ahead of Nix and token refreshes stop, the site's
+        // listeners and the push queue wind down beside the main listeners, and downloads whose
+        // clients are gone may still finish into the cache: all within the grace.
+        let tasks = self.tasks.clone();
+        let shutdown = async move {
+            shutdown.await;
+            tasks.stop();
         };
         let deadline =
             crate::server::serve(listeners, Arc::new(site), self.options, shutdown).await;
-        let _ = site_stop.send(true);
-        for task in site_tasks {
-            let _ = task.await;
-        }
-        // Uploads in flight stop here; their paths stay queued on disk.
-        drop(stop_pushing);
-        if let Some(pushing) = pushing {
-            let _ = pushing.await;
-        }
-        // Downloads whose clients are gone may still be finishing into the cache.
+        self.tasks.wait(deadline).await;
         self.store.settle(deadline).await;
         self.store.flush_access_times();
     }
@@ -317,35 +327,29 @@ struct SiteListener {
 }
 
 impl SiteListener {
-    /// One task per listener, each ending once `stop` turns true and its requests are done.
-    fn serve(self, stop: tokio::sync::watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    /// One task per listener, each ending once shutdown starts and its requests are done.
+    fn serve(self, tasks: &Tasks) {
         let limits = || crate::http::listener::Limits {
             max_connections: 4096,
             read_timeout: std::time::Duration::from_secs(10),
             idle: std::time::Duration::from_secs(60),
             grace: std::time::Duration::from_secs(10),
         };
-        self.listeners
-            .into_iter()
-            .map(|listener| {
-                let (cache, acceptor, mut stop) =
-                    (self.cache.clone(), self.acceptor.clone(), stop.clone());
-                let admit = {
-                    let cache = cache.clone();
-                    move |remote| cache.admits(remote)
-                };
-                let handler = move |request| cache.clone().handle(request);
-                tokio::spawn(crate::http::listener::serve(
-                    listener,
-                    acceptor,
-                    limits(),
-                    admit,
-                    handler,
-                    async move {
-                        let _ = stop.wait_for(|stopped| *stopped).await;
-                    },
-                ))
-            })
-            .collect()
+        for listener in self.listeners {
+            let (cache, acceptor) = (self.cache.clone(), self.acceptor.clone());
+            let admit = {
+                let cache = cache.clone();
+                move |remote| cache.admits(remote)
+            };
+            let handler = move |request| cache.clone().handle(request);
+            tasks.spawn(crate::http::listener::serve(
+                listener,
+                acceptor,
+                limits(),
+                admit,
+                handler,
+                tasks.stopping(),
+            ));
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! `app` builds everything from the configuration and runs it. Data flows one way: `server`
 //! (HTTP to Nix) -> `proxy` (what to answer) -> `store` (the local cache) and `upstream` (HTTP
 //! to caches) -> `identity` (tokens). `nix` holds the pure formats; `status` is the snapshot
-//! health and metrics are made from; `sys` holds the only `unsafe` code.
+//! health and metrics are made from; `tasks` owns the background work; `sys` holds the only
+//! `unsafe` code.
 
 #![deny(unsafe_code)]
 
@@ -25,4 +26,5 @@ pub mod status;
 pub mod store;
 pub mod sys;
 pub mod systemd;
+pub mod tasks;
 pub mod upstream;

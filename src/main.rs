@@ -331,7 +331,6 @@ async fn serve(config: Config) -> Result<(), nix_sidecar::app::StartError> {
         }
     }
     nix_sidecar::systemd::ready();
-    nix_sidecar::systemd::spawn_watchdog();
     app.run(listeners, async {
         shutdown_signal().await;
         nix_sidecar::systemd::stopping();

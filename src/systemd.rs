@@ -37,8 +37,9 @@ pub fn stopping() {
 }
 
 /// Pings the watchdog at half the interval systemd asked for (`WatchdogSec=`), for as long as
-/// the runtime's timer keeps running: a wedged runtime stops the pings and gets restarted.
-pub fn spawn_watchdog() {
+/// the runtime's timer keeps running (a wedged runtime stops the pings and gets restarted) and
+/// the daemon serves.
+pub fn spawn_watchdog(tasks: &crate::tasks::Tasks) {
     let Some(usec) = std::env::var("WATCHDOG_USEC")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -46,7 +47,7 @@ pub fn spawn_watchdog() {
         return;
     };
     let interval = Duration::from_micros(usec) / 2;
-    tokio::spawn(async move {
+    tasks.spawn_until_stopped(async move {
         loop {
             send("WATCHDOG=1");
             tokio::time::sleep(interval).await;

@@ -256,3 +256,44 @@ async fn a_closure_list_is_prefetched_whole_from_stdin_or_a_file() {
         "{stderr}"
     );
 }
+
+/// SIGTERM while a prefetch walks a stalled upstream: the walk is background work the daemon
+/// owns, told to stop when shutdown starts, so the daemon exits at once instead of holding the
+/// prefetch's answer open for the whole grace, and the client is told the walk was cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_prefetch_walk_at_once_and_the_client_hears_it_was_cut() {
+    let fx = fixture();
+    let (upstream, _dir, mut sidecar) = setup("shutdown-grace = \"30s\"").await;
+    upstream.fault(
+        Target::NarInfo,
+        Fault::Delay(std::time::Duration::from_secs(60)),
+        None,
+    );
+    let (url, top) = (sidecar.url.clone(), fx.top.clone());
+    let prefetch = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_nix-sidecar"))
+            .args(["prefetch", "--url", &url, &top])
+            .output()
+            .unwrap()
+    });
+    // The walk is waiting on the upstream once its narinfo was asked for.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while upstream.count(".narinfo") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no narinfo asked");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let took = sidecar.stop();
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "exited after {took:?} (grace 30 s)\n{}",
+        sidecar.logs()
+    );
+    let out = prefetch.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reading the daemon's answer")
+            || stderr.contains("ended its answer before it was done"),
+        "{stderr}"
+    );
+}

@@ -123,8 +123,9 @@ fn revalidate_known(proxy: &Arc<Proxy>, text: &str) {
         .filter(|h| *h != info.hash_part())
         .map(str::to_string)
         .collect();
+    let tasks = proxy.tasks.clone();
     let proxy = proxy.clone();
-    tokio::spawn(async move {
+    tasks.spawn_until_stopped(async move {
         let walker = proxy.clone();
         let stale = tokio::task::spawn_blocking(move || stale_closure(&walker, roots))
             .await
@@ -200,8 +201,9 @@ fn closure_hints(proxy: &Arc<Proxy>, text: &str, upstream: usize) {
             return;
         }
     }
+    let tasks = proxy.tasks.clone();
     let proxy = proxy.clone();
-    tokio::spawn(async move {
+    tasks.spawn_until_stopped(async move {
         let hints = proxy.upstreams[upstream].closure_hints(&root).await;
         let offered = hints.len();
         let fresh: Vec<String> = hints
@@ -256,8 +258,9 @@ pub(super) fn nar_asked(proxy: &Arc<Proxy>, key: &str, client: Option<u32>) {
         taken
     };
     for key in keys {
+        let tasks = proxy.tasks.clone();
         let (proxy, running) = (proxy.clone(), ahead.running.clone());
-        tokio::spawn(async move {
+        tasks.spawn_until_stopped(async move {
             let Ok(_permit) = running.acquire_owned().await else {
                 return;
             };
@@ -281,8 +284,9 @@ fn prefetch_nar(proxy: &Arc<Proxy>, text: &str) {
     if proxy.store.nar(key).is_some_and(|row| row.blob.is_some()) {
         return;
     }
+    let tasks = proxy.tasks.clone();
     let (proxy, key) = (proxy.clone(), key.to_string());
-    tokio::spawn(async move {
+    tasks.spawn_until_stopped(async move {
         // The fill runs on its own; the reader handed back is not needed.
         drop(proxy.nar(&key, &Method::GET).await);
     });
@@ -328,13 +332,14 @@ fn look_ahead(proxy: &Arc<Proxy>, text: &str, depth: u32, budget: &Arc<AtomicUsi
             lookahead.seen.lock().unwrap().remove(hash);
             return;
         }
+        let tasks = proxy.tasks.clone();
         let (proxy, lookahead, hash, budget) = (
             proxy.clone(),
             lookahead.clone(),
             hash.to_string(),
             budget.clone(),
         );
-        tokio::spawn(async move {
+        tasks.spawn_until_stopped(async move {
             let permit = lookahead.running.acquire().await;
             let (answer, source) = proxy.resolve(&hash).await;
             drop(permit);

@@ -20,6 +20,7 @@ use crate::metrics::{Kind, Metrics};
 use crate::nix::narinfo::TrustedKeys;
 use crate::store::{ByteStream, Expected, FillReader, FillState, PassThrough};
 use crate::store::{Slot, Store};
+use crate::tasks::Tasks;
 use crate::upstream::{Answer, Upstream, UpstreamError};
 
 pub enum NarInfoAnswer {
@@ -146,6 +147,8 @@ pub struct Proxy {
     nars_ahead: Option<Arc<lookahead::NarsAhead>>,
     /// Roots whose closure hints are being asked of a site (see `lookahead`).
     hinted: Mutex<std::collections::HashSet<String>>,
+    /// Downloads into the cache and walks ahead of Nix run here, owned by the daemon.
+    tasks: Tasks,
 }
 
 /// The index partition of an upstream's narinfos: one identity's view must not answer for
@@ -166,6 +169,7 @@ impl Proxy {
         store: Store,
         metrics: Arc<Metrics>,
         policy: Policy,
+        tasks: Tasks,
     ) -> Proxy {
         Proxy {
             partitions: upstreams.iter().map(|u| u.partition.clone()).collect(),
@@ -187,6 +191,7 @@ impl Proxy {
             misses: Mutex::default(),
             flights: Mutex::default(),
             hinted: Mutex::default(),
+            tasks,
         }
     }
 
@@ -270,7 +275,7 @@ impl Proxy {
             Slot::Join(reader) => reader,
             Slot::Lead(writer, reader) => {
                 // The fill runs on its own: clients that go away do not stop it.
-                tokio::spawn(download::fill(
+                self.tasks.spawn(download::fill(
                     up.clone(),
                     source,
                     writer,

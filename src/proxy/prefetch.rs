@@ -54,7 +54,8 @@ pub fn start(
         paths_total: roots.len() as u64,
         ..Progress::default()
     });
-    tokio::spawn(walk(proxy, roots, pin_until, tx));
+    let tasks = proxy.tasks.clone();
+    tasks.spawn_until_stopped(walk(proxy, roots, pin_until, tx));
     rx
 }
 

@@ -246,7 +246,15 @@ async fn prefetch(site: &Site, request: Request<Incoming>) -> Response<Body> {
                 return;
             }
             let half_a_second = std::time::Duration::from_millis(500);
-            let _ = tokio::time::timeout(half_a_second, progress.wait_for(|p| p.done)).await;
+            let done = tokio::time::timeout(half_a_second, progress.wait_for(|p| p.done));
+            let walk_gone = matches!(done.await, Ok(Err(_)));
+            if walk_gone {
+                // The walk was stopped (shutdown) before it was done: cut the answer, so the
+                // client does not take it for a whole one.
+                let stopped = std::io::Error::other("the daemon is shutting down");
+                let _ = tx.send(Err(stopped)).await;
+                return;
+            }
         }
     });
     Response::builder()

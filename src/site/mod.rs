@@ -22,6 +22,7 @@ use crate::nix::request::{self, CachePath};
 use crate::proxy::download;
 use crate::server::body::{self, Body};
 use crate::store::{stream_file, Expected, NarSource, NewNarInfo, Slot, Store};
+use crate::tasks::Tasks;
 use crate::upstream::{Answer, Upstream, UpstreamError, UPSTREAM_HEADER};
 use entitled::{Caller, Entitlements};
 
@@ -33,6 +34,8 @@ pub struct SiteCache {
     narinfo_ttl: Duration,
     entitled: Entitlements,
     pub config: SiteConfig,
+    /// The fills the site starts run here, owned by the daemon.
+    tasks: Tasks,
 }
 
 impl SiteCache {
@@ -40,6 +43,7 @@ impl SiteCache {
         config: &Config,
         store: Store,
         metrics: Arc<Metrics>,
+        tasks: Tasks,
     ) -> Result<Option<SiteCache>, crate::http::UpstreamClientError> {
         let Some(site) = &config.site else {
             return Ok(None);
@@ -66,6 +70,7 @@ impl SiteCache {
             narinfo_ttl: config.narinfo_ttl,
             entitled: Entitlements::default(),
             config: site.clone(),
+            tasks,
         }))
     }
 
@@ -305,7 +310,7 @@ impl SiteCache {
                     let subject = caller.subject.clone();
                     // The fill runs to its end whoever is still reading: the next machine
                     // finds it stored.
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         let answer = match source {
                             Some(url) => {
                                 up.fetch_for_caller(&url, Method::GET, auth.as_ref()).await
