@@ -128,7 +128,9 @@ impl App {
             required: policy.require_signatures,
             signer: config.push_signing_key.clone(),
         };
-        let pusher = push_targets(config, &identities)?
+        let upstream_list: Vec<Arc<Upstream>> =
+            upstreams.iter().map(|u| u.upstream.clone()).collect();
+        let pusher = push_targets(config, &upstream_list, &identities)?
             .map(|(targets, partition)| Pusher::open(targets, store.clone(), partition, trust))
             .transpose()
             .map_err(StartError::Push)?;
@@ -152,7 +154,6 @@ impl App {
                     acceptor: None,
                 }
             });
-        let upstream_list = upstreams.iter().map(|u| u.upstream.clone()).collect();
         let proxy = Proxy::new(
             upstreams,
             store.clone(),
@@ -256,6 +257,7 @@ impl App {
 #[allow(clippy::type_complexity)]
 fn push_targets(
     config: &Config,
+    upstreams: &[Arc<Upstream>],
     identities: &[Arc<Identity>],
 ) -> Result<Option<(Vec<Arc<Target>>, String)>, StartError> {
     let mut targets = Vec::new();
@@ -263,7 +265,7 @@ fn push_targets(
     // One client for the upstreams without a CA file of their own (the system roots are read
     // once).
     let mut shared = None;
-    for up in &config.upstreams {
+    for (up, upstream) in config.upstreams.iter().zip(upstreams) {
         let Some(push) = &up.push else { continue };
         let client = match (&up.ca_file, &shared) {
             (None, Some(client)) => Clone::clone(client),
@@ -284,8 +286,7 @@ fn push_targets(
             .and_then(|name| identities.iter().find(|i| i.name() == name).cloned());
         partition_of_first.get_or_insert_with(|| partition(up));
         targets.push(Arc::new(Target::new(
-            &up.name,
-            &up.url,
+            upstream.clone(),
             push.clone(),
             identity,
             up.auth.clone(),

@@ -59,6 +59,18 @@ pub struct UpstreamHealth {
     /// down costs speed, not substitutions: it does not make the machine unhealthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub site: Option<SiteHealth>,
+    /// Requests made to push here (once there was one). A failed push is retried by the queue
+    /// and reported under `push` too; it does not make the machine unhealthy for pulls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pushes: Option<Outcomes>,
+}
+
+/// When requests last succeeded and failed, and why the last failure.
+#[derive(Default, Clone, serde::Serialize)]
+pub struct Outcomes {
+    pub last_success: Option<u64>,
+    pub last_failure: Option<u64>,
+    pub last_error: Option<String>,
 }
 
 #[derive(Clone, serde::Serialize)]

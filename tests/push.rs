@@ -466,11 +466,32 @@ async fn a_pull_only_identity_fails_for_good_reported_everywhere_without_a_retry
         "{}",
         health.text()
     );
+    // The upstream's own line says so too (pushes go through its one `send`), without
+    // making pulls look unhealthy there.
+    let json: serde_json::Value = serde_json::from_str(&health.text()).unwrap();
+    let line = json["upstreams"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|u| u.get("pushes").is_some())
+        .unwrap_or_else(|| panic!("no upstream line with pushes: {json}"));
+    let said = line["pushes"]["last_error"].as_str().unwrap_or_default();
+    assert!(said.contains("may not push"), "{json}");
+    assert!(line["pushes"]["last_failure"].as_u64().is_some(), "{json}");
     let metrics = get(&format!("{}/_sidecar/metrics", builder.url), "GET", &[])
         .await
         .text();
     assert!(
         metrics.contains("nix_sidecar_push_failures_total 3"),
+        "{metrics}"
+    );
+    // The refused push is counted with every other request to the upstream.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nix_sidecar_upstream_requests_total{")
+                && l.contains("status=\"403\"")
+                && l.ends_with(" 1")),
         "{metrics}"
     );
     assert!(

@@ -1,6 +1,7 @@
 //! One upstream as an upload target, in its protocol (docs/push.md): Attic's API, FlakeHub
-//! (a project lookup, then Attic's API), or a plain Nix HTTP cache. Answers are reduced to
-//! what the queue decides on: done, try again later, or failed for good.
+//! (a project lookup, then Attic's API), or a plain Nix HTTP cache. Every request goes through
+//! the upstream's one `send` (token, 401 rule, scrubbing, metrics), as pulls do; answers are
+//! reduced to what the queue decides on: done, try again later, or failed for good.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use hyper::body::Incoming;
 use url::Url;
 
@@ -16,9 +17,9 @@ use super::info::PathInfo;
 use super::nar::{self, Feed, UploadBody};
 use super::queue::{Entry, Origin};
 use crate::config::{Auth, PushConfig, PushProtocol};
-use crate::http::{display_url, read_limited, snippet};
+use crate::http::{display_url, read_limited};
 use crate::identity::Identity;
-use crate::upstream::{error_chain, Credential, Refused};
+use crate::upstream::{Credential, Outgoing, Unanswered, Upstream};
 
 pub type UploadClient = crate::http::ClientFor<UploadBody>;
 
@@ -43,8 +44,9 @@ pub enum PushError {
 pub struct Target {
     pub name: String,
     pub config: PushConfig,
-    /// The upstream's URL, ending in `/`.
-    base: Url,
+    /// The upstream as pulls see it: its URL, and the `send` every request goes through.
+    upstream: Arc<Upstream>,
+    /// The identity pushes speak for (`push.identity`, else none).
     identity: Option<Arc<Identity>>,
     /// How a plain HTTP cache takes the token (Attic's API always takes a Bearer token).
     auth: Auth,
@@ -55,17 +57,16 @@ pub struct Target {
 
 impl Target {
     pub fn new(
-        name: &str,
-        url: &Url,
+        upstream: Arc<Upstream>,
         config: PushConfig,
         identity: Option<Arc<Identity>>,
         auth: Auth,
         client: UploadClient,
     ) -> Target {
         Target {
-            name: name.to_string(),
+            name: upstream.name().to_string(),
             config,
-            base: with_slash(url),
+            upstream,
             identity,
             auth,
             client,
@@ -141,7 +142,7 @@ impl Target {
 
     /// Whether a plain HTTP cache has `<hash>.narinfo`.
     async fn has_narinfo(&self, hash: &str) -> Result<bool, PushError> {
-        let url = self.join(&self.base, &format!("{hash}.narinfo"))?;
+        let url = self.join(self.upstream.base(), &format!("{hash}.narinfo"))?;
         let response = self
             .send(
                 Method::GET,
@@ -231,11 +232,11 @@ impl Target {
             http::header::CONTENT_TYPE,
             "application/x-nix-nar".to_string(),
         )];
-        let url = self.join(&self.base, &nar_url)?;
+        let url = self.join(self.upstream.base(), &nar_url)?;
         let make = || nar::body(feed(), info, Bytes::new(), size);
         self.send(Method::PUT, &url, &self.auth, &nar_type, make, false)
             .await?;
-        let url = self.join(&self.base, &format!("{}.narinfo", info.hash()))?;
+        let url = self.join(self.upstream.base(), &format!("{}.narinfo", info.hash()))?;
         let text_type = [(http::header::CONTENT_TYPE, "text/x-nix-narinfo".to_string())];
         let narinfo = Bytes::from(narinfo);
         self.send(
@@ -257,7 +258,7 @@ impl Target {
             PushProtocol::FlakeHub { api, project } => {
                 let mut known = self.flakehub_cache.lock().await;
                 if let Some(cache) = known.as_ref() {
-                    return Ok((self.base.clone(), cache.clone()));
+                    return Ok((self.upstream.base().clone(), cache.clone()));
                 }
                 let path = match project {
                     Some(project) => format!("project/{project}"),
@@ -295,7 +296,7 @@ impl Target {
                     project.organization_uuid_v7, project.project_uuid_v7
                 );
                 *known = Some(cache.clone());
-                Ok((self.base.clone(), cache))
+                Ok((self.upstream.base().clone(), cache))
             }
             PushProtocol::Http => unreachable!("plain HTTP caches have no Attic API"),
         }
@@ -303,7 +304,7 @@ impl Target {
 
     /// Where the upstream serves `rel` (a narinfo's `URL:`), as a pull would fetch it.
     pub fn resolve(&self, rel: &str) -> Option<Url> {
-        self.base.join(rel).ok()
+        self.upstream.resolve(rel)
     }
 
     fn join(&self, base: &Url, rel: &str) -> Result<Url, PushError> {
@@ -311,83 +312,84 @@ impl Target {
             .map_err(|e| PushError::Fatal(format!("cannot make a URL of {rel}: {e}")))
     }
 
-    /// One request with the push identity's token; a 401 gets one fresh token and one more
-    /// try (`make_body` is called again). `missing_ok`: a 404 is an answer, not a failure.
+    /// One request with the push identity's token, through the upstream's `send` (a 401
+    /// gets one fresh token and one more try; `make_body` is called again). `missing_ok`: a
+    /// 404 is an answer, not a failure. The outcome goes into the upstream's health.
     async fn send(
         &self,
         method: Method,
         url: &Url,
         auth: &Auth,
         headers: &[(http::HeaderName, String)],
-        make_body: impl Fn() -> UploadBody,
+        make_body: impl Fn() -> UploadBody + Send + Sync,
         missing_ok: bool,
     ) -> Result<Response<Incoming>, PushError> {
         let mut credential = Credential::of(self.identity.as_ref(), auth);
-        loop {
-            let header = credential.header().await.map_err(|e| {
-                PushError::Retry(format!("no token for upstream `{}`: {e}", self.name))
-            })?;
-            let body = make_body();
-            let mut request = Request::builder()
-                .method(method.clone())
-                .uri(url.as_str())
-                .header(http::header::USER_AGENT, crate::http::USER_AGENT)
-                .header(
-                    http::header::CONTENT_LENGTH,
-                    hyper::body::Body::size_hint(&body).lower(),
-                );
-            for (name, value) in headers {
-                request = request.header(name, value);
-            }
-            if let Some(header) = header {
-                request = request.header(http::header::AUTHORIZATION, header);
-            }
-            let request = request
-                .body(body)
-                .map_err(|e| PushError::Fatal(format!("cannot build the request: {e}")))?;
-            let response = self.client.request(request).await.map_err(|e| {
-                PushError::Retry(format!(
-                    "{} {}: {}",
-                    method,
-                    display_url(url),
-                    error_chain(&e)
-                ))
-            })?;
-            let status = response.status();
-            if status.is_success() || (missing_ok && status == StatusCode::NOT_FOUND) {
-                return Ok(response);
-            }
-            if status == StatusCode::UNAUTHORIZED {
-                if let Refused::Retry = credential.refused() {
-                    continue;
+        let out = Outgoing {
+            method: method.clone(),
+            url,
+            headers,
+            body: &make_body,
+            // An Attic server or FlakeHub's API may live elsewhere than the cache itself.
+            credential_for: url.origin(),
+            timeout: None,
+            via_site: false,
+        };
+        let sent = self
+            .upstream
+            .send(&self.client, &mut credential, &out)
+            .await;
+        let outcome = match sent {
+            Ok(response) => {
+                let status = response.status();
+                if status.is_success() || (missing_ok && status == StatusCode::NOT_FOUND) {
+                    Ok(response)
+                } else {
+                    let what = format!(
+                        "{method} {} answered HTTP {}: {}",
+                        display_url(url),
+                        status.as_u16(),
+                        credential.said(response).await
+                    );
+                    Err(self.judge(status, what))
                 }
             }
-            let said = read_limited(response.into_body(), 4096, Duration::from_secs(5))
-                .await
-                .unwrap_or_default();
-            let said = credential.scrub(&String::from_utf8_lossy(&said));
-            let what = format!(
-                "{method} {} answered HTTP {}: {}",
-                display_url(url),
-                status.as_u16(),
-                snippet(said.as_bytes())
-            );
-            return Err(match status {
-                StatusCode::UNAUTHORIZED => {
-                    PushError::Retry(format!("{what} (after a fresh token)"))
-                }
-                StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => PushError::Fatal(format!(
-                    "{what} (this identity may not push to upstream `{}`)",
-                    self.name
-                )),
-                s if s.is_server_error()
-                    || s == StatusCode::TOO_MANY_REQUESTS
-                    || s == StatusCode::REQUEST_TIMEOUT =>
-                {
-                    PushError::Retry(what)
-                }
-                _ => PushError::Fatal(what),
-            });
+            Err(Unanswered::Transport(e)) if e.is_transient() => Err(PushError::Retry(format!(
+                "{method} {}: {e}",
+                display_url(url)
+            ))),
+            Err(Unanswered::Transport(e)) => Err(PushError::Fatal(e.to_string())),
+            // The token could not be had, or was refused after a fresh one: it may be
+            // fixed later (a rotated secret, an identity provider back up).
+            Err(Unanswered::Refused(e)) => Err(PushError::Retry(e.to_string())),
+        };
+        self.upstream
+            .record_push(outcome.as_ref().map(drop).map_err(PushError::text));
+        outcome
+    }
+
+    /// Whether an upload refused with `status` is worth trying again.
+    fn judge(&self, status: StatusCode, what: String) -> PushError {
+        match status {
+            StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => PushError::Fatal(format!(
+                "{what} (this identity may not push to upstream `{}`)",
+                self.name
+            )),
+            s if s.is_server_error()
+                || s == StatusCode::TOO_MANY_REQUESTS
+                || s == StatusCode::REQUEST_TIMEOUT =>
+            {
+                PushError::Retry(what)
+            }
+            _ => PushError::Fatal(what),
+        }
+    }
+}
+
+impl PushError {
+    pub fn text(&self) -> &str {
+        match self {
+            PushError::Retry(text) | PushError::Fatal(text) => text,
         }
     }
 }

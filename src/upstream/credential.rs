@@ -4,10 +4,14 @@
 
 use std::sync::Arc;
 
-use http::HeaderValue;
+use std::time::Duration;
+
+use http::{HeaderValue, Response};
+use hyper::body::Incoming;
 
 use super::authorization;
 use crate::config::Auth;
+use crate::http::{read_limited, snippet};
 use crate::identity::{Identity, IdentityError, Token};
 use crate::secret::Secret;
 
@@ -107,6 +111,15 @@ impl<'a> Credential<'a> {
             Credential::Caller { .. } => Refused::Caller,
             Credential::Anonymous => Refused::NeedsIdentity,
         }
+    }
+
+    /// What a refusal said (its body's first bytes), scrubbed whole of the secret presented,
+    /// then cut and made printable: a token cut in half would slip through a scrub.
+    pub async fn said(&self, response: Response<Incoming>) -> String {
+        let body = read_limited(response.into_body(), 4096, Duration::from_secs(5))
+            .await
+            .unwrap_or_default();
+        snippet(self.scrub(&String::from_utf8_lossy(&body)).as_bytes())
     }
 
     /// `text` (an answer that may echo what was sent) without the secret presented.

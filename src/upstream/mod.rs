@@ -4,10 +4,10 @@
 //! to what the proxy needs: found, missing, or unavailable with a reason.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use url::Url;
@@ -15,7 +15,7 @@ use url::Url;
 use base64::Engine;
 
 use crate::config::Auth;
-use crate::http::{display_url, read_limited, snippet, Client};
+use crate::http::{display_url, Client, ClientFor};
 mod credential;
 mod resume;
 mod site;
@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 pub use crate::status::UpstreamHealth;
 pub use credential::{Credential, Refused};
 pub use site::{parse_hints, SiteRoute, UPSTREAM_HEADER};
-pub use transport::SendError;
+pub use transport::{Outgoing, SendError};
 
 /// Attempts for one request on 5xx, 429, timeouts and connection errors.
 const ATTEMPTS: u32 = 3;
@@ -35,7 +35,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const RETRY_BUDGET: Duration = Duration::from_secs(10);
 /// Time until the upstream's response headers arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-const MAX_REDIRECTS: usize = 5;
 
 pub enum Answer {
     Found(Response<Incoming>),
@@ -160,23 +159,34 @@ impl Upstream {
     /// GET (or HEAD) `url`, with every rule of the module doc applied.
     pub async fn fetch(&self, url: &Url, method: Method) -> Result<Answer, UpstreamError> {
         let result = self.fetch_inner(url, method).await;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .ok();
+        let now = crate::clock::unix_now();
         let mut health = self.health.lock().unwrap();
         match &result {
             Ok(_) => {
                 health.healthy = true;
-                health.last_success = now;
+                health.last_success = Some(now);
             }
             Err(e) => {
                 health.healthy = false;
-                health.last_failure = now;
+                health.last_failure = Some(now);
                 health.last_error = Some(e.to_string());
             }
         }
         result
+    }
+
+    /// How a request made to push here ended (`Err`: why it failed).
+    pub fn record_push(&self, outcome: Result<(), &str>) {
+        let now = crate::clock::unix_now();
+        let mut health = self.health.lock().unwrap();
+        let pushes = health.pushes.get_or_insert_with(Default::default);
+        match outcome {
+            Ok(()) => pushes.last_success = Some(now),
+            Err(why) => {
+                pushes.last_failure = Some(now);
+                pushes.last_error = Some(why.to_string());
+            }
+        }
     }
 
     async fn fetch_inner(&self, url: &Url, method: Method) -> Result<Answer, UpstreamError> {
@@ -206,94 +216,40 @@ impl Upstream {
         method: Method,
         mut credential: Credential<'_>,
     ) -> Result<Answer, UpstreamError> {
+        let empty = || Full::new(Bytes::new());
+        let out = Outgoing {
+            method,
+            url,
+            headers: &[],
+            body: &empty,
+            credential_for: self.base.origin(),
+            timeout: Some(HEADER_TIMEOUT),
+            via_site: true,
+        };
         let mut attempt = 0;
         let mut waited = Duration::ZERO;
         loop {
-            let header = credential
-                .header()
-                .await
-                .map_err(|source| UpstreamError::Identity {
-                    upstream: self.name.clone(),
-                    source,
-                })?;
-            let started = Instant::now();
-            let via_site = match &self.site {
-                Some(site) => {
-                    let answer = site.ask(&self.base, url, &method, header.as_ref()).await;
-                    if url.as_str().starts_with(self.base.as_str()) {
-                        self.metrics.site_routed(&self.name, answer.is_some());
-                    }
-                    answer
-                }
-                None => None,
-            };
-            let result = match via_site {
-                // The site acts with this request's credential: its answers count as the
-                // upstream's own (a 401 there is this token refused upstream).
-                Some(response) => Ok((response, true)),
-                None => self.send(url, &method, header).await,
-            };
-            self.metrics.upstream_answered(
-                &self.name,
-                result.as_ref().ok().map(|r| r.0.status().as_u16()),
-                started.elapsed(),
-            );
-            let retry_after = match result {
-                // A host that never got the token (a redirect target, a narinfo's absolute
-                // URL) says nothing about the token: it is not dropped.
-                Ok((response, false)) if response.status() == StatusCode::UNAUTHORIZED => {
-                    return Err(self.unavailable(
-                        "a host other than the upstream (which never got the token) answered 401"
-                            .into(),
-                    ));
-                }
-                Ok((response, _)) => match response.status() {
+            let (retry_after, detail) = match self.send(&self.client, &mut credential, &out).await {
+                Ok(response) => match response.status() {
                     s if s.is_success() => return Ok(Answer::Found(response)),
                     StatusCode::NOT_FOUND | StatusCode::GONE | StatusCode::FORBIDDEN => {
                         return Ok(Answer::Missing)
                     }
-                    StatusCode::UNAUTHORIZED => match credential.refused() {
-                        Refused::Retry => continue,
-                        Refused::Rejected { identity } => {
-                            let body =
-                                read_limited(response.into_body(), 4096, Duration::from_secs(5))
-                                    .await
-                                    .unwrap_or_default();
-                            // Scrubbed whole, then cut: a token cut in half would slip through.
-                            let body = snippet(
-                                credential.scrub(&String::from_utf8_lossy(&body)).as_bytes(),
-                            );
-                            tracing::warn!(upstream = %self.name, identity, answer = %body, "upstream rejected a fresh token");
-                            return Err(UpstreamError::Rejected {
-                                upstream: self.name.clone(),
-                                identity,
-                            });
-                        }
-                        Refused::Caller => {
-                            return Err(UpstreamError::CallerRejected {
-                                upstream: self.name.clone(),
-                            })
-                        }
-                        Refused::NeedsIdentity => {
-                            return Err(UpstreamError::NeedsIdentity {
-                                upstream: self.name.clone(),
-                            })
-                        }
-                    },
                     s if s == StatusCode::TOO_MANY_REQUESTS
                         || s == StatusCode::REQUEST_TIMEOUT
                         || s.is_server_error() =>
                     {
-                        let detail = format!("HTTP {}", s.as_u16());
-                        (parse_retry_after(&response), detail)
+                        (parse_retry_after(&response), format!("HTTP {}", s.as_u16()))
                     }
                     s => {
-                        return Err(self.unavailable(format!("unexpected HTTP {}", s.as_u16())));
+                        let detail = format!("unexpected HTTP {}", s.as_u16());
+                        return Err(self.unavailable(detail));
                     }
                 },
-                Err(detail) => (None, detail.to_string()),
+                Err(Unanswered::Transport(e)) if e.is_transient() => (None, e.to_string()),
+                Err(Unanswered::Transport(e)) => return Err(self.unavailable(e.to_string())),
+                Err(Unanswered::Refused(e)) => return Err(e),
             };
-            let (retry_after, detail) = retry_after;
             attempt += 1;
             if attempt >= ATTEMPTS {
                 return Err(self.unavailable(format!("{detail} after {attempt} attempts")));
@@ -313,87 +269,112 @@ impl Upstream {
         }
     }
 
+    /// One request to this upstream presenting `credential`, as pulls and pushes both make
+    /// them (`out` says what to send, with which client's body type): the token goes only to
+    /// the origin it is for; every answer is counted (`upstream_requests_total`); a 401 from
+    /// that origin gets one fresh token and one more try, then is a refusal, and what the
+    /// upstream said with it is logged scrubbed of the credential. Any other answer is the
+    /// caller's to read, whatever its status.
+    pub async fn send<B>(
+        &self,
+        client: &ClientFor<B>,
+        credential: &mut Credential<'_>,
+        out: &Outgoing<'_, B>,
+    ) -> Result<Response<Incoming>, Unanswered>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        loop {
+            let header = credential.header().await.map_err(|source| {
+                Unanswered::Refused(UpstreamError::Identity {
+                    upstream: self.name.clone(),
+                    source,
+                })
+            })?;
+            let started = Instant::now();
+            let via_site = match (&self.site, out.via_site) {
+                (Some(site), true) => {
+                    let answer = site.ask(&self.base, out.url, &out.method, header.as_ref());
+                    let answer = answer.await;
+                    if out.url.as_str().starts_with(self.base.as_str()) {
+                        self.metrics.site_routed(&self.name, answer.is_some());
+                    }
+                    answer
+                }
+                _ => None,
+            };
+            let result = match via_site {
+                // The site acts with this request's credential: its answers count as the
+                // upstream's own (a 401 there is this token refused upstream).
+                Some(response) => Ok((response, true)),
+                None => self.exchange(client, out, header.as_ref()).await,
+            };
+            self.metrics.upstream_answered(
+                &self.name,
+                result.as_ref().ok().map(|r| r.0.status().as_u16()),
+                started.elapsed(),
+            );
+            let (response, trusted) = result.map_err(Unanswered::Transport)?;
+            if response.status() != StatusCode::UNAUTHORIZED {
+                return Ok(response);
+            }
+            // A host that never got the token (a redirect target, a narinfo's absolute URL)
+            // says nothing about the token: it is not dropped.
+            if !trusted {
+                return Err(Unanswered::Refused(
+                    self.unavailable(
+                        "a host other than the upstream (which never got the token) answered 401"
+                            .into(),
+                    ),
+                ));
+            }
+            let refusal = match credential.refused() {
+                Refused::Retry => continue,
+                Refused::Rejected { identity } => {
+                    let said = credential.said(response).await;
+                    tracing::warn!(upstream = %self.name, identity, answer = %said, "upstream rejected a fresh token");
+                    UpstreamError::Rejected {
+                        upstream: self.name.clone(),
+                        identity,
+                    }
+                }
+                Refused::Caller => UpstreamError::CallerRejected {
+                    upstream: self.name.clone(),
+                },
+                Refused::NeedsIdentity => UpstreamError::NeedsIdentity {
+                    upstream: self.name.clone(),
+                },
+            };
+            return Err(Unanswered::Refused(refusal));
+        }
+    }
+
     fn unavailable(&self, detail: String) -> UpstreamError {
         UpstreamError::Unavailable {
             upstream: self.name.clone(),
             detail,
         }
     }
+}
 
-    /// Refuses URLs on link-local addresses (cloud metadata services), and loopback ones
-    /// unless the upstream itself is on loopback: a narinfo `URL:` or a redirect must not
-    /// turn the sidecar against this machine's own services.
-    fn check_target(&self, url: &Url) -> Result<(), SendError> {
-        let ip = match url.host() {
-            Some(url::Host::Ipv4(v4)) => std::net::IpAddr::V4(v4),
-            Some(url::Host::Ipv6(v6)) => std::net::IpAddr::V6(v6).to_canonical(),
-            _ => return Ok(()),
-        };
-        let link_local = match ip {
-            std::net::IpAddr::V4(v4) => v4.is_link_local(),
-            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-        };
-        let loopback_upstream = match self.base.host() {
-            Some(url::Host::Ipv4(v4)) => v4.is_loopback(),
-            Some(url::Host::Ipv6(v6)) => v6.is_loopback(),
-            Some(url::Host::Domain(d)) => d == "localhost",
-            None => false,
-        };
-        if link_local || (ip.is_loopback() && !loopback_upstream) {
-            return Err(SendError::Forbidden(display_url(url)));
-        }
-        Ok(())
-    }
+/// Why [`Upstream::send`] has no answer to give.
+#[derive(Debug)]
+pub enum Unanswered {
+    /// Nothing usable came back this time (no connection, no answer in time, a bad redirect).
+    Transport(SendError),
+    /// The credential could not be had or was refused for good, or a host that never got it
+    /// answered 401: asking again the same way will not change that.
+    Refused(UpstreamError),
+}
 
-    /// One request, following redirects. The token goes only to the upstream's own origin;
-    /// the flag says whether the final answer came from that origin.
-    async fn send(
-        &self,
-        url: &Url,
-        method: &Method,
-        authorization: Option<http::HeaderValue>,
-    ) -> Result<(Response<Incoming>, bool), SendError> {
-        let mut url = url.clone();
-        for _ in 0..=MAX_REDIRECTS {
-            self.check_target(&url)?;
-            let same_origin = url.origin() == self.base.origin();
-            let mut request = Request::builder()
-                .method(method.clone())
-                .uri(url.as_str())
-                .header("user-agent", crate::http::USER_AGENT);
-            if let (true, Some(value)) = (same_origin, &authorization) {
-                request = request.header(http::header::AUTHORIZATION, value.clone());
-            }
-            let request = request.body(Full::new(Bytes::new()))?;
-            let response =
-                match tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request)).await {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(e)) => {
-                        let (url, detail) = (display_url(&url), error_chain(&e));
-                        return Err(SendError::Failed { url, detail });
-                    }
-                    Err(_) => {
-                        let (url, secs) = (display_url(&url), HEADER_TIMEOUT.as_secs());
-                        return Err(SendError::NoAnswer { url, secs });
-                    }
-                };
-            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
-            {
-                return Ok((response, same_origin));
-            }
-            let location = response
-                .headers()
-                .get("location")
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| url.join(l).ok())
-                .ok_or_else(|| SendError::BadRedirect(display_url(&url)))?;
-            if !matches!(location.scheme(), "http" | "https") {
-                return Err(SendError::NotHttp);
-            }
-            tracing::debug!(from = %display_url(&url), to = %display_url(&location), "following redirect");
-            url = location;
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unanswered::Transport(e) => e.fmt(f),
+            Unanswered::Refused(e) => e.fmt(f),
         }
-        Err(SendError::TooManyRedirects(MAX_REDIRECTS))
     }
 }
 

@@ -3,12 +3,12 @@
 //! 206 whose range starts there is taken; anything else means the download cannot go on.
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use url::Url;
 
-use super::{Credential, SendError, Upstream, HEADER_TIMEOUT};
+use super::{Credential, Outgoing, SendError, Unanswered, Upstream, HEADER_TIMEOUT};
 use crate::http::display_url;
 
 impl Upstream {
@@ -17,28 +17,20 @@ impl Upstream {
         &self,
         url: &Url,
         offset: u64,
-    ) -> Result<Response<Incoming>, SendError> {
-        self.check_target(url)?;
+    ) -> Result<Response<Incoming>, Unanswered> {
         let mut credential = Credential::of(self.identity.as_ref(), &self.auth);
-        let header = credential.header().await?;
-        let mut request = Request::builder()
-            .uri(url.as_str())
-            .header(http::header::USER_AGENT, crate::http::USER_AGENT)
-            .header(http::header::RANGE, format!("bytes={offset}-"));
-        if let (true, Some(value)) = (url.origin() == self.base.origin(), header) {
-            request = request.header(http::header::AUTHORIZATION, value);
-        }
-        let request = request.body(Full::new(Bytes::new()))?;
-        let response = tokio::time::timeout(HEADER_TIMEOUT, self.client.request(request))
-            .await
-            .map_err(|_| SendError::NoAnswer {
-                url: display_url(url),
-                secs: HEADER_TIMEOUT.as_secs(),
-            })?
-            .map_err(|e| SendError::Failed {
-                url: display_url(url),
-                detail: super::error_chain(&e),
-            })?;
+        let empty = || Full::new(Bytes::new());
+        let range = [(http::header::RANGE, format!("bytes={offset}-"))];
+        let out = Outgoing {
+            method: Method::GET,
+            url,
+            headers: &range,
+            body: &empty,
+            credential_for: self.base.origin(),
+            timeout: Some(HEADER_TIMEOUT),
+            via_site: false,
+        };
+        let response = self.send(&self.client, &mut credential, &out).await?;
         let starts_there = response
             .headers()
             .get(http::header::CONTENT_RANGE)
@@ -48,11 +40,11 @@ impl Upstream {
             .and_then(|start| start.parse::<u64>().ok())
             == Some(offset);
         if response.status() != StatusCode::PARTIAL_CONTENT || !starts_there {
-            return Err(SendError::NoRange {
+            return Err(Unanswered::Transport(SendError::NoRange {
                 url: display_url(url),
                 offset,
                 status: response.status().as_u16(),
-            });
+            }));
         }
         Ok(response)
     }
