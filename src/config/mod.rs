@@ -17,6 +17,7 @@ use crate::nix::signing::SigningKey;
 
 mod file_upstream;
 mod identity;
+mod overrides;
 mod push;
 mod render;
 mod site;
@@ -28,6 +29,7 @@ pub use identity::{
     AutoKeys, AzureKeys, ExchangeConfig, IdentityConfig, ManagedIdentity, Provider,
     DEFAULT_NETRC_PATH, KUBERNETES_TOKEN_PATH,
 };
+pub use overrides::{Overrides, CLI_IDENTITY};
 pub use push::{PushConfig, PushProtocol};
 pub use site::{Network, SiteConfig};
 pub use units::{format_size, human_size, parse_duration, parse_size};
@@ -139,23 +141,6 @@ pub struct Config {
     pub site: Option<SiteConfig>,
 }
 
-/// Command-line values that override the file.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub listen: Vec<String>,
-    pub upstreams: Vec<String>,
-    pub cache_dir: Option<PathBuf>,
-    /// Replaces `allowed-uids` when not empty.
-    pub allowed_uids: Vec<u32>,
-    /// `--identity PROVIDER`: the command-line upstreams use this provider ...
-    pub identity: Option<String>,
-    /// ... for this `--audience`.
-    pub audience: Option<String>,
-}
-
-/// The name of the identity `--identity` creates.
-pub const CLI_IDENTITY: &str = "cli";
-
 impl Config {
     /// Loads `path` (if any), applies the overrides and validates.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
@@ -184,82 +169,9 @@ impl Config {
     }
 
     fn from_file(mut file: FileConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
-        if !overrides.listen.is_empty() {
-            file.listen = Some(overrides.listen.clone());
-        }
-        if overrides.cache_dir.is_some() {
-            file.cache_dir = overrides.cache_dir.clone();
-        }
-        if !overrides.allowed_uids.is_empty() {
-            file.allowed_uids = Some(overrides.allowed_uids.clone());
-        }
-        if let Some(provider) = &overrides.identity {
-            if overrides.upstreams.is_empty() {
-                return Err(invalid(
-                    "--identity",
-                    "gives the command-line upstreams an identity: name at least one with --upstream",
-                ));
-            }
-            if file.identity.contains_key(CLI_IDENTITY) {
-                return Err(invalid(
-                    format!("identity.{CLI_IDENTITY}"),
-                    "is the name --identity uses; rename it in the file",
-                ));
-            }
-            let mut table = toml::Table::new();
-            table.insert("provider".into(), provider.clone().into());
-            if let Some(audience) = &overrides.audience {
-                table.insert("audience".into(), audience.clone().into());
-            }
-            file.identity.insert(CLI_IDENTITY.into(), table);
-        } else if overrides.audience.is_some() {
-            return Err(invalid(
-                "--audience",
-                "is the audience of --identity, which is not given",
-            ));
-        }
-        for (i, url) in overrides.upstreams.iter().enumerate() {
-            // A preset's name or URL brings its keys (the quick start checks signatures).
-            let preset = upstream::preset_named_by(url);
-            let is_name = preset == Some(url.as_str());
-            file.upstream.push(FileUpstream {
-                name: Some(match (preset, is_name) {
-                    (Some(name), true) => name.to_string(),
-                    _ => format!("cli-{}", i + 1),
-                }),
-                url: (!is_name).then(|| url.clone()),
-                preset: preset.map(str::to_string),
-                identity: overrides
-                    .identity
-                    .as_ref()
-                    .map(|_| CLI_IDENTITY.to_string()),
-                ..FileUpstream::default()
-            });
-        }
-
+        overrides.apply_to(&mut file)?;
         let allow_remote = file.allow_remote.unwrap_or(false);
-        let listen = file
-            .listen
-            .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                let key = format!("listen[{i}]");
-                let addr: SocketAddr = text
-                    .parse()
-                    .map_err(|_| invalid(&key, format!("`{text}` is not an address:port")))?;
-                if !addr.ip().is_loopback() && !allow_remote {
-                    return Err(invalid(
-                        key,
-                        format!("{addr} is not a loopback address; set allow-remote = true to listen on it"),
-                    ));
-                }
-                Ok(addr)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if listen.is_empty() {
-            return Err(invalid("listen", "needs at least one address"));
-        }
+        let listen = check_listen(file.listen, allow_remote)?;
 
         let trusted_public_keys = file.trusted_public_keys.unwrap_or_default();
         TrustedKeys::parse(&trusted_public_keys)
@@ -272,57 +184,16 @@ impl Config {
         }
 
         let push_signing_key = match &file.push_signing_key_file {
+            Some(path) => Some(Arc::new(read_signing_key(path)?)),
             None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    invalid(
-                        "push-signing-key-file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                let key = SigningKey::parse(&text).map_err(|e| {
-                    invalid("push-signing-key-file", format!("{}: {e}", path.display()))
-                })?;
-                Some(Arc::new(key))
-            }
         };
         let unavailable = match &file.unavailable {
             Some(value) => Unavailable::parse("unavailable", value)?,
             None => Unavailable::Fail,
         };
-        let mut upstreams: Vec<UpstreamConfig> = Vec::new();
         let mut all_keys = trusted_public_keys.clone();
-        if let Some(key) = &push_signing_key {
-            all_keys.push(key.public());
-        }
-        for (i, up) in file.upstream.into_iter().enumerate() {
-            let checked = upstream::check(i, up, &identities, &upstreams, unavailable)?;
-            for k in &checked.trusted_public_keys {
-                if !all_keys.contains(k) {
-                    all_keys.push(k.clone());
-                }
-            }
-            upstreams.push(checked);
-        }
-
-        let size = |key: &str, value: Option<String>, default: u64| match value {
-            Some(text) => parse_size(&text).ok_or_else(|| {
-                invalid(
-                    key,
-                    format!("`{text}` is not a size such as \"20GiB\" or \"500MB\""),
-                )
-            }),
-            None => Ok(default),
-        };
-        let duration = |key: &str, value: Option<String>, default: Duration| match value {
-            Some(text) => parse_duration(&text).ok_or_else(|| {
-                invalid(
-                    key,
-                    format!("`{text}` is not a duration such as \"1h\" or \"30s\""),
-                )
-            }),
-            None => Ok(default),
-        };
+        all_keys.extend(push_signing_key.as_ref().map(|key| key.public()));
+        let upstreams = check_upstreams(file.upstream, &identities, unavailable, &mut all_keys)?;
 
         Ok(Config {
             listen,
@@ -354,6 +225,92 @@ impl Config {
             push_signing_key_file: file.push_signing_key_file,
             site: file.site.map(site::check).transpose()?,
         })
+    }
+}
+
+/// The listen addresses (the default one if none), each parsed and loopback unless
+/// `allow-remote`.
+fn check_listen(
+    listen: Option<Vec<String>>,
+    allow_remote: bool,
+) -> Result<Vec<SocketAddr>, ConfigError> {
+    let listen = listen
+        .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let key = format!("listen[{i}]");
+            let addr: SocketAddr = text
+                .parse()
+                .map_err(|_| invalid(&key, format!("`{text}` is not an address:port")))?;
+            if !addr.ip().is_loopback() && !allow_remote {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{addr} is not a loopback address; set allow-remote = true to listen on it"
+                    ),
+                ));
+            }
+            Ok(addr)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if listen.is_empty() {
+        return Err(invalid("listen", "needs at least one address"));
+    }
+    Ok(listen)
+}
+
+fn read_signing_key(path: &Path) -> Result<SigningKey, ConfigError> {
+    let key = "push-signing-key-file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    SigningKey::parse(&text).map_err(|e| invalid(key, format!("{}: {e}", path.display())))
+}
+
+/// Checks each `[[upstream]]` in order (a later one may not reuse an earlier one's name) and
+/// adds the keys they bring (presets) to `all_keys`.
+fn check_upstreams(
+    files: Vec<FileUpstream>,
+    identities: &BTreeMap<String, IdentityConfig>,
+    unavailable: Unavailable,
+    all_keys: &mut Vec<String>,
+) -> Result<Vec<UpstreamConfig>, ConfigError> {
+    let mut upstreams: Vec<UpstreamConfig> = Vec::new();
+    for (i, up) in files.into_iter().enumerate() {
+        let checked = upstream::check(i, up, identities, &upstreams, unavailable)?;
+        for k in &checked.trusted_public_keys {
+            if !all_keys.contains(k) {
+                all_keys.push(k.clone());
+            }
+        }
+        upstreams.push(checked);
+    }
+    Ok(upstreams)
+}
+
+/// A size key's value (`default` when absent).
+fn size(key: &str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
+    match value {
+        Some(text) => parse_size(&text).ok_or_else(|| {
+            invalid(
+                key,
+                format!("`{text}` is not a size such as \"20GiB\" or \"500MB\""),
+            )
+        }),
+        None => Ok(default),
+    }
+}
+
+/// A duration key's value (`default` when absent).
+fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        Some(text) => parse_duration(&text).ok_or_else(|| {
+            invalid(
+                key,
+                format!("`{text}` is not a duration such as \"1h\" or \"30s\""),
+            )
+        }),
+        None => Ok(default),
     }
 }
 

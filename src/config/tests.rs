@@ -164,3 +164,67 @@ fn allow_remote_unlocks_other_addresses() {
     let c = Config::parse_str("listen = [\"0.0.0.0:1\"]\nallow-remote = true").unwrap();
     assert!(!c.listen[0].ip().is_loopback());
 }
+
+/// What `check-config` prints reads back as the same configuration: rendering it again gives
+/// the same text, every section included (site, push, Basic auth, a full exchange).
+#[test]
+fn the_rendered_configuration_reads_back_as_itself() {
+    let text = r#"
+listen = ["127.0.0.1:4000", "[::1]:4000"]
+allowed-uids = [0, 1000]
+narinfo-ttl = "10m"
+trusted-public-keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+nar-lookahead = true
+
+[site]
+listen = ["127.0.0.1:4100"]
+allow-from = ["10.0.0.0/8", "127.0.0.1"]
+
+[[upstream]]
+name = "org"
+url = "https://cache.example.org/org-view"
+identity = "ci"
+unavailable = "miss"
+auth = "basic"
+username = "bot"
+site = "https://site.example.org"
+push = "attic"
+push-cache = "main"
+push-uids = [1000]
+push-skip-keys = ["skip-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+
+[[upstream]]
+name = "hub"
+url = "https://cache.flakehub.com"
+push = "flakehub"
+flakehub-project = "org/proj"
+
+[identity.ci]
+provider = "kubernetes"
+audience = "https://cache.example.org"
+[identity.ci.exchange]
+url = "https://cache.example.org/token?x=1"
+audience = "cache"
+scope = "cache:read"
+client-id = "fleet"
+subject-token-type = "urn:ietf:params:oauth:token-type:jwt"
+requested-token-type = "urn:ietf:params:oauth:token-type:access_token"
+"#;
+    let rendered = Config::parse_str(text).unwrap().render();
+    let again = Config::parse_str(&rendered)
+        .unwrap_or_else(|e| panic!("{e}\n{rendered}"))
+        .render();
+    assert_eq!(rendered, again);
+    for shown in [
+        "[site]",
+        "allow-from = [\"10.0.0.0/8\", \"127.0.0.1/32\"]",
+        "username = \"bot\"",
+        "push = \"attic\"",
+        "flakehub-project = \"org/proj\"",
+        "[identity.ci.exchange]",
+        "client-id = \"fleet\"",
+        "url = \"https://cache.example.org/token?[redacted]\"",
+    ] {
+        assert!(rendered.contains(shown), "{shown}\n{rendered}");
+    }
+}
