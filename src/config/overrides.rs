@@ -71,10 +71,7 @@ impl Overrides {
                 }),
                 url: (!is_name).then(|| url.clone()),
                 preset: preset.map(str::to_string),
-                identity: overrides
-                    .identity
-                    .as_ref()
-                    .map(|_| CLI_IDENTITY.to_string()),
+                identity: self.identity.as_ref().map(|_| CLI_IDENTITY.to_string()),
                 ..FileUpstream::default()
             });
         }
