@@ -43,19 +43,7 @@ pub(super) fn check(
 ) -> Result<Option<PushConfig>, ConfigError> {
     let key = |field: &str| format!("upstream[{i}].{field}");
     let Some(kind) = up.push.as_deref() else {
-        for (field, set) in [
-            ("push-skip-keys", up.push_skip_keys.is_some()),
-            ("push-uids", up.push_uids.is_some()),
-            ("push-identity", up.push_identity.is_some()),
-            ("push-cache", up.push_cache.is_some()),
-            ("flakehub-api", up.flakehub_api.is_some()),
-            ("flakehub-project", up.flakehub_project.is_some()),
-        ] {
-            if set {
-                return Err(invalid(key(field), "only means something with `push` set"));
-            }
-        }
-        return Ok(None);
+        return no_push_keys(&key, up).map(|()| None);
     };
     let only_for = |field: &str, set: bool, protocol: &str| {
         if set && kind != protocol {
@@ -75,52 +63,8 @@ pub(super) fn check(
         "flakehub",
     )?;
     let protocol = match kind {
-        "attic" => {
-            // The API is at the server's root: the URL without its last segment (the cache).
-            let segments: Vec<String> = url
-                .path_segments()
-                .map(|s| s.filter(|s| !s.is_empty()).map(str::to_string).collect())
-                .unwrap_or_default();
-            let mut server = url.clone();
-            if let Some((_, parent)) = segments.split_last() {
-                server.set_path(&format!("/{}", parent.join("/")));
-            }
-            let cache = up
-                .push_cache
-                .clone()
-                .or_else(|| segments.last().cloned())
-                .ok_or_else(|| {
-                    invalid(
-                        key("url"),
-                        "push = \"attic\" takes the cache name from the URL's last path segment, and this URL has none (or set push-cache)",
-                    )
-                })?;
-            if cache.is_empty() || cache.contains('/') {
-                return Err(invalid(key("push-cache"), "is not a cache name"));
-            }
-            PushProtocol::Attic { server, cache }
-        }
-        "flakehub" => {
-            let text = up.flakehub_api.as_deref().unwrap_or(FLAKEHUB_API);
-            let api = Url::parse(text)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https"))
-                .ok_or_else(|| {
-                    invalid(
-                        key("flakehub-api"),
-                        format!("`{text}` is not an http(s) URL"),
-                    )
-                })?;
-            if let Some(project) = &up.flakehub_project {
-                if project.split('/').count() != 2 || project.split('/').any(str::is_empty) {
-                    return Err(invalid(key("flakehub-project"), "is `owner/flake`"));
-                }
-            }
-            PushProtocol::FlakeHub {
-                api,
-                project: up.flakehub_project.clone(),
-            }
-        }
+        "attic" => attic(&key, up, url)?,
+        "flakehub" => flakehub(&key, up)?,
         "http" => PushProtocol::Http,
         other => {
             return Err(invalid(
@@ -156,6 +100,76 @@ pub(super) fn check(
         uids: up.push_uids.clone().unwrap_or_else(|| vec![0]),
         identity,
     }))
+}
+
+/// Without `push`, no push key may be set: it would be silently ignored.
+fn no_push_keys(key: &dyn Fn(&str) -> String, up: &FileUpstream) -> Result<(), ConfigError> {
+    for (field, set) in [
+        ("push-skip-keys", up.push_skip_keys.is_some()),
+        ("push-uids", up.push_uids.is_some()),
+        ("push-identity", up.push_identity.is_some()),
+        ("push-cache", up.push_cache.is_some()),
+        ("flakehub-api", up.flakehub_api.is_some()),
+        ("flakehub-project", up.flakehub_project.is_some()),
+    ] {
+        if set {
+            return Err(invalid(key(field), "only means something with `push` set"));
+        }
+    }
+    Ok(())
+}
+
+/// Attic: the API is at the server's root, the URL without its last segment (the cache).
+fn attic(
+    key: &dyn Fn(&str) -> String,
+    up: &FileUpstream,
+    url: &Url,
+) -> Result<PushProtocol, ConfigError> {
+    let segments: Vec<String> = url
+        .path_segments()
+        .map(|s| s.filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut server = url.clone();
+    if let Some((_, parent)) = segments.split_last() {
+        server.set_path(&format!("/{}", parent.join("/")));
+    }
+    let cache = up
+        .push_cache
+        .clone()
+        .or_else(|| segments.last().cloned())
+        .ok_or_else(|| {
+            invalid(
+                key("url"),
+                "push = \"attic\" takes the cache name from the URL's last path segment, and this URL has none (or set push-cache)",
+            )
+        })?;
+    if cache.is_empty() || cache.contains('/') {
+        return Err(invalid(key("push-cache"), "is not a cache name"));
+    }
+    Ok(PushProtocol::Attic { server, cache })
+}
+
+/// FlakeHub: its API (the public one unless `flakehub-api`), and `owner/flake` if given.
+fn flakehub(key: &dyn Fn(&str) -> String, up: &FileUpstream) -> Result<PushProtocol, ConfigError> {
+    let text = up.flakehub_api.as_deref().unwrap_or(FLAKEHUB_API);
+    let api = Url::parse(text)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| {
+            invalid(
+                key("flakehub-api"),
+                format!("`{text}` is not an http(s) URL"),
+            )
+        })?;
+    if let Some(project) = &up.flakehub_project {
+        if project.split('/').count() != 2 || project.split('/').any(str::is_empty) {
+            return Err(invalid(key("flakehub-project"), "is `owner/flake`"));
+        }
+    }
+    Ok(PushProtocol::FlakeHub {
+        api,
+        project: up.flakehub_project.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -143,14 +143,81 @@ pub(super) fn check(
         })?),
         None => None,
     };
-    let url_text = match (&up.url, &preset) {
+    let url = check_url(&key, &up, preset)?;
+    let auth = check_auth(&key, &up, preset)?;
+    let upstream_keys = match (&up.trusted_public_keys, &preset) {
+        (Some(keys), _) => keys.clone(),
+        (None, Some(p)) => p.keys.clone(),
+        (None, None) => vec![],
+    };
+    TrustedKeys::parse(&upstream_keys)
+        .map_err(|e| invalid(key("trusted-public-keys"), e.to_string()))?;
+    let insecure_http = up.insecure_http.unwrap_or(false);
+    if up.identity.is_some() && url.scheme() == "http" && !is_loopback_host(&url) && !insecure_http
+    {
+        return Err(invalid(
+                key("url"),
+                "sends this machine's token over plain http:// to another host; use https:// (or set insecure-http = true)",
+            ));
+    }
+    if insecure_http {
+        tracing::warn!(upstream = %url_text_for_log(&url), "insecure-http: the token crosses the network unencrypted");
+    }
+    let site = check_site(&key, &up, insecure_http)?;
+    let push = super::push::check(i, &up, &url, identities)?;
+    let name = check_name(&key, &up, i, earlier)?;
+    check_references(&key, &up, identities)?;
+    Ok(UpstreamConfig {
+        name,
+        url,
+        identity: up.identity,
+        ca_file: up.ca_file,
+        auth,
+        trusted_public_keys: upstream_keys,
+        insecure_http,
+        prefetch_nars: up.prefetch_nars.unwrap_or(false),
+        push,
+        unavailable,
+        site,
+        site_ca_file: up.site_ca_file,
+    })
+}
+
+/// `url` (or the preset's): http(s), with a host, and nothing a token could leak through.
+fn check_url(
+    key: &dyn Fn(&str) -> String,
+    up: &FileUpstream,
+    preset: Option<&Preset>,
+) -> Result<Url, ConfigError> {
+    let url_text = match (&up.url, preset) {
         (Some(url), _) => url.clone(),
         (None, Some(p)) => p.url.clone(),
         (None, None) => return Err(invalid(key("url"), "is required (or set a preset)")),
     };
     let url = Url::parse(&url_text)
         .map_err(|e| invalid(key("url"), format!("`{url_text}` is not a URL: {e}")))?;
-    let auth = match (up.auth.as_deref(), &up.username, &preset) {
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(
+            key("url"),
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() || has_userinfo(&url) {
+        return Err(invalid(
+            key("url"),
+            "must not carry a query, fragment or credentials (identities supply the token)",
+        ));
+    }
+    Ok(url)
+}
+
+/// `auth` and `username` (or the preset's way of presenting the token).
+fn check_auth(
+    key: &dyn Fn(&str) -> String,
+    up: &FileUpstream,
+    preset: Option<&Preset>,
+) -> Result<Auth, ConfigError> {
+    Ok(match (up.auth.as_deref(), &up.username, preset) {
         (Some("bearer"), None, _) => Auth::Bearer,
         (Some("basic"), Some(user), _) => Auth::Basic {
             username: user.clone(),
@@ -179,41 +246,19 @@ pub(super) fn check(
         },
         (None, None, Some(p)) => p.auth(),
         (None, None, None) => Auth::Bearer,
-    };
-    let upstream_keys = match (&up.trusted_public_keys, &preset) {
-        (Some(keys), _) => keys.clone(),
-        (None, Some(p)) => p.keys.clone(),
-        (None, None) => vec![],
-    };
-    TrustedKeys::parse(&upstream_keys)
-        .map_err(|e| invalid(key("trusted-public-keys"), e.to_string()))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(
-            key("url"),
-            "must be an http:// or https:// URL with a host",
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() || has_userinfo(&url) {
-        return Err(invalid(
-            key("url"),
-            "must not carry a query, fragment or credentials (identities supply the token)",
-        ));
-    }
-    let insecure_http = up.insecure_http.unwrap_or(false);
-    if up.identity.is_some() && url.scheme() == "http" && !is_loopback_host(&url) && !insecure_http
-    {
-        return Err(invalid(
-                key("url"),
-                "sends this machine's token over plain http:// to another host; use https:// (or set insecure-http = true)",
-            ));
-    }
-    if insecure_http {
-        tracing::warn!(upstream = %url_text_for_log(&url), "insecure-http: the token crosses the network unencrypted");
-    }
-    let site = check_site(&key, &up, insecure_http)?;
-    let push = super::push::check(i, &up, &url, identities)?;
+    })
+}
+
+/// The upstream's name (given, the preset's, or `upstream-N`): one word, used once.
+fn check_name(
+    key: &dyn Fn(&str) -> String,
+    up: &FileUpstream,
+    i: usize,
+    earlier: &[UpstreamConfig],
+) -> Result<String, ConfigError> {
     let name = up
         .name
+        .clone()
         .or(up.preset.clone())
         .unwrap_or_else(|| format!("upstream-{}", i + 1));
     if name.is_empty()
@@ -232,6 +277,15 @@ pub(super) fn check(
             format!("`{name}` names two upstreams"),
         ));
     }
+    Ok(name)
+}
+
+/// What the upstream refers to exists: its identity's table, its CA file.
+fn check_references(
+    key: &dyn Fn(&str) -> String,
+    up: &FileUpstream,
+    identities: &BTreeMap<String, IdentityConfig>,
+) -> Result<(), ConfigError> {
     if let Some(id) = &up.identity {
         if !identities.contains_key(id) {
             return Err(invalid(
@@ -248,20 +302,7 @@ pub(super) fn check(
             ));
         }
     }
-    Ok(UpstreamConfig {
-        name,
-        url,
-        identity: up.identity,
-        ca_file: up.ca_file,
-        auth,
-        trusted_public_keys: upstream_keys,
-        insecure_http,
-        prefetch_nars: up.prefetch_nars.unwrap_or(false),
-        push,
-        unavailable,
-        site,
-        site_ca_file: up.site_ca_file,
-    })
+    Ok(())
 }
 
 /// `site` and `site-ca-file`: the site gets this machine's token, so https:// unless it is on
