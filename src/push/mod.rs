@@ -311,7 +311,11 @@ impl Pusher {
         let mut sweep = tokio::time::interval(staging::ORPHAN_AFTER / 10);
         tokio::pin!(stop);
         loop {
-            let (checks, uploads, wake) = self.plan(AT_ONCE.saturating_sub(running.len()));
+            let plan::Plan {
+                checks,
+                uploads,
+                wake,
+            } = self.plan(AT_ONCE.saturating_sub(running.len()));
             for (target, keys) in checks {
                 running.spawn(self.clone().check(target, keys));
             }

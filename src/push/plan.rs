@@ -9,18 +9,27 @@ use super::queue::{self};
 use super::target::{self, Target};
 use super::{Live, Pusher};
 
+/// What to start now, and when to look again at the latest.
+pub(super) struct Plan {
+    /// Missing-path checks, a batch per upstream.
+    pub checks: Vec<(Arc<Target>, Vec<String>)>,
+    pub uploads: Vec<(Arc<Target>, String)>,
+    pub wake: Instant,
+}
+
+/// Whether a checked path may be uploaded now.
+enum Readiness {
+    Ready,
+    /// A reference is still queued.
+    Waiting,
+    /// A reference failed for good: this path never can go.
+    Doomed(String),
+}
+
 impl Pusher {
-    /// What to start now with `slots` free: missing-path checks (by upstream) and uploads;
-    /// and when to look again at the earliest.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn plan(
-        &self,
-        mut slots: usize,
-    ) -> (
-        Vec<(Arc<Target>, Vec<String>)>,
-        Vec<(Arc<Target>, String)>,
-        Instant,
-    ) {
+    /// What to start now with `slots` free: missing-path checks (by upstream) and uploads
+    /// whose references are all up, oldest first; paths that can never go are failed.
+    pub(super) fn plan(&self, mut slots: usize) -> Plan {
         let now = Instant::now();
         let mut wake = now + Duration::from_secs(3600);
         let mut state = self.state.lock().unwrap();
@@ -63,43 +72,16 @@ impl Pusher {
                 }
                 continue;
             }
-            let mut blocked = false;
-            for reference in &live.entry.info.references {
-                let ref_key =
-                    queue::key(&live.entry.upstream, &reference[..32.min(reference.len())]);
-                if ref_key == key {
-                    continue;
+            match readiness(&state.live, &key, live) {
+                Readiness::Ready if slots > 0 => {
+                    slots -= 1;
+                    uploads.push(key);
                 }
-                match state.live.get(&ref_key) {
-                    Some(r) if r.entry.failed.is_some() => {
-                        doomed.push((
-                            key.clone(),
-                            format!("its reference {reference} could not be uploaded"),
-                        ));
-                        blocked = true;
-                        break;
-                    }
-                    Some(_) => {
-                        blocked = true;
-                        break;
-                    }
-                    None => {}
-                }
-            }
-            if blocked {
-                continue;
-            }
-            if slots > 0 {
-                slots -= 1;
-                uploads.push(key);
+                Readiness::Doomed(reason) => doomed.push((key, reason)),
+                Readiness::Ready | Readiness::Waiting => {}
             }
         }
-        for keys in checks.values() {
-            for key in keys {
-                state.live.get_mut(key).expect("planned").running = true;
-            }
-        }
-        for key in &uploads {
+        for key in checks.values().flatten().chain(&uploads) {
             state.live.get_mut(key).expect("planned").running = true;
         }
         // Nothing can move while every waiting path waits for another: a reference cycle
@@ -117,26 +99,52 @@ impl Pusher {
         for (key, reason) in doomed {
             self.fail_for_good(&key, &reason);
         }
-        let target = |name: &str| {
-            self.targets
-                .iter()
-                .find(|t| t.name == name)
-                .cloned()
-                .expect("entries of unknown upstreams are not live")
-        };
         let checks = checks
             .into_iter()
-            .map(|(upstream, keys)| (target(&upstream), keys))
+            .map(|(upstream, keys)| (self.target(&upstream), keys))
             .collect();
         let uploads = uploads
             .into_iter()
             .map(|key| {
-                let upstream = key.split('\t').next().unwrap_or_default().to_string();
-                (target(&upstream), key)
+                let upstream = key.split('\t').next().unwrap_or_default();
+                (self.target(upstream), key)
             })
             .collect();
-        (checks, uploads, wake)
+        Plan {
+            checks,
+            uploads,
+            wake,
+        }
     }
+
+    fn target(&self, name: &str) -> Arc<Target> {
+        self.targets
+            .iter()
+            .find(|t| t.name == name)
+            .cloned()
+            .expect("entries of unknown upstreams are not live")
+    }
+}
+
+/// Whether the checked path `key` may go: each of its references (itself aside) must be up
+/// already, that is no longer queued.
+fn readiness(all: &BTreeMap<String, Live>, key: &str, live: &Live) -> Readiness {
+    for reference in &live.entry.info.references {
+        let ref_key = queue::key(&live.entry.upstream, &reference[..32.min(reference.len())]);
+        if ref_key == key {
+            continue;
+        }
+        match all.get(&ref_key) {
+            Some(r) if r.entry.failed.is_some() => {
+                return Readiness::Doomed(format!(
+                    "its reference {reference} could not be uploaded"
+                ))
+            }
+            Some(_) => return Readiness::Waiting,
+            None => {}
+        }
+    }
+    Readiness::Ready
 }
 
 /// The waiting paths that can never be uploaded because they wait for one another: what is
