@@ -70,42 +70,7 @@ impl App {
             .values()
             .map(|c| Arc::new(Identity::new(c, default_client.clone())))
             .collect();
-        let mut upstreams = Vec::new();
-        for up in &config.upstreams {
-            let client = match &up.ca_file {
-                Some(ca) => crate::http::client(Some(ca)).map_err(|source| {
-                    let upstream = up.name.clone();
-                    crate::http::UpstreamClientError { upstream, source }
-                })?,
-                None => default_client.clone(),
-            };
-            let identity = up
-                .identity
-                .as_ref()
-                .and_then(|name| identities.iter().find(|i| i.name() == name).cloned());
-            let mut upstream = Upstream::new(
-                &up.name,
-                &up.url,
-                identity,
-                up.auth.clone(),
-                client,
-                metrics.clone(),
-            );
-            if let Some(site) = &up.site {
-                let client =
-                    crate::http::site_client(up.site_ca_file.as_deref()).map_err(|source| {
-                        let upstream = up.name.clone();
-                        StartError::SiteClient { upstream, source }
-                    })?;
-                upstream = upstream.with_site(SiteRoute::new(site, client));
-            }
-            upstreams.push(UpstreamEntry {
-                upstream: Arc::new(upstream),
-                partition: partition(up),
-                prefetch_nars: up.prefetch_nars,
-                unavailable: up.unavailable,
-            });
-        }
+        let upstreams = upstream_entries(config, &identities, &default_client, &metrics)?;
         let store = Store::open(
             &config.cache_dir,
             Limits {
@@ -113,16 +78,7 @@ impl App {
                 min_free: config.min_free_space,
             },
         )?;
-        let policy = Policy {
-            trusted_keys: TrustedKeys::parse(&config.trusted_public_keys)
-                .map_err(|e| StartError::Keys(e.to_string()))?,
-            require_signatures: config.require_signatures,
-            narinfo_ttl: config.narinfo_ttl,
-            negative_ttl: config.negative_ttl,
-            priority: config.priority,
-            lookahead: config.narinfo_lookahead,
-            nar_lookahead: config.nar_lookahead,
-        };
+        let policy = policy(config)?;
         let trust = LocalTrust {
             keys: policy.trusted_keys.clone(),
             required: policy.require_signatures,
@@ -134,17 +90,6 @@ impl App {
             .map(|(targets, partition)| Pusher::open(targets, store.clone(), partition, trust))
             .transpose()
             .map_err(StartError::Push)?;
-        let mut pin_uids: Vec<u32> = config
-            .upstreams
-            .iter()
-            .filter_map(|u| u.push.as_ref())
-            .flat_map(|p| p.uids.iter().copied())
-            .collect();
-        if pin_uids.is_empty() {
-            pin_uids.push(0);
-        }
-        pin_uids.sort_unstable();
-        pin_uids.dedup();
         let tasks = Tasks::new();
         let site =
             SiteCache::new(config, store.clone(), metrics.clone(), tasks.clone())?.map(|cache| {
@@ -168,7 +113,7 @@ impl App {
             store,
             pusher,
             metrics,
-            pin_uids,
+            pin_uids: pin_uids(config),
             site,
             tasks,
             options: Options {
@@ -250,6 +195,82 @@ impl App {
         self.store.settle(deadline).await;
         self.store.flush_access_times();
     }
+}
+
+/// Each `[[upstream]]` as the proxy asks it: its client (its own CA, else the shared one),
+/// its identity, its site.
+fn upstream_entries(
+    config: &Config,
+    identities: &[Arc<Identity>],
+    default_client: &crate::http::Client,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<UpstreamEntry>, StartError> {
+    let mut upstreams = Vec::new();
+    for up in &config.upstreams {
+        let client = match &up.ca_file {
+            Some(ca) => crate::http::client(Some(ca)).map_err(|source| {
+                let upstream = up.name.clone();
+                crate::http::UpstreamClientError { upstream, source }
+            })?,
+            None => Clone::clone(default_client),
+        };
+        let identity = up
+            .identity
+            .as_ref()
+            .and_then(|name| identities.iter().find(|i| i.name() == name).cloned());
+        let mut upstream = Upstream::new(
+            &up.name,
+            &up.url,
+            identity,
+            up.auth.clone(),
+            client,
+            metrics.clone(),
+        );
+        if let Some(site) = &up.site {
+            let client =
+                crate::http::site_client(up.site_ca_file.as_deref()).map_err(|source| {
+                    let upstream = up.name.clone();
+                    StartError::SiteClient { upstream, source }
+                })?;
+            upstream = upstream.with_site(SiteRoute::new(site, client));
+        }
+        upstreams.push(UpstreamEntry {
+            upstream: Arc::new(upstream),
+            partition: partition(up),
+            prefetch_nars: up.prefetch_nars,
+            unavailable: up.unavailable,
+        });
+    }
+    Ok(upstreams)
+}
+
+fn policy(config: &Config) -> Result<Policy, StartError> {
+    Ok(Policy {
+        trusted_keys: TrustedKeys::parse(&config.trusted_public_keys)
+            .map_err(|e| StartError::Keys(e.to_string()))?,
+        require_signatures: config.require_signatures,
+        narinfo_ttl: config.narinfo_ttl,
+        negative_ttl: config.negative_ttl,
+        priority: config.priority,
+        lookahead: config.narinfo_lookahead,
+        nar_lookahead: config.nar_lookahead,
+    })
+}
+
+/// Who may pin and unpin: whoever may push somewhere (`push-uids`), else root.
+fn pin_uids(config: &Config) -> Vec<u32> {
+    let mut pin_uids: Vec<u32> = config
+        .upstreams
+        .iter()
+        .filter_map(|u| u.push.as_ref())
+        .flat_map(|p| p.uids.iter().copied())
+        .collect();
+    if pin_uids.is_empty() {
+        pin_uids.push(0);
+    }
+    pin_uids.sort_unstable();
+    pin_uids.dedup();
+    pin_uids
 }
 
 /// The upstreams that take pushes, as upload targets, and the cache partition pushed paths
