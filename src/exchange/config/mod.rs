@@ -141,30 +141,12 @@ impl ExchangeConfig {
         let listen: SocketAddr = listen_text
             .parse()
             .map_err(|_| invalid("listen", format!("`{listen_text}` is not ADDRESS:PORT")))?;
-        let tls = match (file.tls_cert, file.tls_key) {
-            (Some(cert), Some(key)) => {
-                for (name, p) in [("tls-cert", &cert), ("tls-key", &key)] {
-                    if !p.is_file() {
-                        return Err(invalid(
-                            name,
-                            format!("{} is not a readable file", p.display()),
-                        ));
-                    }
-                }
-                Some((cert, key))
-            }
-            (None, None) => None,
-            (Some(_), None) => return Err(invalid("tls-key", "is needed with tls-cert")),
-            (None, Some(_)) => return Err(invalid("tls-cert", "is needed with tls-key")),
-        };
-        match file.token_format.as_deref() {
-            None | Some("attic") => {}
-            Some(other) => {
-                return Err(invalid(
-                    "token-format",
-                    format!("`{other}` is not one of attic"),
-                ))
-            }
+        let tls = check_tls(file.tls_cert, file.tls_key)?;
+        if let Some(other) = file.token_format.as_deref().filter(|f| *f != "attic") {
+            return Err(invalid(
+                "token-format",
+                format!("`{other}` is not one of attic"),
+            ));
         }
         let signing_key_file = file.signing_key_file.ok_or_else(|| {
             invalid(
@@ -174,17 +156,7 @@ impl ExchangeConfig {
         })?;
         super::mint::Minter::load(&signing_key_file, None, None, DEFAULT_TTL)
             .map_err(|e| invalid("signing-key-file", e.to_string()))?;
-        let ttl = match &file.ttl {
-            None => DEFAULT_TTL,
-            Some(text) => parse_duration(text)
-                .filter(|d| *d >= Duration::from_secs(10) && *d <= Duration::from_secs(24 * 3600))
-                .ok_or_else(|| {
-                    invalid(
-                        "ttl",
-                        format!("`{text}` is not a duration between 10s and 24h"),
-                    )
-                })?,
-        };
+        let ttl = check_ttl(file.ttl.as_deref())?;
         let rate_limit = file.rate_limit.unwrap_or(DEFAULT_RATE_LIMIT);
         if rate_limit == 0 {
             return Err(invalid(
@@ -196,29 +168,7 @@ impl ExchangeConfig {
         for (i, issuer) in file.issuer.into_iter().enumerate() {
             issuers.push(check_issuer(i, issuer)?);
         }
-        let aws = file
-            .aws
-            .map(|aws| -> Result<AwsConfig, ConfigError> {
-                let sts_endpoint = aws
-                    .sts_endpoint
-                    .map(|text| {
-                        Url::parse(&text)
-                            .ok()
-                            .filter(|u| matches!(u.scheme(), "http" | "https"))
-                            .ok_or_else(|| {
-                                invalid(
-                                    "aws.sts-endpoint",
-                                    format!("`{text}` is not an http(s) URL"),
-                                )
-                            })
-                    })
-                    .transpose()?;
-                Ok(AwsConfig {
-                    audience: aws.audience,
-                    sts_endpoint,
-                })
-            })
-            .transpose()?;
+        let aws = file.aws.map(check_aws).transpose()?;
         if issuers.is_empty() && aws.is_none() {
             return Err(invalid("issuer", "trust at least one [[issuer]] or [aws]"));
         }
@@ -247,6 +197,65 @@ impl ExchangeConfig {
             rules,
         })
     }
+}
+
+/// `tls-cert` and `tls-key`: both or neither, each a readable file.
+fn check_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    Ok(match (cert, key) {
+        (Some(cert), Some(key)) => {
+            for (name, p) in [("tls-cert", &cert), ("tls-key", &key)] {
+                if !p.is_file() {
+                    return Err(invalid(
+                        name,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
+            Some((cert, key))
+        }
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("tls-key", "is needed with tls-cert")),
+        (None, Some(_)) => return Err(invalid("tls-cert", "is needed with tls-key")),
+    })
+}
+
+/// How long minted tokens live: between 10 s and a day.
+fn check_ttl(text: Option<&str>) -> Result<Duration, ConfigError> {
+    let Some(text) = text else {
+        return Ok(DEFAULT_TTL);
+    };
+    parse_duration(text)
+        .filter(|d| *d >= Duration::from_secs(10) && *d <= Duration::from_secs(24 * 3600))
+        .ok_or_else(|| {
+            invalid(
+                "ttl",
+                format!("`{text}` is not a duration between 10s and 24h"),
+            )
+        })
+}
+
+fn check_aws(aws: FileAws) -> Result<AwsConfig, ConfigError> {
+    let sts_endpoint = aws
+        .sts_endpoint
+        .map(|text| {
+            Url::parse(&text)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    invalid(
+                        "aws.sts-endpoint",
+                        format!("`{text}` is not an http(s) URL"),
+                    )
+                })
+        })
+        .transpose()?;
+    Ok(AwsConfig {
+        audience: aws.audience,
+        sts_endpoint,
+    })
 }
 
 fn check_issuer(i: usize, issuer: FileIssuer) -> Result<IssuerConfig, ConfigError> {
@@ -313,9 +322,21 @@ fn check_rule(
     aws: bool,
 ) -> Result<Rule, ConfigError> {
     let key = |field: &str| format!("rule[{i}].{field}");
+    let who = check_who(&key, &rule, issuers, aws)?;
+    let grant = check_grant(&key, rule.grant)?;
+    Ok(Rule { who, grant })
+}
+
+/// Whom a rule is for: an issuer's tokens (with claim patterns), or AWS callers.
+fn check_who(
+    key: &dyn Fn(&str) -> String,
+    rule: &FileRule,
+    issuers: &[IssuerConfig],
+    aws: bool,
+) -> Result<Who, ConfigError> {
     let glob =
         |field: &str, text: &str| Glob::new(text).map_err(|e| invalid(key(field), e.to_string()));
-    let who = match (&rule.issuer, &rule.aws_arn, &rule.aws_account) {
+    Ok(match (&rule.issuer, &rule.aws_arn, &rule.aws_account) {
         (Some(issuer), None, None) => {
             if !issuers.iter().any(|c| &c.url == issuer) {
                 return Err(invalid(
@@ -371,12 +392,19 @@ fn check_rule(
                 "a rule is for an issuer or for AWS, not both",
             ))
         }
-    };
-    if rule.grant.is_empty() {
+    })
+}
+
+/// What a rule grants: cache names (or prefixes ending in `*`), each pull and/or push.
+fn check_grant(
+    key: &dyn Fn(&str) -> String,
+    grants: BTreeMap<String, Vec<String>>,
+) -> Result<BTreeMap<String, Rights>, ConfigError> {
+    if grants.is_empty() {
         return Err(invalid(key("grant"), "grants nothing"));
     }
     let mut grant = BTreeMap::new();
-    for (pattern, rights) in rule.grant {
+    for (pattern, rights) in grants {
         if pattern.is_empty() || pattern[..pattern.len() - 1].contains('*') {
             return Err(invalid(
                 key("grant"),
@@ -398,5 +426,5 @@ fn check_rule(
         }
         grant.insert(pattern, parsed);
     }
-    Ok(Rule { who, grant })
+    Ok(grant)
 }
