@@ -43,6 +43,16 @@ async fn allowed(
     })
 }
 
+/// `HEAD /nar/<file>` before an upload: only a NAR Nix gave us, or one in the local cache
+/// (which its narinfo's PUT then takes from there), counts as there.
+pub fn head(pusher: &Pusher, key: &str) -> Response<Body> {
+    if key.strip_prefix("nar/").is_some_and(|f| pusher.has_nar(f)) {
+        text(StatusCode::OK, "")
+    } else {
+        text(StatusCode::NOT_FOUND, "not uploaded\n")
+    }
+}
+
 pub async fn nar(pusher: &Pusher, key: &str, request: Request<Incoming>) -> Response<Body> {
     if let Err(refusal) = allowed(pusher, &request).await {
         return refusal;

@@ -94,15 +94,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         .and_then(|p| p.uid);
     let name = route_name(&path);
     let response = match route(&method, path, site.pusher.as_ref()) {
-        Route::NotAllowed(allowed) => {
-            let mut r = text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "nix-sidecar is a read-only binary cache\n",
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, http::HeaderValue::from_static(allowed));
-            r
-        }
+        Route::NotAllowed(allowed) => not_allowed(allowed),
         Route::NotFound => text(StatusCode::NOT_FOUND, "not a binary cache path\n"),
         Route::Prefetch => prefetch(site, request).await,
         Route::Push(pusher) => push::request(pusher, request).await,
@@ -112,24 +104,8 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
         ),
         Route::PutNarInfo(pusher, hash) => push::narinfo(pusher, &hash, request).await,
         Route::PutNar(pusher, key) => push::nar(pusher, &key, request).await,
-        // Only a NAR Nix gave us, or one in the local cache (which its narinfo's PUT then
-        // takes from there), counts as there.
-        Route::HeadUploaded(pusher, key) => {
-            if key.strip_prefix("nar/").is_some_and(|f| pusher.has_nar(f)) {
-                text(StatusCode::OK, "")
-            } else {
-                text(StatusCode::NOT_FOUND, "not uploaded\n")
-            }
-        }
-        Route::Unpin => match site.may_pin(&request).map(|()| site.answers.unpin_all()) {
-            Err(why) => text(StatusCode::FORBIDDEN, why.to_string()),
-            Ok(Ok(n)) => typed(
-                StatusCode::OK,
-                "application/json",
-                format!("{{\"unpinned\": {n}}}\n"),
-            ),
-            Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-        },
+        Route::HeadUploaded(pusher, key) => push::head(pusher, &key),
+        Route::Unpin => unpin(site, &request),
         Route::CacheInfo => typed(StatusCode::OK, "text/x-nix-cache-info", proxy.cache_info()),
         Route::Health => health(&(site.status)()),
         Route::Metrics => typed(
@@ -137,14 +113,7 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
             crate::metrics::CONTENT_TYPE,
             site.metrics.render(&(site.status)()),
         ),
-        Route::NarInfo(hash) => match proxy.narinfo(&hash, client).await {
-            NarInfoAnswer::Found(text) => typed(StatusCode::OK, "text/x-nix-narinfo", text),
-            NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
-            NarInfoAnswer::Untrusted(reason) | NarInfoAnswer::Unknown(reason) => {
-                text(StatusCode::NOT_FOUND, format!("{reason}\n"))
-            }
-            NarInfoAnswer::Failed(failure) => failed(uri.path(), &failure),
-        },
+        Route::NarInfo(hash) => narinfo(proxy.narinfo(&hash, client).await, uri.path()),
         Route::Nar(key) if request.version() < Version::HTTP_11 => {
             // Without a length or chunking, the end of an HTTP/1.0 body is the connection's
             // end, which an aborted NAR also is: a failed download would look complete.
@@ -179,6 +148,40 @@ pub async fn handle(site: &Site, request: Request<Incoming>) -> Response<Body> {
     site.metrics.request(name, response.status().as_u16());
     tracing::debug!(%method, path = uri.path(), status = response.status().as_u16(), "request");
     response
+}
+
+fn not_allowed(allowed: &'static str) -> Response<Body> {
+    let mut r = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "nix-sidecar is a read-only binary cache\n",
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, http::HeaderValue::from_static(allowed));
+    r
+}
+
+fn narinfo(answer: NarInfoAnswer, path: &str) -> Response<Body> {
+    match answer {
+        NarInfoAnswer::Found(text) => typed(StatusCode::OK, "text/x-nix-narinfo", text),
+        NarInfoAnswer::Missing => text(StatusCode::NOT_FOUND, "not in any upstream's view\n"),
+        NarInfoAnswer::Untrusted(reason) | NarInfoAnswer::Unknown(reason) => {
+            text(StatusCode::NOT_FOUND, format!("{reason}\n"))
+        }
+        NarInfoAnswer::Failed(failure) => failed(path, &failure),
+    }
+}
+
+/// `POST /_sidecar/unpin`: lets every pinned NAR go (pinners only).
+fn unpin(site: &Site, request: &Request<Incoming>) -> Response<Body> {
+    match site.may_pin(request).map(|()| site.answers.unpin_all()) {
+        Err(why) => text(StatusCode::FORBIDDEN, why.to_string()),
+        Ok(Ok(n)) => typed(
+            StatusCode::OK,
+            "application/json",
+            format!("{{\"unpinned\": {n}}}\n"),
+        ),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
 }
 
 /// `POST /_sidecar/prefetch` with `{"paths": [...]}`: starts prefetching their closures and
