@@ -162,45 +162,20 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(local) = stream.local_addr() else { continue };
+                let Ok(local) = stream.local_addr() else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let (site, allowed_uids, builder) = (site.clone(), allowed_uids.clone(), builder.clone());
+                let (site, allowed_uids, builder) =
+                    (site.clone(), allowed_uids.clone(), builder.clone());
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let uid = match peer::uid_of(peer, local) {
-                        Ok(uid) => Some(uid),
-                        Err(e) => {
-                            tracing::debug!(%peer, reason = %e, "the connection's owner is not known");
-                            None
-                        }
+                    let accepted = Accepted {
+                        stream,
+                        peer,
+                        local,
                     };
-                    if !allowed_uids.is_empty() && !uid.is_some_and(|uid| allowed_uids.contains(&uid)) {
-                        tracing::warn!(%peer, ?uid, "connection refused: its owner is not in allowed-uids");
-                        return;
-                    }
-                    let peer = Peer { remote: peer, local, uid };
-                    let segments = Arc::new(sendfile::Segments::default());
-                    let service = {
-                        let segments = segments.clone();
-                        service_fn(move |mut request: Request<Incoming>| {
-                            request.extensions_mut().insert(segments.clone());
-                            request.extensions_mut().insert(peer);
-                            let site = site.clone();
-                            async move {
-                                let answer = match host::refusal(&request, local) {
-                                    Some(refused) => refused,
-                                    None => routes::handle(&site, request).await,
-                                };
-                                Ok::<_, Infallible>(answer)
-                            }
-                        })
-                    };
-                    let stream = sendfile::SendfileStream::new(stream, segments);
-                    let io = TokioIo::new(crate::http::idle::IdleTimeout::new(stream, HEADER_READ_TIMEOUT));
-                    let connection = watcher.watch(builder.serve_connection(io, service));
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
+                    serve_connection(accepted, site, &allowed_uids, builder, watcher).await;
                     drop(slot);
                 });
             }
@@ -222,4 +197,68 @@ pub async fn serve(
         );
     }
     deadline
+}
+
+/// A connection just accepted: its socket and both its ends.
+struct Accepted {
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+/// Serves one connection: its owner asked of the kernel once (and refused unless in
+/// `allowed_uids`), then HTTP/1.1 with keep-alive until it ends or shutdown closes it.
+async fn serve_connection(
+    accepted: Accepted,
+    site: Arc<Site>,
+    allowed_uids: &[u32],
+    builder: http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let Accepted {
+        stream,
+        peer,
+        local,
+    } = accepted;
+    let uid = match peer::uid_of(peer, local) {
+        Ok(uid) => Some(uid),
+        Err(e) => {
+            tracing::debug!(%peer, reason = %e, "the connection's owner is not known");
+            None
+        }
+    };
+    if !allowed_uids.is_empty() && !uid.is_some_and(|uid| allowed_uids.contains(&uid)) {
+        tracing::warn!(%peer, ?uid, "connection refused: its owner is not in allowed-uids");
+        return;
+    }
+    let peer = Peer {
+        remote: peer,
+        local,
+        uid,
+    };
+    let segments = Arc::new(sendfile::Segments::default());
+    let service = {
+        let segments = segments.clone();
+        service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(segments.clone());
+            request.extensions_mut().insert(peer);
+            let site = site.clone();
+            async move {
+                let answer = match host::refusal(&request, local) {
+                    Some(refused) => refused,
+                    None => routes::handle(&site, request).await,
+                };
+                Ok::<_, Infallible>(answer)
+            }
+        })
+    };
+    let stream = sendfile::SendfileStream::new(stream, segments);
+    let io = TokioIo::new(crate::http::idle::IdleTimeout::new(
+        stream,
+        HEADER_READ_TIMEOUT,
+    ));
+    let connection = watcher.watch(builder.serve_connection(io, service));
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }
