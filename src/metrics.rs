@@ -136,79 +136,87 @@ impl Metrics {
             site_subjects: Default::default(),
             registry: Registry::default(),
         };
-        let r = &mut registry;
+        metrics.register_all(&mut registry);
+        metrics.create_zeroes(upstreams);
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    fn register_all(&self, r: &mut Registry) {
         r.register(
             "requests",
             "Requests answered, by route and status",
-            metrics.requests.clone(),
+            self.requests.clone(),
         );
         r.register(
             "cache_hits",
             "Answers from the local cache",
-            metrics.cache_hits.clone(),
+            self.cache_hits.clone(),
         );
         r.register(
             "cache_misses",
             "Lookups the local cache could not answer",
-            metrics.cache_misses.clone(),
+            self.cache_misses.clone(),
         );
         r.register(
             "bytes_fetched",
             "NAR bytes downloaded from upstreams",
-            metrics.bytes_fetched.clone(),
+            self.bytes_fetched.clone(),
         );
         r.register(
             "bytes_served",
             "NAR bytes sent to clients",
-            metrics.bytes_served.clone(),
+            self.bytes_served.clone(),
         );
         r.register(
             "upstream_body_failures",
             "Upstream bodies that broke off or stalled",
-            metrics.upstream_body_failures.clone(),
+            self.upstream_body_failures.clone(),
         );
         r.register(
             "signature_failures",
             "Narinfos without a valid trusted signature",
-            metrics.signature_failures.clone(),
+            self.signature_failures.clone(),
         );
         r.register(
             "upstream_requests",
             "Requests to upstreams, by answer",
-            metrics.upstream_requests.clone(),
+            self.upstream_requests.clone(),
         );
         r.register(
             "upstream_request_seconds",
             "Time to an upstream's answer headers",
-            metrics.upstream_seconds.clone(),
+            self.upstream_seconds.clone(),
         );
         r.register(
             "site_answers",
             "Requests of other sidecars the site answered, by kind and what it took",
-            metrics.site_answers.clone(),
+            self.site_answers.clone(),
         );
         r.register(
             "site_upstream_bytes",
             "NAR bytes the site fetched upstream, by the subject whose token fetched them",
-            metrics.site_upstream_bytes.clone(),
+            self.site_upstream_bytes.clone(),
         );
         r.register(
             "site_route",
             "Requests to an upstream this machine sent its site first, by outcome",
-            metrics.site_route.clone(),
+            self.site_route.clone(),
         );
+    }
+
+    /// The series whose labels are known at start-up, at 0.
+    fn create_zeroes(&self, upstreams: &[&str]) {
         for kind in [Kind::narinfo, Kind::nar] {
-            drop(metrics.cache_hits.get_or_create(&KindLabel { kind }));
-            drop(metrics.cache_misses.get_or_create(&KindLabel { kind }));
+            drop(self.cache_hits.get_or_create(&KindLabel { kind }));
+            drop(self.cache_misses.get_or_create(&KindLabel { kind }));
         }
         for upstream in upstreams {
-            drop(metrics.signature_failures.get_or_create(&UpstreamLabel {
+            drop(self.signature_failures.get_or_create(&UpstreamLabel {
                 upstream: upstream.to_string(),
             }));
-        }
-        Metrics {
-            registry,
-            ..metrics
         }
     }
 
