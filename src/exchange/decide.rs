@@ -175,39 +175,8 @@ impl Decider {
             .await
             .map_err(|r| self.refuse(None, r))?;
         let name = subject.name();
-        let jti = match &subject {
-            Subject::Oidc { claims, .. } => claims["jti"].as_str().map(str::to_string),
-            Subject::Aws { .. } => None,
-        };
-        match self.deny.denies(&subject, jti.as_deref()) {
-            Ok(None) => {}
-            Ok(Some(denied)) => {
-                return Err(self.refuse(
-                    Some(&name),
-                    Refusal::new(403, "unauthorized_client", format!("{denied} is denied")),
-                ))
-            }
-            Err(why) => {
-                return Err(self.refuse(
-                    Some(&name),
-                    Refusal::new(
-                        503,
-                        "temporarily_unavailable",
-                        format!("the deny list cannot be read ({why}); try again later"),
-                    ),
-                ))
-            }
-        }
-        if !self.limiter.allow(&name) {
-            return Err(self.refuse(
-                Some(&name),
-                Refusal::new(
-                    429,
-                    "invalid_request",
-                    "too many exchanges for this subject; try again in a minute",
-                ),
-            ));
-        }
+        self.admit(&subject, &name)
+            .map_err(|r| self.refuse(Some(&name), r))?;
         let (grant, matched) = policy::grant(&self.rules, &subject);
         if matched.is_empty() {
             return Err(self.refuse(
@@ -223,26 +192,8 @@ impl Decider {
             .audience
             .as_deref()
             .filter(|a| Some(*a) != self.minted_audience.as_deref());
-        let grant = policy::narrow(&grant, form.scope.as_deref(), cache).map_err(|n| {
-            let refusal = match n {
-                Narrowing::UnknownScope(word) => Refusal::new(
-                    400,
-                    "invalid_scope",
-                    format!("scope `{word}` is not pull or push"),
-                ),
-                Narrowing::Wider(right) => Refusal::new(
-                    400,
-                    "invalid_scope",
-                    format!("scope asks for {right}, which no matching rule grants"),
-                ),
-                Narrowing::NoSuchCache(cache) => Refusal::new(
-                    400,
-                    "invalid_target",
-                    format!("no matching rule grants anything on cache `{cache}`"),
-                ),
-            };
-            self.refuse(Some(&name), refusal)
-        })?;
+        let grant = policy::narrow(&grant, form.scope.as_deref(), cache)
+            .map_err(|n| self.refuse(Some(&name), narrowing_refused(n)))?;
         let minted = self.minter.mint(&name, &grant).map_err(|e| {
             let why = format!("cannot sign: {e}");
             self.refuse(Some(&name), Refusal::new(500, "server_error", why))
@@ -259,6 +210,37 @@ impl Decider {
         })
         .to_string();
         Ok(Granted { body })
+    }
+
+    /// Whether `subject` may exchange now: not on the deny list (which must be readable),
+    /// and within its rate limit.
+    fn admit(&self, subject: &Subject, name: &str) -> Result<(), Refusal> {
+        let jti = match subject {
+            Subject::Oidc { claims, .. } => claims["jti"].as_str().map(str::to_string),
+            Subject::Aws { .. } => None,
+        };
+        match self.deny.denies(subject, jti.as_deref()) {
+            Ok(None) => {}
+            Ok(Some(denied)) => {
+                let why = format!("{denied} is denied");
+                return Err(Refusal::new(403, "unauthorized_client", why));
+            }
+            Err(why) => {
+                return Err(Refusal::new(
+                    503,
+                    "temporarily_unavailable",
+                    format!("the deny list cannot be read ({why}); try again later"),
+                ))
+            }
+        }
+        if !self.limiter.allow(name) {
+            return Err(Refusal::new(
+                429,
+                "invalid_request",
+                "too many exchanges for this subject; try again in a minute",
+            ));
+        }
+        Ok(())
     }
 
     async fn verify(&self, token: &str, kind: &str) -> Result<Subject, Refusal> {
@@ -490,5 +472,25 @@ impl Audit {
             }
             None => tracing::info!(target: "audit", "{line}"),
         }
+    }
+}
+/// The answer to a scope or audience that asks for more than the rules grant.
+fn narrowing_refused(narrowing: Narrowing) -> Refusal {
+    match narrowing {
+        Narrowing::UnknownScope(word) => Refusal::new(
+            400,
+            "invalid_scope",
+            format!("scope `{word}` is not pull or push"),
+        ),
+        Narrowing::Wider(right) => Refusal::new(
+            400,
+            "invalid_scope",
+            format!("scope asks for {right}, which no matching rule grants"),
+        ),
+        Narrowing::NoSuchCache(cache) => Refusal::new(
+            400,
+            "invalid_target",
+            format!("no matching rule grants anything on cache `{cache}`"),
+        ),
     }
 }
