@@ -28,18 +28,33 @@ pub async fn detect(
     client: &Client,
 ) -> Result<Provider, FetchError> {
     let mut tried = Vec::new();
+    if let Some(found) = on_this_machine(keys, &mut tried) {
+        return Ok(found);
+    }
+    if let Some(found) = in_a_cloud(keys, audience, client, &mut tried).await? {
+        return Ok(found);
+    }
+    Err(FetchError::NoToken(format!(
+        "no identity found; looked for {}",
+        tried.join(", ")
+    )))
+}
+
+/// What this machine's environment and files say: CI variables, a Kubernetes token file, a
+/// SPIFFE socket. What was looked for goes into `tried`.
+fn on_this_machine(keys: &AutoKeys, tried: &mut Vec<String>) -> Option<Provider> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
 
     if env("ACTIONS_ID_TOKEN_REQUEST_URL").is_some()
         && env("ACTIONS_ID_TOKEN_REQUEST_TOKEN").is_some()
     {
-        return Ok(Provider::GithubActions {});
+        return Some(Provider::GithubActions {});
     }
     tried.push("GitHub Actions (ACTIONS_ID_TOKEN_REQUEST_URL/_TOKEN not set)".to_string());
 
     match &keys.variable {
         Some(variable) if env(variable).is_some() => {
-            return Ok(Provider::Gitlab {
+            return Some(Provider::Gitlab {
                 variable: variable.clone(),
             })
         }
@@ -52,7 +67,7 @@ pub async fn detect(
         .clone()
         .unwrap_or_else(|| PathBuf::from(KUBERNETES_TOKEN_PATH));
     if token_path.is_file() {
-        return Ok(Provider::Kubernetes {
+        return Some(Provider::Kubernetes {
             path: token_path,
             refresh: Duration::from_secs(60),
         });
@@ -61,14 +76,24 @@ pub async fn detect(
 
     match spiffe::socket_path(keys.socket.as_deref()) {
         Ok(socket) if socket.exists() => {
-            return Ok(Provider::Spiffe {
+            return Some(Provider::Spiffe {
                 socket: keys.socket.clone(),
             })
         }
         Ok(socket) => tried.push(format!("SPIFFE ({} absent)", socket.display())),
         Err(e) => tried.push(format!("SPIFFE ({e})")),
     }
+    None
+}
 
+/// The cloud this machine runs in, asked of its metadata services at once (GCP, Azure, AWS),
+/// after the host variables and credential files that say so without asking.
+async fn in_a_cloud(
+    keys: &AutoKeys,
+    audience: &str,
+    client: &Client,
+    tried: &mut Vec<String>,
+) -> Result<Option<Provider>, FetchError> {
     let azure_host = azure::Host::detect();
     let aws_source = aws::source_without_imds();
     let (gcp, azure_vm, aws_imds) = tokio::join!(
@@ -85,32 +110,29 @@ pub async fn detect(
         region: keys.region.clone(),
     };
     match gcp {
-        Ok(()) => return Ok(Provider::Gcp {}),
+        Ok(()) => return Ok(Some(Provider::Gcp {})),
         Err(why) => tried.push(format!("GCP ({why})")),
     }
     if !matches!(azure_host, azure::Host::Vm { .. }) {
-        return Ok(azure);
+        return Ok(Some(azure));
     }
     match azure_vm {
-        Ok(()) => return Ok(azure),
+        Ok(()) => return Ok(Some(azure)),
         Err(why) => tried.push(format!("Azure (no host variables; IMDS: {why})")),
     }
     match aws_source {
-        Ok(Some(_)) => return Ok(aws),
+        Ok(Some(_)) => return Ok(Some(aws)),
         // A profile that cannot be used is an answer, not a miss: say so.
         Err(e) => return Err(e),
         Ok(None) => {}
     }
     match aws_imds {
-        Ok(()) => return Ok(aws),
+        Ok(()) => return Ok(Some(aws)),
         Err(why) => tried.push(format!(
             "AWS (no credentials in the environment or files; IMDS: {why})"
         )),
     }
-    Err(FetchError::NoToken(format!(
-        "no identity found; looked for {}",
-        tried.join(", ")
-    )))
+    Ok(None)
 }
 
 /// One short attempt; any answer at all is returned.
