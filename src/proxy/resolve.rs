@@ -73,35 +73,42 @@ const MAX_REMEMBERED_MISSES: usize = 100_000;
 /// Narinfo lookups in flight, by (upstream index, hash): latecomers share the first one's result.
 pub(super) type Flights = Mutex<HashMap<(usize, String), Arc<OnceCell<NarInfoResult>>>>;
 
+/// What the upstreams said that was not an answer, gathered in order.
+#[derive(Default)]
+struct Unanswered {
+    failures: Vec<Failure>,
+    /// A failed upstream is `unavailable = "fail"`: its failure is not a miss.
+    some_fail_for_good: bool,
+    untrusted: Vec<String>,
+}
+
+impl Unanswered {
+    /// Nix's answer when no upstream had the narinfo.
+    fn answer(self) -> NarInfoAnswer {
+        if !self.failures.is_empty() && !self.some_fail_for_good {
+            let failure = Failure::combine(self.failures);
+            NarInfoAnswer::Unknown(format!(
+                "not known: an upstream that might have it cannot be asked now, and unavailable = \"miss\" makes that a miss (Nix builds it):\n{}",
+                failure.reason()
+            ))
+        } else if !self.failures.is_empty() {
+            NarInfoAnswer::Failed(Failure::combine(self.failures))
+        } else if !self.untrusted.is_empty() {
+            NarInfoAnswer::Untrusted(self.untrusted.join("\n"))
+        } else {
+            NarInfoAnswer::Missing
+        }
+    }
+}
+
 impl Proxy {
     /// The answer for `hash`, and where a found one came from. Every upstream that must be asked is asked at once; their answers
     /// are taken in the configured order, so a lower upstream's hit is used only once every
     /// higher one has missed, and answers below the winner are dropped unread (their fetches
     /// cancelled, or cached if they were done).
     pub(super) async fn resolve(&self, hash: &str) -> (NarInfoAnswer, Option<Source>) {
-        let mut steps: Vec<Step<'_>> = Vec::new();
-        for i in 0..self.upstreams.len() {
-            let cached = match self.store.narinfo(&self.partitions[i], hash) {
-                Some(fresh) if fresh.age < self.policy.narinfo_ttl => {
-                    // Nothing below this one can matter.
-                    steps.push(Step::Cached(fresh.text));
-                    break;
-                }
-                stale_or_none => stale_or_none.map(|stale| stale.text),
-            };
-            if self.recent_miss(i, hash) {
-                steps.push(Step::RecentMiss);
-                continue;
-            }
-            self.metrics.cache_miss(Kind::narinfo);
-            steps.push(Step::Asking {
-                fetch: Box::pin(self.fetch_narinfo_once(i, hash)),
-                stale: cached,
-            });
-        }
-        let mut failures = Vec::new();
-        let mut all_failed_miss = true;
-        let mut untrusted = Vec::new();
+        let mut steps = self.steps(hash);
+        let mut unanswered = Unanswered::default();
         let mut next = 0;
         std::future::poll_fn(|cx| {
             for step in steps.iter_mut().skip(next) {
@@ -131,7 +138,7 @@ impl Proxy {
                         Ok(Lookup::Missing) => self.remember_miss(i, hash),
                         Ok(Lookup::Untrusted(reason)) => {
                             self.remember_miss(i, hash);
-                            untrusted.push(reason);
+                            unanswered.untrusted.push(reason);
                         }
                         Err(e) => {
                             if let Some(stale) = stale {
@@ -142,29 +149,43 @@ impl Proxy {
                                 ));
                             }
                             tracing::warn!(upstream = %up.name(), error = %e, "narinfo lookup failed");
-                            failures.push(Failure::from(e));
-                            all_failed_miss &= self.miss_when_down[i];
+                            unanswered.failures.push(Failure::from(e));
+                            unanswered.some_fail_for_good |= !self.miss_when_down[i];
                         }
                     },
                 }
                 next += 1;
             }
-            let answer = if !failures.is_empty() && all_failed_miss {
-                let failure = Failure::combine(std::mem::take(&mut failures));
-                NarInfoAnswer::Unknown(format!(
-                    "not known: an upstream that might have it cannot be asked now, and unavailable = \"miss\" makes that a miss (Nix builds it):\n{}",
-                    failure.reason()
-                ))
-            } else if !failures.is_empty() {
-                NarInfoAnswer::Failed(Failure::combine(std::mem::take(&mut failures)))
-            } else if !untrusted.is_empty() {
-                NarInfoAnswer::Untrusted(untrusted.join("\n"))
-            } else {
-                NarInfoAnswer::Missing
-            };
+            let answer = std::mem::take(&mut unanswered).answer();
             Poll::Ready((answer, None))
         })
         .await
+    }
+
+    /// One step per upstream, in order: a fresh cached narinfo ends the list (nothing below
+    /// it can matter); a recent miss is not asked again; the rest are asked at once.
+    fn steps<'a>(&'a self, hash: &'a str) -> Vec<Step<'a>> {
+        let mut steps: Vec<Step<'_>> = Vec::new();
+        for i in 0..self.upstreams.len() {
+            let cached = match self.store.narinfo(&self.partitions[i], hash) {
+                Some(fresh) if fresh.age < self.policy.narinfo_ttl => {
+                    // Nothing below this one can matter.
+                    steps.push(Step::Cached(fresh.text));
+                    break;
+                }
+                stale_or_none => stale_or_none.map(|stale| stale.text),
+            };
+            if self.recent_miss(i, hash) {
+                steps.push(Step::RecentMiss);
+                continue;
+            }
+            self.metrics.cache_miss(Kind::narinfo);
+            steps.push(Step::Asking {
+                fetch: Box::pin(self.fetch_narinfo_once(i, hash)),
+                stale: cached,
+            });
+        }
+        steps
     }
 
     /// Whether every upstream said a moment ago that it does not have `hash`.
