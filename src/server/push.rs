@@ -96,41 +96,14 @@ pub async fn narinfo(pusher: &Pusher, hash: &str, request: Request<Incoming>) ->
 /// the connection never looks idle) and a last one with `"done": true` and the summary;
 /// with `wait` and no paths, waits for everything queued.
 pub async fn request(pusher: &Arc<Pusher>, request: Request<Incoming>) -> Response<Body> {
-    #[derive(serde::Deserialize)]
-    struct Ask {
-        #[serde(default)]
-        paths: Vec<String>,
-        #[serde(default)]
-        wait: bool,
-    }
-    let usage = "expected a JSON body {\"paths\": [\"/nix/store/...\"], \"wait\": false}";
     let targets = match allowed(pusher, &request).await {
         Ok(targets) => targets,
         Err(refusal) => return refusal,
     };
-    let body = match crate::http::read_limited(
-        request.into_body(),
-        1 << 20,
-        Duration::from_secs(30),
-    )
-    .await
-    {
-        Ok(body) => body,
-        Err(e) => return refused(Refusal::Invalid(e.to_string())),
+    let ask = match read_ask(request.into_body()).await {
+        Ok(ask) => ask,
+        Err(refusal) => return refused(refusal),
     };
-    let Ok(ask) = serde_json::from_slice::<Ask>(&body) else {
-        return refused(Refusal::Invalid(usage.into()));
-    };
-    let bad: Vec<&str> = ask
-        .paths
-        .iter()
-        .filter(|p| !crate::nix::narinfo::is_store_path(p))
-        .map(String::as_str)
-        .collect();
-    if !bad.is_empty() || (ask.paths.is_empty() && !ask.wait) {
-        let reason = format!("not store paths: {}\n{usage}", bad.join(", "));
-        return refused(Refusal::Invalid(reason));
-    }
     let keys = if ask.paths.is_empty() {
         None
     } else {
@@ -152,8 +125,41 @@ pub async fn request(pusher: &Arc<Pusher>, request: Request<Incoming>) -> Respon
             format!("{{\"queued\": {queued}}}\n"),
         );
     }
+    progress(pusher.clone(), keys)
+}
+
+#[derive(serde::Deserialize)]
+struct Ask {
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    wait: bool,
+}
+
+/// The request's JSON: store paths, or none with `wait` (the whole queue).
+async fn read_ask(body: Incoming) -> Result<Ask, Refusal> {
+    let usage = "expected a JSON body {\"paths\": [\"/nix/store/...\"], \"wait\": false}";
+    let body = crate::http::read_limited(body, 1 << 20, Duration::from_secs(30))
+        .await
+        .map_err(|e| Refusal::Invalid(e.to_string()))?;
+    let ask: Ask = serde_json::from_slice(&body).map_err(|_| Refusal::Invalid(usage.into()))?;
+    let bad: Vec<&str> = ask
+        .paths
+        .iter()
+        .filter(|p| !crate::nix::narinfo::is_store_path(p))
+        .map(String::as_str)
+        .collect();
+    if !bad.is_empty() || (ask.paths.is_empty() && !ask.wait) {
+        let reason = format!("not store paths: {}\n{usage}", bad.join(", "));
+        return Err(Refusal::Invalid(reason));
+    }
+    Ok(ask)
+}
+
+/// A line of JSON every few seconds while `keys` (or the whole queue) upload, so the
+/// connection never looks idle, and a last one with `"done": true` and the summary.
+fn progress(pusher: Arc<Pusher>, keys: Option<Vec<String>>) -> Response<Body> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let pusher = pusher.clone();
     tokio::spawn(async move {
         let waiting = pusher.wait(keys);
         tokio::pin!(waiting);
