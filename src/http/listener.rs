@@ -51,14 +51,7 @@ pub async fn serve<H, F, B>(
         };
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = next_connection(&listener) => accepted,
         };
         if !admit(remote) {
             tracing::debug!(%remote, "connection refused: not an admitted address");
@@ -99,13 +92,38 @@ pub async fn serve<H, F, B>(
         });
     }
     tracing::info!("shutting down: finishing requests in flight");
-    if tokio::time::timeout(limits.grace, graceful.shutdown())
+    finish_in_flight(graceful, limits.grace).await;
+}
+
+/// The next connection. A failed accept (out of file descriptors and the like) pauses
+/// instead of spinning.
+pub async fn next_connection(
+    listener: &tokio::net::TcpListener,
+) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Lets the connections `graceful` watches finish their requests for up to `grace`; those
+/// still open then are closed.
+pub async fn finish_in_flight(
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    grace: Duration,
+) {
+    if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(
-            "requests still in flight after {}s; closing them",
-            limits.grace.as_secs()
+            "responses still in flight after {}s; closing them",
+            grace.as_secs()
         );
     }
 }

@@ -153,15 +153,7 @@ pub async fn serve(
         accept_loops.spawn(async move {
             loop {
                 let slot = slots.clone().acquire_owned().await.expect("never closed");
-                let (stream, peer) = match listener.accept().await {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: pause instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+                let (stream, peer) = crate::http::listener::next_connection(&listener).await;
                 let Ok(local) = stream.local_addr() else {
                     continue;
                 };
@@ -187,15 +179,7 @@ pub async fn serve(
     let graceful =
         Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops are gone"));
     let deadline = std::time::Instant::now() + grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "responses still in flight after {}s; closing them",
-            grace.as_secs()
-        );
-    }
+    crate::http::listener::finish_in_flight(graceful, grace).await;
     deadline
 }
 
