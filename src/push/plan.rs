@@ -99,6 +99,16 @@ impl Pusher {
         for (key, reason) in doomed {
             self.fail_for_good(&key, &reason);
         }
+        self.with_targets(checks, uploads, wake)
+    }
+
+    /// The plan, each check and upload with the target it goes to.
+    fn with_targets(
+        &self,
+        checks: BTreeMap<String, Vec<String>>,
+        uploads: Vec<String>,
+        wake: Instant,
+    ) -> Plan {
         let checks = checks
             .into_iter()
             .map(|(upstream, keys)| (self.target(&upstream), keys))

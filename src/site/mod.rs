@@ -224,32 +224,18 @@ impl SiteCache {
             }
             Err(e) => return Err(upstream_failed(&e)),
         };
-        let bytes = match crate::http::read_limited(
-            response.into_body(),
-            MAX_NARINFO_BYTES,
-            Duration::from_secs(30),
-        )
-        .await
-        {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                let reason = format!("narinfo {hash}: {e}\n");
-                return Err(body::text(StatusCode::BAD_GATEWAY, reason));
-            }
-        };
-        let (Ok(info), Ok(text)) = (NarInfo::parse(&bytes), String::from_utf8(bytes.to_vec()))
-        else {
-            return Err(body::text(
-                StatusCode::BAD_GATEWAY,
-                format!("upstream sent a malformed narinfo for {hash}\n"),
-            ));
-        };
-        if info.hash_part() != hash {
-            return Err(body::text(
-                StatusCode::BAD_GATEWAY,
-                format!("asked for {hash}, upstream answered {}\n", info.store_path),
-            ));
-        }
+        let (info, text) = read_narinfo(response, hash).await?;
+        let nar_key = self.keep(i, hash, &text, &info).await;
+        self.entitled.grant(caller, hash, nar_key.as_deref());
+        self.metrics
+            .site_answered(Kind::narinfo, SiteOutcome::granted);
+        Ok(text)
+    }
+
+    /// Records a narinfo the upstream granted, and where its NAR comes from; the key the
+    /// NAR is kept under, if the site may serve it.
+    async fn keep(&self, i: usize, hash: &str, text: &str, info: &NarInfo) -> Option<String> {
+        let up = &self.upstreams[i];
         // The NAR is kept under the name the narinfo gives it below the upstream, which is
         // the name the machine asks for; another URL is not the site's to serve.
         let nar_key = match request::parse(&format!("/{}", info.url), None) {
@@ -260,16 +246,13 @@ impl SiteCache {
             let nar = NarSource {
                 upstream: up.name().to_string(),
                 url: source.to_string(),
-                expected: Expected::from_narinfo(&info),
+                expected: Expected::from_narinfo(info),
             };
-            let new = NewNarInfo::new(&self.partition(i), hash, &text, key, nar);
+            let new = NewNarInfo::new(&self.partition(i), hash, text, key, nar);
             let store = self.store.clone();
             let _ = tokio::task::spawn_blocking(move || store.put_narinfos(&[new])).await;
         }
-        self.entitled.grant(caller, hash, nar_key.as_deref());
-        self.metrics
-            .site_answered(Kind::narinfo, SiteOutcome::granted);
-        Ok(text)
+        nar_key
     }
 
     async fn nar(
@@ -445,4 +428,36 @@ fn upstream_failed(e: &UpstreamError) -> Response<Body> {
         _ => StatusCode::BAD_GATEWAY,
     };
     body::text(status, format!("{e}\n"))
+}
+/// The narinfo an upstream answered for `hash`: whole, parsed, and for that path.
+async fn read_narinfo(
+    response: hyper::Response<hyper::body::Incoming>,
+    hash: &str,
+) -> Result<(NarInfo, String), Response<Body>> {
+    let bytes = match crate::http::read_limited(
+        response.into_body(),
+        MAX_NARINFO_BYTES,
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let reason = format!("narinfo {hash}: {e}\n");
+            return Err(body::text(StatusCode::BAD_GATEWAY, reason));
+        }
+    };
+    let (Ok(info), Ok(text)) = (NarInfo::parse(&bytes), String::from_utf8(bytes.to_vec())) else {
+        return Err(body::text(
+            StatusCode::BAD_GATEWAY,
+            format!("upstream sent a malformed narinfo for {hash}\n"),
+        ));
+    };
+    if info.hash_part() != hash {
+        return Err(body::text(
+            StatusCode::BAD_GATEWAY,
+            format!("asked for {hash}, upstream answered {}\n", info.store_path),
+        ));
+    }
+    Ok((info, text))
 }
