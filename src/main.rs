@@ -236,15 +236,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             serve(flags.load()?).await.map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig(flags) if flags.is_exchange() => {
-            let path = flags.config.expect("is_exchange checked it");
-            let config = ExchangeConfig::load(&path).map_err(|e| e.to_string())?;
-            print!("{}", config.describe());
-            for warning in config.warnings() {
-                eprintln!("warning: {warning}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::CheckConfig(flags) => check_config(flags),
         Command::Exchange { config } => {
             let config = ExchangeConfig::load(&config).map_err(|e| e.to_string())?;
             // Many clients means many sockets, as for `serve`.
@@ -254,14 +246,6 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 nix_sidecar::systemd::stopping();
             })
             .await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::CheckConfig(flags) => {
-            let config = flags.load()?;
-            print!("{}", config.render());
-            for warning in nix_sidecar::identity::token_file_warnings(config.identities.values()) {
-                eprintln!("warning: {warning}");
-            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {
@@ -312,6 +296,26 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             cli::cache::run(config, action)
         }
     }
+}
+
+/// `check-config`: the effective configuration (the daemon's or the exchange's) and its
+/// warnings, or the first error.
+fn check_config(flags: ServeFlags) -> Result<ExitCode, String> {
+    if flags.is_exchange() {
+        let path = flags.config.expect("is_exchange checked it");
+        let config = ExchangeConfig::load(&path).map_err(|e| e.to_string())?;
+        print!("{}", config.describe());
+        for warning in config.warnings() {
+            eprintln!("warning: {warning}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = flags.load()?;
+    print!("{}", config.render());
+    for warning in nix_sidecar::identity::token_file_warnings(config.identities.values()) {
+        eprintln!("warning: {warning}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(config: Config) -> Result<(), nix_sidecar::app::StartError> {

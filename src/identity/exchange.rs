@@ -54,34 +54,7 @@ impl Exchange {
         subject: &Secret,
         subject_type: &str,
     ) -> Result<RawToken, FetchError> {
-        let body = {
-            let mut form = url::form_urlencoded::Serializer::new(String::new());
-            form.append_pair(
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            )
-            .append_pair("subject_token", subject.expose())
-            .append_pair(
-                "subject_token_type",
-                self.config
-                    .subject_token_type
-                    .as_deref()
-                    .unwrap_or(subject_type),
-            );
-            if let (Some(id), None) = (&self.config.client_id, &self.config.client_secret_file) {
-                form.append_pair("client_id", id); // a public client
-            }
-            if let Some(requested) = &self.config.requested_token_type {
-                form.append_pair("requested_token_type", requested);
-            }
-            if let Some(aud) = &self.config.audience {
-                form.append_pair("audience", aud);
-            }
-            if let Some(scope) = &self.config.scope {
-                form.append_pair("scope", scope);
-            }
-            form.finish()
-        };
+        let body = self.form(subject, subject_type);
         let client_auth = self.client_authentication()?;
         let mut headers = vec![
             ("content-type", "application/x-www-form-urlencoded"),
@@ -131,6 +104,37 @@ impl Exchange {
             expires_in: answer.expires_in(),
             ..RawToken::new(Secret::new(answer.access_token))
         })
+    }
+
+    /// The RFC 8693 request: the subject token, its type (or the configured override), and
+    /// what is asked for.
+    fn form(&self, subject: &Secret, subject_type: &str) -> String {
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        form.append_pair(
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        )
+        .append_pair("subject_token", subject.expose())
+        .append_pair(
+            "subject_token_type",
+            self.config
+                .subject_token_type
+                .as_deref()
+                .unwrap_or(subject_type),
+        );
+        if let (Some(id), None) = (&self.config.client_id, &self.config.client_secret_file) {
+            form.append_pair("client_id", id); // a public client
+        }
+        if let Some(requested) = &self.config.requested_token_type {
+            form.append_pair("requested_token_type", requested);
+        }
+        if let Some(aud) = &self.config.audience {
+            form.append_pair("audience", aud);
+        }
+        if let Some(scope) = &self.config.scope {
+            form.append_pair("scope", scope);
+        }
+        form.finish()
     }
 
     /// `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 2.3.1), the secret read from
