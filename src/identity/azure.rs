@@ -143,20 +143,7 @@ pub async fn fetch(
             if select.is_some() {
                 return unsupported("user-assigned identities");
             }
-            let form = form(&[("resource", resource)]);
-            SmallCall {
-                method: Method::POST,
-                url: endpoint,
-                headers: &[
-                    ("metadata", "true"),
-                    ("content-type", "application/x-www-form-urlencoded"),
-                ],
-                body: form.into(),
-                timeout: TIMEOUT,
-                also_retry: &[],
-            }
-            .send(client)
-            .await?
+            cloud_shell(client, endpoint, resource).await?
         }
         Host::AppService2017 { endpoint, secret } => {
             let mut query = vec![("api-version", "2017-09-01"), ("resource", resource)];
@@ -186,6 +173,27 @@ pub async fn fetch(
         }
     };
     token_from(shown, answer)
+}
+
+/// Cloud Shell's endpoint takes the resource as a form.
+async fn cloud_shell(
+    client: &Client,
+    endpoint: &str,
+    resource: &str,
+) -> Result<http::Response<bytes::Bytes>, FetchError> {
+    let form = form(&[("resource", resource)]);
+    let call = SmallCall {
+        method: Method::POST,
+        url: endpoint,
+        headers: &[
+            ("metadata", "true"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        body: form.into(),
+        timeout: TIMEOUT,
+        also_retry: &[],
+    };
+    Ok(call.send(client).await?)
 }
 
 fn form(pairs: &[(&str, &str)]) -> String {
