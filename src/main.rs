@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use nix_sidecar::config::{Config, Overrides};
-use nix_sidecar::exchange::ExchangeConfig;
+use nix_sidecar::exchange::ServiceConfig;
 use nix_sidecar::identity::Identity;
 
 #[derive(Parser)]
@@ -238,7 +238,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::CheckConfig(flags) => check_config(flags),
         Command::Exchange { config } => {
-            let config = ExchangeConfig::load(&config).map_err(|e| e.to_string())?;
+            let config = ServiceConfig::load(&config).map_err(|e| e.to_string())?;
             // Many clients means many sockets, as for `serve`.
             nix_sidecar::sys::raise_fd_limit();
             nix_sidecar::exchange::run(config, async {
@@ -303,7 +303,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
 fn check_config(flags: ServeFlags) -> Result<ExitCode, String> {
     if flags.is_exchange() {
         let path = flags.config.expect("is_exchange checked it");
-        let config = ExchangeConfig::load(&path).map_err(|e| e.to_string())?;
+        let config = ServiceConfig::load(&path).map_err(|e| e.to_string())?;
         print!("{}", config.describe());
         for warning in config.warnings() {
             eprintln!("warning: {warning}");

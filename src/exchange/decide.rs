@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use super::aws::{self, Aws};
-use super::config::ExchangeConfig;
+use super::config::ServiceConfig;
 use super::issuers::{Issuers, Refused};
 use super::mint::Minter;
 use super::policy::{self, Narrowing, Subject};
@@ -133,7 +133,7 @@ pub struct Decider {
 }
 
 impl Decider {
-    pub fn new(config: &ExchangeConfig) -> Result<Decider, SetupError> {
+    pub fn new(config: &ServiceConfig) -> Result<Decider, SetupError> {
         let client = crate::http::client(None)?;
         let issuers = config
             .issuers

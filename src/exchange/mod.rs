@@ -16,11 +16,11 @@ pub mod service;
 
 use std::sync::Arc;
 
-pub use config::ExchangeConfig;
+pub use config::ServiceConfig;
 
 /// Runs the service until `shutdown` resolves.
 pub async fn run(
-    config: ExchangeConfig,
+    config: ServiceConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let service = Arc::new(service::Service::new(&config).map_err(|e| e.to_string())?);

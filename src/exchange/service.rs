@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::config::ExchangeConfig;
+use super::config::ServiceConfig;
 use super::decide::Decider;
 
 /// The largest form taken (a subject token is at most 16 KiB).
@@ -84,7 +84,7 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(config: &ExchangeConfig) -> Result<Service, super::SetupError> {
+    pub fn new(config: &ServiceConfig) -> Result<Service, super::SetupError> {
         let decider = Decider::new(config)?;
         let mut metrics = Metrics::new();
         metrics.registry.register(

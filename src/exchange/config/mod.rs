@@ -63,8 +63,10 @@ struct FileRule {
     grant: BTreeMap<String, Vec<String>>,
 }
 
+/// The exchange service's file, checked (not to be confused with `config::ExchangeConfig`,
+/// an identity's client side of an exchange).
 #[derive(Debug, Clone)]
-pub struct ExchangeConfig {
+pub struct ServiceConfig {
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub signing_key_file: PathBuf,
@@ -123,16 +125,16 @@ pub fn looks_like_exchange(text: &str) -> bool {
         .unwrap_or(false)
 }
 
-impl ExchangeConfig {
-    pub fn load(path: &Path) -> Result<ExchangeConfig, ConfigError> {
+impl ServiceConfig {
+    pub fn load(path: &Path) -> Result<ServiceConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        ExchangeConfig::parse(&text, path)
+        ServiceConfig::parse(&text, path)
     }
 
-    pub fn parse(text: &str, path: &Path) -> Result<ExchangeConfig, ConfigError> {
+    pub fn parse(text: &str, path: &Path) -> Result<ServiceConfig, ConfigError> {
         let file: FileExchange = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -182,7 +184,7 @@ impl ExchangeConfig {
                 "without a [[rule]] every exchange is refused",
             ));
         }
-        Ok(ExchangeConfig {
+        Ok(ServiceConfig {
             listen,
             tls,
             signing_key_file,

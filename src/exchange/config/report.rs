@@ -3,9 +3,9 @@
 
 use url::Url;
 
-use super::{ExchangeConfig, JwksSource};
+use super::{JwksSource, ServiceConfig};
 
-impl ExchangeConfig {
+impl ServiceConfig {
     /// What `check-config` prints: the effective settings, the key file by name only.
     pub fn describe(&self) -> String {
         use std::fmt::Write as _;
@@ -67,7 +67,7 @@ impl ExchangeConfig {
     }
 }
 
-impl ExchangeConfig {
+impl ServiceConfig {
     /// What `check-config` warns about: settings that work but are probably not meant, each
     /// naming its key and the risk.
     pub fn warnings(&self) -> Vec<String> {
