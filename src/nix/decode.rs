@@ -3,14 +3,21 @@
 
 use std::io::Write;
 
-use super::nar_check::CheckError;
+/// Why no decoder could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum Undecodable {
+    #[error("`{0}` is not a compression Nix writes (none, xz, bzip2, zstd, gzip, br)")]
+    Unknown(String),
+    #[error("cannot start decompressing: {0}")]
+    Broken(String),
+}
 
 /// A writer that decompresses what it is given into `sink`. `flush` ends the stream: it
 /// fails if the stream was cut short.
 pub fn decoder<W: Write + Send + 'static>(
     compression: &str,
     sink: W,
-) -> Result<Box<dyn Write + Send>, CheckError> {
+) -> Result<Box<dyn Write + Send>, Undecodable> {
     Ok(match compression {
         "none" | "" => Box::new(sink),
         "xz" => Box::new(FinishOnDrop(Some(xz2::write::XzDecoder::new(sink)))),
@@ -22,14 +29,14 @@ pub fn decoder<W: Write + Send + 'static>(
         }),
         "zstd" => Box::new(
             zstd::stream::write::Decoder::new(sink)
-                .map_err(|e| CheckError::Decompress(e.to_string()))?,
+                .map_err(|e| Undecodable::Broken(e.to_string()))?,
         ),
         "gzip" => Box::new(FinishOnDrop(Some(flate2::write::GzDecoder::new(sink)))),
         "br" => Box::new(FinishOnDrop(Some(brotli::DecompressorWriter::new(
             sink,
             64 * 1024,
         )))),
-        other => return Err(CheckError::Unsupported(other.to_string())),
+        other => return Err(Undecodable::Unknown(other.to_string())),
     })
 }
 

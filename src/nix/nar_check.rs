@@ -8,7 +8,7 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256 as Hasher};
 
-use super::decode::decoder;
+use super::decode::{decoder, Undecodable};
 use super::hash::Sha256;
 use super::narinfo::NarInfo;
 
@@ -42,6 +42,15 @@ pub enum CheckError {
     Read(String),
     #[error("verification stopped")]
     Stopped,
+}
+
+impl From<Undecodable> for CheckError {
+    fn from(e: Undecodable) -> CheckError {
+        match e {
+            Undecodable::Unknown(compression) => CheckError::Unsupported(compression),
+            Undecodable::Broken(why) => CheckError::Decompress(why),
+        }
+    }
 }
 
 /// What the narinfo promised about a NAR file, as stored in the index.

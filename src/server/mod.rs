@@ -5,7 +5,9 @@
 //! and its streams could each hold a reader waiting on a client that never reads. A client
 //! that opens with the HTTP/2 preface gets its connection closed.
 
+mod admin;
 pub mod body;
+mod cache;
 mod host;
 mod peer;
 mod push;
