@@ -1,7 +1,7 @@
 //! The daemon's own routes: health, metrics' status, prefetch (with its progress stream) and
 //! unpin.
 
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::body::{self, text, typed, Body};
@@ -98,14 +98,9 @@ pub(super) async fn prefetch(site: &Site, request: Request<Incoming>) -> Respons
             }
         }
     });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(body::stream(rx, Default::default()))
-        .unwrap()
+    body::ndjson(rx)
 }
 
-/// The status of a failure: the one place it is decided (README, "What Nix is told").
 pub(super) fn health(status: &Status) -> Response<Body> {
     let upstreams: serde_json::Map<String, serde_json::Value> = status
         .upstreams

@@ -44,3 +44,12 @@ pub fn text(status: http::StatusCode, body: impl Into<String>) -> http::Response
 pub fn stream(rx: ByteStream, served: Counter) -> Body {
     crate::http::ChannelBody::new(rx).counted(served).boxed()
 }
+
+/// A progress answer: a line of JSON per chunk of `rx`, as it comes.
+pub fn ndjson(rx: ByteStream) -> http::Response<Body> {
+    http::Response::builder()
+        .status(http::StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(stream(rx, Counter::default()))
+        .unwrap()
+}

@@ -23,6 +23,7 @@ pub(super) fn narinfo(answer: NarInfoAnswer, path: &str) -> Response<Body> {
     }
 }
 
+/// The status of a failure: the one place it is decided (README, "What Nix is told").
 fn status_of(failure: &Failure) -> StatusCode {
     match failure {
         Failure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

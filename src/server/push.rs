@@ -182,9 +182,5 @@ fn progress(pusher: Arc<Pusher>, keys: Option<Vec<String>>) -> Response<Body> {
             }
         }
     });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(body::stream(rx, Default::default()))
-        .unwrap()
+    body::ndjson(rx)
 }
