@@ -270,6 +270,7 @@ impl Store {
                 finished: false,
                 reserved: needed,
                 expected: expected.clone(),
+                notified: (0, Instant::now()),
             }),
             reader,
         )

@@ -231,3 +231,51 @@ async fn an_imported_file_is_checked_counted_once_and_never_replaced() {
     assert_eq!(store.size(), good.len() as u64, "counted once");
     assert_eq!(store.0.ledger.lock().unwrap().reserved, 0);
 }
+
+/// A fill wakes its readers in steps, not per chunk, but never holds bytes back for long: a
+/// slow upstream's small chunks still reach a reader while the download goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_gets_a_slow_fills_bytes_before_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_size: 1 << 30,
+        min_free: 0,
+    };
+    let store = Store::open(&dir.path().join("cache"), limits).unwrap();
+    let bytes: &'static [u8] = &[7u8; 4096];
+    let expected = expected_for(bytes);
+    store.put_narinfos(&[NewNarInfo::new(
+        "p",
+        "h",
+        "text",
+        "nar/x.nar",
+        source(expected.clone()),
+    )]);
+    let Slot::Lead(mut writer, reader) = store.fill("nar/x.nar", &expected) else {
+        panic!("first fill leads");
+    };
+    writer.start(Some(bytes.len() as u64)).unwrap();
+    let mut stream = reader.stream();
+    // The reader has looked, seen nothing yet, and waits to be woken.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    for chunk in bytes[..2048].chunks(512) {
+        writer.write(Bytes::from_static(chunk)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    let first = tokio::time::timeout(std::time::Duration::from_secs(2), stream.recv())
+        .await
+        .expect("bytes reach the reader while the fill goes on")
+        .unwrap()
+        .unwrap();
+    assert!(!first.is_empty() && first.len() < 2048, "{}", first.len());
+    writer
+        .write(Bytes::from_static(&bytes[2048..]))
+        .await
+        .unwrap();
+    writer.finish().await;
+    let mut got = first.len();
+    while let Some(chunk) = stream.recv().await {
+        got += chunk.unwrap().len();
+    }
+    assert_eq!(got, bytes.len());
+}

@@ -225,7 +225,13 @@ pub struct FillWriter {
     pub(super) reserved: u64,
     /// What the bytes were verified against; the index must still promise it when they land.
     pub(super) expected: Expected,
+    /// `written` when readers were last woken, and when.
+    pub(super) notified: (u64, std::time::Instant),
 }
+
+/// How many new bytes wake a fill's readers, or how long since they were last woken.
+const NOTIFY_STEP: u64 = 256 * 1024;
+const NOTIFY_AFTER: Duration = Duration::from_millis(20);
 
 /// A fill whose length is not known reserves room in steps of this much as it grows.
 const RESERVE_STEP: u64 = 1024 * 1024;
@@ -413,7 +419,22 @@ impl ChunkSink for FillWriter {
             }
         }
         self.fill.remember(offset, chunk).await?;
-        self.fill.progress.send_modify(|p| p.written = end);
+        // Readers are woken every NOTIFY_STEP bytes or NOTIFY_AFTER, not every chunk (16-64
+        // KiB as TLS hands them over): a wake-up per chunk cost more than the bytes. They see
+        // `written` at once whenever they look; the end of the stream always wakes them
+        // (`finish`, `end`), and so does every chunk of an uncached fill, whose writer waits
+        // for its readers.
+        let (last_bytes, last_time) = self.notified;
+        let wake = self.uncached()
+            || end - last_bytes >= NOTIFY_STEP
+            || last_time.elapsed() >= NOTIFY_AFTER;
+        self.fill.progress.send_if_modified(|p| {
+            p.written = end;
+            wake
+        });
+        if wake {
+            self.notified = (end, std::time::Instant::now());
+        }
         Ok(())
     }
 }
