@@ -58,6 +58,8 @@ struct Inner {
     fills: Mutex<HashMap<String, Arc<Fill>>>,
     /// Told when the last fill in progress ends (shutdown waits for it).
     fills_ended: tokio::sync::Notify,
+    /// The same, for the NAR check thread (which holds the store weakly).
+    fills_idle: Arc<repair::FillsIdle>,
     /// Access times not yet written to the index (LRU order; flushed in batches).
     touched: Mutex<HashMap<String, u64>>,
     /// Stored and reserved bytes, changed only under its lock and with checked arithmetic.
@@ -137,6 +139,7 @@ impl Store {
             limits,
             fills: Mutex::default(),
             fills_ended: tokio::sync::Notify::new(),
+            fills_idle: Arc::default(),
             touched: Mutex::default(),
             ledger: Mutex::default(),
             evicting: Mutex::default(),
@@ -316,6 +319,7 @@ impl Store {
             fills.remove(key);
             if fills.is_empty() {
                 self.0.fills_ended.notify_waiters();
+                self.0.fills_idle.raise();
                 buffers::trim_when_idle();
             }
         }

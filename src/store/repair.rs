@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -21,12 +21,42 @@ const NAR_CHECK_QUEUE: usize = 4096;
 /// How long a NAR check waits for downloads in progress to end before it runs anyway.
 const NAR_CHECK_DEFER: Duration = Duration::from_secs(10);
 
+/// Raised each time the last fill in progress ends. The NAR check thread waits on it without
+/// holding the store, so a store dropped meanwhile is not kept open.
+#[derive(Default)]
+pub(super) struct FillsIdle {
+    times: Mutex<u64>,
+    raised: Condvar,
+}
+
+impl FillsIdle {
+    pub(super) fn raise(&self) {
+        *self.times.lock().unwrap() += 1;
+        self.raised.notify_all();
+    }
+
+    fn times(&self) -> u64 {
+        *self.times.lock().unwrap()
+    }
+
+    /// Waits until raised again after `seen` (read before looking at the fills, so an end
+    /// between the look and the wait is not missed), or until `deadline`.
+    fn wait_after(&self, seen: u64, deadline: Instant) {
+        let times = self.times.lock().unwrap();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = self
+            .raised
+            .wait_timeout_while(times, left, |times| *times == seen);
+    }
+}
+
 impl Store {
     /// The thread that checks stored files against NarHash (see [`Store::check_nar_later`]).
     /// It holds the store weakly and ends with it.
     pub(super) fn start_nar_checks(&self) -> Result<SyncSender<(String, Expected)>, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Expected)>(NAR_CHECK_QUEUE);
         let store = Arc::downgrade(&self.0);
+        let idle = self.0.fills_idle.clone();
         std::thread::Builder::new()
             .name("nar-check".into())
             .spawn(move || {
@@ -38,6 +68,7 @@ impl Store {
                     let deadline = Instant::now() + NAR_CHECK_DEFER;
                     loop {
                         let Some(inner) = store.upgrade() else { return };
+                        let seen = idle.times();
                         let busy = !inner.fills.lock().unwrap().is_empty();
                         if !busy || Instant::now() >= deadline {
                             let store = Store(inner);
@@ -46,7 +77,7 @@ impl Store {
                             break;
                         }
                         drop(inner);
-                        std::thread::sleep(Duration::from_millis(100));
+                        idle.wait_after(seen, deadline);
                     }
                 }
             })

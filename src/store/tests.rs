@@ -279,3 +279,43 @@ async fn a_reader_gets_a_slow_fills_bytes_before_it_ends() {
     }
     assert_eq!(got, bytes.len());
 }
+
+/// A NAR check waits while downloads run (it would compete with them for the CPU) and runs as
+/// soon as the last one ends, well before its deadline: the thread is told, it does not poll.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nar_check_waits_for_downloads_and_runs_when_the_last_one_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_size: 1 << 30,
+        min_free: 0,
+    };
+    let store = Store::open(&dir.path().join("cache"), limits).unwrap();
+    store_file(&store, "nar/a.nar", b"stored bytes").await;
+    let mut lying = expected_for(b"stored bytes");
+    lying.nar_hash = NixSha256(Sha256::digest(b"other bytes").into());
+
+    let in_flight = expected_for(b"in flight");
+    let Slot::Lead(mut writer, _reader) = store.fill("nar/b.nar", &in_flight) else {
+        panic!("first fill leads");
+    };
+    writer.start(Some(9)).unwrap();
+    store.check_nar_later("nar/a.nar", &lying);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        store.blob_path("nar/a.nar").exists(),
+        "the check waits while a download runs"
+    );
+
+    writer
+        .write(Bytes::from_static(b"in flight"))
+        .await
+        .unwrap();
+    writer.finish().await;
+    tokio::time::timeout(std::time::Duration::from_secs(5), store.nar_checks_done())
+        .await
+        .expect("the check runs when the download ends, not at its 10 s deadline");
+    assert!(
+        !store.blob_path("nar/a.nar").exists(),
+        "a file whose NarHash does not match is removed"
+    );
+}
