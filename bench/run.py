@@ -137,6 +137,14 @@ http {{
       proxy_cache nix; proxy_cache_valid 200 1h; proxy_cache_valid 404 1m;
       proxy_cache_lock on; proxy_cache_use_stale error timeout updating;
     }}
+    # A cold nginx cache per round: /cold-N/ is a cache of its own (its key holds the prefix).
+    location ~ ^/cold-[0-9]+(/.*)$ {{
+      proxy_pass https://127.0.0.1:{p['upstream']}$1;
+      proxy_ssl_trusted_certificate {self.cert}; proxy_ssl_verify on; proxy_ssl_name 127.0.0.1;
+      proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_cache nix; proxy_cache_key $request_uri; proxy_cache_valid 200 1h; proxy_cache_valid 404 1m;
+      proxy_cache_lock on;
+    }}
   }}
 }}
 """
@@ -493,8 +501,10 @@ def nix_copy_seconds(url: str, top: str, public_key: str, work: str, cacert: str
 
 def real_nix(b: Bench, results: list):
     """6. Real Nix copying a closure of NIX_PATHS paths and NIX_MIB: warm nix-sidecar vs
-    nginx static, cold nix-sidecar vs straight from the upstream. Also the CPU time every
-    process took in the cold and the direct copy: on a small machine they share the cores."""
+    nginx static, cold nix-sidecar vs straight from the upstream and vs a cold nginx
+    proxy_cache in front of the same upstream (the same job without the hash check and the
+    fsync). Also the CPU time every process took in the cold and the direct copy: on a small
+    machine they share the cores."""
     if not shutil.which("nix-build"):
         raise SystemExit("needs nix: apt-get install -y nix-bin")
     print(f"# building a closure of {NIX_PATHS} paths, {NIX_MIB} MiB", flush=True)
@@ -504,8 +514,8 @@ def real_nix(b: Bench, results: list):
 
 
 def real_nix_with(b: Bench, results: list, top: str, public_key: str, client: str):
-    cold, warm, static, direct = [], [], [], []
-    cold_cpu, direct_cpu = [], []
+    cold, warm, static, direct, proxied = [], [], [], [], []
+    cold_cpu, direct_cpu, proxied_cpu = [], [], []
     copy = lambda url, cacert=None: nix_copy_seconds(url, top, public_key, b.work, cacert, client)
     for _ in range(max(3, ROUNDS // 2)):
         b.start_sidecar(fresh=True)
@@ -517,14 +527,20 @@ def real_nix_with(b: Bench, results: list, top: str, public_key: str, client: st
         with CpuMeter(b) as cpu:
             direct.append(copy(b.url("upstream", ""), b.cert))
         direct_cpu.append(cpu.seconds)
-    b.stop_sidecar()
+        b.stop_sidecar()
+        # Each round a cache of its own under nginx's /cold-N/, so every copy through it is cold.
+        b.nginx_cold = getattr(b, "nginx_cold", 0) + 1
+        with CpuMeter(b) as cpu:
+            proxied.append(copy(b.url("proxy", f"cold-{b.nginx_cold}")))
+        proxied_cpu.append(cpu.seconds)
     what = f"{NIX_PATHS + 1} paths, {NIX_MIB} MiB, Nix {client}"
     results.append((f"6. real Nix, warm, {what}, s", median(warm), "nginx static", median(static), "<= 1.15"))
     results.append((f"6b. real Nix, cold, {what}, s", median(cold), "direct upstream (TLS)", median(direct), "<= 1.3"))
     total = lambda runs: median([sum(r.values()) for r in runs])
     results.append((f"6c. real Nix {client}, cold, CPU s of all processes", total(cold_cpu), "direct upstream (TLS)", total(direct_cpu), "(info)"))
+    results.append((f"6d. real Nix, cold, {what}, s", median(cold), "nginx proxy_cache, cold", median(proxied), "(info)"))
     part = lambda runs, who: median([r.get(who, 0.0) for r in runs])
-    for label, runs in [("cold", cold_cpu), ("direct", direct_cpu)]:
+    for label, runs in [("cold", cold_cpu), ("direct", direct_cpu), ("nginx proxy_cache cold", proxied_cpu)]:
         print(f"# Nix {client}: CPU s per {label} copy: " + ", ".join(f"{who} {part(runs, who):.2f}" for who in ["nix", "nginx", "nix-sidecar"]))
 
 
