@@ -47,6 +47,14 @@ struct UpstreamLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamMethod {
+    upstream: String,
+    /// GET and HEAD are pulls; a push's PUT answers once its whole upload is sent, so its
+    /// time is kept apart from the pulls' latency.
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamStatus {
     upstream: String,
     /// The HTTP status, or `error` when there was no answer.
@@ -108,7 +116,7 @@ pub struct Metrics {
     upstream_body_failures: Counter,
     signature_failures: Family<UpstreamLabel, Counter>,
     upstream_requests: Family<UpstreamStatus, Counter>,
-    upstream_seconds: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
+    upstream_seconds: Family<UpstreamMethod, Histogram, fn() -> Histogram>,
     site_answers: Family<SiteLabels, Counter>,
     site_route: Family<SiteRouteLabels, Counter>,
     site_upstream_bytes: Family<SubjectLabel, Counter>,
@@ -290,7 +298,13 @@ impl Metrics {
     }
 
     /// One upstream request; `status` None when no answer came.
-    pub fn upstream_answered(&self, upstream: &str, status: Option<u16>, elapsed: Duration) {
+    pub fn upstream_answered(
+        &self,
+        upstream: &str,
+        method: &str,
+        status: Option<u16>,
+        elapsed: Duration,
+    ) {
         let status = status.map_or_else(|| "error".to_string(), |s| s.to_string());
         self.upstream_requests
             .get_or_create(&UpstreamStatus {
@@ -299,8 +313,9 @@ impl Metrics {
             })
             .inc();
         self.upstream_seconds
-            .get_or_create(&UpstreamLabel {
+            .get_or_create(&UpstreamMethod {
                 upstream: upstream.to_string(),
+                method: method.to_string(),
             })
             .observe(elapsed.as_secs_f64());
     }
@@ -386,7 +401,8 @@ mod tests {
         let m = Metrics::new(&["org"]);
         m.request("narinfo", 200);
         m.request("narinfo", 200);
-        m.upstream_answered("org", Some(200), Duration::from_millis(20));
+        m.upstream_answered("org", "GET", Some(200), Duration::from_millis(20));
+        m.upstream_answered("org", "PUT", Some(200), Duration::from_secs(30));
         m.served().inc_by(7);
         let mut status = Status::default();
         status.cache.stored_bytes = 42;
@@ -396,9 +412,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(
-            "nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\",le=\"0.025\"} 1"
+            "nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\",method=\"GET\",le=\"0.025\"} 1"
+        ), "{text}");
+        assert!(text.contains(
+            "nix_sidecar_upstream_request_seconds_count{upstream=\"org\",method=\"GET\"} 1"
         ));
-        assert!(text.contains("nix_sidecar_upstream_request_seconds_count{upstream=\"org\"} 1"));
+        assert!(text.contains(
+            "nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\",method=\"PUT\",le=\"10\"} 0"
+        ), "an upload's time is not a pull's latency: {text}");
         assert!(text.contains("nix_sidecar_cache_size_bytes 42"), "{text}");
         assert!(text.contains("nix_sidecar_bytes_served_total 7"));
         assert!(text.contains("nix_sidecar_cache_hits_total{kind=\"nar\"} 0"));

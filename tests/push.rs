@@ -494,6 +494,13 @@ async fn a_pull_only_identity_fails_for_good_reported_everywhere_without_a_retry
                 && l.ends_with(" 1")),
         "{metrics}"
     );
+    // Its time is kept apart from the pulls' latency.
+    assert!(
+        metrics.contains(
+            "nix_sidecar_upstream_request_seconds_count{upstream=\"org\",method=\"POST\"} 1"
+        ),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("nix_sidecar_push_uploaded_total 0"),
         "{metrics}"

@@ -313,6 +313,7 @@ impl Upstream {
             };
             self.metrics.upstream_answered(
                 &self.name,
+                out.method.as_str(),
                 result.as_ref().ok().map(|r| r.0.status().as_u16()),
                 started.elapsed(),
             );
