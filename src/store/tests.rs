@@ -89,6 +89,15 @@ async fn store_file(store: &Store, key: &str, bytes: &'static [u8]) {
     writer.finish().await;
 }
 
+/// A store in `dir` with room to spare (1 GiB, no disk floor).
+fn open_roomy(dir: &std::path::Path) -> Store {
+    let limits = Limits {
+        max_size: 1 << 30,
+        min_free: 0,
+    };
+    Store::open(&dir.join("cache"), limits).unwrap()
+}
+
 /// Drops `store` once the background work a fill leaves behind (the eviction pass after a
 /// commit) has let go of it, so the directory can be opened again at once.
 async fn close(store: Store) {
@@ -194,11 +203,7 @@ async fn a_narinfo_promising_other_bytes_under_a_stored_name_leaves_the_stored_f
 #[tokio::test(flavor = "multi_thread")]
 async fn an_imported_file_is_checked_counted_once_and_never_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits {
-        max_size: 1 << 30,
-        min_free: 0,
-    };
-    let store = Store::open(&dir.path().join("cache"), limits).unwrap();
+    let store = open_roomy(dir.path());
     let good: &[u8] = b"the NAR as pushed";
     let expected = expected_for(good);
     store.put_narinfos(&[NewNarInfo::new(
@@ -237,11 +242,7 @@ async fn an_imported_file_is_checked_counted_once_and_never_replaced() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reader_gets_a_slow_fills_bytes_before_it_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits {
-        max_size: 1 << 30,
-        min_free: 0,
-    };
-    let store = Store::open(&dir.path().join("cache"), limits).unwrap();
+    let store = open_roomy(dir.path());
     let bytes: &'static [u8] = &[7u8; 4096];
     let expected = expected_for(bytes);
     store.put_narinfos(&[NewNarInfo::new(
@@ -285,11 +286,7 @@ async fn a_reader_gets_a_slow_fills_bytes_before_it_ends() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nar_check_waits_for_downloads_and_runs_when_the_last_one_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits {
-        max_size: 1 << 30,
-        min_free: 0,
-    };
-    let store = Store::open(&dir.path().join("cache"), limits).unwrap();
+    let store = open_roomy(dir.path());
     store_file(&store, "nar/a.nar", b"stored bytes").await;
     let mut lying = expected_for(b"stored bytes");
     lying.nar_hash = NixSha256(Sha256::digest(b"other bytes").into());
