@@ -122,8 +122,16 @@ impl Sidecar {
             let full = format!("listen = \"127.0.0.1:0\"\n{}", self.config);
             (self.dir.join("exchange.toml"), full)
         } else {
+            // What is stored must not depend on how full the test machine's disk is: a fresh
+            // CI build can leave less than the default min-free-space (2 GiB), and the daemon
+            // would then rightly pass every NAR through. Tests of that rule set it themselves.
+            let min_free = if self.config.contains("min-free-space") {
+                ""
+            } else {
+                "min-free-space = \"0\"\n"
+            };
             let full = format!(
-                "listen = [\"127.0.0.1:0\"]\ncache-dir = \"{}\"\n{}",
+                "listen = [\"127.0.0.1:0\"]\ncache-dir = \"{}\"\n{min_free}{}",
                 self.cache_dir().display(),
                 self.config
             );
