@@ -332,10 +332,18 @@ fn snapshot(
             .iter()
             .map(|i| (i.name().to_string(), i.health()))
             .collect(),
-        cache: CacheStatus {
-            stored_bytes: store.size(),
-            evictions: store.evictions(),
-            verification_failures: store.verification_failures(),
+        cache: {
+            let room = store.room();
+            CacheStatus {
+                stored_bytes: store.size(),
+                max_bytes: store.limits().max_size,
+                min_free_bytes: store.limits().min_free,
+                free_disk_bytes: room.free_disk,
+                uncached_since: room.uncached_since,
+                no_room: room.refusals,
+                evictions: store.evictions(),
+                verification_failures: store.verification_failures(),
+            }
         },
         push: pusher.map(Pusher::status),
     }

@@ -329,6 +329,11 @@ impl Metrics {
             ConstGauge::new(status.cache.stored_bytes as i64),
         );
         now.register(
+            "cache_no_room",
+            "Times the cache had no room (max-cache-size, min-free-space) for a download, served uncached, or an upload",
+            ConstCounter::new(status.cache.no_room),
+        );
+        now.register(
             "cache_evictions",
             "Files evicted to stay within the limits",
             ConstCounter::new(status.cache.evictions),
@@ -421,6 +426,7 @@ mod tests {
             "nix_sidecar_upstream_request_seconds_bucket{upstream=\"org\",method=\"PUT\",le=\"10\"} 0"
         ), "an upload's time is not a pull's latency: {text}");
         assert!(text.contains("nix_sidecar_cache_size_bytes 42"), "{text}");
+        assert!(text.contains("nix_sidecar_cache_no_room_total 0"), "{text}");
         assert!(text.contains("nix_sidecar_bytes_served_total 7"));
         assert!(text.contains("nix_sidecar_cache_hits_total{kind=\"nar\"} 0"));
         assert!(text.contains("nix_sidecar_signature_failures_total{upstream=\"org\"} 0"));

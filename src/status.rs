@@ -35,6 +35,15 @@ pub struct FailedPush {
 #[derive(Default, Clone, Copy)]
 pub struct CacheStatus {
     pub stored_bytes: u64,
+    pub max_bytes: u64,
+    pub min_free_bytes: u64,
+    /// Free space on the cache's disk, when it can be read.
+    pub free_disk_bytes: Option<u64>,
+    /// Since when (unix seconds) downloads have been served without caching for want of room
+    /// (max-cache-size or min-free-space); `None` while the cache takes files.
+    pub uncached_since: Option<u64>,
+    /// Times the cache had no room for a download or an upload, since start.
+    pub no_room: u64,
     pub evictions: u64,
     pub verification_failures: u64,
 }

@@ -337,13 +337,47 @@ async fn a_full_disk_turns_caching_off_while_requests_still_pass_through() {
         sidecar.logs().contains("not enough disk space"),
         "a warning says caching is off"
     );
-    sidecar.stop();
-    let (_, stats) = cache_output(&sidecar, "stats");
-    assert!(stats.contains("stored files: 0"), "{stats}");
+    // Health says so too, without calling the daemon degraded (it costs speed, not
+    // substitutions), and the refusals are counted.
+    let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    let cache = &health.json()["cache"];
+    assert_eq!(cache["caching"], false, "{cache}");
+    assert!(cache["uncached_since"].as_u64().is_some(), "{cache}");
+    assert!(cache["free_disk_bytes"].as_u64().is_some(), "{cache}");
+    assert_eq!(cache["stored_bytes"], 0, "{cache}");
+    assert!(
+        metric(&sidecar.url, "nix_sidecar_cache_no_room_total").await >= 5.0,
+        "each of the five downloads found no room"
+    );
     if mounted {
+        // Space is freed: the next download is cached, and health says caching again.
+        std::fs::remove_file(cache_dir.join("ballast")).unwrap();
+        let path = &fx.closure[5];
+        let url = nar_url(&sidecar.url, path).await;
+        let got = get(&format!("{}/{url}", sidecar.url), "GET", &[]).await;
+        assert_eq!(got.status, 200);
+        let mut cache = serde_json::Value::Null;
+        for _ in 0..50 {
+            let health = get(&format!("{}/_sidecar/health", sidecar.url), "GET", &[]).await;
+            cache = health.json()["cache"].clone();
+            if cache["stored_bytes"].as_u64() > Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(cache["caching"], true, "{cache}");
+        assert!(cache["uncached_since"].is_null(), "{cache}");
+        assert!(cache["stored_bytes"].as_u64() > Some(0), "{cache}");
+        assert!(sidecar.logs().contains("caching resumed"));
+        sidecar.stop();
         let _ = std::process::Command::new("umount")
             .arg(&cache_dir)
             .status();
+    } else {
+        sidecar.stop();
+        let (_, stats) = cache_output(&sidecar, "stats");
+        assert!(stats.contains("stored files: 0"), "{stats}");
     }
 }
 

@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 use super::body::{self, text, typed, Body};
 use super::Site;
 use crate::proxy::prefetch;
-use crate::status::Status;
+use crate::status::{CacheStatus, Status};
 
 /// `POST /_sidecar/unpin`: lets every pinned NAR go (pinners only).
 pub(super) fn unpin(site: &Site, request: &Request<Incoming>) -> Response<Body> {
@@ -101,6 +101,19 @@ pub(super) async fn prefetch(site: &Site, request: Request<Incoming>) -> Respons
     body::ndjson(rx)
 }
 
+/// The cache's line of health: what it holds, its limits, and whether it is taking new files
+/// (not doing so costs speed, not substitutions, so it does not make the daemon degraded).
+fn cache_health(cache: &CacheStatus) -> serde_json::Value {
+    serde_json::json!({
+        "stored_bytes": cache.stored_bytes,
+        "max_bytes": cache.max_bytes,
+        "free_disk_bytes": cache.free_disk_bytes,
+        "min_free_bytes": cache.min_free_bytes,
+        "caching": cache.uncached_since.is_none(),
+        "uncached_since": cache.uncached_since,
+    })
+}
+
 pub(super) fn health(status: &Status) -> Response<Body> {
     let upstreams: serde_json::Map<String, serde_json::Value> = status
         .upstreams
@@ -117,7 +130,7 @@ pub(super) fn health(status: &Status) -> Response<Body> {
         "status": if healthy { "ok" } else { "degraded" },
         "upstreams": upstreams,
         "identities": identities,
-        "cache": { "stored_bytes": status.cache.stored_bytes },
+        "cache": cache_health(&status.cache),
     });
     if let Some(push) = &status.push {
         stats["push"] = serde_json::to_value(push).unwrap_or_default();

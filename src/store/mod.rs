@@ -39,8 +39,8 @@ use index::{Blob, Index, NarRow};
 pub use index::{NarSource, NewNarInfo};
 pub use passthrough::PassThrough;
 pub use read::{stream_file, ByteStream};
-pub use space::Held;
 use space::Ledger;
+pub use space::{Held, RoomStatus};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -69,7 +69,7 @@ struct Inner {
     evicting: Mutex<()>,
     evictions: AtomicU64,
     verify_failures: AtomicU64,
-    last_space_warning: Mutex<Option<Instant>>,
+    room: Mutex<space::Room>,
     /// What start-up repaired, reported by the next `verify`.
     repaired_at_open: Mutex<VerifyReport>,
     /// Stored files whose NarHash is still to be checked, for the checker thread.
@@ -145,7 +145,7 @@ impl Store {
             evicting: Mutex::default(),
             evictions: AtomicU64::new(0),
             verify_failures: AtomicU64::new(0),
-            last_space_warning: Mutex::new(None),
+            room: Mutex::default(),
             repaired_at_open: Mutex::default(),
             nar_checks: Mutex::default(),
             nar_checks_pending: AtomicU64::new(0),

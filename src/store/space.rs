@@ -7,6 +7,26 @@ use std::time::{Duration, Instant};
 
 use super::{free_space, unix_now, IndexError, Limits, Store, StoreError};
 
+/// The cache's last answers to "is there room": a refusal means a download is served (or an
+/// upload refused) without being cached, which costs speed, not substitutions, so it is
+/// reported rather than made an error.
+#[derive(Debug, Default)]
+pub(super) struct Room {
+    /// Since when (unix seconds) every reservation has been refused; `None` once one fits.
+    since: Option<u64>,
+    refusals: u64,
+    last_warning: Option<Instant>,
+}
+
+/// What [`Store::room`] reports.
+#[derive(Debug, Clone, Copy)]
+pub struct RoomStatus {
+    pub uncached_since: Option<u64>,
+    /// Reservations refused since start.
+    pub refusals: u64,
+    pub free_disk: Option<u64>,
+}
+
 /// Bytes outside the cache's files counted against its limits until dropped.
 pub struct Held {
     store: Store,
@@ -71,24 +91,42 @@ impl Store {
             }
             fits
         };
-        if try_reserve(self) {
+        if try_reserve(self) || {
+            self.enforce_limits(incoming);
+            try_reserve(self)
+        } {
+            let mut room = self.0.room.lock().unwrap();
+            if room.since.take().is_some() {
+                tracing::info!(dir = %self.0.dir.display(), "disk space is free again: caching resumed");
+            }
             return Ok(());
         }
-        self.enforce_limits(incoming);
-        if try_reserve(self) {
-            return Ok(());
-        }
-        let mut last = self.0.last_space_warning.lock().unwrap();
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+        let mut room = self.0.room.lock().unwrap();
+        room.refusals += 1;
+        room.since.get_or_insert_with(unix_now);
+        if room
+            .last_warning
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+        {
             tracing::warn!(
                 dir = %self.0.dir.display(),
                 free = ?free_space(&self.0.dir),
                 min_free = limits.min_free,
                 "not enough disk space: serving without caching until space is free"
             );
-            *last = Some(Instant::now());
+            room.last_warning = Some(Instant::now());
         }
         Err(StoreError::NoRoom)
+    }
+
+    /// Whether the cache is taking new files, for health and metrics.
+    pub fn room(&self) -> RoomStatus {
+        let room = self.0.room.lock().unwrap();
+        RoomStatus {
+            uncached_since: room.since,
+            refusals: room.refusals,
+            free_disk: free_space(&self.0.dir),
+        }
     }
 
     /// Counts `bytes` kept outside the cache's files (an upload staged for push) against its

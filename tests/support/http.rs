@@ -60,6 +60,12 @@ impl Got {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(self.body.as_ref().expect("complete body")).into_owned()
     }
+
+    /// The body as JSON (a body that is not JSON fails the test, showing it).
+    pub fn json(&self) -> serde_json::Value {
+        let text = self.text();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
 }
 
 /// A plain HTTP GET (or HEAD) with optional extra headers; never follows redirects.
