@@ -91,17 +91,17 @@ impl Store {
             }
             fits
         };
-        if try_reserve(self) || {
+        let fits = try_reserve(self) || {
             self.enforce_limits(incoming);
             try_reserve(self)
-        } {
-            let mut room = self.0.room.lock().unwrap();
+        };
+        let mut room = self.0.room.lock().unwrap();
+        if fits {
             if room.since.take().is_some() {
-                tracing::info!(dir = %self.0.dir.display(), "disk space is free again: caching resumed");
+                tracing::info!(dir = %self.0.dir.display(), "there is room again: caching resumed");
             }
             return Ok(());
         }
-        let mut room = self.0.room.lock().unwrap();
         room.refusals += 1;
         room.since.get_or_insert_with(unix_now);
         if room
@@ -121,11 +121,12 @@ impl Store {
 
     /// Whether the cache is taking new files, for health and metrics.
     pub fn room(&self) -> RoomStatus {
+        let free_disk = free_space(&self.0.dir);
         let room = self.0.room.lock().unwrap();
         RoomStatus {
             uncached_since: room.since,
             refusals: room.refusals,
-            free_disk: free_space(&self.0.dir),
+            free_disk,
         }
     }
 
