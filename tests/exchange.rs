@@ -280,9 +280,7 @@ async fn an_issuer_that_is_down_is_not_asked_once_per_request() {
     let token = ex.token(json!({}));
     // Its keys live behind a port nothing listens on.
     let config = std::fs::read_to_string(ex.dir.path().join("exchange.toml")).unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://{}/jwks", closed.local_addr().unwrap());
-    drop(closed);
+    let dead = format!("http://{}/jwks", support::refusing_addr());
     let config = config.replace("listen = \"127.0.0.1:0\"\n", "").replace(
         &format!("audience = \"{AUD}\"\n"),
         &format!("audience = \"{AUD}\"\njwks-url = \"{dead}\"\n"),

@@ -420,9 +420,7 @@ fn aws_imds_can_be_disabled_as_in_the_sdks() {
         format!("[[upstream]]\nurl = \"https://cache.test\"\nidentity = \"a\"\n[identity.a]\nprovider = \"aws\"\naudience = \"{AUD}\"\n"),
     )
     .unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let endpoint = format!("http://{}", support::refusing_addr());
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nix-sidecar"));
     command.args(["token", "--config"]).arg(&config);
     for var in [

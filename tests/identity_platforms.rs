@@ -20,10 +20,9 @@ use support::world::{nix_pulls_the_view, world, World, AUD};
 /// Environment variables of one simulated platform.
 type Env<'a> = Vec<(&'a str, String)>;
 
-/// A loopback address nothing listens on.
+/// A loopback address that refuses connections.
 fn closed_port() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
+    support::refusing_addr().to_string()
 }
 
 /// Every metadata variable pointing at a closed port: the machine offers nothing.

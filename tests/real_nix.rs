@@ -241,9 +241,7 @@ async fn http2_prior_knowledge_is_refused_and_http1_still_served() {
 /// Retry-After and the reason, and does not build.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_every_upstream_down_miss_lets_nix_build_and_fail_stops_it_with_the_reason() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let dead = format!("http://{}", support::refusing_addr());
     let unique = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

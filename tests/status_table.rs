@@ -458,9 +458,7 @@ async fn a_malformed_narinfo_is_a_502_naming_the_upstream() {
         }
     })
     .await;
-    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down_addr = down.local_addr().unwrap();
-    drop(down);
+    let down_addr = support::refusing_addr();
     let dir = tempfile::tempdir().unwrap();
     let sidecar = Sidecar::start(
         dir.path(),

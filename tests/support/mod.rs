@@ -14,6 +14,18 @@ pub mod tls;
 pub mod upstream;
 pub mod world;
 
+/// A loopback address that refuses connections for as long as the test process runs: a socket
+/// bound there that never listens. Binding a listener and dropping it would free the port for
+/// the next ephemeral bind, and a double of a test running in parallel could then answer on it.
+pub fn refusing_addr() -> std::net::SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    // Held open (never listening) so that no one else is given the port.
+    std::mem::forget(socket);
+    addr
+}
+
 /// The bytes of the files directly in `dir` (0 when it cannot be read).
 pub fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
