@@ -24,7 +24,7 @@ fn current() -> Client {
 const QUIET: &str = "narinfo-lookahead = false\nnar-lookahead = false";
 
 /// An issuer, an upstream that checks its JWTs (with views granted per subject), and a
-/// directory for a site and its machines, the site on a port free a moment ago.
+/// directory for a site and its machines, the site on a port reserved for it.
 struct Fleet {
     issuer: Issuer,
     upstream: UpstreamDouble,
@@ -45,11 +45,7 @@ impl Fleet {
         for sub in granted {
             upstream.grant(sub, &fixture().closure);
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::reserved_port();
         Fleet {
             issuer,
             upstream,
@@ -401,11 +397,7 @@ async fn eight_machines_by_25_connections_keep_the_sites_books_and_views_exact()
     }
     let closure_bytes = support::dir_bytes(&fx.cache.join("nar"));
     let root = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::reserved_port();
     let limit = closure_bytes / 3;
     let site = Sidecar::start(
         root.path(),

@@ -26,6 +26,19 @@ pub fn refusing_addr() -> std::net::SocketAddr {
     addr
 }
 
+/// A loopback port kept for a daemon of this test to listen on, even across its restarts: a
+/// socket bound there with SO_REUSEADDR that never listens, held for the life of the process.
+/// The daemon (tokio sets SO_REUSEADDR) may bind and listen beside it; no ephemeral bind of a
+/// test running in parallel is given the port meanwhile, as it would be after a bind and drop.
+pub fn reserved_port() -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    std::mem::forget(socket);
+    port
+}
+
 /// The bytes of the files directly in `dir` (0 when it cannot be read).
 pub fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
