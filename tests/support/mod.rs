@@ -18,25 +18,24 @@ pub mod world;
 /// bound there that never listens. Binding a listener and dropping it would free the port for
 /// the next ephemeral bind, and a double of a test running in parallel could then answer on it.
 pub fn refusing_addr() -> std::net::SocketAddr {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = socket.local_addr().unwrap();
-    // Held open (never listening) so that no one else is given the port.
-    std::mem::forget(socket);
-    addr
+    held_loopback_socket(false)
 }
 
-/// A loopback port kept for a daemon of this test to listen on, even across its restarts: a
-/// socket bound there with SO_REUSEADDR that never listens, held for the life of the process.
-/// The daemon (tokio sets SO_REUSEADDR) may bind and listen beside it; no ephemeral bind of a
-/// test running in parallel is given the port meanwhile, as it would be after a bind and drop.
+/// A loopback port kept for a daemon of this test to listen on, even across its restarts: as
+/// [`refusing_addr`], bound with SO_REUSEADDR, so the daemon (tokio sets it too) may bind and
+/// listen beside it while no ephemeral bind of a test running in parallel is given the port.
 pub fn reserved_port() -> u16 {
+    held_loopback_socket(true).port()
+}
+
+/// Binds a TCP socket on 127.0.0.1 that never listens and is never closed.
+fn held_loopback_socket(reuseaddr: bool) -> std::net::SocketAddr {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_reuseaddr(true).unwrap();
+    socket.set_reuseaddr(reuseaddr).unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let port = socket.local_addr().unwrap().port();
+    let addr = socket.local_addr().unwrap();
     std::mem::forget(socket);
-    port
+    addr
 }
 
 /// The bytes of the files directly in `dir` (0 when it cannot be read).
